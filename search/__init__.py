@@ -1,0 +1,1 @@
+"""Search side of densitune: densities, scores, the Ray Tune / Optuna search, results and the CLI."""

@@ -1,0 +1,285 @@
+"""The ``densitune`` command: train, search, report, best, demo, list.
+
+Bad input (unknown names, ε < 0, D <= 0, missing data or results) is checked before
+Ray starts and before anything is written, and ends with one line on stderr and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from trainables.errors import DensituneError
+
+log = logging.getLogger("densitune")
+
+#: Per in-distribution data set: (validation OOD set used for selection, test OOD sets).
+DEFAULT_OOD = {
+    "digits": ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform")),
+    "cifar10": ("folder:tiny-imagenet-val", ("svhn", "cifar100", "mnist")),
+    "mnist": ("folder:ood-val", ("fashionmnist", "cifar10", "svhn")),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
+    p.add_argument("-q", "--quiet", action="store_true", help="less Ray output")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="default", help="name of the training experiment (default: %(default)s)")
+    p.add_argument("--dataset", default="digits", help="in-distribution data set (default: %(default)s)")
+    p.add_argument("--download", action="store_true", help="download torchvision data sets if missing (needs internet)")
+    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid)")
+    p.add_argument("-D", "--dim", nargs="+", type=int, default=[16], help="feature dimensions D (grid)")
+    p.add_argument("--loss", nargs="+", default=["ce"], help="losses: ce, center, contrastive (grid)")
+    p.add_argument("--lam", type=float, default=0.1, help="center-loss weight λ")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (grid)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
+    p.add_argument("--sn-coeff", type=float, default=3.0)
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (default: 1 if the cluster has GPUs)")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="search", help="name of the search experiment (default: %(default)s)")
+    p.add_argument("--models", default=None, help="directory of trained models (default: OUT/models)")
+    p.add_argument("--val-ood", default=None, help="OOD set used for selection (default: per ID data set)")
+    p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select")
+    p.add_argument("--density", nargs="+", default=["gmm_sum"])
+    p.add_argument("--score", nargs="+", default=["density"])
+    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
+    p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
+    p.add_argument("-D", "--dim", nargs="+", type=int, default=[], help="only models with these D")
+    p.add_argument("--sampler", default="grid", help="grid or tpe (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--metric", default="auroc", help="validation metric to select on: auroc, auprc, fpr95")
+    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs")
+    p.add_argument("--max-concurrent", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densitune",
+        description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train backbones (grid of backbone x D x loss x seed) as Ray Tune trials")
+    _add_common(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("search", help="search ε, D, density and score with Optuna through Ray Tune")
+    _add_common(p)
+    _add_search_args(p)
+
+    for name, text in (("report", "ranked tables from a results directory"), ("best", "the best configuration")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
+        p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
+        if name == "report":
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations")
+        else:
+            p.add_argument("--json", action="store_true", help="print the best config as JSON")
+
+    p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
+    p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+    sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _train_configs(args: argparse.Namespace):
+    from trainables.config import TrainConfig
+    from trainables.tune_train import expand_grid
+
+    base = TrainConfig(
+        backbone=args.backbone[0], feature_dim=args.dim[0], loss=args.loss[0], lam=args.lam, seed=args.seeds[0],
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, spectral=not args.no_spectral,
+        sn_coeff=args.sn_coeff, dataset=args.dataset, data_root=args.data_root, train_limit=args.train_limit,
+        experiment=args.experiment,
+    )
+    return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
+
+
+def _check_data(name: str, root: str | None, download: bool = False) -> None:
+    """Fail early (before Ray, before writing) if a data set is unknown or absent."""
+    from trainables.data import dataset_info, load_split
+
+    dataset_info(name, root=root)
+    load_split(name, "test", root=root, download=download, limit=1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainables.ray_runtime import init_ray
+    from trainables.tune_train import TrainRun, run_training
+
+    configs = _train_configs(args)  # validates names, D, ε...
+    _check_data(args.dataset, args.data_root, args.download)
+    out = Path(args.out)
+    run = TrainRun(
+        experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
+        storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
+    )
+    log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
+    init_ray(args.address, args.num_cpus)
+    run_training(configs, run, resume=args.resume, gpus_per_trial=args.gpus_per_trial, verbose=0 if args.quiet else 1)
+    print(f"trained models: {Path(run.models_dir) / args.experiment}")
+    return 0
+
+
+def _search_spec(args: argparse.Namespace, id_dataset: str):
+    from search.spec import DEFAULT_EPS_GRID, SearchSpec
+
+    val_default, test_default = DEFAULT_OOD.get(id_dataset, (None, ()))
+    val_ood = args.val_ood or val_default
+    test_ood = tuple(args.test_ood or test_default)
+    if val_ood is None or not test_ood:
+        raise DensituneError(f"no default OOD sets for {id_dataset!r}: pass --val-ood and --test-ood")
+    kw = {}
+    if args.eps_range is not None:
+        kw["eps_range"] = tuple(args.eps_range)
+    return SearchSpec(
+        experiment=args.experiment, val_ood=val_ood, test_ood=test_ood, densities=tuple(args.density),
+        scores=tuple(args.score), eps_grid=tuple(args.eps_grid) if args.eps_grid else DEFAULT_EPS_GRID,
+        dims=tuple(args.dim), sampler=args.sampler, num_samples=args.num_samples, seed=args.seed,
+        metric=args.metric, data_root=args.data_root, eval_limit=args.eval_limit, **kw,
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from search import models
+    from search.report import best, report
+    from search.results import read_results
+    from search.tune_search import SearchRun, run_search, trial_budget
+    from trainables.errors import ConfigError
+    from trainables.ray_runtime import init_ray
+
+    from search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_space
+
+    # The space first: a bad name or value fails before any file is read.
+    check_space(tuple(args.density), tuple(args.score), tuple(args.eps_grid or DEFAULT_EPS_GRID),
+                tuple(args.eps_range or DEFAULT_EPS_RANGE), tuple(args.dim))
+    out = Path(args.out)
+    models_dir = Path(args.models) if args.models else out / "models"
+    groups = models.discover(models_dir)
+    ids = {g.dataset for g in groups}
+    if len(ids) != 1:
+        raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
+    spec = _search_spec(args, ids.pop())
+    groups = models.select(groups, spec.dims)
+    for name in (spec.val_ood, *spec.test_ood):
+        _check_data(name, spec.data_root)
+    run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"),
+                    cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent)
+    log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol)
+    init_ray(args.address, args.num_cpus)
+    grid = run_search(spec, groups, run, resume=args.resume, verbose=0 if args.quiet else 1)
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
+    table = read_results(run.results_dir)
+    print(report(table, spec.metric))
+    print()
+    print(best(table, spec.metric))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import report
+    from search.results import read_results
+
+    print(report(read_results(args.results), args.metric, top=args.top))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    import json
+
+    from search.report import best, best_config
+    from search.results import read_results
+
+    table = read_results(args.results)
+    print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from search.densities import DENSITIES
+    from search.scores import SCORES
+    from trainables.backbones import BACKBONES
+    from trainables.data import dataset_names
+    from trainables.losses import LOSSES
+
+    for title, names in (
+        ("backbones", BACKBONES.names()), ("losses", LOSSES.names()), ("datasets", dataset_names()),
+        ("densities", DENSITIES.names()), ("scores", SCORES.names()),
+    ):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+#: The demo: the same commands a user would type, on the embedded digits default.
+DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
+              "--loss", "ce", "contrastive", "--seeds", "0", "--epochs", "15"]
+DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--density", "gmm_sum"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """train -> search -> report on the embedded digits default, under ``args.out``."""
+    common = ["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else []) + (["-q"] if args.quiet else [])
+    t0 = time.perf_counter()
+    parser = build_parser()
+    for command, extra in (("train", DEMO_TRAIN), ("search", DEMO_SEARCH)):
+        argv = [command, *common, *extra]
+        print(f"\n=== densitune {' '.join(argv)}", flush=True)
+        rc = COMMANDS[command](parser.parse_args(argv))
+        if rc:
+            return rc
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results: {Path(args.out) / 'results'} "
+          f"(densitune report {Path(args.out) / 'results'})")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except DensituneError as e:
+        print(f"densitune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("densitune: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

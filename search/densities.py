@@ -1,0 +1,524 @@
+"""Feature densities: log q(z) for features z = f_theta(x); higher = more in-distribution.
+
+Every density is an sklearn-style estimator written in torch (cf. ``sklearn.neighbors.KernelDensity``):
+``__init__`` stores keyword parameters, :meth:`Density.fit` learns state whose names end in ``_`` and returns
+``self``, :meth:`Density.score_samples` returns one log-density per row.
+
+Registered in :data:`DENSITIES` (build one with :func:`create_density`):
+
+``gmm_sum``
+    Class-conditional Gaussians summed over classes (the research note's Algorithm 1; DDU, Mukhoti et al. 2021,
+    "Deep Deterministic Uncertainty"). ``prior=True`` (default) weights the classes by pi_c = |X_c| / |X| as the
+    note does; ``prior=False`` is DDU's reference code (``logsumexp`` of the class log-likelihoods, no prior).
+``gmm_max``
+    The same per-class Gaussians, scored by the best class: log q(z) = max_c log N(z; mu_c, Sigma_c) (the note's
+    §3.1 variant).
+``kde``
+    Class-agnostic Gaussian kernel density estimate on the training features (the note's GMM-vs-KDE table).
+
+Dtype convention: every computation runs in float64 (DDU computes the covariances in float64 because float32
+covariances of 512-2048 dim features are often not numerically positive definite). ``score_samples`` accepts
+any floating dtype and always returns float64; the cast is part of the autograd graph, so the output is
+differentiable w.r.t. float32 (or float16/bfloat16) inputs and the gradient comes back in the input's dtype.
+This is what :func:`search.perturb.perturb` needs.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from trainables.errors import ConfigError, DensituneError, NotFittedError
+from trainables.registry import Registry
+
+__all__ = [
+    "DENSITIES",
+    "JITTERS",
+    "ClassConditionalGaussian",
+    "Density",
+    "GaussianKDE",
+    "cholesky_with_jitter",
+    "create_density",
+]
+
+#: name -> factory taking keyword parameters and returning an unfitted :class:`Density`.
+DENSITIES: Registry[Callable[..., "Density"]] = Registry("density")
+
+#: DDU's jitter ladder (omegafragger/DDU, utils/gmm_utils.py): 0, the smallest normal float64, 1e-308 ... 1e-1.
+JITTERS: tuple[float, ...] = (0.0, torch.finfo(torch.float64).tiny) + tuple(10.0**e for e in range(-308, 0))
+
+# Rows x classes x dims (GMM) or query rows x train rows (KDE) held at once when ``chunk_size`` is None:
+# 2**23 float64 elements = 64 MiB per intermediate.
+_ELEMENT_BUDGET = 2**23
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_features(z: Tensor, what: str = "features") -> Tensor:
+    """Check that ``z`` is a finite (N, D) tensor and return it as float64 (differentiably)."""
+    if not isinstance(z, Tensor):
+        raise DensituneError(f"{what} must be a torch.Tensor, got {type(z).__name__}")
+    if z.ndim != 2:
+        raise DensituneError(f"{what} must have shape (N, D), got {tuple(z.shape)}")
+    if z.is_complex():
+        raise DensituneError(f"{what} must be real, got {z.dtype}")
+    if not torch.isfinite(z).all():
+        raise DensituneError(f"{what} contain NaN or inf values")
+    return z.to(torch.float64)
+
+
+def cholesky_with_jitter(
+    cov: Tensor,
+    jitters: tuple[float, ...] = JITTERS,
+    cholesky: Callable[[Tensor], tuple[Tensor, Tensor]] = torch.linalg.cholesky_ex,
+) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor of ``cov`` (or of ``cov + j * I``), walking DDU's jitter ladder.
+
+    DDU (Mukhoti et al. 2021, reference ``utils/gmm_utils.py``) retries a failed Cholesky with
+    ``Sigma + j * I`` for ``j`` in :data:`JITTERS`. Their code caught ``RuntimeError`` and matched the message
+    text, which silently broke when PyTorch reworded it (omegafragger/DDU issue #4). Here no exception is
+    caught at all: ``torch.linalg.cholesky_ex`` reports a non-positive-definite matrix through ``info > 0``,
+    and anything ``cholesky`` raises propagates unchanged.
+
+    A jitter too small to change any diagonal entry in float64 (``cov_ii + j == cov_ii``) gives the same matrix
+    as the previous attempt, which has already failed, so it is skipped without a decomposition; the outcome
+    (and the recorded jitter) is the same as trying it, only faster.
+
+    Args:
+        cov: (..., D, D) symmetric matrices (float64 recommended).
+        jitters: increasing ladder of values added to the diagonal; the first is tried as is.
+        cholesky: ``(A) -> (L, info)`` like :func:`torch.linalg.cholesky_ex` (injectable for tests).
+
+    Returns:
+        ``(L, jitter)``: L (..., D, D) lower triangular with ``L @ L.mT == cov + jitter * I`` and
+        jitter (...,) float64, the value used for each matrix (0 where ``cov`` itself factorised).
+
+    Raises:
+        DensituneError: if some matrix is still not positive definite after the last jitter.
+    """
+    if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise DensituneError(f"cov must have shape (..., D, D), got {tuple(cov.shape)}")
+    batch_shape = cov.shape[:-2]
+    d = cov.shape[-1]
+    flat = cov.reshape(-1, d, d)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+
+    first = jitters[0] if jitters else 0.0
+    start = flat + first * eye if first != 0.0 else flat
+    L, info = cholesky(start)
+    L = L.clone()
+    jitter = torch.full((flat.shape[0],), first, dtype=torch.float64, device=cov.device)
+    for i in torch.nonzero(info != 0).flatten().tolist():
+        last_diag = start[i].diagonal()
+        for j in jitters[1:]:
+            candidate = flat[i] + j * eye
+            if torch.equal(candidate.diagonal(), last_diag):
+                continue  # numerically the matrix that just failed
+            last_diag = candidate.diagonal()
+            L_i, info_i = cholesky(candidate)
+            if int(info_i) == 0:
+                L[i] = L_i
+                jitter[i] = j
+                break
+        else:
+            raise DensituneError(
+                f"covariance {i} is not positive definite even with jitter {jitters[-1] if jitters else 0.0:g} "
+                "added to its diagonal"
+            )
+    return L.reshape(cov.shape), jitter.reshape(batch_shape)
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# base class
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Density(abc.ABC):
+    """A log-density over feature vectors; higher score = more in-distribution.
+
+    Lifecycle, as the search drives it: the density is built once per trial from its parameters
+    (:func:`create_density`), :meth:`fit` is called once on the features of the *training* split (extracted
+    once, without augmentation, and shared by all trials), then :meth:`score_samples` is called many times: on
+    the ID and OOD evaluation features, and inside the autograd graph of input perturbation
+    (:func:`search.perturb.perturb`), which differentiates it w.r.t. its input.
+    """
+
+    #: Registered name (set by subclasses / factories).
+    name: str = "density"
+
+    @abc.abstractmethod
+    def fit(self, z: Tensor, y: Tensor) -> Density:
+        """Learn the density from training features; called once, before any scoring.
+
+        Args:
+            z: (N, D) features of the training split (any floating dtype; fitted state is float64).
+            y: (N,) integer class labels (ignored by class-agnostic densities).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            DensituneError: on NaN/inf features or shapes that do not match.
+        """
+
+    @abc.abstractmethod
+    def score_samples(self, z: Tensor) -> Tensor:
+        """Log-density of each row; called after :meth:`fit`, on evaluation features and inside perturbation.
+
+        Args:
+            z: (M, D) features, any floating dtype, on the device the density was fitted on.
+
+        Returns:
+            (M,) float64 log q(z), higher = more in-distribution; differentiable w.r.t. ``z``.
+
+        Raises:
+            NotFittedError: before :meth:`fit`.
+            DensituneError: on NaN/inf features or a feature dimension different from the fitted one.
+        """
+
+    @abc.abstractmethod
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters (what :func:`create_density` was given, with defaults filled in)."""
+
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has been called."""
+        return hasattr(self, "n_features_in_")
+
+    def fitted_summary(self) -> dict[str, Any]:
+        """Scalar fitted values worth recording with a result (e.g. KDE's ``bandwidth_``); empty before fit."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Flat record of this density for the search results: ``{"name": ..., **params, **fitted scalars}``.
+
+        Fitted scalars (keys ending in ``_``) appear only after :meth:`fit`.
+        """
+        out: dict[str, Any] = {"name": self.name, **self.get_params()}
+        if self.is_fitted():
+            out.update(self.fitted_summary())
+        return out
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(f"{type(self).__name__} ({self.name}) must be fitted before score_samples")
+
+    def _check_query(self, z: Tensor) -> Tensor:
+        self._check_fitted()
+        z64 = _as_features(z)
+        if z64.shape[1] != self.n_features_in_:
+            raise DensituneError(
+                f"features have dimension {z64.shape[1]}, the density was fitted on {self.n_features_in_}"
+            )
+        return z64
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# class-conditional Gaussians (DDU / note Algorithm 1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ClassConditionalGaussian(Density):
+    """One full-covariance Gaussian per class, aggregated over classes by a sum or a max.
+
+    Fit (the note's Algorithm 1, step 2; DDU ``gmm_fit``), in float64:
+    mu_c = mean of the class-c features, Sigma_c = sample covariance with divisor |X_c| - 1,
+    pi_c = |X_c| / |X|; L_c = Cholesky factor of Sigma_c (+ jitter, see :func:`cholesky_with_jitter`).
+
+    Score, with log N_c(z) = -1/2 ||L_c^{-1}(z - mu_c)||^2 - sum_i log (L_c)_ii - D/2 log 2 pi:
+
+    - ``aggregation="sum"``, ``prior=True``: log q(z) = logsumexp_c(log pi_c + log N_c(z)) -- the note's
+      q(z) = sum_c pi_c N(z | mu_c, Sigma_c).
+    - ``aggregation="sum"``, ``prior=False``: logsumexp_c log N_c(z) -- DDU's reference score (no class prior;
+      its classes are balanced, where it equals the above plus the constant log C).
+    - ``aggregation="max"``, ``prior=False``: max_c log N_c(z) -- the note's p(x) = max_c N(x | mu_c, Sigma_c).
+    - ``aggregation="max"``, ``prior=True``: max_c (log pi_c + log N_c(z)) (the MAP class's joint density).
+
+    The Mahalanobis term is a batched triangular solve over classes, chunked over query rows, so memory is
+    O(chunk * C * D) rather than O(M * C * D).
+
+    Args:
+        aggregation: ``"sum"`` or ``"max"``.
+        prior: weight classes by pi_c.
+        chunk_size: query rows per chunk; ``None`` picks rows so a chunk holds about 2**23 float64 numbers.
+
+    Fitted attributes:
+        classes_ (C,) sorted class labels; counts_ (C,); means_ (C, D); covariances_ (C, D, D) without jitter;
+        cholesky_ (C, D, D); jitter_ (C,) float64 jitter added to each Sigma_c (0 = none needed);
+        log_prior_ (C,); n_features_in_ = D. All tensors are float64 except classes_/counts_ (int64).
+    """
+
+    def __init__(self, *, aggregation: str = "sum", prior: bool = True, chunk_size: int | None = None) -> None:
+        # Validated here rather than in fit (as sklearn would) so create_density fails before any work.
+        if aggregation not in ("sum", "max"):
+            raise ConfigError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
+        if not isinstance(prior, bool):
+            raise ConfigError(f"prior must be a bool, got {prior!r}")
+        _check_chunk_size(chunk_size)
+        self.aggregation = aggregation
+        self.prior = prior
+        self.chunk_size = chunk_size
+        self.name = f"gmm_{aggregation}"
+
+    def get_params(self) -> dict[str, Any]:
+        return {"aggregation": self.aggregation, "prior": self.prior, "chunk_size": self.chunk_size}
+
+    def fitted_summary(self) -> dict[str, Any]:
+        return {"n_classes_": int(self.classes_.numel()), "max_jitter_": float(self.jitter_.max())}
+
+    def fit(self, z: Tensor, y: Tensor) -> ClassConditionalGaussian:
+        """Per-class mean, covariance (divisor |X_c| - 1), prior and jittered Cholesky factor; see the class doc."""
+        z64 = _as_features(z).detach()
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != z64.shape[0]:
+            raise DensituneError(f"labels must be a (N,) tensor matching features {tuple(z64.shape)}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DensituneError(f"labels must be integers, got {y.dtype}")
+        y = y.to(z64.device)
+        classes, counts = torch.unique(y, sorted=True, return_counts=True)
+        if classes.numel() == 0:
+            raise DensituneError("cannot fit a density on zero samples")
+        if int(counts.min()) < 2:
+            bad = classes[counts < 2].tolist()
+            raise DensituneError(f"classes {bad} have fewer than 2 samples; their covariance is undefined")
+        n, d = z64.shape
+        means = torch.empty(classes.numel(), d, dtype=torch.float64, device=z64.device)
+        covs = torch.empty(classes.numel(), d, d, dtype=torch.float64, device=z64.device)
+        for k, c in enumerate(classes.tolist()):
+            zc = z64[y == c]
+            means[k] = zc.mean(dim=0)
+            centred = zc - means[k]
+            cov = centred.mT @ centred / (zc.shape[0] - 1)
+            covs[k] = 0.5 * (cov + cov.mT)  # exact symmetry for the factorisation
+        L, jitter = cholesky_with_jitter(covs)
+
+        self.classes_ = classes.to(torch.int64)
+        self.counts_ = counts.to(torch.int64)
+        self.means_ = means
+        self.covariances_ = covs
+        self.cholesky_ = L
+        self.jitter_ = jitter
+        self.log_prior_ = torch.log(counts.to(torch.float64) / n)
+        # log-normaliser of each class: -sum log diag L_c - D/2 log 2 pi
+        self._log_norm = -torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * _LOG_2PI
+        self.n_features_in_ = d
+        return self
+
+    def class_log_likelihood(self, z: Tensor) -> Tensor:
+        """log N(z; mu_c, Sigma_c) for every class.
+
+        Args:
+            z: (M, D) features, any floating dtype.
+
+        Returns:
+            (M, C) float64, differentiable w.r.t. ``z``; column order follows ``classes_``.
+        """
+        z64 = self._check_query(z)
+        n_classes, d = self.means_.shape
+        rows = self.chunk_size or max(1, _ELEMENT_BUDGET // (n_classes * d))
+        out = []
+        for start in range(0, z64.shape[0], rows):
+            block = z64[start : start + rows]  # (m, D)
+            diff = block.unsqueeze(0) - self.means_.unsqueeze(1)  # (C, m, D)
+            # L_c^{-1} (z - mu_c) for all classes at once: solve L_c W = diff^T, W (C, D, m)
+            w = torch.linalg.solve_triangular(self.cholesky_, diff.mT, upper=False)
+            maha = w.square().sum(dim=1)  # (C, m)
+            out.append((self._log_norm.unsqueeze(1) - 0.5 * maha).mT)  # (m, C)
+        if not out:
+            return z64.new_empty(0, n_classes)
+        return torch.cat(out, dim=0)
+
+    def score_samples(self, z: Tensor) -> Tensor:
+        """(M, D) -> (M,) float64 log q(z), aggregated as configured; differentiable w.r.t. ``z``."""
+        ll = self.class_log_likelihood(z)
+        if self.prior:
+            ll = ll + self.log_prior_
+        if self.aggregation == "sum":
+            return torch.logsumexp(ll, dim=1)
+        return ll.max(dim=1).values
+
+
+@DENSITIES.register("gmm_sum")
+def _gmm_sum(*, prior: bool = True, chunk_size: int | None = None) -> ClassConditionalGaussian:
+    """log q(z) = logsumexp_c(log pi_c + log N_c(z)); ``prior=False`` is DDU's score."""
+    return ClassConditionalGaussian(aggregation="sum", prior=prior, chunk_size=chunk_size)
+
+
+@DENSITIES.register("gmm_max")
+def _gmm_max(*, prior: bool = False, chunk_size: int | None = None) -> ClassConditionalGaussian:
+    """log q(z) = max_c log N_c(z) (the note's §3.1 variant); ``prior=True`` adds log pi_c inside the max."""
+    return ClassConditionalGaussian(aggregation="max", prior=prior, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaussian KDE
+# ---------------------------------------------------------------------------------------------------------
+
+
+@DENSITIES.register("kde")
+class GaussianKDE(Density):
+    """Isotropic Gaussian kernel density estimate on the (class-agnostic) training features.
+
+    log q(z) = logsumexp_i(-||z - z_i||^2 / (2 h^2)) - log N - D/2 log(2 pi h^2),
+
+    the same normalised density as ``sklearn.neighbors.KernelDensity(kernel="gaussian", bandwidth=h)``.
+
+    Bandwidth rules (``bandwidth_`` is fitted on the N training rows kept after subsampling):
+
+    - a positive float: h = bandwidth, used as is (on the raw features).
+    - ``"scott"``: h = N^(-1/(D+4)) * sigma.
+    - ``"silverman"``: h = (N (D+2) / 4)^(-1/(D+4)) * sigma.
+
+    with sigma = sqrt(mean_d Var[z_d]) (per-feature variance with divisor N - 1), the root-mean-square feature
+    standard deviation. sklearn uses the same factors *without* sigma, i.e. it assumes standardised data;
+    network features are not standardised (their scale depends on the backbone, D and spectral norm), so the
+    rules here are scale-aware: on features whose every dimension has unit variance they equal sklearn's
+    value, and on isotropic data they equal ``scipy.stats.gaussian_kde``'s kernel width.
+
+    Distances are computed block by block (query rows x train rows, both chunked) and the blocks are combined
+    with a logsumexp, so memory is O(chunk^2), never O(M x N); features are centred on the training mean first
+    to limit cancellation in ||z||^2 + ||z_i||^2 - 2 z.z_i.
+
+    Args:
+        bandwidth: positive float, ``"scott"`` or ``"silverman"``.
+        max_train: keep at most this many training rows (uniform subsample without replacement, seeded by
+            ``random_state``); ``None`` keeps all. Scoring cost is O(M x N x D).
+        random_state: seed of the subsample.
+        chunk_size: rows per block for both query and training rows; ``None`` uses sqrt(2**23) = 2896.
+
+    Fitted attributes:
+        train_ (N, D) float64 training features (centred), mean_ (D,), bandwidth_ (float), n_train_ (int),
+        n_features_in_ = D.
+    """
+
+    name = "kde"
+
+    def __init__(
+        self,
+        *,
+        bandwidth: float | str = "scott",
+        max_train: int | None = None,
+        random_state: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if isinstance(bandwidth, str):
+            if bandwidth not in ("scott", "silverman"):
+                raise ConfigError(f"bandwidth must be a positive float, 'scott' or 'silverman', got {bandwidth!r}")
+        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
+            raise ConfigError(f"bandwidth must be a positive float, 'scott' or 'silverman', got {bandwidth!r}")
+        elif not math.isfinite(bandwidth) or bandwidth <= 0:
+            raise ConfigError(f"bandwidth must be > 0, got {bandwidth!r}")
+        if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1):
+            raise ConfigError(f"max_train must be a positive int or None, got {max_train!r}")
+        if isinstance(random_state, bool) or not isinstance(random_state, int):
+            raise ConfigError(f"random_state must be an int, got {random_state!r}")
+        _check_chunk_size(chunk_size)
+        self.bandwidth = bandwidth
+        self.max_train = max_train
+        self.random_state = random_state
+        self.chunk_size = chunk_size
+
+    def get_params(self) -> dict[str, Any]:
+        return {
+            "bandwidth": self.bandwidth,
+            "max_train": self.max_train,
+            "random_state": self.random_state,
+            "chunk_size": self.chunk_size,
+        }
+
+    def fitted_summary(self) -> dict[str, Any]:
+        return {"bandwidth_": self.bandwidth_, "n_train_": self.n_train_}
+
+    def fit(self, z: Tensor, y: Tensor | None = None) -> GaussianKDE:
+        """Store (a seeded subsample of) the training features and fix ``bandwidth_``; ``y`` is ignored."""
+        z64 = _as_features(z).detach()
+        n, d = z64.shape
+        if n == 0:
+            raise DensituneError("cannot fit a density on zero samples")
+        if self.max_train is not None and n > self.max_train:
+            gen = torch.Generator(device="cpu").manual_seed(self.random_state)
+            keep = torch.randperm(n, generator=gen)[: self.max_train].sort().values
+            z64 = z64[keep.to(z64.device)]
+            n = self.max_train
+        if isinstance(self.bandwidth, str):
+            if n < 2:
+                raise DensituneError(f"bandwidth={self.bandwidth!r} needs at least 2 training rows, got {n}")
+            sigma = math.sqrt(float(z64.var(dim=0, correction=1).mean()))
+            if self.bandwidth == "scott":
+                factor = n ** (-1.0 / (d + 4))
+            else:
+                factor = (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
+            h = factor * sigma
+            if not h > 0:
+                raise DensituneError("training features have zero variance; use a numeric bandwidth")
+        else:
+            h = float(self.bandwidth)
+        self.mean_ = z64.mean(dim=0)
+        self.train_ = z64 - self.mean_
+        self._train_sq = self.train_.square().sum(dim=1)  # (N,)
+        self.bandwidth_ = h
+        self.n_train_ = n
+        self.n_features_in_ = d
+        return self
+
+    def score_samples(self, z: Tensor) -> Tensor:
+        """(M, D) -> (M,) float64 log q(z); differentiable w.r.t. ``z``."""
+        z64 = self._check_query(z) - self.mean_
+        rows = self.chunk_size or math.isqrt(_ELEMENT_BUDGET)
+        inv_two_h2 = 1.0 / (2.0 * self.bandwidth_**2)
+        log_norm = -math.log(self.n_train_) - 0.5 * self.n_features_in_ * (_LOG_2PI + 2.0 * math.log(self.bandwidth_))
+        out = []
+        for qs in range(0, z64.shape[0], rows):
+            q = z64[qs : qs + rows]  # (m, D)
+            q_sq = q.square().sum(dim=1, keepdim=True)  # (m, 1)
+            partial = []
+            for ts in range(0, self.n_train_, rows):
+                t = self.train_[ts : ts + rows]  # (n, D)
+                d2 = (q_sq + self._train_sq[ts : ts + rows] - 2.0 * q @ t.mT).clamp_min(0.0)  # (m, n)
+                partial.append(torch.logsumexp(-d2 * inv_two_h2, dim=1))  # (m,)
+            out.append(torch.logsumexp(torch.stack(partial, dim=1), dim=1) + log_norm)
+        if not out:
+            return z64.new_empty(0)
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# factory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def create_density(name: str, **params: Any) -> Density:
+    """Build an unfitted density by registered name.
+
+    Args:
+        name: one of ``DENSITIES.names()`` (``gmm_max``, ``gmm_sum``, ``kde``).
+        **params: keyword parameters of that density (see its docstring).
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message lists the known names).
+        ConfigError: an unknown parameter name or an invalid value.
+    """
+    factory = DENSITIES.get(name)
+    try:
+        inspect.signature(factory).bind(**params)
+    except TypeError as exc:
+        accepted = ", ".join(p for p in inspect.signature(factory).parameters)
+        raise ConfigError(f"bad parameters for density {name!r}: {exc}; accepted: {accepted}") from None
+    return factory(**params)

@@ -1,0 +1,113 @@
+"""OOD detection metrics: in-distribution is the positive class, higher score = more in-distribution.
+
+Conventions (the research note, DDU, OpenOOD): AUROC and AUPRC treat in-distribution samples as positives
+(label 1) and OOD samples as negatives (label 0); "FPR at 95% TPR" is the fraction of OOD samples accepted
+by the threshold that accepts 95% of the in-distribution samples (lower is better).
+
+All three metrics depend only on the order of the scores, so they are computed on ranks: this gives the same
+values as ``sklearn.metrics`` on the raw scores and also accepts +/-inf (a density can underflow to -inf
+far from the data). NaN scores raise :class:`DensituneError`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from trainables.errors import ConfigError, DensituneError
+
+__all__ = ["auprc", "auroc", "fpr_at_tpr", "ood_metrics"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+
+
+def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:
+    """1-D float64 numpy copy of ``scores``; raises on NaN, emptiness or a wrong shape."""
+    if isinstance(scores, torch.Tensor):
+        arr = scores.detach().to("cpu", torch.float64).numpy()
+    else:
+        arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 1:
+        raise DensituneError(f"{what} scores must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise DensituneError(f"{what} scores are empty")
+    if np.isnan(arr).any():
+        raise DensituneError(f"{what} scores contain NaN")
+    return arr
+
+
+def _labels_and_ranks(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (ID = 1, OOD = 0) and average ranks of the concatenated scores (ties share a rank)."""
+    s_id = _as_scores(score_id, "in-distribution")
+    s_ood = _as_scores(score_ood, "OOD")
+    labels = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
+    ranks = rankdata(np.concatenate([s_id, s_ood]), method="average")
+    return labels, ranks
+
+
+def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
+    """Area under the ROC curve, in-distribution positive (``sklearn.metrics.roc_auc_score``).
+
+    Args:
+        score_id: (N_id,) scores of in-distribution samples (numpy array or tensor), higher = more ID.
+        score_ood: (N_ood,) scores of OOD samples.
+
+    Returns:
+        P(score_id > score_ood) + 0.5 P(tie): 1.0 = perfect separation, 0.5 = chance, 0.0 = reversed.
+    """
+    labels, ranks = _labels_and_ranks(score_id, score_ood)
+    return float(roc_auc_score(labels, ranks))
+
+
+def auprc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
+    """Area under the precision-recall curve with ID positive (``sklearn.metrics.average_precision_score``).
+
+    Its chance level is N_id / (N_id + N_ood), not 0.5.
+    """
+    labels, ranks = _labels_and_ranks(score_id, score_ood)
+    return float(average_precision_score(labels, ranks))
+
+
+def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> float:
+    """Fraction of OOD samples accepted at the strictest threshold that still accepts ``tpr`` of the ID samples.
+
+    A sample is accepted as in-distribution when its score is >= the threshold t. t is the largest value with
+    mean(score_id >= t) >= tpr, i.e. the k-th largest ID score with k = ceil(tpr * N_id); the result is
+    mean(score_ood >= t). No interpolation between ROC points is done (OpenOOD interpolates on the ROC curve,
+    which can differ by at most one OOD sample's worth of the OOD set near ties).
+
+    Args:
+        score_id: (N_id,) in-distribution scores, higher = more ID.
+        score_ood: (N_ood,) OOD scores.
+        tpr: target true-positive rate in (0, 1].
+
+    Raises:
+        ConfigError: ``tpr`` outside (0, 1].
+    """
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0 < tpr <= 1:
+        raise ConfigError(f"tpr must be in (0, 1], got {tpr!r}")
+    s_id = _as_scores(score_id, "in-distribution")
+    s_ood = _as_scores(score_ood, "OOD")
+    # round() guards against tpr * N landing a hair above an integer (e.g. 0.95 * 20 = 19.000000000000004).
+    k = max(1, math.ceil(round(tpr * s_id.size, 9)))
+    threshold = np.sort(s_id)[::-1][k - 1]
+    return float(np.mean(s_ood >= threshold))
+
+
+def ood_metrics(score_id: ArrayLike, score_ood: ArrayLike) -> dict[str, float]:
+    """All metrics for one (ID, OOD) pair: ``{"auroc": ..., "auprc": ..., "fpr95": ...}``.
+
+    Args:
+        score_id: (N_id,) in-distribution scores, higher = more ID.
+        score_ood: (N_ood,) OOD scores.
+    """
+    return {
+        "auroc": auroc(score_id, score_ood),
+        "auprc": auprc(score_id, score_ood),
+        "fpr95": fpr_at_tpr(score_id, score_ood, 0.95),
+    }

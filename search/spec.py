@@ -1,0 +1,108 @@
+"""The search specification: what to search, on which models, judged on which data.
+
+One frozen dataclass, validated when built, so a typo fails before Ray starts and
+before anything is written. The CLI and (later) YAML files both build it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainables.errors import ConfigError
+
+SAMPLERS = ("grid", "tpe")
+METRICS = {"auroc": "max", "auprc": "max", "fpr95": "min"}
+
+#: The ε grid of Lee et al. (2018, Mahalanobis), extended upwards because the
+#: embedded default's 8×8 digits need larger steps than CIFAR images.
+DEFAULT_EPS_GRID = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+#: TPE draws ε from {0} ∪ log-uniform[low, high].
+DEFAULT_EPS_RANGE = (1e-4, 0.1)
+
+
+def check_space(
+    densities: tuple[str, ...],
+    scores: tuple[str, ...],
+    eps_grid: tuple[float, ...],
+    eps_range: tuple[float, float],
+    dims: tuple[int, ...],
+) -> None:
+    """Validate the search space alone (names, ε >= 0, D > 0): usable before any file is read."""
+    from search.densities import DENSITIES
+    from search.scores import SCORES
+
+    for name in densities:
+        DENSITIES.check(name)
+    for name in scores:
+        SCORES.check(name)
+    for eps in (*eps_grid, *eps_range):
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps)) or eps < 0:
+            raise ConfigError(f"eps must be a finite number >= 0, got {eps}")
+    lo, hi = eps_range
+    if not 0 < lo < hi:
+        raise ConfigError(f"eps range must satisfy 0 < low < high, got {lo}..{hi}")
+    if not eps_grid:
+        raise ConfigError("eps grid is empty")
+    for d in dims:
+        if int(d) <= 0:
+            raise ConfigError(f"feature dimension D must be > 0, got {d}")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A search over (model group, density, score, ε).
+
+    * ``val_ood``: the OOD set used for selection (with ID validation data);
+      ``test_ood``: OOD sets that are only reported, never used to select.
+    * ``eps_grid`` is the grid sampler's ε values; the TPE sampler draws ε from
+      {0} ∪ log-uniform[``eps_range``].
+    """
+
+    experiment: str
+    val_ood: str
+    test_ood: tuple[str, ...]
+    densities: tuple[str, ...] = ("gmm_sum",)
+    scores: tuple[str, ...] = ("density",)
+    eps_grid: tuple[float, ...] = DEFAULT_EPS_GRID
+    eps_range: tuple[float, float] = DEFAULT_EPS_RANGE
+    dims: tuple[int, ...] = ()  # restrict to these D (empty: every trained D)
+    sampler: str = "grid"
+    num_samples: int | None = None  # TPE trial budget (grid: the grid size)
+    seed: int = 0
+    metric: str = "auroc"
+    data_root: str | None = None
+    eval_limit: int | None = None  # cap on each evaluation set (seeded subset)
+    batch_size: int = 256
+    density_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+        if not self.test_ood:
+            raise ConfigError("at least one test OOD set is needed")
+        if self.val_ood in self.test_ood:
+            # The selection set must be distinct from every reported set (no test leakage).
+            raise ConfigError(f"validation OOD set {self.val_ood!r} is also a test OOD set; choose a distinct one")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ConfigError(f"number of trials must be > 0, got {self.num_samples}")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise ConfigError(f"eval limit must be > 0, got {self.eval_limit}")
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def objective(self) -> str:
+        """Name of the reported metric the search optimises (validation data only)."""
+        return f"val_{self.metric}"
+
+    @property
+    def protocol(self) -> str:
+        """Recorded in every row: how hyperparameters were selected."""
+        return f"val-ood:{self.val_ood}"

@@ -1,0 +1,61 @@
+"""Tables and "best": chosen on validation rows only, seeds as mean ± std, ip side by side."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from search.report import best, best_config, report
+from search.results import code_version, read_results, write_rows
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def write_trial(root, trial, *, eps, val, test, seeds=(0,), D=8, density="gmm_sum"):
+    rows = []
+    for s in seeds:
+        common = dict(experiment="e", trial_id=trial, stage="search", protocol="val-ood:v", backbone="cnn",
+                      id_dataset="digits", loss="ce", D=D, spectral=True, density=density, score="density",
+                      eps=eps, seed=s, started_at=T0, code_version=code_version(), id_accuracy=0.9 + s / 100)
+        rows.append({**common, "ood_dataset": "v", "split": "val", "auroc": val + s / 100, "auprc": val, "fpr95": 1 - val})
+        rows.append({**common, "ood_dataset": "t", "split": "test", "auroc": test + s / 100, "auprc": test, "fpr95": 1 - test})
+    write_rows(root, rows, name=trial)
+
+
+@pytest.fixture
+def results(tmp_path):
+    write_trial(tmp_path, "plain", eps=0.0, val=0.80, test=0.70)
+    write_trial(tmp_path, "ip-good-val", eps=0.01, val=0.90, test=0.60)  # best on validation
+    write_trial(tmp_path, "ip-good-test", eps=0.05, val=0.85, test=0.99)  # best on test: must not win
+    write_trial(tmp_path, "other-D", eps=0.0, val=0.50, test=0.95, D=4, seeds=(0, 1))
+    return read_results(tmp_path)
+
+
+def test_best_selects_on_validation_not_test(results):
+    cfg = best_config(results)
+    assert cfg["trial_id"] == "ip-good-val" and cfg["eps"] == 0.01 and cfg["D"] == 8
+    text = best(results)
+    assert "eps=0.01" in text and "| t | 0.6000 | 0.6000 | 0.4000 |" in text
+
+
+def test_best_lower_is_better_for_fpr(results):
+    assert best_config(results, "fpr95")["trial_id"] == "ip-good-val"
+
+
+def test_report_ranks_and_pairs_ip(results):
+    text = report(results)
+    first, second = text.index("cnn D=8"), text.index("cnn D=4")
+    assert first < second  # D=8 validates better
+    # D=8 table: no-ip columns from the ε=0 trial, ip columns from the validation-chosen ε=0.01 trial
+    assert "| t | test | 0.7000 | 0.7000 | 0.6000 | 0.6000 |" in text
+    assert "ip ε = 0.01 (chosen on validation)" in text
+    # two seeds -> mean ± std (0.95 and 0.96)
+    assert "| t | test | 0.9550 ± 0.0071 |" in text
+
+
+def test_unknown_metric(results):
+    from trainables.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown metric"):
+        report(results, "accuracy")

@@ -1,0 +1,1 @@
+"""Training side of densitune: data sets, backbones, losses and the Ray Tune training trainable."""

@@ -1,0 +1,149 @@
+"""Checkpoints: weights, loss state (centers) and the config that made them, in one file.
+
+A checkpoint directory holds ``model.pt`` (a dict of tensors and plain values, loaded
+with ``weights_only=True``) and ``config.json`` (the same config, readable without
+torch, used to list trained models quickly). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainables.config import TrainConfig
+from trainables.errors import CheckpointError
+
+FORMAT = "densitune-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    loss: nn.Module,
+    data: dict[str, Any],
+    epoch: int,
+    metrics: dict[str, float],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> Path:
+    """Write ``directory/model.pt`` and ``directory/config.json``; returns the directory.
+
+    ``data`` describes the training data the model expects: ``shape`` (C, H, W),
+    ``num_classes``, ``mean``, ``std``.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "data": dict(data),
+        "epoch": int(epoch),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "model": model.state_dict(),
+        "loss": loss.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    _atomic_save(state, d / MODEL_FILE)
+    meta = {k: state[k] for k in ("format", "version", "config", "data", "epoch", "metrics")}
+    _atomic_write_text(json.dumps(meta, indent=1, sort_keys=True), d / CONFIG_FILE)
+    return d
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dict; :class:`CheckpointError` if missing, corrupt or foreign."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"corrupt checkpoint {path}: {first}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"not a densitune checkpoint: {path}")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
+    return state
+
+
+@dataclass
+class LoadedModel:
+    """A trained network ready for scoring, with what it was trained on."""
+
+    model: nn.Module
+    config: TrainConfig
+    data: dict[str, Any]
+    metrics: dict[str, float]
+    path: Path
+    centers: torch.Tensor | None
+
+
+def build_model(config: TrainConfig, data: dict[str, Any]) -> nn.Module:
+    """The (untrained) network a config describes, for data of ``data['shape']``."""
+    from trainables.backbones import SpectralConfig, create_model
+
+    c, h, _ = data["shape"]
+    return create_model(
+        config.backbone,
+        in_channels=c,
+        image_size=h,
+        num_classes=data["num_classes"],
+        feature_dim=config.feature_dim,
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        spectral=SpectralConfig(coeff=config.sn_coeff) if config.spectral else None,
+    )
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of a checkpoint in eval mode on ``device``."""
+    state = read_checkpoint(directory)
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(config, state["data"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {directory} does not fit its own config: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    centers = state["loss"].get("centers") if state.get("loss") else None
+    return LoadedModel(model, config, state["data"], state["metrics"], Path(directory), centers)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The ``config.json`` beside a checkpoint (no torch load)."""
+    p = Path(directory) / CONFIG_FILE
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint config not found: {p}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt checkpoint config {p}: {e}") from None

@@ -1,0 +1,99 @@
+"""The data API the rest of densitune calls: look a data set up, describe it, load a split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
+from trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from trainables.data.folder import PREFIX as FOLDER_PREFIX
+from trainables.data.folder import FolderSet
+from trainables.data.sources import materialize
+from trainables.data.splits import check_split, limit_positions, rng_for
+from trainables.data.transforms import check_shape
+from trainables.errors import ConfigError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+
+def get_dataset(name: str) -> DatasetFactory:
+    """The factory of a registered name, or of a ``folder:PATH`` name.
+
+    Raises :class:`UnknownNameError` naming the known data sets.
+    """
+    if name.startswith(FOLDER_PREFIX):
+        path = name[len(FOLDER_PREFIX):]
+        if not path.strip():
+            raise ConfigError(f"{name!r}: give the folder's path, e.g. {FOLDER_PREFIX}/data/LSUN_resize")
+        return FolderSet(path)
+    try:
+        return DATASETS.get(name)
+    except UnknownNameError as e:
+        raise UnknownNameError(f"{e}; or {FOLDER_PREFIX}PATH for a folder of images") from None
+
+
+def dataset_names() -> list[str]:
+    """Registered data set names, then the ``folder:PATH`` form."""
+    return [*DATASETS.names(), f"{FOLDER_PREFIX}PATH"]
+
+
+def _root(root: str | Path | None) -> Path | None:
+    return None if root is None else Path(root).expanduser()
+
+
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """Native shape, classes and normalisation statistics of data set ``name``.
+
+    ``root`` is only read for ``folder:`` sets (their shape and statistics come from the files).
+    """
+    return get_dataset(name).info(_root(root))
+
+
+def load_split(
+    name: str,
+    split: str,
+    *,
+    root: str | Path | None = None,
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    download: bool = False,
+    limit: int | None = None,
+) -> Dataset:
+    """One split of a data set, ready for a ``DataLoader``.
+
+    Args:
+        name: a name of :func:`dataset_names` (``folder:PATH`` included).
+        split: "train", "val" or "test"; splits never share items (except a ``folder:`` set
+            without train/ and test/ folders, which is every split whole).
+        root: the data directory of torchvision and relative ``folder:`` sets.
+        seed: the data seed; it alone fixes the split, the item order and generated images.
+        shape: the (C, H, W) to convert to (3 -> 1 channels by BT.601 luma, 1 -> 3 by repetition,
+            then a bilinear antialiased resize); None keeps the native shape.
+        download: let torchvision fetch missing files; the network is never used otherwise.
+        limit: keep a seeded random subset of at most this many items (same order as the full split).
+
+    Returns:
+        A map-style data set of ``(x, y)``: x (C, H, W) float32 in [0, 1], y int64 scalar
+        (-1 when unlabelled). Small splits come as a ``TensorDataset`` of converted tensors,
+        large ones convert on access, a batch at a time.
+
+    Raises:
+        UnknownNameError, ConfigError (bad split, shape, seed or limit), DataError (files).
+    """
+    check_split(split)
+    rng_for(seed)  # validates the seed before any work
+    factory = get_dataset(name)
+    target = None if shape is None else check_shape(shape)
+    source = factory.source(split, root=_root(root), seed=seed, download=download)
+    full = len(source)
+    keep = limit_positions(full, limit, seed, split)
+    if len(keep) < full:
+        source = source.subset(keep)
+    target = target or source.shape
+    data = materialize(source, target)
+    logger.debug("%s/%s (seed %d): %d of %d items at %s, %s", name, split, seed, len(source), full, target,
+                 type(data).__name__)
+    return data

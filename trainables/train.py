@@ -1,0 +1,157 @@
+"""The training loop, readable top to bottom, with no Ray in it.
+
+:func:`fit` yields after every epoch so the caller (the Ray Tune trainable, a test,
+a script) decides what to do with each epoch: report, checkpoint, stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from trainables.checkpoint import build_model
+from trainables.config import TrainConfig
+from trainables.data import dataset_info, load_split
+from trainables.errors import ConfigError
+from trainables.losses import create_loss
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU (never a hard-coded ``.cuda()``)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def data_description(config: TrainConfig) -> dict[str, Any]:
+    """What the model needs to know of its training data: shape, classes, normalisation."""
+    info = dataset_info(config.dataset, root=config.data_root)
+    if not info.num_classes:
+        raise ConfigError(f"data set {config.dataset!r} has no labels and cannot be trained on")
+    return {
+        "name": info.name,
+        "shape": list(info.shape),
+        "num_classes": int(info.num_classes),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "data_seed": config.data_seed,
+    }
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on a labelled data set."""
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(data, batch_size=batch_size):
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+@dataclass
+class EpochState:
+    """Everything after one epoch: metrics for reporting, objects for checkpointing."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float
+    seconds: float
+    model: nn.Module
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "val_accuracy": self.val_accuracy,
+        }
+
+
+def fit(
+    config: TrainConfig,
+    *,
+    device: torch.device | None = None,
+    resume: dict[str, Any] | None = None,
+) -> Iterator[EpochState]:
+    """Train ``config`` and yield an :class:`EpochState` after every epoch.
+
+    ``resume`` is a checkpoint dict (see :mod:`trainables.checkpoint`); training then
+    continues after its epoch with the same optimiser and schedule. Every epoch
+    reseeds its shuffling from (seed, epoch), so a resumed run sees the same batches
+    as an uninterrupted one.
+    """
+    device = device or default_device()
+    data = data_description(config)
+    train = load_split(config.dataset, "train", root=config.data_root, seed=config.data_seed, limit=config.train_limit)
+    val = load_split(config.dataset, "val", root=config.data_root, seed=config.data_seed)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, data).to(device)
+    loss_fn = create_loss(
+        config.loss, num_classes=data["num_classes"], feature_dim=config.feature_dim, lam=config.lam, delta=config.delta
+    ).to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        loss_fn.load_state_dict(resume["loss"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start = int(resume["epoch"])
+        log.info("resuming %s after epoch %d", config.key, start)
+
+    for epoch in range(start + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_fn.train()
+        g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        total_loss = 0.0
+        correct = seen = 0
+        for x, y in DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(train) > config.batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                z, logits = model.features_and_logits(x)
+                loss = loss_fn(logits.float(), z.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        scheduler.step()
+        if not torch.isfinite(torch.tensor(total_loss)):
+            raise FloatingPointError(f"{config.key}: training loss became {total_loss} at epoch {epoch}; lower the learning rate")
+        state = EpochState(
+            epoch=epoch,
+            train_loss=total_loss / max(seen, 1),
+            train_accuracy=correct / max(seen, 1),
+            val_accuracy=accuracy(model, val, device),
+            seconds=time.perf_counter() - t0,
+            model=model,
+            loss=loss_fn,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=data,
+        )
+        log.info("%s epoch %d/%d loss %.4f val acc %.4f", config.key, epoch, config.epochs, state.train_loss, state.val_accuracy)
+        yield state

@@ -1,0 +1,161 @@
+"""Ray Tune adapter for training: a thin trainable around :func:`trainables.train.fit`.
+
+All Tune calls for training live here (their API churns between Ray releases; this
+module follows Ray >= 2.51: everything from ``ray.tune``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from trainables.checkpoint import read_checkpoint, read_config, save_checkpoint
+from trainables.config import TrainConfig
+from trainables.errors import CheckpointError
+from trainables.train import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where a training run writes: final models, Parquet rows, Tune's own state."""
+
+    experiment: str
+    models_dir: str  # final checkpoints: <models_dir>/<experiment>/<config.key>/
+    results_dir: str  # Parquet rows (stage "train", one file per epoch)
+    storage_path: str  # Tune experiment state (for --resume)
+    cpus_per_trial: float = 1.0
+
+    def model_dir(self, config: TrainConfig) -> Path:
+        return Path(self.models_dir) / self.experiment / config.key
+
+
+def is_trained(run: TrainRun, config: TrainConfig) -> bool:
+    """True when the final checkpoint of ``config`` exists and has all its epochs."""
+    try:
+        meta = read_config(run.model_dir(config))
+    except CheckpointError:
+        return False
+    return meta.get("config") == config.to_dict() and meta.get("epoch") == config.epochs
+
+
+def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: train one config, report + checkpoint every epoch, resume from Tune.
+
+    ``config["key"]`` names the model; ``configs`` (passed through the object store)
+    maps keys to full training configs, so Tune's trial table shows readable names.
+    """
+    from ray import tune
+
+    from search.results import code_version, write_rows
+
+    cfg = TrainConfig.from_dict(configs[config["key"]])
+    torch.set_num_threads(max(1, int(run.cpus_per_trial)))
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = read_checkpoint(d)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    for st in fit(cfg, resume=resume):
+        final = st.epoch == cfg.epochs
+        row = {
+            "experiment": run.experiment,
+            "trial_id": cfg.key,
+            "stage": "train",
+            "protocol": "train",
+            "backbone": cfg.backbone,
+            "id_dataset": cfg.dataset,
+            "split": "val",
+            "loss": cfg.loss,
+            "lam": cfg.lam if cfg.loss != "ce" else None,
+            "D": cfg.feature_dim,
+            "spectral": cfg.spectral,
+            "seed": cfg.seed,
+            "data_seed": cfg.data_seed,
+            "epoch": st.epoch,
+            "train_loss": st.train_loss,
+            "id_accuracy": st.val_accuracy,
+            "checkpoint": str(run.model_dir(cfg)) if final else None,
+            "started_at": started,
+            "duration_s": time.perf_counter() - t0,
+            "code_version": code_version(),
+        }
+        write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
+        ckpt_args = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
+        if final:  # the model store keeps weights only: no optimiser state
+            save_checkpoint(run.model_dir(cfg), **ckpt_args)
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
+            tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def expand_grid(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig]:
+    """The product of ``grid`` values over ``base``; each combination validated."""
+    keys = list(grid)
+    return [replace(base, **dict(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_training(
+    configs: Sequence[TrainConfig],
+    run: TrainRun,
+    *,
+    resume: bool = False,
+    gpus_per_trial: float | None = None,
+    max_failures: int = 1,
+    verbose: int = 1,
+) -> list[dict[str, Any]]:
+    """Train ``configs`` as Ray Tune trials (one per config); returns each trial's last metrics.
+
+    Configs whose final checkpoint already exists are skipped. ``resume`` restores the
+    Tune experiment in ``run.storage_path`` (an interrupted run), finishing what was left.
+    """
+    from ray import tune
+
+    from trainables.ray_runtime import trial_resources
+
+    by_key = {c.key: c.to_dict() for c in configs}
+    if len(by_key) != len(configs):
+        raise ValueError("two training configs share a key")
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trainable, run=run, configs=by_key),
+        trial_resources(run.cpus_per_trial, gpus_per_trial),
+    )
+    name = f"train-{run.experiment}"
+    path = str(Path(run.storage_path) / name)
+    if resume and tune.Tuner.can_restore(path):
+        log.info("resuming training experiment %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        todo = [c for c in configs if not is_trained(run, c)]
+        if len(todo) < len(configs):
+            log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
+        if not todo:
+            return []
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"key": tune.grid_search([c.key for c in todo])},
+            tune_config=tune.TuneConfig(reuse_actors=True, metric="val_accuracy", mode="max"),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(Path(run.storage_path).resolve()),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                verbose=verbose,
+            ),
+        )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} training trial(s) failed; first: {errors[0]}")
+    return [dict(r.metrics or {}) for r in results]
