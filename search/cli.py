@@ -65,6 +65,13 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
     p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
     p.add_argument("-D", "--dim", nargs="+", type=int, default=[], help="only models with these D")
+    p.add_argument("--backbone", nargs="+", default=[], help="only models with these backbones")
+    p.add_argument("--loss", nargs="+", default=[], help="only models trained with these losses")
+    p.add_argument("--kde-bandwidth", nargs="+", default=None,
+                   help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
+    p.add_argument("--attacks", nargs="*", default=[], help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
+    p.add_argument("--attack-eps", type=float, default=8 / 255, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
+    p.add_argument("--attack-steps", type=int, default=10, help="BIM/PGD iterations")
     p.add_argument("--sampler", default="grid", help="grid or tpe (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
         if name == "report":
             p.add_argument("--top", type=int, default=None, help="show the best N configurations")
+            p.add_argument("--view", default="all", help="all, methods (the note's method comparison) or configs (ip side by side)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as JSON")
 
@@ -159,12 +167,23 @@ def _search_spec(args: argparse.Namespace, id_dataset: str):
     kw = {}
     if args.eps_range is not None:
         kw["eps_range"] = tuple(args.eps_range)
+    if args.kde_bandwidth:
+        kw["density_params"] = {"kde": {"bandwidth": [_number_or_name(b) for b in args.kde_bandwidth]}}
     return SearchSpec(
         experiment=args.experiment, val_ood=val_ood, test_ood=test_ood, densities=tuple(args.density),
         scores=tuple(args.score), eps_grid=tuple(args.eps_grid) if args.eps_grid else DEFAULT_EPS_GRID,
         dims=tuple(args.dim), sampler=args.sampler, num_samples=args.num_samples, seed=args.seed,
-        metric=args.metric, data_root=args.data_root, eval_limit=args.eval_limit, **kw,
+        metric=args.metric, data_root=args.data_root, eval_limit=args.eval_limit, backbones=tuple(args.backbone),
+        losses=tuple(args.loss), attacks=tuple(args.attacks), attack_eps=args.attack_eps,
+        attack_steps=args.attack_steps, **kw,
     )
+
+
+def _number_or_name(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -187,7 +206,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if len(ids) != 1:
         raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
     spec = _search_spec(args, ids.pop())
-    groups = models.select(groups, spec.dims)
+    groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
     for name in (spec.val_ood, *spec.test_ood):
         _check_data(name, spec.data_root)
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"),
@@ -199,7 +218,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
     table = read_results(run.results_dir)
-    print(report(table, spec.metric))
+    print(report(table, spec.metric, top=5))
     print()
     print(best(table, spec.metric))
     return 0
@@ -209,7 +228,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from search.report import report
     from search.results import read_results
 
-    print(report(read_results(args.results), args.metric, top=args.top))
+    print(report(read_results(args.results), args.metric, top=args.top, view=args.view))
     return 0
 
 
@@ -241,8 +260,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 #: The demo: the same commands a user would type, on the embedded digits default.
 DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
-              "--loss", "ce", "contrastive", "--seeds", "0", "--epochs", "15"]
-DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--density", "gmm_sum"]
+              "--loss", "ce", "contrastive", "--seeds", "0", "1", "--epochs", "15"]
+DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid",
+               "--score", "density", "diff", "msp", "entropy", "gradnorm", "ensemble_msp", "ensemble_entropy",
+               "--density", "gmm_sum", "gmm_max", "kde", "--eps-grid", "0", "0.005", "0.01", "0.02", "0.05",
+               "--attacks", "fgsm", "bim", "pgd", "--attack-eps", "0.1"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -2,8 +2,9 @@
 
 :class:`Workspace` is a per-process cache (Ray reuses trial actors, so one process
 serves many trials): each (checkpoint, data set, split) is loaded and its clean
-features extracted once; each (checkpoint, density, parameters) is fitted once. A
-trial that varies only ε pays for its perturbed passes and nothing else.
+features extracted once; each (checkpoint, density, parameters) is fitted once; each
+(checkpoint, attack) is run once. A trial that varies only ε pays for its perturbed
+passes and nothing else.
 
 Scientific honesty is structural here: :func:`selection_metrics` is the only input to
 the search objective and it is only given validation data; :func:`test_metrics` runs
@@ -17,16 +18,16 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from search.densities import Density, create_density
 from search.metrics import ood_metrics
-from search.perturb import perturb
-from search.scores import Score, create_score
+from search.scores import Score, create_score, score_class
+from search.space import TrialParams
 from search.spec import SearchSpec
 from trainables.checkpoint import LoadedModel, load_model
 from trainables.data import load_split
@@ -34,15 +35,7 @@ from trainables.train import default_device
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TrialParams:
-    """One point of the search space."""
-
-    group: str  # ModelGroup.key
-    density: str
-    score: str
-    eps: float
+__all__ = ["TrialParams", "Workspace", "workspace", "selection_metrics", "test_metrics"]
 
 
 @dataclass
@@ -55,10 +48,10 @@ class Features:
 
 
 class Workspace:
-    """Per-process caches of models, data, clean features and fitted densities.
+    """Per-process caches of models, data, clean features, fitted densities and attacks.
 
-    ``counts`` records the expensive events ("load_model", "extract", "fit") so tests
-    and logs can show that caching works.
+    ``counts`` records the expensive events ("load_model", "load_data", "extract",
+    "fit", "attack") so tests and logs can show that caching works.
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
@@ -75,11 +68,11 @@ class Workspace:
             self._models[checkpoint] = load_model(checkpoint, device=self.device)
         return self._models[checkpoint]
 
-    def data(self, name: str, split: str, *, shape: tuple[int, ...], root: str | None, seed: int, limit: int | None) -> Dataset:
-        key = (name, split, tuple(shape), root, seed, limit)
+    def data(self, key: tuple, make) -> Dataset:
+        """The data set cached under ``key``, made by ``make()`` the first time."""
         if key not in self._data:
-            self.counts["load_data"] += 1
-            self._data[key] = load_split(name, split, root=root, seed=seed, shape=tuple(shape), limit=limit)
+            self.counts["attack" if key[0] == "adv" else "load_data"] += 1
+            self._data[key] = make()
         return self._data[key]
 
     @torch.no_grad()
@@ -97,12 +90,12 @@ class Workspace:
             self._features[key] = Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
         return self._features[key]
 
-    def density(self, checkpoint: str, name: str, params: dict[str, Any], train: Features) -> Density:
-        key = (checkpoint, name, json.dumps(params, sort_keys=True))
+    def density(self, checkpoint: str, name: str, params: str, train: Features) -> Density:
+        key = (checkpoint, name, params)
         if key not in self._densities:
             self.counts["fit"] += 1
-            d = create_density(name, **params).fit(train.z.to(self.device), train.y.to(self.device))
-            self._densities[key] = d
+            d = create_density(name, **json.loads(params))
+            self._densities[key] = d.fit(train.z.to(self.device), train.y.to(self.device))
         return self._densities[key]
 
 
@@ -118,62 +111,86 @@ def workspace() -> Workspace:
 
 
 class _Evaluator:
-    """Scores data sets for one (checkpoint, trial) pair."""
+    """Scores data for one trial on one model (or, for ensembles, on every seed of a group)."""
 
-    def __init__(self, ws: Workspace, spec: SearchSpec, checkpoint: str, params: TrialParams) -> None:
-        self.ws, self.spec, self.checkpoint, self.params = ws, spec, checkpoint, params
-        self.loaded = ws.model(checkpoint)
-        self.shape = tuple(self.loaded.data["shape"])
-        self.id_name = self.loaded.data["name"]
-        self.data_seed = int(self.loaded.data.get("data_seed", 0))
-        train_key, train = self._split(self.id_name, "train", limit=None)
+    def __init__(self, ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> None:
+        self.ws, self.spec, self.checkpoints, self.params = ws, spec, list(checkpoints), params
+        first = ws.model(self.checkpoints[0])
+        self.shape = tuple(first.data["shape"])
+        self.id_name = first.data["name"]
+        self.data_seed = int(first.data.get("data_seed", 0))
         density = None
-        if self.params.score in _DENSITY_SCORES():
-            feats = ws.features(checkpoint, train_key, train, spec.batch_size)
-            density = ws.density(checkpoint, params.density, spec.density_params.get(params.density, {}), feats)
-        self.score: Score = create_score(params.score, self.loaded.model, density)
+        if score_class(params.score).uses_density:
+            (ckpt,) = self.checkpoints
+            train = self.features(*self.split(self.id_name, "train", limit=None))
+            density = ws.density(ckpt, params.density, params.density_params, train[0])
+        self.score: Score = create_score(params.score, [ws.model(c).model for c in self.checkpoints], density)
 
-    def _split(self, name: str, split: str, limit: int | None) -> tuple[tuple, Dataset]:
+    def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
+        limit = self.spec.eval_limit if limit == -1 else limit
         key = (name, split, self.shape, self.spec.data_root, self.data_seed, limit)
-        return key, self.ws.data(name, split, shape=self.shape, root=self.spec.data_root, seed=self.data_seed, limit=limit)
+        make = lambda: load_split(name, split, root=self.spec.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
+        return key, self.ws.data(key, make)
 
-    def scores(self, name: str, split: str) -> tuple[Tensor, Features]:
-        """(N,) float64 scores of a data split with this trial's ε, and its clean features."""
-        key, data = self._split(name, split, self.spec.eval_limit)
-        feats = self.ws.features(self.checkpoint, key, data, self.spec.batch_size)
+    def adversarial(self, attack: str) -> tuple[tuple, Dataset]:
+        """The ID test split attacked (L∞) against this trial's single model."""
+        from search.attacks import AttackConfig, attack_dataset
+
+        (ckpt,) = self.checkpoints
+        id_key, id_data = self.split(self.id_name, "test")
+        cfg = AttackConfig(eps=self.spec.attack_eps, steps=self.spec.attack_steps)
+        key = ("adv", attack, ckpt, cfg, *id_key)
+
+        def make() -> Dataset:
+            x, y = attack_dataset(attack, self.ws.model(ckpt).model, id_data, cfg, batch_size=self.spec.batch_size, device=self.ws.device)
+            return TensorDataset(x, y)
+
+        return key, self.ws.data(key, make)
+
+    def features(self, key: tuple, data: Dataset) -> list[Features]:
+        return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
+
+    def scores(self, key: tuple, data: Dataset) -> tuple[Tensor, list[Features]]:
+        """(N,) float64 scores of a data set with this trial's ε, and its clean features per model."""
+        feats = self.features(key, data)
         eps = self.params.eps
         if eps == 0:
-            fast = self.score.from_features(feats.z.to(self.ws.device), feats.logits.to(self.ws.device))
+            dev = self.ws.device
+            fast = self.score.from_features([(f.z.to(dev), f.logits.to(dev)) for f in feats])
             if fast is not None:
                 return fast.detach().double().cpu(), feats
-        out = []
-        for x, _ in DataLoader(data, batch_size=self.spec.batch_size):
-            x = perturb(x.to(self.ws.device), self.score.perturbation_score, eps)
-            with torch.no_grad():
-                out.append(self.score(x).double().cpu())
+        out = [
+            self.score.evaluate(x.to(self.ws.device), eps).double().cpu()
+            for x, _ in DataLoader(data, batch_size=self.spec.batch_size)
+        ]
         return torch.cat(out), feats
 
-    def compare(self, ood: str, split: str) -> dict[str, Any]:
-        s_id, f_id = self.scores(self.id_name, split)
-        s_ood, _ = self.scores(ood, split)
+    def compare(self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset]) -> dict[str, Any]:
+        s_id, f_id = self.scores(*id_split)
+        s_ood, _ = self.scores(*ood_split)
         m = ood_metrics(s_id, s_ood)
-        m.update(n_id=len(s_id), n_ood=len(s_ood))
-        m["id_accuracy"] = float((f_id.logits.argmax(1) == f_id.y).float().mean())
+        probs = torch.stack([f.logits.double().softmax(1) for f in f_id]).mean(0)
+        m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=float((probs.argmax(1) == f_id[0].y).double().mean()))
         return m
 
 
-def _DENSITY_SCORES() -> set[str]:
-    from search.scores import SCORES
-
-    return {n for n in SCORES.names() if SCORES.get(n).uses_density}
-
-
-def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoint: str, params: TrialParams) -> dict[str, Any]:
+def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, Any]:
     """Validation metrics (ID val vs the validation OOD set): the ONLY input to the objective."""
-    return _Evaluator(ws, spec, checkpoint, params).compare(spec.val_ood, "val")
+    ev = _Evaluator(ws, spec, checkpoints, params)
+    return ev.compare(ev.split(ev.id_name, "val"), ev.split(spec.val_ood, "val"))
 
 
-def test_metrics(ws: Workspace, spec: SearchSpec, checkpoint: str, params: TrialParams) -> dict[str, dict[str, Any]]:
-    """Test metrics (ID test vs each test OOD set): recorded, never used to select."""
-    ev = _Evaluator(ws, spec, checkpoint, params)
-    return {ood: ev.compare(ood, "test") for ood in spec.test_ood}
+def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, dict[str, Any]]:
+    """Test metrics (ID test vs each test OOD set, and vs each attack): recorded, never used to select.
+
+    Attack rows are named ``adv-<attack>``; they exist for single-model scores (an
+    ensemble has no one model to attack).
+    """
+    ev = _Evaluator(ws, spec, checkpoints, params)
+    id_test = ev.split(ev.id_name, "test")
+    out = {ood: ev.compare(id_test, ev.split(ood, "test")) for ood in spec.test_ood}
+    if not ev.score.ensemble:
+        for attack in spec.attacks:
+            out[f"adv-{attack}"] = ev.compare(id_test, ev.adversarial(attack))
+    return out
+

@@ -69,12 +69,19 @@ def discover(models_dir: str | Path) -> list[ModelGroup]:
     return groups
 
 
-def select(groups: list[ModelGroup], dims: tuple[int, ...] = ()) -> list[ModelGroup]:
-    """The groups with D in ``dims`` (all when empty); an absent D is an error."""
-    if not dims:
-        return groups
-    have = sorted({g.D for g in groups})
-    missing = [d for d in dims if d not in have]
-    if missing:
-        raise ConfigError(f"no trained models with D in {missing}; trained D: {have}")
-    return [g for g in groups if g.D in dims]
+def select(
+    groups: list[ModelGroup], dims: tuple[int, ...] = (), backbones: tuple[str, ...] = (), losses: tuple[str, ...] = ()
+) -> list[ModelGroup]:
+    """The groups with D in ``dims``, backbone in ``backbones``, loss in ``losses`` (empty: any).
+
+    Asking for a value no trained model has is an error that lists what was trained.
+    """
+    for attr, wanted in (("D", dims), ("backbone", backbones), ("loss", losses)):
+        if not wanted:
+            continue
+        have = sorted({getattr(g, attr) for g in groups})
+        missing = [w for w in wanted if w not in have]
+        if missing:
+            raise ConfigError(f"no trained models with {attr} in {missing}; trained: {have}")
+        groups = [g for g in groups if getattr(g, attr) in wanted]
+    return groups

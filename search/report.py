@@ -1,8 +1,17 @@
 """Ranked tables from the Parquet results (and nothing else).
 
-Shape of the research note's tables: per configuration, one row per OOD set with
-AUROC / AUPRC, without input perturbation (ε = 0) and with it (the ε > 0 chosen on
-*validation* data) side by side. Seeds are aggregated as mean ± std.
+Two views, both in the research note's shapes, both selected on validation rows only:
+
+* ``methods``: per trained configuration (model group), the note's method comparison
+  (its §1.3 / §1.8 / §1.9 tables): one block per method (baseline = msp, ensemble,
+  ddu = gmm_sum density, ddu+ip, and every other score / density searched), a row
+  per test OOD set (and attack) with AUROC and AUPRC. A method "+ip" is its best ε > 0
+  on validation.
+* ``configs``: per configuration (model group × score × density), a row per OOD set with
+  AUROC / AUPRC without input perturbation (ε = 0) and with it side by side (the note's
+  §1.2 tables), configurations ranked by their best validation figure.
+
+Seeds are aggregated as mean ± std.
 """
 
 from __future__ import annotations
@@ -14,17 +23,27 @@ import pandas as pd
 from search.spec import METRICS
 from trainables.errors import ConfigError, ResultsError
 
-#: Columns that identify a configuration (one table each); ε is what ip varies.
-CONFIG_COLUMNS = ["backbone", "D", "loss", "lam", "spectral", "density", "score"]
+#: Columns that identify a trained configuration (a model group).
+GROUP_COLUMNS = ["backbone", "D", "loss", "lam", "spectral"]
+#: Columns that identify a method on a model group; ε is what ip varies.
+METHOD_COLUMNS = ["score", "density", "density_params"]
+CONFIG_COLUMNS = GROUP_COLUMNS + METHOD_COLUMNS
+
+#: Friendly names of the note's methods; others are shown as score[:density].
+METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble", ("density", "gmm_sum"): "ddu"}
+METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
 
 
 def search_frame(table) -> pd.DataFrame:
-    """The search rows of a results table as a DataFrame (``lam`` nulls -> NaN kept comparable)."""
+    """The search rows of a results table as a DataFrame (``lam`` nulls -> -1 so groupby keeps them)."""
     df = table.to_pandas()
     df = df[df["stage"] == "search"].copy()
     if df.empty:
         raise ResultsError("the results hold no search rows (run `densitune search` first)")
-    df["lam"] = df["lam"].fillna(-1.0)  # ce has no λ; -1 keeps groupby from dropping it
+    df["lam"] = df["lam"].fillna(-1.0)
+    df["density"] = df["density"].fillna("")
+    df["density_params"] = df["density_params"].fillna("{}")
+    df["n_models"] = df["checkpoint"].fillna("").str.count(",") + 1
     return df
 
 
@@ -38,12 +57,16 @@ def _fmt(values: pd.Series) -> str:
 
 
 def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per trial: its config, ε, and the mean validation metric over seeds."""
+    """One row per trial: its config, ε, the mean validation metric, seeds and models per member."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     val = df[df["split"] == "val"]
     keys = ["experiment", "trial_id", *CONFIG_COLUMNS, "eps", "ood_dataset", "protocol"]
-    out = val.groupby(keys, dropna=False).agg(val=(metric, "mean"), seeds=("seed", "nunique")).reset_index()
+    out = (
+        val.groupby(keys, dropna=False)
+        .agg(val=(metric, "mean"), seeds=("seed", "nunique"), n_models=("n_models", "max"))
+        .reset_index()
+    )
     asc = METRICS[metric] == "min"
     # Deterministic order: best validation figure, then smaller ε, then trial id.
     return out.sort_values(["val", "eps", "trial_id"], ascending=[asc, True, True], kind="mergesort")
@@ -59,27 +82,42 @@ class ConfigResult:
     rank_value: float
 
 
-def config_results(df: pd.DataFrame, metric: str) -> list[ConfigResult]:
-    """Configurations ranked by their best validation figure (ip or not)."""
+def config_results(df: pd.DataFrame, metric: str, columns: list[str] = CONFIG_COLUMNS) -> list[ConfigResult]:
+    """Configurations (grouped by ``columns``) ranked by their best validation figure (ip or not)."""
     trials = trial_objectives(df, metric)
     asc = METRICS[metric] == "min"
     results = []
-    for key, grp in trials.groupby(CONFIG_COLUMNS, dropna=False, sort=False):
-        plain = grp[grp["eps"] == 0]
-        ip = grp[grp["eps"] > 0]
-        p = plain.iloc[0] if len(plain) else None
-        i = ip.iloc[0] if len(ip) else None  # grp is sorted best-first
-        best = grp.iloc[0]["val"]
-        results.append(ConfigResult(dict(zip(CONFIG_COLUMNS, key)), p, i, best))
+    for key, grp in trials.groupby(columns, dropna=False, sort=False):
+        plain, ip = grp[grp["eps"] == 0], grp[grp["eps"] > 0]  # grp is sorted best-first
+        results.append(
+            ConfigResult(
+                dict(zip(columns, key)),
+                plain.iloc[0] if len(plain) else None,
+                ip.iloc[0] if len(ip) else None,
+                grp.iloc[0]["val"],
+            )
+        )
     results.sort(key=lambda r: (r.rank_value if asc else -r.rank_value))
     return results
 
 
-def _title(cfg: dict) -> str:
+def _group_title(cfg: dict) -> str:
     lam = "" if cfg["loss"] == "ce" else f" λ={cfg['lam']:g}"
     sn = "" if cfg["spectral"] else " no-SN"
-    dens = f" {cfg['density']}" if cfg["density"] else ""
-    return f"{cfg['backbone']} D={cfg['D']} {cfg['loss']}{lam}{sn}{dens} score={cfg['score']}"
+    return f"{cfg['backbone']} D={cfg['D']} {cfg['loss']}{lam}{sn}"
+
+
+def _method_title(cfg: dict) -> str:
+    dens = f" {cfg['density']}" if cfg.get("density") else ""
+    params = cfg.get("density_params", "{}")
+    params = "" if params in ("{}", "", None) else f" {params}"
+    return f"score={cfg['score']}{dens}{params}"
+
+
+def _members(trial: pd.Series) -> str:
+    if trial["seeds"] == 0:  # ensemble rows carry no single seed
+        return f"ensemble of {int(trial['n_models'])}"
+    return f"seeds {int(trial['seeds'])}"
 
 
 def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
@@ -88,18 +126,24 @@ def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
     return df[(df["trial_id"] == trial["trial_id"]) & (df["experiment"] == trial["experiment"])]
 
 
+def _v(trial: pd.Series | None) -> str:
+    return "-" if trial is None else f"{trial['val']:.4f}"
+
+
+def _accuracy(rows: pd.DataFrame) -> str:
+    test = rows[rows["split"] == "test"]
+    return _fmt(test.drop_duplicates(["seed", "checkpoint"])["id_accuracy"])
+
+
 def render_config(df: pd.DataFrame, r: ConfigResult, metric: str) -> str:
     """One markdown table: OOD set x (AUROC, AUPRC) without / with ip."""
     plain, ip = _trial_rows(df, r.plain), _trial_rows(df, r.ip)
     sets = sorted(set(plain["ood_dataset"]) | set(ip["ood_dataset"]))
-    acc_src = plain if len(plain) else ip
-    acc = _fmt(acc_src[acc_src["split"] == "test"].drop_duplicates("seed")["id_accuracy"])
     eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
-    seeds = int((r.plain if r.plain is not None else r.ip)["seeds"])
     head = (
-        f"### {_title(r.config)}\n"
-        f"ID test accuracy {acc}; seeds {seeds}; ip ε = {eps} (chosen on validation); "
-        f"val {metric}: no ip {_v(r.plain)}, ip {_v(r.ip)}\n\n"
+        f"### {_group_title(r.config)} {_method_title(r.config)}\n"
+        f"ID test accuracy {_accuracy(plain if len(plain) else ip)}; {_members(r.plain if r.plain is not None else r.ip)}; "
+        f"ip ε = {eps} (chosen on validation); val {metric}: no ip {_v(r.plain)}, ip {_v(r.ip)}\n\n"
         "| OOD set | split | AUROC | AUPRC | AUROC +ip | AUPRC +ip |\n|---|---|---|---|---|---|"
     )
     lines = [head]
@@ -113,18 +157,62 @@ def render_config(df: pd.DataFrame, r: ConfigResult, metric: str) -> str:
     return "\n".join(lines)
 
 
-def _v(trial: pd.Series | None) -> str:
-    return "-" if trial is None else f"{trial['val']:.4f}"
-
-
-def report(table, metric: str = "auroc", top: int | None = None) -> str:
-    """Markdown: configurations ranked by validation ``metric``, each as a note-shaped table."""
+def configs_report(table, metric: str = "auroc", top: int | None = None) -> str:
+    """Configurations ranked by validation ``metric``, each as a no-ip / ip table."""
     df = search_frame(table)
     results = config_results(df, metric)
-    if top is not None:
-        results = results[:top]
-    parts = [f"## Ranked configurations ({len(results)}; ranked by validation {metric}, test sets never used to select)"]
-    parts += [f"{i}. " + render_config(df, r, metric) for i, r in enumerate(results, 1)]
+    shown = results[:top] if top is not None else results
+    parts = [f"## Ranked configurations (top {len(shown)} of {len(results)} by validation {metric}; test sets never used to select)"]
+    parts += [f"{i}. " + render_config(df, r, metric) for i, r in enumerate(shown, 1)]
+    return "\n\n".join(parts)
+
+
+def _method_name(score: str, density: str, params: str, ip: bool) -> str:
+    name = METHOD_NAMES.get((score, density)) or (f"{score}:{density}" if density else score)
+    if params not in ("{}", ""):
+        name += f" {params}"
+    return name + ("+ip" if ip else "")
+
+
+def methods_report(table, metric: str = "auroc") -> str:
+    """The note's method comparison per model group: Method | OOD set | AUROC | AUPRC (test rows)."""
+    df = search_frame(table)
+    groups = config_results(df, metric, GROUP_COLUMNS)
+    parts = [f"## Method comparison (test figures; ε of every +ip method chosen on validation {metric})"]
+    for g in groups:
+        gdf = df
+        for c in GROUP_COLUMNS:
+            gdf = gdf[gdf[c] == g.config[c]]
+        methods = config_results(gdf, metric, METHOD_COLUMNS)
+        methods.sort(key=lambda m: (METHOD_ORDER.index(m.config["score"]) if m.config["score"] in METHOD_ORDER else 99,
+                                    m.config["density"] != "gmm_sum", m.config["density"], m.config["density_params"]))
+        lines = [f"### {_group_title(g.config)}", "", "| Method | ε | OOD set | AUROC | AUPRC |", "|---|---|---|---|---|"]
+        for m in methods:
+            for trial, ip in ((m.plain, False), (m.ip, True)):
+                if trial is None:
+                    continue
+                rows = _trial_rows(gdf, trial)
+                name = _method_name(m.config["score"], m.config["density"], m.config["density_params"], ip)
+                test = rows[rows["split"] == "test"]
+                for s, t in test.groupby("ood_dataset"):
+                    lines.append(f"| {name} | {trial['eps']:.4g} | {s} | {_fmt(t['auroc'])} | {_fmt(t['auprc'])} |")
+                    name = ""  # the method name once per block, as in the note
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+VIEWS = ("all", "methods", "configs")
+
+
+def report(table, metric: str = "auroc", top: int | None = None, view: str = "all") -> str:
+    """Markdown report: the method comparison and/or the ranked configurations."""
+    if view not in VIEWS:
+        raise ConfigError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
+    parts = []
+    if view in ("all", "methods"):
+        parts.append(methods_report(table, metric))
+    if view in ("all", "configs"):
+        parts.append(configs_report(table, metric, top))
     return "\n\n".join(parts)
 
 
@@ -136,16 +224,15 @@ def best(table, metric: str = "auroc") -> str:
     cfg = {c: top[c] for c in CONFIG_COLUMNS}
     lines = [
         f"best configuration by validation {metric} ({top['protocol']}):",
-        f"  {_title(cfg)} eps={top['eps']:.4g}",
-        f"  experiment={top['experiment']} trial={top['trial_id']} seeds={int(top['seeds'])}",
+        f"  {_group_title(cfg)} {_method_title(cfg)} eps={top['eps']:.4g}",
+        f"  experiment={top['experiment']} trial={top['trial_id']} {_members(top)}",
         f"  validation {metric} = {top['val']:.4f}",
-        f"  ID test accuracy = {_fmt(rows[rows['split'] == 'test'].drop_duplicates('seed')['id_accuracy'])}",
+        f"  ID test accuracy = {_accuracy(rows)}",
         "",
         "| OOD set (test) | AUROC | AUPRC | FPR@95 |",
         "|---|---|---|---|",
     ]
-    test = rows[rows["split"] == "test"]
-    for s, g in test.groupby("ood_dataset"):
+    for s, g in rows[rows["split"] == "test"].groupby("ood_dataset"):
         lines.append(f"| {s} | {_fmt(g['auroc'])} | {_fmt(g['auprc'])} | {_fmt(g['fpr95'])} |")
     return "\n".join(lines)
 
@@ -157,4 +244,3 @@ def best_config(table, metric: str = "auroc") -> dict:
     if out["lam"] == -1.0:
         out["lam"] = None
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
-

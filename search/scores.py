@@ -1,19 +1,38 @@
 """OOD scores: per-input numbers where HIGHER = MORE IN-DISTRIBUTION, always.
 
-A :class:`Score` is built for one trained model (and, when it uses one, a fitted
-density). It is a differentiable function of the input, so the input perturbation
-(:func:`search.perturb.perturb`) can follow its gradient, and it may offer a fast
+A :class:`Score` is built for one trained model, or for every seed of a model group
+(the ensemble scores), plus a fitted density when it uses one. It is a
+differentiable function of the input, so that the input perturbation ("ip",
+:func:`search.perturb.perturb`) can follow its gradient, and it may offer a fast
 path on clean, cached features.
+
+The perturbation always climbs the gradient of the score being reported: for
+``density`` (and ``diff``) that is the research note's x̃ = x + ε·sign(∇ log q(f(x)));
+for ``msp`` it is ODIN's input preprocessing (Liang et al. 2018) without temperature.
+
+=================== ============================================================ =========
+name                score (higher = more in-distribution)                         source
+=================== ============================================================ =========
+density             log q(f(x))                                                   DDU; note Alg. 1
+diff                log q(f(x̃)) − log q(f(x))  (needs ε > 0)                     note §1.6
+msp                 max_k softmax(g(x))_k                                         Hendrycks & Gimpel 2017
+entropy             −H(softmax(g(x)))                                             predictive entropy
+gradnorm            ‖∂ KL(u ‖ softmax(g(x))) / ∂W‖₁ = ‖h‖₁ · Σ_k |K·p_k − 1|      Huang et al. 2021
+ensemble_msp        max_k mean_m softmax(g_m(x))_k                                Lakshminarayanan 2017
+ensemble_entropy    −H(mean_m softmax(g_m(x)))                                    Lakshminarayanan 2017
+=================== ============================================================ =========
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from search.densities import Density
+from search.perturb import perturb
 from trainables.errors import ConfigError
 from trainables.registry import Registry
 
@@ -21,44 +40,181 @@ SCORES: Registry = Registry("score")
 
 
 class Score(abc.ABC):
-    """An OOD score of one model. Higher = more in-distribution.
+    """An OOD score. Higher = more in-distribution.
 
-    The search builds one per (model, density) and calls :meth:`__call__` on
-    (perturbed) input batches, or :meth:`from_features` on cached clean features.
+    The search builds one per (model or model group, density) and calls
+    :meth:`evaluate` on input batches, or :meth:`from_features` on cached clean
+    features when ε = 0.
     """
 
-    uses_density: ClassVar[bool] = True
+    #: needs a fitted density (``density`` is then passed to ``__init__``)
+    uses_density: ClassVar[bool] = False
+    #: takes every seed of a model group (otherwise exactly one model)
+    ensemble: ClassVar[bool] = False
+    #: only defined with input perturbation (ε > 0)
+    needs_ip: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, density: Density | None) -> None:
+    def __init__(self, models: Sequence[nn.Module], density: Density | None = None) -> None:
+        name = type(self).__name__
+        if not models:
+            raise ConfigError(f"score {name} needs at least one model")
+        if not self.ensemble and len(models) != 1:
+            raise ConfigError(f"score {name} takes one model, got {len(models)}")
         if self.uses_density and density is None:
-            raise ConfigError(f"score {type(self).__name__} needs a density")
-        self.model = model
+            raise ConfigError(f"score {name} needs a fitted density")
+        self.models = list(models)
+        self.model = self.models[0]
         self.density = density
 
     @abc.abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) in [0, 1] -> (N,) scores, differentiable w.r.t. x."""
 
-    def from_features(self, z: Tensor, logits: Tensor) -> Tensor | None:
-        """Scores from clean features z (N, D) and logits (N, K), or None if this score needs the input."""
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """Scores from clean (z (N, D), logits (N, K)) of each model, or None if the input is needed."""
         return None
 
     def perturbation_score(self, x: Tensor) -> Tensor:
-        """The function whose gradient sign moves inputs (default: the score itself)."""
+        """The (N,) function whose gradient sign moves the inputs (default: the score itself)."""
         return self(x)
+
+    def evaluate(self, x: Tensor, eps: float) -> Tensor:
+        """(N,) scores of the inputs after perturbation with ``eps`` (ε = 0: none), detached."""
+        if self.needs_ip and eps <= 0:
+            raise ConfigError(f"score {type(self).__name__} needs eps > 0")
+        x = perturb(x, self.perturbation_score, eps)
+        with torch.no_grad():
+            return self(x).detach()
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.double(), dim=1)
+
+
+def _neg_entropy(logp: Tensor) -> Tensor:
+    """Σ_k p_k log p_k = −H(p), from (N, K) log-probabilities."""
+    return (logp.exp() * logp).sum(1)
 
 
 @SCORES.register("density")
 class DensityScore(Score):
     """log q(f(x)): the feature log-density (DDU; the research note's U(x))."""
 
+    uses_density = True
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.density.score_samples(self.model.features(x))
 
-    def from_features(self, z: Tensor, logits: Tensor) -> Tensor:
+    def from_features(self, feats):
+        ((z, _),) = feats
         return self.density.score_samples(z)
 
 
-def create_score(name: str, model: nn.Module, density: Density | None) -> Score:
-    """Build the registered score ``name`` for ``model`` (unknown names list the known ones)."""
-    return SCORES.get(name)(model, density)
+@SCORES.register("diff")
+class DiffScore(DensityScore):
+    """log q(f(x̃)) − log q(f(x)): how much the perturbation raised the density (note §1.6)."""
+
+    needs_ip = True
+
+    def from_features(self, feats):
+        return None
+
+    def evaluate(self, x: Tensor, eps: float) -> Tensor:
+        if eps <= 0:
+            raise ConfigError("score diff needs eps > 0")
+        x_t = perturb(x, self.perturbation_score, eps)
+        with torch.no_grad():
+            return (self(x_t) - self(x)).detach()
+
+
+@SCORES.register("msp")
+class MaxSoftmax(Score):
+    """Maximum softmax probability (the softmax baseline)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _log_softmax(self.model(x)).exp().max(1).values
+
+    def from_features(self, feats):
+        ((_, logits),) = feats
+        return _log_softmax(logits).exp().max(1).values
+
+
+@SCORES.register("entropy")
+class NegEntropy(Score):
+    """Negative predictive entropy −H(softmax(g(x))) of one model."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _neg_entropy(_log_softmax(self.model(x)))
+
+    def from_features(self, feats):
+        ((_, logits),) = feats
+        return _neg_entropy(_log_softmax(logits))
+
+
+def gradnorm_from_features(z: Tensor, logits: Tensor) -> Tensor:
+    """GradNorm (Huang et al. 2021) in closed form, batched: (N, D), (N, K) -> (N,).
+
+    The official code back-propagates loss = Σ_k −log softmax_k(g(x)) (an all-ones
+    target, T = 1) one input at a time and takes the L1 norm of the gradient of the
+    last layer's weight W (K, D). That gradient is (K·p − 1) hᵀ, with h the head's
+    input (here the features z), so its L1 norm is ‖h‖₁ · Σ_k |K·p_k − 1|.
+    """
+    p = _log_softmax(logits).exp()
+    k = logits.shape[1]
+    return z.double().abs().sum(1) * (k * p - 1).abs().sum(1)
+
+
+@SCORES.register("gradnorm")
+class GradNorm(Score):
+    """GradNorm: L1 norm of the last layer's weight gradient of KL(uniform ‖ softmax)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        z, logits = self.model.features_and_logits(x)
+        return gradnorm_from_features(z, logits)
+
+    def from_features(self, feats):
+        ((z, logits),) = feats
+        return gradnorm_from_features(z, logits)
+
+
+class _Ensemble(Score):
+    ensemble = True
+
+    def mean_log_probs(self, logits: Sequence[Tensor]) -> Tensor:
+        """log of the mean softmax over models: (N, K)."""
+        lp = torch.stack([_log_softmax(g) for g in logits])  # (M, N, K)
+        return torch.logsumexp(lp, 0) - torch.log(torch.tensor(float(len(logits)), dtype=lp.dtype))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.combine(self.mean_log_probs([m(x) for m in self.models]))
+
+    def from_features(self, feats):
+        return self.combine(self.mean_log_probs([logits for _, logits in feats]))
+
+    @abc.abstractmethod
+    def combine(self, mean_logp: Tensor) -> Tensor: ...
+
+
+@SCORES.register("ensemble_msp")
+class EnsembleMSP(_Ensemble):
+    """Deep ensemble: maximum of the mean softmax over the seeds of one configuration."""
+
+    def combine(self, mean_logp: Tensor) -> Tensor:
+        return mean_logp.exp().max(1).values
+
+
+@SCORES.register("ensemble_entropy")
+class EnsembleEntropy(_Ensemble):
+    """Deep ensemble: negative entropy of the mean softmax."""
+
+    def combine(self, mean_logp: Tensor) -> Tensor:
+        return _neg_entropy(mean_logp)
+
+
+def create_score(name: str, models: Sequence[nn.Module], density: Density | None = None) -> Score:
+    """Build the registered score ``name`` (unknown names list the known ones)."""
+    return SCORES.get(name)(models, density)
+
+
+def score_class(name: str) -> type[Score]:
+    return SCORES.get(name)

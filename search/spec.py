@@ -68,6 +68,8 @@ class SearchSpec:
     eps_grid: tuple[float, ...] = DEFAULT_EPS_GRID
     eps_range: tuple[float, float] = DEFAULT_EPS_RANGE
     dims: tuple[int, ...] = ()  # restrict to these D (empty: every trained D)
+    backbones: tuple[str, ...] = ()  # restrict to these backbones (empty: all trained)
+    losses: tuple[str, ...] = ()  # restrict to these losses (empty: all trained)
     sampler: str = "grid"
     num_samples: int | None = None  # TPE trial budget (grid: the grid size)
     seed: int = 0
@@ -75,10 +77,30 @@ class SearchSpec:
     data_root: str | None = None
     eval_limit: int | None = None  # cap on each evaluation set (seeded subset)
     batch_size: int = 256
-    density_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per density, each parameter's values to search, e.g. {"kde": {"bandwidth": ["scott", 0.5]}}
+    density_params: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
+    attacks: tuple[str, ...] = ()
+    attack_eps: float = 8 / 255
+    attack_steps: int = 10
 
     def __post_init__(self) -> None:
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
+        for name, params in self.density_params.items():
+            if name not in self.densities:
+                raise ConfigError(f"density_params names {name!r}, which is not among the searched densities {list(self.densities)}")
+            for key, values in params.items():
+                if not isinstance(values, (list, tuple)) or not values:
+                    raise ConfigError(f"density_params.{name}.{key} must be a non-empty list of values")
+        if self.attacks:
+            from search.attacks import ATTACKS
+
+            for a in self.attacks:
+                ATTACKS.check(a)
+            if not (self.attack_eps > 0 and math.isfinite(self.attack_eps)):
+                raise ConfigError(f"attack eps must be > 0, got {self.attack_eps}")
+            if self.attack_steps < 1:
+                raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.metric not in METRICS:

@@ -2,32 +2,31 @@
 
 No Ray here; :mod:`search.tune_search` wraps it. A trial covers every seed of its
 model group: the objective is the mean validation metric over seeds, and each seed
-gets its own rows (one for the validation OOD set, one per test OOD set).
+gets its own rows (one for the validation OOD set, one per test OOD set and attack).
+Ensemble scores use all seeds at once and write rows with an empty ``seed``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-from search.evaluate import TrialParams, Workspace, selection_metrics, test_metrics
+from search.evaluate import Workspace, selection_metrics, test_metrics
 from search.models import ModelGroup
 from search.results import code_version
+from search.scores import score_class
+from search.space import TrialParams
 from search.spec import SearchSpec
 
 
 def run_trial(
     ws: Workspace, spec: SearchSpec, group: ModelGroup, params: TrialParams, trial_id: str
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Evaluate ``params`` on every seed of ``group``; returns (objective, rows)."""
+    """Evaluate ``params`` on ``group``; returns (objective, rows)."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    per_seed_val = []
-    rows: list[dict[str, Any]] = []
-    density_params = spec.density_params.get(params.density, {})
     base = {
         "experiment": spec.experiment,
         "trial_id": trial_id,
@@ -40,7 +39,7 @@ def run_trial(
         "D": group.D,
         "spectral": group.spectral,
         "density": params.density,
-        "density_params": json.dumps(density_params, sort_keys=True),
+        "density_params": params.density_params,
         "score": params.score,
         "eps": params.eps,
         "data_seed": group.data_seed,
@@ -48,14 +47,20 @@ def run_trial(
         "started_at": started,
         "code_version": code_version(),
     }
-    for seed, ckpt in zip(group.seeds, group.checkpoints):
-        val = selection_metrics(ws, spec, ckpt, params)
-        per_seed_val.append(val[spec.metric])
-        tests = test_metrics(ws, spec, ckpt, params)
+    if score_class(params.score).ensemble:
+        members = [(None, list(group.checkpoints))]
+    else:
+        members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
+    per_member_val = []
+    rows: list[dict[str, Any]] = []
+    for seed, ckpts in members:
+        val = selection_metrics(ws, spec, ckpts, params)
+        per_member_val.append(val[spec.metric])
+        tests = test_metrics(ws, spec, ckpts, params)
         for ood, split, m in [(spec.val_ood, "val", val), *((o, "test", t) for o, t in tests.items())]:
-            rows.append({**base, "seed": seed, "checkpoint": ckpt, "ood_dataset": ood, "split": split, **m})
+            rows.append({**base, "seed": seed, "checkpoint": ",".join(ckpts), "ood_dataset": ood, "split": split, **m})
     duration = time.perf_counter() - t0
     for r in rows:
         r["duration_s"] = duration
-    objective = math.fsum(per_seed_val) / len(per_seed_val)
+    objective = math.fsum(per_member_val) / len(per_member_val)
     return objective, rows

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from search.evaluate import TrialParams, Workspace, selection_metrics
+from search.evaluate import Workspace, selection_metrics
+from search.space import TrialParams
 from search.models import discover, select
 from search.results import read_results
 from search.spec import SearchSpec
@@ -48,14 +49,14 @@ def test_two_trial_search_writes_exact_rows(ray_session, trained_models, tmp_pat
 def test_selection_never_loads_test_data(trained_models):
     (group,) = select(discover(trained_models), (4,))
     ws = Workspace()
-    selection_metrics(ws, spec(), group.checkpoints[0], TrialParams(group.key, "gmm_sum", "density", 0.01))
-    loaded = {(name, split) for (name, split, *_) in ws._data}
+    selection_metrics(ws, spec(), [group.checkpoints[0]], TrialParams(group.key, "density", "gmm_sum", eps=0.01))
+    loaded = {(name, split) for (name, split, *_) in ws._data}  # every data set the objective touched
     assert loaded == {("digits", "train"), ("digits", "val"), ("digits-blend", "val")}
 
 
 def test_objective_independent_of_test_sets(trained_models):
     (group,) = select(discover(trained_models), (4,))
-    params = TrialParams(group.key, "gmm_sum", "density", 0.01)
+    params = TrialParams(group.key, "density", "gmm_sum", eps=0.01)
     obj_a, rows_a = run_trial(Workspace(), spec(test_ood=("digits-rot90",)), group, params, "a")
     obj_b, rows_b = run_trial(Workspace(), spec(test_ood=("photo-patches", "noise-uniform")), group, params, "b")
     assert obj_a == obj_b  # swapping every test set changes nothing the sampler sees
@@ -66,7 +67,7 @@ def test_objective_independent_of_test_sets(trained_models):
 
 def test_same_config_same_numbers(trained_models):
     (group,) = select(discover(trained_models), (4,))
-    params = TrialParams(group.key, "gmm_sum", "density", 0.02)
+    params = TrialParams(group.key, "density", "gmm_sum", eps=0.02)
     _, a = run_trial(Workspace(), spec(), group, params, "x")
     _, b = run_trial(Workspace(), spec(), group, params, "x")
     key = lambda r: (r["ood_dataset"], r["split"])  # noqa: E731
@@ -77,7 +78,7 @@ def test_features_and_fits_are_cached(trained_models):
     (group,) = select(discover(trained_models), (4,))
     ws = Workspace()
     for eps in (0.0, 0.005, 0.01):
-        run_trial(ws, spec(), group, TrialParams(group.key, "gmm_sum", "density", eps), f"t{eps}")
+        run_trial(ws, spec(), group, TrialParams(group.key, "density", "gmm_sum", eps=eps), f"t{eps}")
     # train, ID val, ID test, val OOD, 2 test OOD: each extracted once; one density fit
     assert ws.counts["extract"] == 6 and ws.counts["fit"] == 1 and ws.counts["load_model"] == 1
 

@@ -1,0 +1,139 @@
+"""The search space: which (model group, score, density, density parameters, ε) points exist.
+
+Not every product point is meaningful: ``diff`` needs ε > 0, ensemble scores need a
+group with at least two seeds, and scores without a density do not vary with one.
+The grid sampler therefore runs over the list of valid points (each exactly once);
+TPE uses a conditional define-by-run space over the same choices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from search.models import ModelGroup
+from search.scores import score_class
+from search.spec import SearchSpec
+from trainables.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """One point of the search space."""
+
+    group: str  # ModelGroup.key
+    score: str
+    density: str = ""  # "" for scores without a density
+    density_params: str = "{}"  # JSON, sorted keys (hashable; recorded in the results)
+    eps: float = 0.0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.density_params)
+
+    @property
+    def label(self) -> str:
+        """A readable, unique name of the point (Tune shows it in the trial table)."""
+        dens = f"|{self.density}" if self.density else ""
+        prm = "".join(f",{k}={v}" for k, v in self.params.items())
+        return f"{self.group}|{self.score}{dens}{prm}|eps={self.eps:g}"
+
+
+def params_json(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def density_variants(spec: SearchSpec) -> list[tuple[str, dict[str, Any]]]:
+    """Every (density, parameters) combination the spec asks for."""
+    out = []
+    for name in spec.densities:
+        grid = spec.density_params.get(name, {})
+        keys = sorted(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            out.append((name, dict(zip(keys, values))))
+    return out
+
+
+def methods(spec: SearchSpec) -> list[tuple[str, str, dict[str, Any]]]:
+    """(score, density, params) for every score; density-free scores appear once."""
+    out = []
+    for score in spec.scores:
+        if score_class(score).uses_density:
+            out += [(score, d, p) for d, p in density_variants(spec)]
+        else:
+            out.append((score, "", {}))
+    return out
+
+
+def eligible_groups(score: str, groups: list[ModelGroup]) -> list[ModelGroup]:
+    """Groups a score can run on (ensembles need two or more seeds)."""
+    if score_class(score).ensemble:
+        return [g for g in groups if len(g.seeds) >= 2]
+    return list(groups)
+
+
+def check_groups(spec: SearchSpec, groups: list[ModelGroup]) -> None:
+    for score in spec.scores:
+        if not eligible_groups(score, groups):
+            raise ConfigError(f"score {score!r} is an ensemble over seeds: train at least 2 seeds of a configuration (--seeds 0 1 2)")
+
+
+def grid_points(spec: SearchSpec, groups: list[ModelGroup]) -> list[TrialParams]:
+    """Every valid grid point, in a fixed order."""
+    check_groups(spec, groups)
+    points = []
+    for score, density, params in methods(spec):
+        cls = score_class(score)
+        for g in eligible_groups(score, groups):
+            for eps in spec.eps_grid:
+                if cls.needs_ip and eps == 0:
+                    continue
+                points.append(TrialParams(g.key, score, density, params_json(params), float(eps)))
+    if not points:
+        raise ConfigError("the search grid is empty (diff needs an eps grid with values > 0)")
+    return points
+
+
+class DefineByRun:
+    """Optuna define-by-run space for TPE: conditional, so no invalid point is drawn.
+
+    A picklable class rather than a closure: Tune pickles the searcher with its
+    experiment state (that is what makes resuming possible).
+    """
+
+    def __init__(self, spec: SearchSpec, groups: list[ModelGroup]) -> None:
+        check_groups(spec, groups)
+        self.scores = list(spec.scores)
+        self.models = [g.key for g in groups]
+        self.ensemble_models = [g.key for g in groups if len(g.seeds) >= 2]
+        self.densities = list(spec.densities)
+        self.density_params = {d: dict(spec.density_params.get(d, {})) for d in spec.densities}
+        self.eps_range = spec.eps_range
+
+    def __call__(self, trial) -> None:
+        score = trial.suggest_categorical("score", self.scores)
+        cls = score_class(score)
+        if cls.ensemble:
+            trial.suggest_categorical("ensemble_model", self.ensemble_models)
+        else:
+            trial.suggest_categorical("model", self.models)
+        if cls.uses_density:
+            density = trial.suggest_categorical("density", self.densities)
+            for key, values in sorted(self.density_params[density].items()):
+                trial.suggest_categorical(f"{density}.{key}", list(values))
+        if cls.needs_ip or trial.suggest_categorical("ip", [False, True]):
+            trial.suggest_float("eps", *self.eps_range, log=True)
+        return None
+
+
+def params_from_config(config: dict[str, Any]) -> TrialParams:
+    """Decode the flat dict Optuna/Tune produced with :class:`DefineByRun`."""
+    score = config["score"]
+    model = config.get("ensemble_model") or config["model"]
+    density = config.get("density", "") if score_class(score).uses_density else ""
+    prefix = f"{density}."
+    params = {k[len(prefix):]: v for k, v in config.items() if density and k.startswith(prefix)}
+    eps = float(config["eps"]) if "eps" in config else 0.0
+    return TrialParams(model, score, density, params_json(params), eps)

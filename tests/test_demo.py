@@ -1,0 +1,27 @@
+"""The README's main job, end to end (slow: about 5 minutes on 2 cores; `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from search.densities import DENSITIES
+from search.scores import SCORES
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "## Method comparison" in p.stdout and "best configuration by validation auroc" in p.stdout
+    files = sorted((out / "results").rglob("*.parquet"))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    search = [r for r in rows if r["stage"] == "search"]
+    assert {r["score"] for r in search} == set(SCORES.names())
+    assert {r["density"] for r in search} - {""} == set(DENSITIES.names())
+    assert {"adv-fgsm", "adv-bim", "adv-pgd"} <= {r["ood_dataset"] for r in search}
+    assert len([r for r in rows if r["stage"] == "train"]) == 8 * 15  # 8 networks x 15 epochs

@@ -1,0 +1,66 @@
+"""Every score, density and attack through a real Ray Tune search, and the note's comparison table."""
+
+from __future__ import annotations
+
+import pytest
+
+from search.densities import DENSITIES
+from search.models import discover, select
+from search.report import report
+from search.results import read_results
+from search.scores import SCORES
+from search.space import grid_points
+from search.spec import SearchSpec
+from search.tune_search import SearchRun, run_search
+
+
+@pytest.fixture(scope="module")
+def all_methods(ray_session, trained_models, tmp_path_factory):
+    groups = select(discover(trained_models), (8,))  # 2 seeds: the ensemble has members
+    spec = SearchSpec(
+        experiment="m", val_ood="digits-blend", test_ood=("noise-uniform",), densities=tuple(DENSITIES.names()),
+        scores=tuple(SCORES.names()), eps_grid=(0.0, 0.01), eval_limit=60, attacks=("fgsm", "bim", "pgd"),
+        attack_eps=0.1, attack_steps=3, density_params={"kde": {"bandwidth": ["scott", 1.0]}},
+    )
+    out = tmp_path_factory.mktemp("methods")
+    run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"))
+    grid = run_search(spec, groups, run, verbose=0)
+    assert all(r.error is None for r in grid)
+    return spec, groups, read_results(run.results_dir).to_pylist(), read_results(run.results_dir)
+
+
+def test_each_grid_point_once_with_every_score(all_methods):
+    spec, groups, rows, _ = all_methods
+    points = grid_points(spec, groups)
+    # density, diff: 4 density variants (gmm_sum, gmm_max, kde x 2 bandwidths); diff only at eps > 0
+    assert len(points) == 4 * 2 + 4 * 1 + 5 * 2
+    assert len({r["trial_id"] for r in rows}) == len(points)
+    assert {r["score"] for r in rows} == set(SCORES.names())
+    assert {r["density"] for r in rows if r["score"] in ("density", "diff")} == set(DENSITIES.names())
+    assert {r["density"] for r in rows if r["score"] not in ("density", "diff")} == {""}
+    assert all(r["eps"] > 0 for r in rows if r["score"] == "diff")
+
+
+def test_row_counts_per_score(all_methods):
+    _, _, rows, _ = all_methods
+    by_trial = {}
+    for r in rows:
+        by_trial.setdefault(r["trial_id"], []).append(r)
+    for trial in by_trial.values():
+        score = trial[0]["score"]
+        if score.startswith("ensemble"):
+            # one member (both seeds together): val + 1 test OOD set, no attack rows
+            assert len(trial) == 2 and {r["seed"] for r in trial} == {None}
+        else:
+            # 2 seeds x (val + 1 test OOD set + 3 attacks)
+            assert len(trial) == 2 * 5
+            assert {r["ood_dataset"] for r in trial} == {"digits-blend", "noise-uniform", "adv-fgsm", "adv-bim", "adv-pgd"}
+
+
+def test_report_method_comparison(all_methods):
+    *_, table = all_methods
+    text = report(table, view="methods")
+    for name in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "| gradnorm |", "| gradnorm+ip |",
+                 "| diff:gmm_sum+ip |", "| density:kde {\"bandwidth\": 1.0} |"):
+        assert name in text, name
+    assert "adv-pgd" in text
