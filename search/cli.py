@@ -34,7 +34,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
-    p.add_argument("-q", "--quiet", action="store_true", help="less Ray output")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no progress lines)")
+    p.add_argument("--verbose", action="store_true", help="also Ray Tune's own status tables")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("-q", "--quiet", action="store_true")
 
+    p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
+    p.add_argument("results", help="results directory")
+    p.add_argument("--out", default="densitune-plots", help="output directory, not inside the results directory (default: %(default)s)")
+    p.add_argument("--experiment", default=None, help="default: the experiment of the best validation trial")
+    p.add_argument("--metric", default="auroc", help="validation metric to rank by and plot")
+    p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
     return parser
 
@@ -147,11 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
-        storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
+        storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
     )
     log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
     init_ray(args.address, args.num_cpus)
-    run_training(configs, run, resume=args.resume, gpus_per_trial=args.gpus_per_trial, verbose=0 if args.quiet else 1)
+    run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0)
     print(f"trained models: {Path(run.models_dir) / args.experiment}")
     return 0
 
@@ -189,7 +197,7 @@ def _number_or_name(text: str) -> float | str:
 def cmd_search(args: argparse.Namespace) -> int:
     from search import models
     from search.report import best, report
-    from search.results import read_results
+    from search.results import read_results, write_spec
     from search.tune_search import SearchRun, run_search, trial_budget
     from trainables.errors import ConfigError
     from trainables.ray_runtime import init_ray
@@ -209,12 +217,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
     for name in (spec.val_ood, *spec.test_ood):
         _check_data(name, spec.data_root)
-    run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"),
-                    cpus_per_trial=args.cpus_per_trial, max_concurrent=args.max_concurrent)
-    log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol)
+    run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
+                    max_concurrent=args.max_concurrent, cache_dir=str(out / "cache"))
+    _check_experiment(run.results_dir, spec, args.resume)
+    log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
+    write_spec(run.results_dir, spec.experiment, spec.to_dict())
     init_ray(args.address, args.num_cpus)
-    grid = run_search(spec, groups, run, resume=args.resume, verbose=0 if args.quiet else 1)
-    errors = [r.error for r in grid if r.error is not None]
+    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
+    errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
     table = read_results(run.results_dir)
@@ -222,6 +232,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     print()
     print(best(table, spec.metric))
     return 0
+
+
+def _check_experiment(results_dir: str, spec, resume: bool) -> None:
+    """A new search must not mix into an old experiment; a resumed one must have the same spec."""
+    from search.results import experiment_dir, read_spec
+    from trainables.errors import ConfigError
+
+    stored = read_spec(results_dir, spec.experiment)
+    has_rows = experiment_dir(results_dir, spec.experiment).is_dir() and any(experiment_dir(results_dir, spec.experiment).glob("*.parquet"))
+    if not resume:
+        if has_rows:
+            raise ConfigError(f"experiment {spec.experiment!r} already has results in {results_dir}; "
+                              "pass --resume to continue it, or choose another --experiment")
+        return
+    if stored is not None and stored != spec.to_dict():
+        diff = sorted(k for k in set(stored) | set(spec.to_dict()) if stored.get(k) != spec.to_dict().get(k))
+        raise ConfigError(f"--resume with a different search spec than the interrupted run (keys: {', '.join(diff)})")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -243,6 +270,14 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from search.plots import plot_results
+
+    for path in plot_results(args.results, args.out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
+        print(path)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from search.densities import DENSITIES
     from search.scores import SCORES
@@ -261,7 +296,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 #: The demo: the same commands a user would type, on the embedded digits default.
 DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
               "--loss", "ce", "contrastive", "--seeds", "0", "1", "--epochs", "15"]
-DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid",
+DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
                "--score", "density", "diff", "msp", "entropy", "gradnorm", "ensemble_msp", "ensemble_entropy",
                "--density", "gmm_sum", "gmm_max", "kde", "--eps-grid", "0", "0.005", "0.01", "0.02", "0.05",
                "--attacks", "fgsm", "bim", "pgd", "--attack-eps", "0.1"]
@@ -283,7 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

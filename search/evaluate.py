@@ -18,12 +18,14 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from search.cache import DiskCache, checkpoint_token
 from search.densities import Density, create_density
 from search.metrics import ood_metrics
 from search.scores import Score, create_score, score_class
@@ -31,6 +33,7 @@ from search.space import TrialParams
 from search.spec import SearchSpec
 from trainables.checkpoint import LoadedModel, load_model
 from trainables.data import load_split
+from trainables.errors import ConfigError
 from trainables.train import default_device
 
 log = logging.getLogger(__name__)
@@ -50,17 +53,34 @@ class Features:
 class Workspace:
     """Per-process caches of models, data, clean features, fitted densities and attacks.
 
-    ``counts`` records the expensive events ("load_model", "load_data", "extract",
-    "fit", "attack") so tests and logs can show that caching works.
+    With ``cache_dir``, features, densities and attacked inputs also go through a
+    :class:`~search.cache.DiskCache` shared by every process (Ray actors, nodes on
+    shared storage), so each is computed once per search, not once per process.
+    ``counts`` records what this process computed ("load_model", "load_data",
+    "extract", "fit", "attack").
     """
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None) -> None:
         self.device = device or default_device()
+        self.disk = DiskCache(cache_dir) if cache_dir else None
         self.counts: Counter[str] = Counter()
         self._models: dict[str, LoadedModel] = {}
-        self._data: dict[tuple, Dataset] = {}
-        self._features: dict[tuple, Features] = {}
-        self._densities: dict[tuple, Density] = {}
+        self._memo: dict[tuple, Any] = {}
+
+    def _cached(self, kind: str, key: tuple, make: Callable[[], Any], disk_key: str | None = None) -> Any:
+        """Memoise ``make()`` in memory, and on disk when a disk key is given and a cache is set."""
+        mem_key = (kind, *key)
+        if mem_key not in self._memo:
+
+            def compute() -> Any:
+                self.counts[kind] += 1
+                return make()
+
+            if self.disk is not None and disk_key is not None:
+                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute)
+            else:
+                self._memo[mem_key] = compute()
+        return self._memo[mem_key]
 
     def model(self, checkpoint: str) -> LoadedModel:
         if checkpoint not in self._models:
@@ -68,18 +88,22 @@ class Workspace:
             self._models[checkpoint] = load_model(checkpoint, device=self.device)
         return self._models[checkpoint]
 
-    def data(self, key: tuple, make) -> Dataset:
-        """The data set cached under ``key``, made by ``make()`` the first time."""
-        if key not in self._data:
-            self.counts["attack" if key[0] == "adv" else "load_data"] += 1
-            self._data[key] = make()
-        return self._data[key]
+    def data(self, key: tuple, make: Callable[[], Dataset]) -> Dataset:
+        """The data set cached under ``key`` (in memory: loading is cheap), made by ``make()`` once."""
+        return self._cached("load_data", key, make)
 
-    @torch.no_grad()
+    def loaded_data(self) -> list[tuple]:
+        """Keys (name, split, shape, root, seed, limit) of every data set this workspace loaded."""
+        return [k[1:] for k in self._memo if k[0] == "load_data"]
+
+    def attacked(self, checkpoint: str, key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
+        """Attacked inputs (x_adv, y) of one model, cached on disk."""
+        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}")
+        return TensorDataset(x, y)
+
     def features(self, checkpoint: str, data_key: tuple, data: Dataset, batch_size: int = 512) -> Features:
-        key = (checkpoint, *data_key)
-        if key not in self._features:
-            self.counts["extract"] += 1
+        @torch.no_grad()
+        def extract() -> Features:
             model = self.model(checkpoint).model
             zs, ls, ys = [], [], []
             for x, y in DataLoader(data, batch_size=batch_size):
@@ -87,26 +111,27 @@ class Workspace:
                 zs.append(z.float().cpu())
                 ls.append(logits.float().cpu())
                 ys.append(y)
-            self._features[key] = Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
-        return self._features[key]
+            return Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
+
+        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}")
 
     def density(self, checkpoint: str, name: str, params: str, train: Features) -> Density:
-        key = (checkpoint, name, params)
-        if key not in self._densities:
-            self.counts["fit"] += 1
+        def fit() -> Density:
             d = create_density(name, **json.loads(params))
-            self._densities[key] = d.fit(train.z.to(self.device), train.y.to(self.device))
-        return self._densities[key]
+            return d.fit(train.z.to(self.device), train.y.to(self.device))
+
+        return self._cached("fit", (checkpoint, name, params), fit, f"{checkpoint_token(checkpoint)}|{name}|{params}")
 
 
 #: One process-wide workspace, shared by the trials a reused Ray actor runs.
 _WORKSPACE: Workspace | None = None
 
 
-def workspace() -> Workspace:
+def workspace(cache_dir: str | Path | None = None) -> Workspace:
+    """The process-wide workspace (created on first use with ``cache_dir``)."""
     global _WORKSPACE
-    if _WORKSPACE is None:
-        _WORKSPACE = Workspace()
+    if _WORKSPACE is None or (cache_dir and _WORKSPACE.disk is None):
+        _WORKSPACE = Workspace(cache_dir=cache_dir)
     return _WORKSPACE
 
 
@@ -132,20 +157,20 @@ class _Evaluator:
         make = lambda: load_split(name, split, root=self.spec.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
         return key, self.ws.data(key, make)
 
-    def adversarial(self, attack: str) -> tuple[tuple, Dataset]:
-        """The ID test split attacked (L∞) against this trial's single model."""
+    def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[tuple, Dataset]:
+        """An ID split attacked (L∞, budget ``eps``, default the spec's) against this trial's single model."""
         from search.attacks import AttackConfig, attack_dataset
 
         (ckpt,) = self.checkpoints
-        id_key, id_data = self.split(self.id_name, "test")
-        cfg = AttackConfig(eps=self.spec.attack_eps, steps=self.spec.attack_steps)
-        key = ("adv", attack, ckpt, cfg, *id_key)
+        id_key, id_data = self.split(self.id_name, split)
+        cfg = AttackConfig(eps=self.spec.attack_eps if eps is None else eps, steps=self.spec.attack_steps)
+        key = ("adv", attack, cfg, *id_key)
 
-        def make() -> Dataset:
-            x, y = attack_dataset(attack, self.ws.model(ckpt).model, id_data, cfg, batch_size=self.spec.batch_size, device=self.ws.device)
-            return TensorDataset(x, y)
+        def make() -> tuple[Tensor, Tensor]:
+            model = self.ws.model(ckpt).model
+            return attack_dataset(attack, model, id_data, cfg, batch_size=self.spec.batch_size, device=self.ws.device)
 
-        return key, self.ws.data(key, make)
+        return key, self.ws.attacked(ckpt, key, make)
 
     def features(self, key: tuple, data: Dataset) -> list[Features]:
         return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
@@ -175,9 +200,26 @@ class _Evaluator:
 
 
 def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, Any]:
-    """Validation metrics (ID val vs the validation OOD set): the ONLY input to the objective."""
+    """Validation metrics, the ONLY input to the objective; never any test data.
+
+    Returns the metrics of the validation row plus ``objective`` (what the sampler sees)
+    and ``ood_dataset`` (the validation OOD side, per ``spec.protocol``).
+    """
     ev = _Evaluator(ws, spec, checkpoints, params)
-    return ev.compare(ev.split(ev.id_name, "val"), ev.split(spec.val_ood, "val"))
+    id_val = ev.split(ev.id_name, "val")
+    if spec.protocol == "id-only":
+        s_id, feats = ev.scores(*id_val)
+        acc = float((feats[0].logits.argmax(1) == feats[0].y).double().mean())
+        return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": acc}
+    if spec.protocol == "adv-proxy":
+        if ev.score.ensemble:
+            raise ConfigError("protocol adv-proxy attacks one model: it cannot select ensemble scores")
+        m = ev.compare(id_val, ev.adversarial(spec.proxy_attack, "val", spec.proxy_eps))
+        ood = f"proxy-{spec.proxy_attack}"
+    else:
+        m = ev.compare(id_val, ev.split(spec.val_ood, "val"))
+        ood = spec.val_ood
+    return {**m, "objective": m[spec.metric], "ood_dataset": ood}
 
 
 def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, dict[str, Any]]:
@@ -194,3 +236,18 @@ def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], pa
             out[f"adv-{attack}"] = ev.compare(id_test, ev.adversarial(attack))
     return out
 
+
+
+def test_score_arrays(
+    ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams
+) -> dict[str, Tensor]:
+    """Raw (N,) float64 scores of the ID test split (key ``"id"``) and of every test OOD set and
+    attack (keyed by its ``ood_dataset`` name), for plots. Higher = more in-distribution."""
+    ev = _Evaluator(ws, spec, checkpoints, params)
+    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))[0]}
+    for ood in spec.test_ood:
+        out[ood] = ev.scores(*ev.split(ood, "test"))[0]
+    if not ev.score.ensemble:
+        for attack in spec.attacks:
+            out[f"adv-{attack}"] = ev.scores(*ev.adversarial(attack))[0]
+    return out

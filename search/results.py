@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from trainables.errors import ResultsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -41,7 +41,7 @@ SCHEMA = pa.schema(
         ("experiment", pa.string()),
         ("trial_id", pa.string()),
         ("stage", pa.string()),  # "train" | "search"
-        ("protocol", pa.string()),  # how hyperparameters were selected, e.g. "val-ood:digits-hflip"
+        ("protocol", pa.string()),  # how hyperparameters were selected, e.g. "val-ood:digits-blend"
         ("backbone", pa.string()),
         ("id_dataset", pa.string()),
         ("ood_dataset", pa.string()),
@@ -59,6 +59,8 @@ SCHEMA = pa.schema(
         ("search_seed", pa.int32()),
         ("epoch", pa.int32()),
         ("train_loss", pa.float64()),
+        ("objective", pa.float64()),  # the value the sampler saw for this trial (validation only)
+        ("search_params", pa.string()),  # JSON: the sampler's parameters of the trial (for resume)
         ("auroc", pa.float64()),
         ("auprc", pa.float64()),
         ("fpr95", pa.float64()),
@@ -138,7 +140,7 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     if name is None:
         trial = _safe(next(iter(trials))) if len(trials) == 1 else "many"
         name = f"{trial}-{uuid.uuid4().hex[:12]}"
-    part = Path(results_dir) / f"experiment={_safe(exp)}"
+    part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{stage}-{_safe(name)}.parquet"
     tmp = part / f".tmp-{final.name}"
@@ -147,11 +149,49 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     return final
 
 
-def result_files(results_dir: str | Path) -> list[Path]:
-    """The Parquet files of a results directory (hidden ``.tmp-*`` files excluded)."""
+SPEC_FILE = "_spec.json"
+
+
+def experiment_dir(results_dir: str | Path, experiment: str) -> Path:
+    """The hive partition folder of one experiment."""
+    return Path(results_dir) / f"experiment={_safe(experiment)}"
+
+
+def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]) -> Path:
+    """Store the search spec beside its rows (``_spec.json``; readers skip ``_`` files)."""
+    import json
+
+    d = experiment_dir(results_dir, experiment)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / SPEC_FILE
+    tmp = d / f".tmp-{SPEC_FILE}"
+    tmp.write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None:
+    """The stored search spec of ``experiment``, or None if it has none."""
+    import json
+
+    path = experiment_dir(results_dir, experiment) / SPEC_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"corrupt search spec {path}: {e}") from None
+
+
+def result_files(results_dir: str | Path, experiment: str | None = None) -> list[Path]:
+    """The result files of a results directory or of one experiment in it (hidden ``.``/``_`` files excluded)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ResultsError(f"results directory not found: {root}")
+    if experiment is not None:
+        root = experiment_dir(root, experiment)
+        if not root.is_dir():
+            raise ResultsError(f"no experiment {experiment!r} in {results_dir}")
     files = sorted(
         p for p in root.rglob("*")
         if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
@@ -159,13 +199,13 @@ def result_files(results_dir: str | Path) -> list[Path]:
     return files
 
 
-def read_results(results_dir: str | Path, *, stage: str | None = None) -> pa.Table:
+def read_results(results_dir: str | Path, *, experiment: str | None = None, stage: str | None = None) -> pa.Table:
     """Read every result file under ``results_dir`` into one table with :data:`SCHEMA`.
 
     A file that is not Parquet, is corrupt, or has a foreign schema raises
     :class:`ResultsError` naming the file: nothing is skipped silently.
     """
-    files = result_files(results_dir)
+    files = result_files(results_dir, experiment)
     if not files:
         raise ResultsError(f"no result files in {results_dir}")
     tables = []

@@ -75,6 +75,9 @@ def eligible_groups(score: str, groups: list[ModelGroup]) -> list[ModelGroup]:
 
 
 def check_groups(spec: SearchSpec, groups: list[ModelGroup]) -> None:
+    if spec.protocol == "id-only" and len(groups) != 1:
+        raise ConfigError(f"protocol id-only compares likelihoods within one network's feature space; "
+                          f"select one model group (got {len(groups)}: use -D / --backbone / --loss)")
     for score in spec.scores:
         if not eligible_groups(score, groups):
             raise ConfigError(f"score {score!r} is an ensemble over seeds: train at least 2 seeds of a configuration (--seeds 0 1 2)")
@@ -111,6 +114,7 @@ class DefineByRun:
         self.densities = list(spec.densities)
         self.density_params = {d: dict(spec.density_params.get(d, {})) for d in spec.densities}
         self.eps_range = spec.eps_range
+        self.allow_ip = spec.protocol != "id-only"
 
     def __call__(self, trial) -> None:
         score = trial.suggest_categorical("score", self.scores)
@@ -123,7 +127,7 @@ class DefineByRun:
             density = trial.suggest_categorical("density", self.densities)
             for key, values in sorted(self.density_params[density].items()):
                 trial.suggest_categorical(f"{density}.{key}", list(values))
-        if cls.needs_ip or trial.suggest_categorical("ip", [False, True]):
+        if cls.needs_ip or (self.allow_ip and trial.suggest_categorical("ip", [False, True])):
             trial.suggest_float("eps", *self.eps_range, log=True)
         return None
 

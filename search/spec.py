@@ -6,6 +6,8 @@ before anything is written. The CLI and (later) YAML files both build it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,11 @@ from typing import Any
 from trainables.errors import ConfigError
 
 SAMPLERS = ("grid", "tpe")
+#: How hyperparameters are selected (recorded in every row):
+#: val-ood   ID validation vs a held-out validation OOD set distinct from the test sets (default);
+#: adv-proxy ID validation vs FGSM-perturbed ID validation inputs (no OOD data needed);
+#: id-only   held-out ID log-likelihood of the density (selects density parameters, ε = 0, one model group).
+PROTOCOLS = ("val-ood", "adv-proxy", "id-only")
 METRICS = {"auroc": "max", "auprc": "max", "fpr95": "min"}
 
 #: The ε grid of Lee et al. (2018, Mahalanobis), extended upwards because the
@@ -61,8 +68,11 @@ class SearchSpec:
     """
 
     experiment: str
-    val_ood: str
+    val_ood: str | None
     test_ood: tuple[str, ...]
+    protocol: str = "val-ood"
+    proxy_attack: str = "fgsm"
+    proxy_eps: float = 8 / 255
     densities: tuple[str, ...] = ("gmm_sum",)
     scores: tuple[str, ...] = ("density",)
     eps_grid: tuple[float, ...] = DEFAULT_EPS_GRID
@@ -105,6 +115,28 @@ class SearchSpec:
             raise ConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
+        if self.protocol == "val-ood" and not self.val_ood:
+            raise ConfigError("protocol val-ood needs a validation OOD set (val_ood)")
+        if self.protocol == "adv-proxy":
+            from search.attacks import ATTACKS
+
+            ATTACKS.check(self.proxy_attack)
+            if not (self.proxy_eps > 0 and math.isfinite(self.proxy_eps)):
+                raise ConfigError(f"proxy_eps must be > 0, got {self.proxy_eps}")
+            from search.scores import SCORES
+
+            ens = [s for s in self.scores if SCORES.get(s).ensemble]
+            if ens:
+                raise ConfigError(f"protocol adv-proxy attacks one model; it cannot select ensemble scores {ens}")
+        if self.protocol == "id-only":
+            # Held-out ID likelihood can rank density types and parameters of one network; it says
+            # nothing about ε (ip raises every likelihood) nor across networks (different feature spaces).
+            if tuple(self.scores) != ("density",):
+                raise ConfigError("protocol id-only selects density parameters: scores must be [density]")
+            if tuple(self.eps_grid) != (0.0,):
+                raise ConfigError("protocol id-only cannot select eps (ip raises every likelihood): use eps_grid [0]")
         if not self.test_ood:
             raise ConfigError("at least one test OOD set is needed")
         if self.val_ood in self.test_ood:
@@ -115,16 +147,34 @@ class SearchSpec:
         if self.eval_limit is not None and self.eval_limit <= 0:
             raise ConfigError(f"eval limit must be > 0, got {self.eval_limit}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown search spec key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        kw = {k: tuple(v) if isinstance(v, list) and k != "density_params" else v for k, v in d.items()}
+        return cls(**kw)
+
     @property
     def mode(self) -> str:
-        return METRICS[self.metric]
+        return "max" if self.protocol == "id-only" else METRICS[self.metric]
 
     @property
     def objective(self) -> str:
         """Name of the reported metric the search optimises (validation data only)."""
-        return f"val_{self.metric}"
+        return "val_loglik" if self.protocol == "id-only" else f"val_{self.metric}"
 
     @property
-    def protocol(self) -> str:
+    def protocol_label(self) -> str:
         """Recorded in every row: how hyperparameters were selected."""
-        return f"val-ood:{self.val_ood}"
+        if self.protocol == "val-ood":
+            return f"val-ood:{self.val_ood}"
+        if self.protocol == "adv-proxy":
+            return f"adv-proxy:{self.proxy_attack}@{self.proxy_eps:.4g}"
+        return "id-only:val-loglik"

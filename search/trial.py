@@ -8,6 +8,7 @@ Ensemble scores use all seeds at once and write rows with an empty ``seed``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from datetime import datetime, timezone
@@ -22,16 +23,25 @@ from search.spec import SearchSpec
 
 
 def run_trial(
-    ws: Workspace, spec: SearchSpec, group: ModelGroup, params: TrialParams, trial_id: str
+    ws: Workspace,
+    spec: SearchSpec,
+    group: ModelGroup,
+    params: TrialParams,
+    trial_id: str,
+    search_params: dict[str, Any] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Evaluate ``params`` on ``group``; returns (objective, rows)."""
+    """Evaluate ``params`` on ``group``; returns (objective, rows).
+
+    ``search_params`` (the sampler's view of the trial) is stored with the rows so that
+    an interrupted search can be resumed from the Parquet files alone.
+    """
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     base = {
         "experiment": spec.experiment,
         "trial_id": trial_id,
         "stage": "search",
-        "protocol": spec.protocol,
+        "protocol": spec.protocol_label,
         "backbone": group.backbone,
         "id_dataset": group.dataset,
         "loss": group.loss,
@@ -46,21 +56,23 @@ def run_trial(
         "search_seed": spec.seed,
         "started_at": started,
         "code_version": code_version(),
+        "search_params": json.dumps(search_params if search_params is not None else {"point": params.label}, sort_keys=True),
     }
     if score_class(params.score).ensemble:
         members = [(None, list(group.checkpoints))]
     else:
         members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
-    per_member_val = []
+    per_member_val: list[float] = []
     rows: list[dict[str, Any]] = []
     for seed, ckpts in members:
         val = selection_metrics(ws, spec, ckpts, params)
-        per_member_val.append(val[spec.metric])
+        per_member_val.append(val.pop("objective"))
         tests = test_metrics(ws, spec, ckpts, params)
-        for ood, split, m in [(spec.val_ood, "val", val), *((o, "test", t) for o, t in tests.items())]:
+        for ood, split, m in [(val.pop("ood_dataset"), "val", val), *((o, "test", t) for o, t in tests.items())]:
             rows.append({**base, "seed": seed, "checkpoint": ",".join(ckpts), "ood_dataset": ood, "split": split, **m})
     duration = time.perf_counter() - t0
+    objective = math.fsum(per_member_val) / len(per_member_val)
     for r in rows:
         r["duration_s"] = duration
-    objective = math.fsum(per_member_val) / len(per_member_val)
+        r["objective"] = objective
     return objective, rows

@@ -11,6 +11,8 @@ The sampler is Optuna's, behind Tune's ``OptunaSearch``:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ class SearchRun:
     storage_path: str
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None
+    cache_dir: str | None = None  # shared disk cache of features / densities / attacks
 
 
 def search_trainable(
@@ -49,11 +52,16 @@ def search_trainable(
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()
-    ws = workspace()
-    objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id)
-    write_rows(run.results_dir, rows, name=trial_id)
+    ws = workspace(run.cache_dir)
+    objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config))
+    # A grid point's file is named by the point, so a point run again after a crash replaces it.
+    write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
     tune.report({spec.objective: objective, "eps": params.eps, **{f"n_{k}": v for k, v in ws.counts.items()}})
+
+
+def point_file_name(params: TrialParams) -> str:
+    return "p-" + hashlib.sha1(params.label.encode()).hexdigest()[:16]
 
 
 def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
@@ -62,43 +70,104 @@ def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
     return spec.num_samples or DEFAULT_TPE_TRIALS
 
 
-def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 1):
-    """Run the search; returns Tune's ResultGrid. Rows land in ``run.results_dir``."""
+def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[str, Any], float]]:
+    """trial_id -> (sampler parameters, objective) of every trial already in the results."""
+    from search.results import experiment_dir, read_results
+
+    if not experiment_dir(results_dir, experiment).is_dir():
+        return {}
+    table = read_results(results_dir, experiment=experiment, stage="search")
+    out = {}
+    for tid, params, obj in zip(*(table.column(c).to_pylist() for c in ("trial_id", "search_params", "objective"))):
+        out[tid] = (json.loads(params), obj)
+    return out
+
+
+class _Replay:
+    """Replays a define-by-run space on known values to recover Optuna's distributions."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.distributions: dict[str, Any] = {}
+
+    def suggest_categorical(self, name, choices):
+        import optuna
+
+        self.distributions[name] = optuna.distributions.CategoricalDistribution(choices)
+        return self.params[name]
+
+    def suggest_float(self, name, low, high, *, log=False):
+        import optuna
+
+        self.distributions[name] = optuna.distributions.FloatDistribution(low, high, log=log)
+        return self.params[name]
+
+
+def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str, Any], float]]):
+    """An in-memory Optuna storage holding the finished trials, so TPE resumes informed."""
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="optuna", direction="minimize" if spec.mode == "min" else "maximize")
+    for params, value in done:
+        replay = _Replay(params)
+        space(replay)
+        study.add_trial(optuna.trial.create_trial(params={k: params[k] for k in replay.distributions},
+                                                  distributions=replay.distributions, value=value))
+    return storage
+
+
+def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0):
+    """Run the search; returns Tune's ResultGrid (None when nothing was left to run).
+
+    Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
+    (the Parquet files are the record) are not run again: a grid runs its missing points,
+    TPE runs the rest of its budget with the finished trials given to the sampler.
+    """
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from trainables.ray_runtime import trial_resources
+    from trainables.ray_runtime import progress_callback, trial_resources, trial_slots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = completed_trials(run.results_dir, spec.experiment) if resume else {}
     points = {p.label: p for p in grid_points(spec, groups)} if spec.sampler == "grid" else {}
+    storage = None
+    if spec.sampler == "grid":
+        finished = {p.get("point") for p, _ in done.values()}
+        todo = [label for label in points if label not in finished]
+        total = len(points)
+        sampler = optuna.samplers.GridSampler({"point": todo}, seed=spec.seed)
+        space: Any = {"point": optuna.distributions.CategoricalDistribution(todo)} if todo else None
+    else:
+        total = spec.num_samples or DEFAULT_TPE_TRIALS
+        todo = list(range(max(total - len(done), 0)))
+        space = DefineByRun(spec, groups)
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, min(10, total // 3)))
+        if done:
+            storage = warm_storage(spec, space, list(done.values()))
+    if done:
+        log.info("resuming search %s: %d trial(s) already in the results, %d to run", spec.experiment, len(done), len(todo))
+    if not todo:
+        return None
+    resources = trial_resources(run.cpus_per_trial)
     trainable = tune.with_resources(
         tune.with_parameters(search_trainable, spec=spec, groups={g.key: g for g in groups}, points=points, run=run),
-        trial_resources(run.cpus_per_trial),
+        resources,
     )
-    name = f"search-{spec.experiment}"
-    path = str(Path(run.storage_path).resolve() / name)
-    if resume and tune.Tuner.can_restore(path):
-        log.info("resuming search experiment %s", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-    if spec.sampler == "grid":
-        n = len(points)
-        sampler = optuna.samplers.GridSampler({"point": list(points)}, seed=spec.seed)
-        space: Any = {"point": optuna.distributions.CategoricalDistribution(list(points))}
-    else:
-        n = spec.num_samples or DEFAULT_TPE_TRIALS
-        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, min(10, n // 3)))
-        space = DefineByRun(spec, groups)
-    algo = OptunaSearch(space=space, metric=spec.objective, mode=spec.mode, sampler=sampler)
+    concurrent = run.max_concurrent or trial_slots(resources)
+    algo = OptunaSearch(space=space, metric=spec.objective, mode=spec.mode, sampler=sampler, storage=storage)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, reuse_actors=True, max_concurrent_trials=run.max_concurrent),
+        tune_config=tune.TuneConfig(search_alg=algo, num_samples=len(todo), reuse_actors=True, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(
-            name=name,
+            name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search")],
             verbose=verbose,
         ),
     )
-    log.info("search %s: %s sampler, %d trials over %d model group(s)", spec.experiment, spec.sampler, n, len(groups))
+    log.info("search %s: %s sampler, %d trials over %d model group(s)", spec.experiment, spec.sampler, len(todo), len(groups))
     return tuner.fit()

@@ -43,3 +43,53 @@ def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = 
     if gpus_per_trial > 0:
         res["gpu"] = float(gpus_per_trial)
     return res
+
+
+def trial_slots(resources: dict[str, float]) -> int:
+    """How many trials with ``resources`` fit on the cluster at once.
+
+    Tune keeps only one trial pending when a search algorithm suggests the configs,
+    so short trials run nearly one at a time unless max_concurrent_trials is set.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    slots = [int(have.get(k.upper(), 0) // v) for k, v in resources.items() if v > 0]
+    return max(1, min(slots)) if slots else 1
+
+
+def progress_callback(total: int, metric: str, mode: str, what: str = "trial"):
+    """A Tune callback that logs one line per finished trial: done / running / pending, best, ETA."""
+    import time
+
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.t0 = time.monotonic()
+            self.finished = 0
+            self.best: tuple[float, str] | None = None
+
+        def _line(self, trials, trial, failed: bool = False) -> None:
+            self.finished += 1
+            value = (trial.last_result or {}).get(metric)
+            if value is not None and not failed:
+                better = self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
+                if better:
+                    self.best = (float(value), str(trial.config.get("point") or trial.config.get("key") or trial.trial_id))
+            done = self.finished
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+            pending = max(total - done - running, 0)
+            elapsed = time.monotonic() - self.t0
+            eta = elapsed / done * (total - done)
+            best = f"best {metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
+            log.info("%s %d/%d done, %d running, %d pending; %s; elapsed %.0fs, ETA %.0fs%s",
+                     what, done, total, running, pending, best, elapsed, eta, " (a trial FAILED)" if failed else "")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trials, trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, trial, failed=True)
+
+    return Progress()

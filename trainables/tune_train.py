@@ -32,11 +32,16 @@ class TrainRun:
     experiment: str
     models_dir: str  # final checkpoints: <models_dir>/<experiment>/<config.key>/
     results_dir: str  # Parquet rows (stage "train", one file per epoch)
-    storage_path: str  # Tune experiment state (for --resume)
+    storage_path: str  # Tune's experiment folders and the per-epoch training state
     cpus_per_trial: float = 1.0
+    resume: bool = False  # continue unfinished networks from their last epoch
 
     def model_dir(self, config: TrainConfig) -> Path:
         return Path(self.models_dir) / self.experiment / config.key
+
+    def state_dir(self, config: TrainConfig) -> Path:
+        """The latest epoch's full state (weights, centers, optimiser, schedule) of one network."""
+        return Path(self.storage_path) / "state" / self.experiment / config.key
 
 
 def is_trained(run: TrainRun, config: TrainConfig) -> bool:
@@ -61,10 +66,15 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     resume = None
-    checkpoint = tune.get_checkpoint()
+    checkpoint = tune.get_checkpoint()  # set when Tune retries a failed trial
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = read_checkpoint(d)
+    elif run.resume and (run.state_dir(cfg) / "model.pt").is_file():
+        # `densitune train --resume` after a crash: our own per-epoch state is the record,
+        # so resuming works whenever the driver died, even before Tune saved its state.
+        resume = read_checkpoint(run.state_dir(cfg))
+        log.info("%s: resuming after epoch %d", cfg.key, resume["epoch"])
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     for st in fit(cfg, resume=resume):
@@ -95,6 +105,9 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
         ckpt_args = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
         if final:  # the model store keeps weights only: no optimiser state
             save_checkpoint(run.model_dir(cfg), **ckpt_args)
+        # After the final model (a crash in between leaves the state one epoch behind,
+        # so a resumed run redoes the last epoch and writes the model).
+        save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
             tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -110,19 +123,18 @@ def run_training(
     configs: Sequence[TrainConfig],
     run: TrainRun,
     *,
-    resume: bool = False,
     gpus_per_trial: float | None = None,
     max_failures: int = 1,
-    verbose: int = 1,
+    verbose: int = 0,
 ) -> list[dict[str, Any]]:
     """Train ``configs`` as Ray Tune trials (one per config); returns each trial's last metrics.
 
-    Configs whose final checkpoint already exists are skipped. ``resume`` restores the
-    Tune experiment in ``run.storage_path`` (an interrupted run), finishing what was left.
+    Configs whose final checkpoint already exists are skipped; with ``run.resume`` the
+    unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`).
     """
     from ray import tune
 
-    from trainables.ray_runtime import trial_resources
+    from trainables.ray_runtime import progress_callback, trial_resources
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):
@@ -131,29 +143,24 @@ def run_training(
         tune.with_parameters(train_trainable, run=run, configs=by_key),
         trial_resources(run.cpus_per_trial, gpus_per_trial),
     )
-    name = f"train-{run.experiment}"
-    path = str(Path(run.storage_path) / name)
-    if resume and tune.Tuner.can_restore(path):
-        log.info("resuming training experiment %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        todo = [c for c in configs if not is_trained(run, c)]
-        if len(todo) < len(configs):
-            log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
-        if not todo:
-            return []
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"key": tune.grid_search([c.key for c in todo])},
-            tune_config=tune.TuneConfig(reuse_actors=True, metric="val_accuracy", mode="max"),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=str(Path(run.storage_path).resolve()),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                verbose=verbose,
-            ),
-        )
+    todo = [c for c in configs if not is_trained(run, c)]
+    if len(todo) < len(configs):
+        log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
+    if not todo:
+        return []
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"key": tune.grid_search([c.key for c in todo])},
+        tune_config=tune.TuneConfig(reuse_actors=True, metric="val_accuracy", mode="max"),
+        run_config=tune.RunConfig(
+            name=f"train-{run.experiment}",
+            storage_path=str(Path(run.storage_path).resolve()),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train")],
+            verbose=verbose,
+        ),
+    )
     results = tuner.fit()
     errors = [r.error for r in results if r.error is not None]
     if errors:

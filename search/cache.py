@@ -1,0 +1,87 @@
+"""A cross-process disk cache for features, fitted densities and attacked inputs.
+
+Ray runs trials in several actor processes (and on several nodes): an in-memory
+cache alone would extract the same features once per process. This cache keeps
+each object in ``<root>/<kind>/<sha1>.pt``; a file lock makes concurrent processes
+wait for the first one to compute it instead of repeating the work. Every
+computation is appended to ``<root>/events.log`` (one line: kind and key), which
+is how tests and users can see that each thing was computed once.
+
+Keys name a checkpoint by path, size and modification time, so a retrained model
+never reuses stale features.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EVENTS = "events.log"
+
+
+def checkpoint_token(path: str) -> str:
+    """``path`` plus size and mtime of its weights: changes whenever the model does."""
+    f = Path(path) / "model.pt"
+    st = f.stat()
+    return f"{Path(path).resolve()}@{st.st_size}:{st.st_mtime_ns}"
+
+
+class DiskCache:
+    """``get_or_create(kind, key, make)``: load a cached object or compute, store and log it once."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    def _log_event(self, kind: str, key: str) -> None:
+        line = f"{kind}\t{key}\n".encode()
+        fd = os.open(self.root / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one small O_APPEND write: atomic between processes
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _load(path: Path) -> Any:
+        # Our own files (features, fitted densities): full unpickling is intended.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def get_or_create(self, kind: str, key: str, make: Callable[[], T]) -> T:
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if path.exists():
+                    try:
+                        return self._load(path)
+                    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+                        log.warning("cache file %s unreadable (%s); recomputing", path, e)
+                obj = make()
+                tmp = path.with_name(f".tmp-{path.name}")
+                torch.save(obj, tmp)
+                os.replace(tmp, path)
+                self._log_event(kind, key)
+                return obj
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def events(self) -> list[tuple[str, str]]:
+        """Every (kind, key) computed so far, in order."""
+        f = self.root / EVENTS
+        if not f.exists():
+            return []
+        return [tuple(line.split("\t", 1)) for line in f.read_text().splitlines() if line]  # type: ignore[misc]

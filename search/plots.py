@@ -1,0 +1,374 @@
+"""Figures from a results directory: the metric against ε, score histograms, ROC curves.
+
+Three kinds of PNG, all selected on validation rows only (as :mod:`search.report`):
+
+* ``<metric>_vs_eps.png``: for ``score == "density"`` trials, the validation metric
+  (left) and the mean over test OOD sets (right; a third panel for attacks, if any)
+  against ε, one line per configuration (D, density, ...), each point the mean over
+  seeds. The x axis is symlog with its linear part up to the smallest ε > 0, so ε = 0
+  (no input perturbation) is on the axis.
+* ``hist_<ood>.png`` per test OOD set and attack: ID test vs that set's scores of the
+  best configuration, without ip (ε = 0) and with ip (its best ε > 0 on validation).
+* ``roc_best.png``: the ROC curves of the same configuration on every test OOD set,
+  solid without ip, dashed with ip.
+
+Histograms and ROC curves need raw scores, which the Parquet rows do not hold: the
+checkpoints named in the rows are re-evaluated under the search spec stored beside
+the rows (``_spec.json``, so the same ``eval_limit`` subsets and data root). A
+single-model score uses the first seed's checkpoint; an ensemble score all of them.
+
+Scores are higher = more in-distribution, and ID is the positive class of every ROC.
+
+The figures are built on :class:`matplotlib.figure.Figure` directly, never through
+pyplot: no backend is selected, no global figure registry is touched (importing this
+module in a notebook does not switch its backend), and ``savefig`` renders PNGs
+with Agg.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
+from sklearn.metrics import roc_curve
+
+from search.metrics import auroc
+from search.report import (
+    GROUP_COLUMNS,
+    ConfigResult,
+    _group_title,
+    _method_title,
+    config_results,
+    search_frame,
+    trial_objectives,
+)
+from search.results import SPEC_FILE, _safe, read_results, read_spec
+from search.spec import METRICS
+from trainables.errors import CheckpointError, ConfigError, ResultsError
+
+if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
+    from search.evaluate import Workspace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["plot_results", "eps_curves", "best_scores", "BestScores"]
+
+#: Columns that tell the lines of the ε plot apart (score is fixed to "density").
+CURVE_COLUMNS = [*GROUP_COLUMNS, "density", "density_params"]
+METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "fpr95": "FPR@95%TPR (lower is better)"}
+DPI = 110
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _experiment_frame(df: pd.DataFrame, experiment: str | None, metric: str) -> tuple[str, pd.DataFrame]:
+    """The rows of ``experiment``; by default the experiment of the best validation trial."""
+    known = sorted(df["experiment"].unique())
+    if experiment is None:
+        experiment = str(trial_objectives(df, metric).iloc[0]["experiment"])
+        if len(known) > 1:
+            log.info("plotting experiment %s (best validation %s) of %s", experiment, metric, known)
+    elif experiment not in known:
+        raise ResultsError(f"no search rows for experiment {experiment!r}; the results hold: {', '.join(known)}")
+    return experiment, df[df["experiment"] == experiment]
+
+
+def eps_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (configuration, ε) of the ``density`` score: the mean ``metric`` per kind of set.
+
+    Columns: :data:`CURVE_COLUMNS`, ``eps``, ``val`` (mean over seeds on the validation
+    OOD set), ``test`` (mean over seeds, then over the test OOD sets) and, if attacks
+    were evaluated, ``adv`` (the same over the ``adv-*`` sets). Sorted by config, then ε.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    d = df[df["score"] == "density"]
+    adv = d["ood_dataset"].str.startswith("adv-")
+    d = d.assign(kind=np.where(d["split"] == "val", "val", np.where(adv, "adv", "test")))
+    keys = [*CURVE_COLUMNS, "eps"]
+    # Two stages, so that a set with more seeds (or a repeated trial) does not weigh more.
+    per_set = d.groupby([*keys, "kind", "ood_dataset"], dropna=False)[metric].mean()
+    out = per_set.groupby([*keys, "kind"], dropna=False).mean().unstack("kind").reset_index()
+    out.columns.name = None
+    return out.sort_values(keys, kind="mergesort").reset_index(drop=True)
+
+
+def _curve_labels(curves: pd.DataFrame) -> pd.Series:
+    """A label per row naming D, the density and whichever other config columns vary."""
+    configs = curves[CURVE_COLUMNS].drop_duplicates()
+    varying = [c for c in CURVE_COLUMNS if c not in ("D", "density") and configs[c].nunique(dropna=False) > 1]
+
+    def label(r: pd.Series) -> str:
+        parts = [f"D={r['D']}", r["density"]]
+        parts += [str(r[c]) if c in ("backbone", "loss", "density_params") else f"{c}={r[c]}" for c in varying]
+        return " ".join(parts)
+
+    return curves.apply(label, axis=1)
+
+
+@dataclass
+class BestScores:
+    """Raw test scores of the best configuration, without ip and with its validation-chosen ε > 0.
+
+    ``plain`` / ``ip`` map ``"id"`` and every test OOD set / ``adv-<attack>`` to an (N,)
+    float64 array (higher = more ID), or are None when the configuration has no such trial.
+    ``members`` says which checkpoints were scored ("seed 0 (the first of 2 seeds)").
+    """
+
+    result: ConfigResult
+    members: str
+    plain: dict[str, np.ndarray] | None
+    ip: dict[str, np.ndarray] | None
+
+    @property
+    def title(self) -> str:
+        return f"{_group_title(self.result.config)} {_method_title(self.result.config)}; {self.members}"
+
+    @property
+    def ood_sets(self) -> list[str]:
+        arrays = self.plain if self.plain is not None else self.ip
+        return [k for k in arrays if k != "id"]
+
+    @property
+    def ip_eps(self) -> float | None:
+        return None if self.result.ip is None else float(self.result.ip["eps"])
+
+
+def _checkpoints(rows: pd.DataFrame, ensemble: bool) -> tuple[list[str], str]:
+    """The checkpoints to re-evaluate and a phrase that says which they are."""
+    if ensemble:
+        ckpts = rows["checkpoint"].dropna().iloc[0].split(",")
+        return ckpts, f"ensemble of {len(ckpts)} models"
+    seeds = rows.dropna(subset=["seed"]).sort_values("seed", kind="mergesort")
+    first = seeds.iloc[0]
+    n = seeds["seed"].nunique()
+    which = f"seed {int(first['seed'])}" + (f" (the first of {n} seeds)" if n > 1 else "")
+    return [first["checkpoint"]], which
+
+
+def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc", ws: Workspace | None = None) -> BestScores:
+    """Re-evaluate the best configuration of ``df`` (one experiment's search rows) on the test sets.
+
+    Raises :class:`ResultsError` when the experiment has no stored spec and
+    :class:`CheckpointError` when a checkpoint named in its rows no longer exists,
+    both before any model is loaded.
+    """
+    from search.evaluate import Workspace, test_score_arrays
+    from search.scores import score_class
+    from search.space import TrialParams
+    from search.spec import SearchSpec
+
+    experiments = df["experiment"].unique()
+    if len(experiments) != 1:
+        raise ConfigError(f"best_scores takes the rows of one experiment, got {sorted(experiments)}")
+    (experiment,) = experiments
+    stored = read_spec(results_dir, experiment)
+    if stored is None:
+        raise ResultsError(
+            f"no {SPEC_FILE} for experiment {experiment!r}: histograms and ROC curves need the search spec "
+            "(plot the ε curves alone with scores=False / --no-scores)"
+        )
+    spec = SearchSpec.from_dict(stored)
+    result = config_results(df, metric)[0]
+    ref = result.plain if result.plain is not None else result.ip
+    rows = df[df["trial_id"] == ref["trial_id"]]
+    cfg = result.config
+    ckpts, members = _checkpoints(rows, score_class(cfg["score"]).ensemble)
+    for c in ckpts:
+        if not Path(c).exists():
+            raise CheckpointError(f"checkpoint {c} of trial {ref['trial_id']} no longer exists (histograms re-evaluate it)")
+    ws = ws or Workspace()
+    label = f"{cfg['backbone']}-D{cfg['D']}"
+
+    def arrays(trial: pd.Series | None) -> dict[str, np.ndarray] | None:
+        if trial is None:
+            return None
+        params = TrialParams(label, cfg["score"], cfg["density"], cfg["density_params"], float(trial["eps"]))
+        return {k: v.numpy() for k, v in test_score_arrays(ws, spec, ckpts, params).items()}
+
+    return BestScores(result, members, arrays(result.plain), arrays(result.ip))
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _eps_axis(ax, eps: np.ndarray) -> None:
+    """Symlog ε axis whose linear part ends at the smallest ε > 0, so ε = 0 is shown."""
+    positive = eps[eps > 0]
+    if positive.size:
+        ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+    ticks = np.unique(eps)
+    if ticks.size <= 9:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("ε (input perturbation; 0 = none)")
+    ax.grid(True, alpha=0.3)
+
+
+def eps_figure(df: pd.DataFrame, metric: str, experiment: str) -> Figure | None:
+    """The metric against ε of every density configuration; None if no ``density`` trials."""
+    curves = eps_curves(df, metric)
+    if curves.empty:
+        return None
+    curves["label"] = _curve_labels(curves)
+    panels = [("val", f"validation ({df[df['split'] == 'val']['ood_dataset'].iloc[0]})"),
+              ("test", "test: mean over OOD sets")]
+    if "adv" in curves:
+        panels.append(("adv", "test: mean over attacks"))
+    fig = Figure(figsize=(5.2 * len(panels) + 1.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharex=True)  # own y ranges: validation and test levels differ
+    best = trial_objectives(df[df["score"] == "density"], metric).iloc[0]
+    is_best = np.logical_and.reduce([curves[c] == best[c] for c in CURVE_COLUMNS])
+    best_label = curves.loc[is_best, "label"].iloc[0]
+    for ax, (kind, title) in zip(axes, panels):
+        for i, (name, c) in enumerate(curves.groupby("label", sort=False)):
+            c = c.dropna(subset=[kind])
+            ax.plot(c["eps"], c[kind], marker="o", ms=4, color=f"C{i % 10}", label=name)
+            if name == best_label:
+                sel = c[c["eps"] == best["eps"]]
+                ax.plot(sel["eps"], sel[kind], marker="*", ms=16, ls="none", color=f"C{i % 10}", mec="k")
+        ax.set_title(title)
+        _eps_axis(ax, curves["eps"].to_numpy())
+    axes[0].set_ylabel(f"{METRIC_LABELS[metric]} (mean over seeds)")
+    axes[-1].legend(title="configuration", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+    fig.suptitle(f"{experiment}: score=density, {metric} against ε "
+                 f"(★ = best density trial on validation: {best_label}, ε={best['eps']:g})")
+    return fig
+
+
+def _hist_range(s_id: np.ndarray, s_ood: np.ndarray) -> tuple[float, float]:
+    """An x range that shows the ID scores and where OOD overlaps them.
+
+    Log-densities far from the data reach -1e4 or -inf; a linear axis over all of them
+    would squash the ID scores into one bin, so the range stops 2 ID spreads beyond the
+    ID 0.5%..99.5% quantiles (values outside are drawn in the edge bins and counted).
+    """
+    both = np.concatenate([s_id, s_ood])
+    both = both[np.isfinite(both)]
+    if both.size == 0:
+        return -1.0, 1.0
+    fid = s_id[np.isfinite(s_id)]
+    lo, hi = float(both.min()), float(both.max())
+    if fid.size:
+        q_lo, q_hi = np.quantile(fid, [0.005, 0.995])
+        span = max(q_hi - q_lo, 1e-9 * max(1.0, abs(q_hi)))
+        lo, hi = max(lo, q_lo - 2 * span), min(hi, q_hi + 2 * span)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
+
+
+def _hist_panel(ax, s_id: np.ndarray, s_ood: np.ndarray, ood: str, title: str) -> None:
+    lo, hi = _hist_range(s_id, s_ood)
+    bins = np.linspace(lo, hi, 41)
+    for s, name, color in ((s_id, "ID test", "C0"), (s_ood, ood, "C3")):
+        below, above = int((s < lo).sum()), int((s > hi).sum())
+        extra = ", ".join(f"{k} {where} the axis, drawn in the {edge} bin"
+                          for k, where, edge in ((below, "below", "first"), (above, "above", "last")) if k)
+        label = f"{name} (n={s.size}{'; ' + extra if extra else ''})"
+        clipped = np.clip(np.nan_to_num(s, neginf=lo, posinf=hi), lo, hi)
+        w = np.full(s.size, 1.0 / s.size)
+        ax.hist(clipped, bins=bins, weights=w, color=color, alpha=0.45, label=label)
+        ax.hist(clipped, bins=bins, weights=w, color=color, histtype="step", lw=1.2)
+    ax.set_title(f"{title}: AUROC {auroc(s_id, s_ood):.3f}")
+    ax.set_xlabel("score (higher = more in-distribution)")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.grid(True, alpha=0.3)
+
+
+def hist_figure(best: BestScores, ood: str) -> Figure:
+    """ID test vs ``ood`` scores, without ip (left) and with the validation-chosen ip (right)."""
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    ip_title = f"ip ε={best.ip_eps:g} (best ε > 0 on validation)" if best.ip is not None else "ip"
+    for ax, arrays, title, what in ((axes[0], best.plain, "no ip (ε=0)", "ε = 0"), (axes[1], best.ip, ip_title, "ε > 0")):
+        if arrays is None:
+            ax.text(0.5, 0.5, f"no {what} trial of this configuration",
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        _hist_panel(ax, arrays["id"], arrays[ood], ood, title)
+    axes[0].set_ylabel("fraction of the set")
+    fig.suptitle(f"{best.title}\nID test vs {ood}")
+    return fig
+
+
+def roc_figure(best: BestScores) -> Figure:
+    """ROC curves (ID positive) on every test OOD set; solid without ip, dashed with ip."""
+    fig = Figure(figsize=(6.6, 7.0), layout="constrained")
+    ax = fig.subplots()
+    ip_name = f"ip ε={best.ip_eps:g}" if best.ip is not None else ""
+    for i, ood in enumerate(best.ood_sets):
+        for arrays, style, name in ((best.plain, "-", "no ip"), (best.ip, "--", ip_name)):
+            if arrays is None:
+                continue
+            s_id, s_ood = arrays["id"], arrays[ood]
+            labels = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
+            # Ranks, not raw scores: the same curve, and -inf log-densities are allowed (cf. search.metrics).
+            fpr, tpr, _ = roc_curve(labels, rankdata(np.concatenate([s_id, s_ood])))
+            ax.plot(fpr, tpr, ls=style, color=f"C{i % 10}", label=f"{ood}, {name}: AUROC {auroc(s_id, s_ood):.3f}")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="chance")
+    ax.set_xlabel("false positive rate (OOD accepted as ID)")
+    ax.set_ylabel("true positive rate (ID accepted)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    ax.set_title(f"{best.title}\nROC on the test OOD sets (ID positive)", fontsize="medium")
+    return fig
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    log.info("wrote %s", path)
+    return path
+
+
+def plot_results(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    experiment: str | None = None,
+    metric: str = "auroc",
+    scores: bool = True,
+    ws: Workspace | None = None,
+) -> list[Path]:
+    """Write the figures of one search experiment to ``out_dir``; returns the PNG paths.
+
+    ``experiment`` defaults to the experiment of the best validation trial. With
+    ``scores=False`` only the ε plot is drawn (no checkpoints or spec needed); with
+    ``scores=True`` the spec and checkpoints are checked before anything is written,
+    so a missing ``_spec.json`` or checkpoint leaves ``out_dir`` untouched.
+    ``ws`` is an optional :class:`search.evaluate.Workspace` (cached models and data).
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    out = Path(out_dir)
+    if out.resolve().is_relative_to(Path(results_dir).resolve()):
+        # read_results rejects every non-Parquet file under the results directory
+        raise ConfigError(f"plot directory {out} is inside the results directory {results_dir}; choose another")
+    df = search_frame(read_results(results_dir))
+    experiment, df = _experiment_frame(df, experiment, metric)
+    best = best_scores(results_dir, df, metric, ws) if scores else None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig = eps_figure(df, metric, experiment)
+    if fig is None:
+        log.warning("experiment %s has no score=density trials: no %s_vs_eps plot", experiment, metric)
+    else:
+        paths.append(_save(fig, out / f"{metric}_vs_eps.png"))
+    if best is not None:
+        for ood in best.ood_sets:
+            paths.append(_save(hist_figure(best, ood), out / f"hist_{_safe(ood)}.png"))
+        paths.append(_save(roc_figure(best), out / "roc_best.png"))
+    return paths
