@@ -57,28 +57,58 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default="search", help="name of the search experiment (default: %(default)s)")
+    # Flags default to None so that a --spec file can supply the value; flags given win.
+    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it)")
+    p.add_argument("--experiment", default=None, help="name of the search experiment (default: search)")
     p.add_argument("--models", default=None, help="directory of trained models (default: OUT/models)")
+    p.add_argument("--protocol", default=None, help="selection protocol: val-ood (default), adv-proxy or id-only")
     p.add_argument("--val-ood", default=None, help="OOD set used for selection (default: per ID data set)")
     p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select")
-    p.add_argument("--density", nargs="+", default=["gmm_sum"])
-    p.add_argument("--score", nargs="+", default=["density"])
+    p.add_argument("--proxy-eps", type=float, default=None, help="adv-proxy: FGSM budget on ID validation inputs")
+    p.add_argument("--density", nargs="+", default=None, help="densities: gmm_sum gmm_max kde (default gmm_sum)")
+    p.add_argument("--score", nargs="+", default=None, help="scores (default density); see `densitune list`")
     p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
     p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
-    p.add_argument("-D", "--dim", nargs="+", type=int, default=[], help="only models with these D")
-    p.add_argument("--backbone", nargs="+", default=[], help="only models with these backbones")
-    p.add_argument("--loss", nargs="+", default=[], help="only models trained with these losses")
+    p.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="only models with these D")
+    p.add_argument("--backbone", nargs="+", default=None, help="only models with these backbones")
+    p.add_argument("--loss", nargs="+", default=None, help="only models trained with these losses")
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
                    help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
-    p.add_argument("--attacks", nargs="*", default=[], help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
-    p.add_argument("--attack-eps", type=float, default=8 / 255, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
-    p.add_argument("--attack-steps", type=int, default=10, help="BIM/PGD iterations")
-    p.add_argument("--sampler", default="grid", help="grid or tpe (default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--metric", default="auroc", help="validation metric to select on: auroc, auprc, fpr95")
+    p.add_argument("--attacks", nargs="*", default=None, help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
+    p.add_argument("--attack-eps", type=float, default=None, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
+    p.add_argument("--attack-steps", type=int, default=None, help="BIM/PGD iterations (default 10)")
+    p.add_argument("--sampler", default=None, help="grid or tpe (default: grid)")
+    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget (default 20)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
+    p.add_argument("--metric", default=None, help="validation metric to select on: auroc (default), auprc, fpr95")
     p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs")
     p.add_argument("--max-concurrent", type=int, default=None)
+
+
+#: search flag -> SearchSpec key (tuples for list-valued keys)
+_FLAG_KEYS = {
+    "experiment": "experiment", "protocol": "protocol", "val_ood": "val_ood", "test_ood": "test_ood",
+    "proxy_eps": "proxy_eps", "density": "densities", "score": "scores", "eps_grid": "eps_grid", "eps_range": "eps_range",
+    "dim": "dims", "backbone": "backbones", "loss": "losses", "attacks": "attacks", "attack_eps": "attack_eps",
+    "attack_steps": "attack_steps", "sampler": "sampler", "num_samples": "num_samples", "seed": "seed",
+    "metric": "metric", "eval_limit": "eval_limit", "data_root": "data_root",
+}
+
+
+def _search_values(args: argparse.Namespace) -> dict:
+    """Spec values from the --spec file, overridden by the flags that were given."""
+    from search.spec_file import load_spec_file
+
+    values = load_spec_file(args.spec) if args.spec else {}
+    for flag, key in _FLAG_KEYS.items():
+        v = getattr(args, flag)
+        if v is not None:
+            values[key] = v
+    if args.kde_bandwidth:
+        values["density_params"] = {"kde": {"bandwidth": [_number_or_name(b) for b in args.kde_bandwidth]}}
+    if args.models is not None:
+        values["models"] = args.models
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
         p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
+        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\"")
+        p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
         if name == "report":
             p.add_argument("--top", type=int, default=None, help="show the best N configurations")
             p.add_argument("--view", default="all", help="all, methods (the note's method comparison) or configs (ip side by side)")
+            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D")
         else:
-            p.add_argument("--json", action="store_true", help="print the best config as JSON")
+            p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
+
+    p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
+    p.add_argument("results", help="results directory")
+    p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
+    p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
     p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
@@ -164,27 +202,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_spec(args: argparse.Namespace, id_dataset: str):
-    from search.spec import DEFAULT_EPS_GRID, SearchSpec
+def _search_spec(values: dict, id_dataset: str):
+    from search.spec import SearchSpec
 
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "models"}
+    kw.setdefault("experiment", "search")
     val_default, test_default = DEFAULT_OOD.get(id_dataset, (None, ()))
-    val_ood = args.val_ood or val_default
-    test_ood = tuple(args.test_ood or test_default)
-    if val_ood is None or not test_ood:
+    if kw.get("protocol", "val-ood") == "val-ood":
+        kw.setdefault("val_ood", val_default)
+    else:
+        kw.setdefault("val_ood", None)
+    kw.setdefault("test_ood", test_default)
+    if (kw["val_ood"] is None and kw.get("protocol", "val-ood") == "val-ood") or not kw["test_ood"]:
         raise DensituneError(f"no default OOD sets for {id_dataset!r}: pass --val-ood and --test-ood")
-    kw = {}
-    if args.eps_range is not None:
-        kw["eps_range"] = tuple(args.eps_range)
-    if args.kde_bandwidth:
-        kw["density_params"] = {"kde": {"bandwidth": [_number_or_name(b) for b in args.kde_bandwidth]}}
-    return SearchSpec(
-        experiment=args.experiment, val_ood=val_ood, test_ood=test_ood, densities=tuple(args.density),
-        scores=tuple(args.score), eps_grid=tuple(args.eps_grid) if args.eps_grid else DEFAULT_EPS_GRID,
-        dims=tuple(args.dim), sampler=args.sampler, num_samples=args.num_samples, seed=args.seed,
-        metric=args.metric, data_root=args.data_root, eval_limit=args.eval_limit, backbones=tuple(args.backbone),
-        losses=tuple(args.loss), attacks=tuple(args.attacks), attack_eps=args.attack_eps,
-        attack_steps=args.attack_steps, **kw,
-    )
+    return SearchSpec(**kw)
 
 
 def _number_or_name(text: str) -> float | str:
@@ -205,18 +236,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     from search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_space
 
     # The space first: a bad name or value fails before any file is read.
-    check_space(tuple(args.density), tuple(args.score), tuple(args.eps_grid or DEFAULT_EPS_GRID),
-                tuple(args.eps_range or DEFAULT_EPS_RANGE), tuple(args.dim))
+    values = _search_values(args)
+    check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
+                tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
+                tuple(values.get("dims", ())))
     out = Path(args.out)
-    models_dir = Path(args.models) if args.models else out / "models"
+    models_dir = Path(values["models"]) if values.get("models") else out / "models"
     groups = models.discover(models_dir)
     ids = {g.dataset for g in groups}
     if len(ids) != 1:
         raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
-    spec = _search_spec(args, ids.pop())
+    spec = _search_spec(values, ids.pop())
     groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
     for name in (spec.val_ood, *spec.test_ood):
-        _check_data(name, spec.data_root)
+        if name:
+            _check_data(name, spec.data_root)
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
                     max_concurrent=args.max_concurrent, cache_dir=str(out / "cache"))
     _check_experiment(run.results_dir, spec, args.resume)
@@ -227,7 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
-    table = read_results(run.results_dir)
+    table = read_results(run.results_dir, experiment=spec.experiment)
     print(report(table, spec.metric, top=5))
     print()
     print(best(table, spec.metric))
@@ -253,9 +287,11 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from search.report import report
-    from search.results import read_results
+    from search.results import filter_results, read_results
 
-    print(report(read_results(args.results), args.metric, top=args.top, view=args.view))
+    table = filter_results(read_results(args.results), args.where)
+    by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
+    print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))
     return 0
 
 
@@ -263,10 +299,19 @@ def cmd_best(args: argparse.Namespace) -> int:
     import json
 
     from search.report import best, best_config
-    from search.results import read_results
+    from search.results import filter_results, read_results
 
-    table = read_results(args.results)
-    print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric))
+    table = filter_results(read_results(args.results), args.where)
+    print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from search.report import Table, render
+    from search.results import query, read_results
+
+    result = query(read_results(args.results), args.sql)
+    print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
 
@@ -318,7 +363,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

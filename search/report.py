@@ -1,21 +1,26 @@
-"""Ranked tables from the Parquet results (and nothing else).
+"""Ranked tables from the Parquet results (and nothing else), in four formats.
 
-Two views, both in the research note's shapes, both selected on validation rows only:
+Views, all selected on validation rows only:
 
-* ``methods``: per trained configuration (model group), the note's method comparison
-  (its §1.3 / §1.8 / §1.9 tables): one block per method (baseline = msp, ensemble,
-  ddu = gmm_sum density, ddu+ip, and every other score / density searched), a row
-  per test OOD set (and attack) with AUROC and AUPRC. A method "+ip" is its best ε > 0
-  on validation.
+* ``methods``: per trained configuration (model group), the research note's method
+  comparison (§1.3 / §1.8 / §1.9): a block per method (baseline = msp, ensemble, ddu =
+  gmm_sum density, ddu+ip, and every other score / density searched) with a row per test
+  OOD set (and attack). "+ip" is the method's best ε > 0 on validation.
 * ``configs``: per configuration (model group × score × density), a row per OOD set with
-  AUROC / AUPRC without input perturbation (ε = 0) and with it side by side (the note's
-  §1.2 tables), configurations ranked by their best validation figure.
+  AUROC / AUPRC without ip (ε = 0) and with it side by side (the note's §1.2 tables),
+  configurations ranked by their best validation figure.
+* ``by`` (``--by backbone,D``): one block per value of the given columns: its best trial
+  on validation and that trial's test figures.
 
-Seeds are aggregated as mean ± std.
+Seeds are aggregated as mean ± std. Every view is a list of :class:`Table` (a title and
+a DataFrame with numeric ``<metric>`` / ``<metric>_std`` columns); :func:`render` turns
+them into markdown, csv, latex or json.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -32,43 +37,53 @@ CONFIG_COLUMNS = GROUP_COLUMNS + METHOD_COLUMNS
 #: Friendly names of the note's methods; others are shown as score[:density].
 METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble", ("density", "gmm_sum"): "ddu"}
 METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
+VALUES = ["auroc", "auprc", "fpr95"]
+FORMATS = ("markdown", "csv", "latex", "json")
+VIEWS = ("all", "methods", "configs")
+
+
+@dataclass
+class Table:
+    """One block of a report: a title and its rows."""
+
+    title: str
+    frame: pd.DataFrame
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def search_frame(table) -> pd.DataFrame:
-    """The search rows of a results table as a DataFrame (``lam`` nulls -> -1 so groupby keeps them)."""
+    """The search rows of a results table as a DataFrame (nulls made groupable)."""
     df = table.to_pandas()
     df = df[df["stage"] == "search"].copy()
     if df.empty:
         raise ResultsError("the results hold no search rows (run `densitune search` first)")
-    df["lam"] = df["lam"].fillna(-1.0)
+    df["lam"] = df["lam"].fillna(-1.0)  # ce has no λ; -1 keeps groupby from dropping it
     df["density"] = df["density"].fillna("")
     df["density_params"] = df["density_params"].fillna("{}")
     df["n_models"] = df["checkpoint"].fillna("").str.count(",") + 1
     return df
 
 
-def _fmt(values: pd.Series) -> str:
-    v = values.dropna()
-    if v.empty:
-        return "-"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.4f}"
-    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
-
-
 def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per trial: its config, ε, the mean validation metric, seeds and models per member."""
+    """One row per trial: config, ε, validation figure ``val`` (mean over seeds), seeds, models.
+
+    ``val`` is the validation row's ``metric``; for protocols without an OOD side
+    (id-only) it is the stored objective. Sorted best-first (ties: smaller ε, trial id).
+    """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    val = df[df["split"] == "val"]
-    keys = ["experiment", "trial_id", *CONFIG_COLUMNS, "eps", "ood_dataset", "protocol"]
+    val = df[df["split"] == "val"].copy()
+    val["_v"] = val[metric].where(val[metric].notna(), val["objective"])
+    keys = ["experiment", "trial_id", *CONFIG_COLUMNS, "eps", "protocol"]
     out = (
         val.groupby(keys, dropna=False)
-        .agg(val=(metric, "mean"), seeds=("seed", "nunique"), n_models=("n_models", "max"))
+        .agg(val=("_v", "mean"), seeds=("seed", "nunique"), n_models=("n_models", "max"),
+             val_ood=("ood_dataset", "first"))
         .reset_index()
     )
-    asc = METRICS[metric] == "min"
-    # Deterministic order: best validation figure, then smaller ε, then trial id.
+    asc = METRICS[metric] == "min" and not out["protocol"].str.startswith("id-only").all()
     return out.sort_values(["val", "eps", "trial_id"], ascending=[asc, True, True], kind="mergesort")
 
 
@@ -89,16 +104,26 @@ def config_results(df: pd.DataFrame, metric: str, columns: list[str] = CONFIG_CO
     results = []
     for key, grp in trials.groupby(columns, dropna=False, sort=False):
         plain, ip = grp[grp["eps"] == 0], grp[grp["eps"] > 0]  # grp is sorted best-first
-        results.append(
-            ConfigResult(
-                dict(zip(columns, key)),
-                plain.iloc[0] if len(plain) else None,
-                ip.iloc[0] if len(ip) else None,
-                grp.iloc[0]["val"],
-            )
-        )
+        results.append(ConfigResult(dict(zip(columns, key)), plain.iloc[0] if len(plain) else None,
+                                    ip.iloc[0] if len(ip) else None, grp.iloc[0]["val"]))
     results.sort(key=lambda r: (r.rank_value if asc else -r.rank_value))
     return results
+
+
+def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
+    if trial is None:
+        return df.iloc[0:0]
+    return df[(df["trial_id"] == trial["trial_id"]) & (df["experiment"] == trial["experiment"])]
+
+
+def _stats(rows: pd.DataFrame, prefix: str = "") -> dict:
+    """mean and std (over seeds) of each metric of ``rows``."""
+    out = {}
+    for m in VALUES:
+        v = rows[m].dropna()
+        out[f"{m}{prefix}"] = float(v.mean()) if len(v) else math.nan
+        out[f"{m}{prefix}_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+    return out
 
 
 def _group_title(cfg: dict) -> str:
@@ -120,51 +145,11 @@ def _members(trial: pd.Series) -> str:
     return f"seeds {int(trial['seeds'])}"
 
 
-def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
-    if trial is None:
-        return df.iloc[0:0]
-    return df[(df["trial_id"] == trial["trial_id"]) & (df["experiment"] == trial["experiment"])]
-
-
-def _v(trial: pd.Series | None) -> str:
-    return "-" if trial is None else f"{trial['val']:.4f}"
-
-
 def _accuracy(rows: pd.DataFrame) -> str:
-    test = rows[rows["split"] == "test"]
-    return _fmt(test.drop_duplicates(["seed", "checkpoint"])["id_accuracy"])
-
-
-def render_config(df: pd.DataFrame, r: ConfigResult, metric: str) -> str:
-    """One markdown table: OOD set x (AUROC, AUPRC) without / with ip."""
-    plain, ip = _trial_rows(df, r.plain), _trial_rows(df, r.ip)
-    sets = sorted(set(plain["ood_dataset"]) | set(ip["ood_dataset"]))
-    eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
-    head = (
-        f"### {_group_title(r.config)} {_method_title(r.config)}\n"
-        f"ID test accuracy {_accuracy(plain if len(plain) else ip)}; {_members(r.plain if r.plain is not None else r.ip)}; "
-        f"ip ε = {eps} (chosen on validation); val {metric}: no ip {_v(r.plain)}, ip {_v(r.ip)}\n\n"
-        "| OOD set | split | AUROC | AUPRC | AUROC +ip | AUPRC +ip |\n|---|---|---|---|---|---|"
-    )
-    lines = [head]
-    for split in ("val", "test"):
-        for s in sets:
-            a = plain[(plain["ood_dataset"] == s) & (plain["split"] == split)]
-            b = ip[(ip["ood_dataset"] == s) & (ip["split"] == split)]
-            if a.empty and b.empty:
-                continue
-            lines.append(f"| {s} | {split} | {_fmt(a['auroc'])} | {_fmt(a['auprc'])} | {_fmt(b['auroc'])} | {_fmt(b['auprc'])} |")
-    return "\n".join(lines)
-
-
-def configs_report(table, metric: str = "auroc", top: int | None = None) -> str:
-    """Configurations ranked by validation ``metric``, each as a no-ip / ip table."""
-    df = search_frame(table)
-    results = config_results(df, metric)
-    shown = results[:top] if top is not None else results
-    parts = [f"## Ranked configurations (top {len(shown)} of {len(results)} by validation {metric}; test sets never used to select)"]
-    parts += [f"{i}. " + render_config(df, r, metric) for i, r in enumerate(shown, 1)]
-    return "\n\n".join(parts)
+    acc = rows[rows["split"] == "test"].drop_duplicates(["seed", "checkpoint"])["id_accuracy"].dropna()
+    if acc.empty:
+        return "-"
+    return f"{acc.mean():.4f}" + (f" ± {acc.std(ddof=1):.4f}" if len(acc) > 1 else "")
 
 
 def _method_name(score: str, density: str, params: str, ip: bool) -> str:
@@ -174,67 +159,105 @@ def _method_name(score: str, density: str, params: str, ip: bool) -> str:
     return name + ("+ip" if ip else "")
 
 
-def methods_report(table, metric: str = "auroc") -> str:
-    """The note's method comparison per model group: Method | OOD set | AUROC | AUPRC (test rows)."""
-    df = search_frame(table)
-    groups = config_results(df, metric, GROUP_COLUMNS)
-    parts = [f"## Method comparison (test figures; ε of every +ip method chosen on validation {metric})"]
-    for g in groups:
+# ----------------------------------------------------------------------------- views
+
+
+def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = None) -> list[Table]:
+    """Per configuration: OOD set × (metrics without ip, metrics with the validation-chosen ip)."""
+    results = config_results(df, metric)
+    tables = []
+    for rank, r in enumerate(results[:top] if top is not None else results, 1):
+        plain, ip = _trial_rows(df, r.plain), _trial_rows(df, r.ip)
+        rows = []
+        for split in ("val", "test"):
+            for s in sorted(set(plain["ood_dataset"].dropna()) | set(ip["ood_dataset"].dropna())):
+                a = plain[(plain["ood_dataset"] == s) & (plain["split"] == split)]
+                b = ip[(ip["ood_dataset"] == s) & (ip["split"] == split)]
+                if a.empty and b.empty:
+                    continue
+                rows.append({"ood_dataset": s, "split": split, **_stats(a), **_stats(b, "_ip")})
+        first = r.plain if r.plain is not None else r.ip
+        eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
+        v = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
+        title = (f"{rank}. {_group_title(r.config)} {_method_title(r.config)} — ID test accuracy "
+                 f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; ip ε = {eps} (chosen on validation); "
+                 f"val {metric}: no ip {v(r.plain)}, ip {v(r.ip)}")
+        cols = ["ood_dataset", "split"] + [f"{m}{p}{s}" for p in ("", "_ip") for m in ("auroc", "auprc") for s in ("", "_std")]
+        tables.append(Table(title, pd.DataFrame(rows, columns=cols)))
+    return tables
+
+
+def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
+    """The note's method comparison per model group: method | ε | OOD set | AUROC | AUPRC (test rows)."""
+    tables = []
+    for g in config_results(df, metric, GROUP_COLUMNS):
         gdf = df
         for c in GROUP_COLUMNS:
             gdf = gdf[gdf[c] == g.config[c]]
         methods = config_results(gdf, metric, METHOD_COLUMNS)
         methods.sort(key=lambda m: (METHOD_ORDER.index(m.config["score"]) if m.config["score"] in METHOD_ORDER else 99,
                                     m.config["density"] != "gmm_sum", m.config["density"], m.config["density_params"]))
-        lines = [f"### {_group_title(g.config)}", "", "| Method | ε | OOD set | AUROC | AUPRC |", "|---|---|---|---|---|"]
+        rows = []
         for m in methods:
             for trial, ip in ((m.plain, False), (m.ip, True)):
                 if trial is None:
                     continue
-                rows = _trial_rows(gdf, trial)
+                trows = _trial_rows(gdf, trial)
                 name = _method_name(m.config["score"], m.config["density"], m.config["density_params"], ip)
-                test = rows[rows["split"] == "test"]
-                for s, t in test.groupby("ood_dataset"):
-                    lines.append(f"| {name} | {trial['eps']:.4g} | {s} | {_fmt(t['auroc'])} | {_fmt(t['auprc'])} |")
-                    name = ""  # the method name once per block, as in the note
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts)
+                for s, t in trows[trows["split"] == "test"].groupby("ood_dataset"):
+                    st = _stats(t)
+                    rows.append({"method": name, "eps": trial["eps"], "ood_dataset": s,
+                                 **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std")}})
+        title = f"{_group_title(g.config)} — test figures, every +ip ε chosen on validation {metric}"
+        tables.append(Table(title, pd.DataFrame(rows, columns=["method", "eps", "ood_dataset", "auroc", "auroc_std", "auprc", "auprc_std"])))
+    return tables
 
 
-VIEWS = ("all", "methods", "configs")
+def by_tables(df: pd.DataFrame, by: list[str], metric: str = "auroc") -> list[Table]:
+    """For each value of the ``by`` columns: its best trial on validation and that trial's test figures."""
+    unknown = [c for c in by if c not in df.columns]
+    if unknown:
+        raise ConfigError(f"unknown --by column(s) {unknown}; columns: {', '.join(c for c in df.columns if not c.startswith('_'))}")
+    trials = trial_objectives(df, metric)
+    extra = [c for c in by if c not in trials.columns]
+    if extra:  # a column that is not part of the trial key: take it from the rows
+        trials = trials.merge(df.drop_duplicates("trial_id")[["trial_id", *extra]], on="trial_id")
+    rows = []
+    for key, grp in trials.groupby(by, dropna=False, sort=True):
+        top = grp.iloc[0]  # best-first
+        trows = _trial_rows(df, top)
+        for s, t in trows[trows["split"] == "test"].groupby("ood_dataset"):
+            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "score": top["score"],
+                         "density": top["density"], "eps": top["eps"], f"val_{metric}": top["val"],
+                         "ood_dataset": s, **_stats(t)})
+    return [Table(f"best trial per {', '.join(by)} (selected on validation {metric}; test figures)", pd.DataFrame(rows))]
 
 
-def report(table, metric: str = "auroc", top: int | None = None, view: str = "all") -> str:
-    """Markdown report: the method comparison and/or the ranked configurations."""
+def report_tables(table, metric: str = "auroc", top: int | None = None, view: str = "all", by: list[str] | None = None) -> list[Table]:
+    df = search_frame(table)
+    if by:
+        return by_tables(df, by, metric)
     if view not in VIEWS:
         raise ConfigError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
-    parts = []
+    tables = []
     if view in ("all", "methods"):
-        parts.append(methods_report(table, metric))
+        tables += methods_tables(df, metric)
     if view in ("all", "configs"):
-        parts.append(configs_report(table, metric, top))
-    return "\n\n".join(parts)
+        tables += configs_tables(df, metric, top)
+    return tables
 
 
-def best(table, metric: str = "auroc") -> str:
+def best_tables(table, metric: str = "auroc") -> list[Table]:
     """The best trial by validation ``metric`` with its test figures (mean ± std over seeds)."""
     df = search_frame(table)
     top = trial_objectives(df, metric).iloc[0]
     rows = _trial_rows(df, top)
     cfg = {c: top[c] for c in CONFIG_COLUMNS}
-    lines = [
-        f"best configuration by validation {metric} ({top['protocol']}):",
-        f"  {_group_title(cfg)} {_method_title(cfg)} eps={top['eps']:.4g}",
-        f"  experiment={top['experiment']} trial={top['trial_id']} {_members(top)}",
-        f"  validation {metric} = {top['val']:.4f}",
-        f"  ID test accuracy = {_accuracy(rows)}",
-        "",
-        "| OOD set (test) | AUROC | AUPRC | FPR@95 |",
-        "|---|---|---|---|",
-    ]
-    for s, g in rows[rows["split"] == "test"].groupby("ood_dataset"):
-        lines.append(f"| {s} | {_fmt(g['auroc'])} | {_fmt(g['auprc'])} | {_fmt(g['fpr95'])} |")
-    return "\n".join(lines)
+    title = (f"best configuration by validation {metric} ({top['protocol']}): {_group_title(cfg)} {_method_title(cfg)} "
+             f"eps={top['eps']:.4g} — experiment={top['experiment']} trial={top['trial_id']} {_members(top)}; "
+             f"validation {metric} = {top['val']:.4f}; ID test accuracy = {_accuracy(rows)}")
+    out = [{"ood_dataset": s, **_stats(g)} for s, g in rows[rows["split"] == "test"].groupby("ood_dataset")]
+    return [Table(title, pd.DataFrame(out))]
 
 
 def best_config(table, metric: str = "auroc") -> dict:
@@ -244,3 +267,73 @@ def best_config(table, metric: str = "auroc") -> dict:
     if out["lam"] == -1.0:
         out["lam"] = None
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Merge ``x`` / ``x_std`` columns into "mean ± std" strings; format floats."""
+    out = {}
+    for c in frame.columns:
+        if c.endswith("_std"):
+            continue
+        col = frame[c]
+        if f"{c}_std" in frame.columns:
+            std = frame[f"{c}_std"]
+            out[c] = [("-" if pd.isna(m) else f"{m:.4f}" + ("" if pd.isna(s) else f" ± {s:.4f}")) for m, s in zip(col, std)]
+        elif pd.api.types.is_float_dtype(col):
+            out[c] = [("-" if pd.isna(v) else f"{v:.4g}" if c == "eps" else f"{v:.4f}") for v in col]
+        else:
+            out[c] = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in col]
+    return pd.DataFrame(out, columns=list(out))
+
+
+def _markdown(t: Table) -> str:
+    d = _display(t.frame)
+    lines = [f"### {t.title}", "", "| " + " | ".join(d.columns) + " |", "|" + "---|" * len(d.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in d.astype(str).itertuples(index=False)]
+    return "\n".join(lines)
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
+          "λ": r"$\lambda$", "—": "--"}
+
+
+def _latex_escape(s: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in s)
+
+
+def _latex(t: Table) -> str:
+    d = _display(t.frame)
+    lines = [r"\begin{table}[h]", r"\centering", r"\caption{" + _latex_escape(t.title) + "}",
+             r"\begin{tabular}{" + "l" * len(d.columns) + "}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in d.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(v) for v in row) + r" \\" for row in d.astype(str).itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def render(tables: list[Table], fmt: str = "markdown") -> str:
+    """The tables as markdown, csv (one table, a ``table`` column naming the block), latex or json."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt == "markdown":
+        return "\n\n".join(_markdown(t) for t in tables)
+    if fmt == "latex":
+        return "\n\n".join(_latex(t) for t in tables)
+    if fmt == "csv":
+        frames = [t.frame.assign(table=t.title) for t in tables]
+        return pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ""
+    return json.dumps([{"title": t.title, "rows": json.loads(t.frame.to_json(orient="records"))} for t in tables], indent=1)
+
+
+def report(table, metric: str = "auroc", top: int | None = None, view: str = "all", fmt: str = "markdown",
+           by: list[str] | None = None) -> str:
+    """The report (see the module docstring) rendered in ``fmt``."""
+    return render(report_tables(table, metric, top, view, by), fmt)
+
+
+def best(table, metric: str = "auroc", fmt: str = "markdown") -> str:
+    return render(best_tables(table, metric), fmt)

@@ -199,27 +199,61 @@ def result_files(results_dir: str | Path, experiment: str | None = None) -> list
     return files
 
 
-def read_results(results_dir: str | Path, *, experiment: str | None = None, stage: str | None = None) -> pa.Table:
-    """Read every result file under ``results_dir`` into one table with :data:`SCHEMA`.
+def _check_file(f: Path) -> None:
+    """Raise :class:`ResultsError` naming ``f`` unless it is an intact densitune Parquet file."""
+    if f.suffix != ".parquet":
+        raise ResultsError(f"foreign file in results directory: {f}")
+    try:
+        schema = pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
+    if schema.equals(SCHEMA):
+        return
+    if "schema_version" in schema.names:
+        version = pq.read_table(f, columns=["schema_version"]).column(0)[0].as_py()
+        if version != SCHEMA_VERSION:
+            raise ResultsError(f"{f} has results schema v{version}; this densitune reads v{SCHEMA_VERSION}")
+    raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
 
-    A file that is not Parquet, is corrupt, or has a foreign schema raises
-    :class:`ResultsError` naming the file: nothing is skipped silently.
+
+def read_results(results_dir: str | Path, *, experiment: str | None = None, stage: str | None = None) -> pa.Table:
+    """Read every result file under ``results_dir`` (or one experiment's) as one :data:`SCHEMA` table.
+
+    Every file's footer is checked first: a file that is not Parquet, is corrupt, or has
+    a foreign schema raises :class:`ResultsError` naming it (nothing is skipped
+    silently). The checked files are then read as one ``pyarrow.dataset``.
     """
     files = result_files(results_dir, experiment)
     if not files:
         raise ResultsError(f"no result files in {results_dir}")
-    tables = []
     for f in files:
-        if f.suffix != ".parquet":
-            raise ResultsError(f"foreign file in results directory: {f}")
-        try:
-            t = pq.read_table(f, partitioning=None)
-        except (pa.ArrowException, OSError) as e:
-            raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
-        if t.schema.names != list(COLUMNS) or not t.schema.equals(SCHEMA):
-            raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
-        tables.append(t)
-    table = pa.concat_tables(tables)
-    if stage is not None:
-        table = table.filter(ds.field("stage") == stage)
-    return table
+        _check_file(f)
+    dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
+    try:
+        return dataset.to_table(filter=(ds.field("stage") == stage) if stage is not None else None)
+    except (pa.ArrowException, OSError) as e:
+        raise ResultsError(f"corrupt Parquet data in {results_dir}: {str(e).splitlines()[0]}") from None
+
+
+def filter_results(table: pa.Table, where: str | None) -> pa.Table:
+    """Rows of ``table`` matching an SQL predicate (DuckDB), e.g. ``density = 'kde' AND D >= 16``."""
+    if not where:
+        return table
+    return query(table, f"SELECT * FROM results WHERE {where}", what="--where")
+
+
+def query(table: pa.Table, sql: str, *, what: str = "query") -> pa.Table:
+    """Run ``sql`` with DuckDB over ``table`` (as the view ``results``); a bad query is a one-line error."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("results", table)
+        rel = con.sql(sql)
+        if rel is None:  # a statement without a result (e.g. SET)
+            return pa.table({})
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    except duckdb.Error as e:
+        raise ResultsError(f"bad {what}: {str(e).splitlines()[0]}") from None
+    finally:
+        con.close()

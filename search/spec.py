@@ -96,9 +96,10 @@ class SearchSpec:
 
     def __post_init__(self) -> None:
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
+        from search.densities import DENSITIES
+
         for name, params in self.density_params.items():
-            if name not in self.densities:
-                raise ConfigError(f"density_params names {name!r}, which is not among the searched densities {list(self.densities)}")
+            DENSITIES.check(name)  # a density that is not searched keeps its params unused
             for key, values in params.items():
                 if not isinstance(values, (list, tuple)) or not values:
                     raise ConfigError(f"density_params.{name}.{key} must be a non-empty list of values")

@@ -7,7 +7,8 @@ import pytest
 from search.densities import DENSITIES
 from search.models import discover, select
 from search.report import report
-from search.results import read_results
+from search.cli import main
+from search.results import read_results, write_spec
 from search.scores import SCORES
 from search.space import grid_points
 from search.spec import SearchSpec
@@ -24,13 +25,14 @@ def all_methods(ray_session, trained_models, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("methods")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"))
+    write_spec(run.results_dir, spec.experiment, spec.to_dict())
     grid = run_search(spec, groups, run, verbose=0)
     assert all(r.error is None for r in grid)
-    return spec, groups, read_results(run.results_dir).to_pylist(), read_results(run.results_dir)
+    return spec, groups, read_results(run.results_dir).to_pylist(), read_results(run.results_dir), run.results_dir
 
 
 def test_each_grid_point_once_with_every_score(all_methods):
-    spec, groups, rows, _ = all_methods
+    spec, groups, rows, *_ = all_methods
     points = grid_points(spec, groups)
     # density, diff: 4 density variants (gmm_sum, gmm_max, kde x 2 bandwidths); diff only at eps > 0
     assert len(points) == 4 * 2 + 4 * 1 + 5 * 2
@@ -42,7 +44,7 @@ def test_each_grid_point_once_with_every_score(all_methods):
 
 
 def test_row_counts_per_score(all_methods):
-    _, _, rows, _ = all_methods
+    _, _, rows, *_ = all_methods
     by_trial = {}
     for r in rows:
         by_trial.setdefault(r["trial_id"], []).append(r)
@@ -58,9 +60,40 @@ def test_row_counts_per_score(all_methods):
 
 
 def test_report_method_comparison(all_methods):
-    *_, table = all_methods
+    *_, table, _ = all_methods
     text = report(table, view="methods")
     for name in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "| gradnorm |", "| gradnorm+ip |",
                  "| diff:gmm_sum+ip |", "| density:kde {\"bandwidth\": 1.0} |"):
         assert name in text, name
     assert "adv-pgd" in text
+
+
+def test_report_by_latex_best_where_and_query(all_methods, capsys):
+    *_, results = all_methods
+    assert main(["report", results, "--by", "backbone,D", "--format", "latex"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(r"\begin{tabular}") == 1 and "cnn & 8 &" in out and r"\toprule" in out
+    assert main(["best", results, "--where", "density = 'kde'", "--json"]) == 0
+    import json
+
+    best = json.loads(capsys.readouterr().out)
+    assert best["density"] == "kde" and best["score"] in ("density", "diff")
+    assert main(["query", results, "SELECT count(DISTINCT trial_id) AS n FROM results", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "22,SELECT count(DISTINCT trial_id) AS n FROM results"]
+    assert main(["report", results, "--format", "json", "--view", "configs", "--top", "2"]) == 0
+    tables = json.loads(capsys.readouterr().out)
+    assert len(tables) == 2 and all(t["rows"] for t in tables)
+
+
+def test_plot_command_writes_three_kinds(all_methods, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    *_, results = all_methods
+    assert main(["plot", results, "--out", str(tmp_path / "figs")]) == 0
+    paths = [p for p in capsys.readouterr().out.split() if p.endswith(".png")]
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    assert "auroc_vs_eps.png" in names and "roc_best.png" in names and any(n.startswith("hist_") for n in names)
+    for p in paths:
+        img = np.asarray(Image.open(p).convert("L"), dtype=float)
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 1.0
