@@ -17,8 +17,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -28,6 +26,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVENTS = "events.log"
+#: Part of every key: bump when what is cached changes shape, so old files are not reused.
+CACHE_VERSION = 1
 
 
 def checkpoint_token(path: str) -> str:
@@ -44,7 +44,7 @@ class DiskCache:
         self.root = Path(root)
 
     def _path(self, kind: str, key: str) -> Path:
-        return self.root / kind / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+        return self.root / kind / f"{hashlib.sha1(f'v{CACHE_VERSION}|{key}'.encode()).hexdigest()}.pt"
 
     def _log_event(self, kind: str, key: str) -> None:
         line = f"{kind}\t{key}\n".encode()
@@ -55,11 +55,12 @@ class DiskCache:
             os.close(fd)
 
     @staticmethod
-    def _load(path: Path) -> Any:
+    def _load(path: Path, map_location: Any) -> Any:
         # Our own files (features, fitted densities): full unpickling is intended.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
 
-    def get_or_create(self, kind: str, key: str, make: Callable[[], T]) -> T:
+    def get_or_create(self, kind: str, key: str, make: Callable[[], T], map_location: Any = "cpu") -> T:
+        """The object cached under (kind, key), loaded onto ``map_location``; else ``make()``, stored and logged."""
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
@@ -67,11 +68,11 @@ class DiskCache:
             try:
                 if path.exists():
                     try:
-                        return self._load(path)
-                    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-                        log.warning("cache file %s unreadable (%s); recomputing", path, e)
+                        return self._load(path, map_location)
+                    except Exception as e:  # noqa: BLE001 - any unreadable or stale cache file is recomputed
+                        log.warning("cache file %s unreadable (%s: %s); recomputing", path, type(e).__name__, e)
                 obj = make()
-                tmp = path.with_name(f".tmp-{path.name}")
+                tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
                 torch.save(obj, tmp)
                 os.replace(tmp, path)
                 self._log_event(kind, key)

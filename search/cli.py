@@ -104,19 +104,36 @@ def _search_values(args: argparse.Namespace) -> dict:
         v = getattr(args, flag)
         if v is not None:
             values[key] = v
-    if args.kde_bandwidth:
-        values["density_params"] = {"kde": {"bandwidth": [_number_or_name(b) for b in args.kde_bandwidth]}}
+    if args.kde_bandwidth:  # merged into the file's density_params, not replacing them
+        params = {k: dict(v) for k, v in values.get("density_params", {}).items()} if isinstance(values.get("density_params"), dict) else {}
+        params.setdefault("kde", {})["bandwidth"] = [_number_or_name(b) for b in args.kde_bandwidth]
+        values["density_params"] = params
     if args.models is not None:
         values["models"] = args.models
+    for key in ("models", "data_root"):
+        if values.get(key):
+            values[key] = _abs(values[key])
+    for key in ("val_ood",):
+        if values.get(key):
+            values[key] = _abs_dataset(values[key])
+    if values.get("test_ood"):
+        values["test_ood"] = [_abs_dataset(n) for n in values["test_ood"]]
     return values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are the same one line as every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"densitune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="densitune",
         description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train backbones (grid of backbone x D x loss x seed) as Ray Tune trials")
     _add_common(p)
@@ -163,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
+def _abs(path: str | None) -> str | None:
+    """An absolute path: Ray Tune runs each trial in its own working folder, so relative paths break there."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _abs_dataset(name: str | None) -> str | None:
+    """``folder:PATH`` with PATH made absolute (other names unchanged)."""
+    if name and name.startswith("folder:"):
+        return "folder:" + _abs(name[len("folder:"):])
+    return name
+
+
 def _train_configs(args: argparse.Namespace):
     from trainables.config import TrainConfig
     from trainables.tune_train import expand_grid
@@ -188,9 +217,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.ray_runtime import init_ray
     from trainables.tune_train import TrainRun, run_training
 
+    args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
+    from trainables.train import check_training_folder
+
     configs = _train_configs(args)  # validates names, D, ε...
+    check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
     _check_data(args.dataset, args.data_root, args.download)
-    out = Path(args.out)
+    out = Path(_abs(args.out))
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
@@ -230,27 +263,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     from search.report import best, report
     from search.results import read_results, write_spec
     from search.tune_search import SearchRun, run_search, trial_budget
+    from trainables.checkpoint import read_config
     from trainables.errors import ConfigError
     from trainables.ray_runtime import init_ray
 
-    from search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_space
+    from search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
 
     # The space first: a bad name or value fails before any file is read.
     values = _search_values(args)
     check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
                 tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
                 tuple(values.get("dims", ())))
-    out = Path(args.out)
+    check_density_params(values.get("density_params", {}))
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    out = Path(_abs(args.out))
     models_dir = Path(values["models"]) if values.get("models") else out / "models"
     groups = models.discover(models_dir)
     ids = {g.dataset for g in groups}
     if len(ids) != 1:
         raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
-    spec = _search_spec(values, ids.pop())
+    id_dataset = ids.pop()
+    spec = _search_spec(values, id_dataset)
     groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
-    for name in (spec.val_ood, *spec.test_ood):
-        if name:
-            _check_data(name, spec.data_root)
+    if id_dataset in (spec.val_ood, *spec.test_ood):
+        raise ConfigError(f"the in-distribution data set {id_dataset!r} cannot also be an OOD set")
+    models.check_checkpoints(groups)  # a corrupt model.pt fails here, before Ray starts
+    id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
+    for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (spec.val_ood, *spec.test_ood) if n)):
+        _check_data(name, root)
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
                     max_concurrent=args.max_concurrent, cache_dir=str(out / "cache"))
     _check_experiment(run.results_dir, spec, args.resume)
@@ -288,7 +329,10 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from search.report import report
     from search.results import filter_results, read_results
+    from trainables.errors import ConfigError
 
+    if args.top is not None and args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
     table = filter_results(read_results(args.results), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
     print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))

@@ -77,7 +77,9 @@ class Workspace:
                 return make()
 
             if self.disk is not None and disk_key is not None:
-                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute)
+                # features and attacks live on the CPU; densities on the scoring device
+                where = self.device if kind == "fit" else "cpu"
+                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute, map_location=where)
             else:
                 self._memo[mem_key] = compute()
         return self._memo[mem_key]
@@ -115,12 +117,15 @@ class Workspace:
 
         return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}")
 
-    def density(self, checkpoint: str, name: str, params: str, train: Features) -> Density:
+    def density(self, checkpoint: str, name: str, params: str, train: Features, train_key: tuple = ()) -> Density:
+        """``name`` fitted on the clean training features of ``checkpoint`` (``train_key`` names that split)."""
+
         def fit() -> Density:
             d = create_density(name, **json.loads(params))
             return d.fit(train.z.to(self.device), train.y.to(self.device))
 
-        return self._cached("fit", (checkpoint, name, params), fit, f"{checkpoint_token(checkpoint)}|{name}|{params}")
+        disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
+        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key)
 
 
 #: One process-wide workspace, shared by the trials a reused Ray actor runs.
@@ -141,20 +146,23 @@ class _Evaluator:
     def __init__(self, ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> None:
         self.ws, self.spec, self.checkpoints, self.params = ws, spec, list(checkpoints), params
         first = ws.model(self.checkpoints[0])
+        # Data sets come from the search's data root, else the one the network was trained from.
+        self.data_root = spec.data_root or first.config.data_root
         self.shape = tuple(first.data["shape"])
         self.id_name = first.data["name"]
         self.data_seed = int(first.data.get("data_seed", 0))
         density = None
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
-            train = self.features(*self.split(self.id_name, "train", limit=None))
-            density = ws.density(ckpt, params.density, params.density_params, train[0])
+            train_key, train_data = self.split(self.id_name, "train", limit=None)
+            train = self.features(train_key, train_data)
+            density = ws.density(ckpt, params.density, params.density_params, train[0], train_key)
         self.score: Score = create_score(params.score, [ws.model(c).model for c in self.checkpoints], density)
 
     def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
         limit = self.spec.eval_limit if limit == -1 else limit
-        key = (name, split, self.shape, self.spec.data_root, self.data_seed, limit)
-        make = lambda: load_split(name, split, root=self.spec.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
+        key = (name, split, self.shape, self.data_root, self.data_seed, limit)
+        make = lambda: load_split(name, split, root=self.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
         return key, self.ws.data(key, make)
 
     def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[tuple, Dataset]:

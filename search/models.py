@@ -1,7 +1,10 @@
 """Finding trained models: checkpoints grouped by configuration, one member per seed.
 
-A *model group* is every seed of one training configuration (backbone, D, loss, λ,
-spectral norm). The search selects among groups, and reports each seed's figures
+A *model group* is every seed of one training configuration: its members share every
+training setting except ``seed`` (and ``experiment``, the folder they were trained into);
+they are named by :func:`group_key` (backbone, D, loss, λ, spectral norm), and two
+checkpoints with one name but other differing settings are an error, not one group.
+The search selects among groups, and reports each seed's figures
 (mean ± std over seeds in the tables; the ensemble score, later, uses the group).
 """
 
@@ -10,9 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.checkpoint import CONFIG_FILE, read_config
+from trainables.checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, parse_config, read_checkpoint, read_config
 from trainables.config import TrainConfig
 from trainables.errors import CheckpointError, ConfigError
+
+#: The training settings in which the members of one model group may differ.
+MEMBER_SETTINGS = frozenset({"seed", "experiment"})
 
 
 @dataclass(frozen=True)
@@ -35,28 +41,71 @@ def group_key(config: TrainConfig) -> str:
     return config.key.rsplit("-s", 1)[0]
 
 
+def _read_entry(cfg_file: Path) -> tuple[TrainConfig, int]:
+    """The config and epoch of one ``config.json``; :class:`CheckpointError` naming the file if foreign or corrupt."""
+    meta = read_config(cfg_file.parent)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"not a densitune checkpoint config: {cfg_file}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint config {cfg_file} has format version {meta.get('version')!r}, expected {VERSION}")
+    cfg = parse_config(meta.get("config"), cfg_file)
+    epoch = meta.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise CheckpointError(f"bad checkpoint config in {cfg_file}: epoch must be an integer, got {epoch!r}")
+    return cfg, epoch
+
+
+def _shared_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in MEMBER_SETTINGS}
+
+
+def _check_members(key: str, items: list[tuple[TrainConfig, Path]]) -> None:
+    """All members of group ``key`` share every setting but the seed; ConfigError naming the differing keys."""
+    first_cfg, first_dir = items[0]
+    ref = _shared_settings(first_cfg)
+    differing: set[str] = set()
+    other = None
+    for cfg, d in items[1:]:
+        diff = {k for k, v in _shared_settings(cfg).items() if ref.get(k) != v}
+        if diff and other is None:
+            other = d
+        differing |= diff
+    if differing:
+        raise ConfigError(
+            f"model group {key} mixes training configs: its checkpoints differ in {', '.join(sorted(differing))} "
+            f"(e.g. {first_dir} and {other}); keep one configuration per models directory or retrain"
+        )
+
+
 def discover(models_dir: str | Path) -> list[ModelGroup]:
-    """Every completed checkpoint under ``models_dir`` (recursively), grouped by configuration."""
+    """Every completed checkpoint under ``models_dir`` (recursively), grouped by configuration.
+
+    Reads only the ``config.json`` files (see :func:`check_checkpoints` for the weights).
+
+    Raises:
+        CheckpointError: no models directory, no trained model, or a foreign / corrupt
+            ``config.json`` (the message names the file).
+        ConfigError: two checkpoints of one group differ in a setting other than the seed,
+            or two are for one seed.
+    """
     root = Path(models_dir)
     if not root.is_dir():
         raise CheckpointError(f"models directory not found: {root}")
     members: dict[str, list[tuple[TrainConfig, Path]]] = {}
     for cfg_file in sorted(root.rglob(CONFIG_FILE)):
-        meta = read_config(cfg_file.parent)
-        cfg = TrainConfig.from_dict(meta["config"])
-        if meta.get("epoch") != cfg.epochs:
+        cfg, epoch = _read_entry(cfg_file)
+        if epoch != cfg.epochs:
             continue  # an unfinished model store entry cannot happen, but never search one
         members.setdefault(group_key(cfg), []).append((cfg, cfg_file.parent))
     groups = []
     for key, items in sorted(members.items()):
-        items.sort(key=lambda it: it[0].seed)
+        items.sort(key=lambda it: (it[0].seed, str(it[1])))
+        _check_members(key, items)
         cfg = items[0][0]
-        datasets = {(c.dataset, c.data_seed) for c, _ in items}
-        if len(datasets) > 1:
-            raise ConfigError(f"model group {key} mixes data sets / data seeds: {sorted(datasets)}")
         seeds = tuple(c.seed for c, _ in items)
         if len(set(seeds)) != len(seeds):
-            raise ConfigError(f"model group {key} has two checkpoints for one seed under {root}")
+            dup = sorted({s for s in seeds if seeds.count(s) > 1})
+            raise ConfigError(f"model group {key} has two checkpoints for seed(s) {dup} under {root}")
         groups.append(
             ModelGroup(
                 key=key, backbone=cfg.backbone, D=cfg.feature_dim, loss=cfg.loss, lam=cfg.lam,
@@ -67,6 +116,25 @@ def discover(models_dir: str | Path) -> list[ModelGroup]:
     if not groups:
         raise CheckpointError(f"no trained models under {root} (run `densitune train` first)")
     return groups
+
+
+def check_checkpoints(groups: list[ModelGroup]) -> None:
+    """Read every checkpoint of ``groups`` (weights included), so a corrupt ``model.pt`` fails before Ray starts.
+
+    Raises :class:`CheckpointError` naming the file: missing, truncated, foreign, or whose
+    stored config disagrees with the ``config.json`` beside it.
+    """
+    for group in groups:
+        for directory in group.checkpoints:
+            d = Path(directory)
+            state = read_checkpoint(d)
+            stored = parse_config(state.get("config"), d / MODEL_FILE)
+            listed, _ = _read_entry(d / CONFIG_FILE)
+            if stored != listed:
+                diff = sorted(k for k, v in stored.to_dict().items() if listed.to_dict()[k] != v)
+                raise CheckpointError(f"checkpoint {d / MODEL_FILE} does not match its {CONFIG_FILE} (differs in {', '.join(diff)})")
+            if not isinstance(state.get("model"), dict) or not isinstance(state.get("data"), dict):
+                raise CheckpointError(f"checkpoint {d / MODEL_FILE} has no weights or no data description")
 
 
 def select(

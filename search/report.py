@@ -75,6 +75,13 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     val = df[df["split"] == "val"].copy()
+    if val.empty:
+        raise ResultsError("no validation rows among the selected results: selection needs them "
+                           "(filter trials with --where, but keep split = 'val' rows)")
+    kinds = set(val["protocol"].fillna("").str.startswith("id-only"))
+    if len(kinds) > 1:
+        raise ResultsError("the results mix id-only (log-likelihood) and OOD-metric selections, which do not rank "
+                           "together: pick one with --where \"protocol LIKE 'id-only%'\" or its negation")
     val["_v"] = val[metric].where(val[metric].notna(), val["objective"])
     keys = ["experiment", "trial_id", *CONFIG_COLUMNS, "eps", "protocol"]
     out = (
@@ -83,8 +90,13 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
              val_ood=("ood_dataset", "first"))
         .reset_index()
     )
-    asc = METRICS[metric] == "min" and not out["protocol"].str.startswith("id-only").all()
+    asc = _ascending(out, metric)
     return out.sort_values(["val", "eps", "trial_id"], ascending=[asc, True, True], kind="mergesort")
+
+
+def _ascending(trials: pd.DataFrame, metric: str) -> bool:
+    """Lower is better only for fpr95 (an id-only log-likelihood is always higher-is-better)."""
+    return METRICS[metric] == "min" and not trials["protocol"].fillna("").str.startswith("id-only").all()
 
 
 @dataclass
@@ -100,7 +112,7 @@ class ConfigResult:
 def config_results(df: pd.DataFrame, metric: str, columns: list[str] = CONFIG_COLUMNS) -> list[ConfigResult]:
     """Configurations (grouped by ``columns``) ranked by their best validation figure (ip or not)."""
     trials = trial_objectives(df, metric)
-    asc = METRICS[metric] == "min"
+    asc = _ascending(trials, metric)
     results = []
     for key, grp in trials.groupby(columns, dropna=False, sort=False):
         plain, ip = grp[grp["eps"] == 0], grp[grp["eps"] > 0]  # grp is sorted best-first
@@ -132,11 +144,24 @@ def _group_title(cfg: dict) -> str:
     return f"{cfg['backbone']} D={cfg['D']} {cfg['loss']}{lam}{sn}"
 
 
+def short_params(density: str, params: str | None) -> str:
+    """The density parameters that differ from its defaults, as ``k=v`` (rows store them all)."""
+    if not density or not params or params == "{}":
+        return ""
+    from search.densities import create_density
+
+    given = json.loads(params)
+    try:
+        defaults = create_density(density).get_params()
+    except Exception:  # noqa: BLE001 - a density that no longer exists: show everything
+        defaults = {}
+    return ",".join(f"{k}={v}" for k, v in sorted(given.items()) if defaults.get(k, object()) != v)
+
+
 def _method_title(cfg: dict) -> str:
     dens = f" {cfg['density']}" if cfg.get("density") else ""
-    params = cfg.get("density_params", "{}")
-    params = "" if params in ("{}", "", None) else f" {params}"
-    return f"score={cfg['score']}{dens}{params}"
+    params = short_params(cfg.get("density", ""), cfg.get("density_params"))
+    return f"score={cfg['score']}{dens}{' ' + params if params else ''}"
 
 
 def _members(trial: pd.Series) -> str:
@@ -153,9 +178,10 @@ def _accuracy(rows: pd.DataFrame) -> str:
 
 
 def _method_name(score: str, density: str, params: str, ip: bool) -> str:
-    name = METHOD_NAMES.get((score, density)) or (f"{score}:{density}" if density else score)
-    if params not in ("{}", ""):
-        name += f" {params}"
+    short = short_params(density, params)
+    name = (None if short else METHOD_NAMES.get((score, density))) or (f"{score}:{density}" if density else score)
+    if short:
+        name += f" ({short})"
     return name + ("+ip" if ip else "")
 
 

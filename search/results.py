@@ -2,7 +2,11 @@
 
 Layout (hive-partitioned by experiment)::
 
-    RESULTS/experiment=<name>/<stage>-<trial_id>-<uuid>.parquet
+    RESULTS/experiment=<name>/<stage>-<name>.parquet
+
+where <name> is the training config key and epoch (``train-cnn-D8-ce-s0-e0001``), the
+grid point's hash (``search-p-<sha1>``) or the TPE trial id; the experiment's search spec
+is stored beside its rows as ``_spec.json``.
 
 Every training epoch and every search trial writes its own small file, so a crash
 can lose at most the file being written, and never leaves a partial one: files are
@@ -143,8 +147,10 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{stage}-{_safe(name)}.parquet"
-    tmp = part / f".tmp-{final.name}"
+    tmp = part / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     pq.write_table(table, tmp)
+    with open(tmp, "rb+") as fh:  # on disk before it gets its real name
+        os.fsync(fh.fileno())
     os.replace(tmp, final)
     return final
 
@@ -164,7 +170,7 @@ def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]
     d = experiment_dir(results_dir, experiment)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SPEC_FILE
-    tmp = d / f".tmp-{SPEC_FILE}"
+    tmp = d / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{SPEC_FILE}"
     tmp.write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
     os.replace(tmp, path)
     return path
@@ -210,8 +216,9 @@ def _check_file(f: Path) -> None:
     if schema.equals(SCHEMA):
         return
     if "schema_version" in schema.names:
-        version = pq.read_table(f, columns=["schema_version"]).column(0)[0].as_py()
-        if version != SCHEMA_VERSION:
+        col = pq.read_table(f, columns=["schema_version"]).column(0)
+        version = col[0].as_py() if len(col) else None
+        if version is not None and version != SCHEMA_VERSION:
             raise ResultsError(f"{f} has results schema v{version}; this densitune reads v{SCHEMA_VERSION}")
     raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
 
@@ -230,9 +237,17 @@ def read_results(results_dir: str | Path, *, experiment: str | None = None, stag
         _check_file(f)
     dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
     try:
-        return dataset.to_table(filter=(ds.field("stage") == stage) if stage is not None else None)
-    except (pa.ArrowException, OSError) as e:
-        raise ResultsError(f"corrupt Parquet data in {results_dir}: {str(e).splitlines()[0]}") from None
+        table = dataset.to_table(filter=(ds.field("stage") == stage) if stage is not None else None)
+    except (pa.ArrowException, OSError):
+        for f in files:  # find the file with the damaged data pages, to name it
+            try:
+                pq.read_table(f)
+            except (pa.ArrowException, OSError) as e:
+                raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
+        raise
+    if experiment is not None:
+        table = table.filter(ds.field("experiment") == experiment)
+    return table
 
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:

@@ -57,6 +57,23 @@ def check_space(
             raise ConfigError(f"feature dimension D must be > 0, got {d}")
 
 
+def check_density_params(density_params: Any) -> None:
+    """``{density: {param: [values]}}``; every value is tried on the density (bad names or values fail)."""
+    from search.densities import DENSITIES, create_density
+
+    if not isinstance(density_params, dict):
+        raise ConfigError(f"density_params must map density names to {{param: [values]}}, got {density_params!r}")
+    for name, params in density_params.items():
+        DENSITIES.check(name)  # a density that is not searched keeps its params unused
+        if not isinstance(params, dict):
+            raise ConfigError(f"density_params.{name} must map parameter names to lists of values, got {params!r}")
+        for key, values in params.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"density_params.{name}.{key} must be a non-empty list of values")
+            for v in values:
+                create_density(name, **{key: v})
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     """A search over (model group, density, score, ε).
@@ -96,13 +113,10 @@ class SearchSpec:
 
     def __post_init__(self) -> None:
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
-        from search.densities import DENSITIES
+        from trainables.config import check_experiment_name
 
-        for name, params in self.density_params.items():
-            DENSITIES.check(name)  # a density that is not searched keeps its params unused
-            for key, values in params.items():
-                if not isinstance(values, (list, tuple)) or not values:
-                    raise ConfigError(f"density_params.{name}.{key} must be a non-empty list of values")
+        check_experiment_name(self.experiment)
+        check_density_params(self.density_params)
         if self.attacks:
             from search.attacks import ATTACKS
 

@@ -22,6 +22,19 @@ from search.space import TrialParams
 from search.spec import SearchSpec
 
 
+def full_density_params(params: TrialParams) -> str:
+    """Every parameter the density's factory takes, defaults included (what the row records)."""
+    if not params.density:
+        return "{}"
+    import inspect
+
+    from search.densities import DENSITIES, create_density
+
+    accepted = inspect.signature(DENSITIES.get(params.density)).parameters
+    full = create_density(params.density, **params.params).get_params()
+    return json.dumps({k: v for k, v in full.items() if k in accepted}, sort_keys=True)
+
+
 def run_trial(
     ws: Workspace,
     spec: SearchSpec,
@@ -49,7 +62,8 @@ def run_trial(
         "D": group.D,
         "spectral": group.spectral,
         "density": params.density,
-        "density_params": params.density_params,
+        # every parameter of the density (defaults included): which variant made the row
+        "density_params": full_density_params(params),
         "score": params.score,
         "eps": params.eps,
         "data_seed": group.data_seed,

@@ -74,7 +74,8 @@ def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[
     """trial_id -> (sampler parameters, objective) of every trial already in the results."""
     from search.results import experiment_dir, read_results
 
-    if not experiment_dir(results_dir, experiment).is_dir():
+    folder = experiment_dir(results_dir, experiment)
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
         return {}
     table = read_results(results_dir, experiment=experiment, stage="search")
     out = {}

@@ -56,3 +56,40 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "densities: gmm_max, gmm_sum, kde" in out and "backbones: cnn" in out and "digits" in out
+
+
+def test_relative_out_train_then_resumable_search(tmp_path):
+    """The README's way of running: relative paths, from the user's folder (Ray trials run elsewhere)."""
+    t = densitune("train", "--out", "run", "-D", "4", "--epochs", "1", "-q", cwd=tmp_path)
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert (tmp_path / "run" / "models" / "default" / "cnn-D4-ce-s0" / "model.pt").is_file()
+    # --resume on an experiment that has nothing yet is a plain start (the demo relies on it)
+    s = densitune("search", "--out", "run", "--eps-grid", "0", "0.01", "--test-ood", "noise-uniform",
+                  "--eval-limit", "50", "--resume", "-q", cwd=tmp_path)
+    assert s.returncode == 0, s.stderr[-2000:]
+    assert "best configuration by validation auroc" in s.stdout
+    assert len(list((tmp_path / "run" / "results" / "experiment=search").glob("search-*.parquet"))) == 2
+    # a --where that leaves no validation rows cannot select: one line, exit 2
+    b = densitune("best", "run/results", "--where", "split = 'test'", cwd=tmp_path)
+    assert b.returncode == 2 and b.stderr.strip().splitlines() == [
+        "densitune: error: no validation rows among the selected results: selection needs them "
+        "(filter trials with --where, but keep split = 'val' rows)"]
+
+
+MORE_BAD = {
+    "bad kde bandwidth": (["search", "--density", "kde", "--kde-bandwidth", "wide"], "bandwidth must be a positive float"),
+    "usage error": (["search", "--eps-grid", "abc"], "argument --eps-grid: invalid float value: 'abc'"),
+    "bad experiment name": (["train", "--experiment", "my run"], "experiment name 'my run'"),
+    "negative top": (["report", "results", "--top", "0"], "--top must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD))
+def test_more_bad_input(case, tmp_path):
+    argv, message = MORE_BAD[case]
+    (tmp_path / "results").mkdir()
+    extra = [] if argv[0] == "report" else ["--out", str(tmp_path / "run")]
+    p = densitune(*argv, *extra, cwd=tmp_path)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -28,5 +29,5 @@ def test_cluster_yaml_is_valid():
 def test_typo_fails_validation():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     cfg["head_node_typo"] = cfg.pop("head_node_type")
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="'head_node_typo' was unexpected"):
         _validate(cfg)

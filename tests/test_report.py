@@ -12,13 +12,14 @@ from search.results import code_version, read_results, write_rows
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def write_trial(root, trial, *, eps, val, test, seeds=(0,), D=8, density="gmm_sum"):
+def write_trial(root, trial, *, eps, val, test, seeds=(0,), D=8, density="gmm_sum", fpr=None):
     rows = []
     for s in seeds:
         common = dict(experiment="e", trial_id=trial, stage="search", protocol="val-ood:v", backbone="cnn",
                       id_dataset="digits", loss="ce", D=D, spectral=True, density=density, score="density",
                       eps=eps, seed=s, started_at=T0, code_version=code_version(), id_accuracy=0.9 + s / 100)
-        rows.append({**common, "ood_dataset": "v", "split": "val", "auroc": val + s / 100, "auprc": val, "fpr95": 1 - val})
+        rows.append({**common, "ood_dataset": "v", "split": "val", "auroc": val + s / 100, "auprc": val,
+                     "fpr95": 1 - val if fpr is None else fpr})
         rows.append({**common, "ood_dataset": "t", "split": "test", "auroc": test + s / 100, "auprc": test, "fpr95": 1 - test})
     write_rows(root, rows, name=trial)
 
@@ -39,8 +40,13 @@ def test_best_selects_on_validation_not_test(results):
     assert "eps=0.01" in text and "| t | 0.6000 | 0.6000 | 0.4000 |" in text
 
 
-def test_best_lower_is_better_for_fpr(results):
-    assert best_config(results, "fpr95")["trial_id"] == "ip-good-val"
+def test_best_lower_is_better_for_fpr(tmp_path):
+    write_trial(tmp_path, "high-auroc", eps=0.0, val=0.90, test=0.9, fpr=0.30)
+    write_trial(tmp_path, "low-fpr", eps=0.0, val=0.80, test=0.8, fpr=0.05)
+    write_trial(tmp_path, "worst", eps=0.0, val=0.70, test=0.7, fpr=0.60)
+    table = read_results(tmp_path)
+    assert best_config(table, "auroc")["trial_id"] == "high-auroc"
+    assert best_config(table, "fpr95")["trial_id"] == "low-fpr"  # ascending: lower FPR wins
 
 
 def test_report_ranks_and_pairs_ip(results):

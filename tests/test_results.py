@@ -47,8 +47,15 @@ def test_rows_are_checked_against_schema(tmp_path):
     assert not any(tmp_path.rglob("*.parquet"))
 
 
-def test_code_version_recorded():
-    assert code_version().startswith("densitune ")
+def test_code_version_names_the_commit():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True)
+    if sha.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert code_version().startswith("densitune ") and f"+g{sha.stdout.strip()}" in code_version()
 
 
 def test_missing_dir_and_bad_files(tmp_path):

@@ -94,3 +94,12 @@ def test_killed_training_resumes_with_each_epoch_once(tmp_path):
     assert len(per_epoch) == 2 * 6 and set(per_epoch.values()) == {1}
     for key in ("cnn-D4-ce-s0", "cnn-D6-ce-s0"):
         assert (out / "models" / "default" / key / "model.pt").is_file()
+
+
+def test_resume_of_a_search_that_wrote_nothing_yet(tmp_path):
+    from search.results import write_spec
+    from search.tune_search import completed_trials
+
+    assert completed_trials(str(tmp_path / "results"), "fresh") == {}
+    write_spec(tmp_path / "results", "fresh", {"experiment": "fresh"})  # killed before the first trial ended
+    assert completed_trials(str(tmp_path / "results"), "fresh") == {}

@@ -63,7 +63,7 @@ def test_report_method_comparison(all_methods):
     *_, table, _ = all_methods
     text = report(table, view="methods")
     for name in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "| gradnorm |", "| gradnorm+ip |",
-                 "| diff:gmm_sum+ip |", "| density:kde {\"bandwidth\": 1.0} |"):
+                 "| diff:gmm_sum+ip |", "| density:kde (bandwidth=1.0) |"):
         assert name in text, name
     assert "adv-pgd" in text
 

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``model.pt`` (a dict of tensors and plain values, loaded
 with ``weights_only=True``) and ``config.json`` (the same config, readable without
-torch, used to list trained models quickly). Files are written atomically.
+torch, used to list trained models quickly). Files are written atomically: each to a temporary
+file unique to its writer, fsynced, then renamed over the old one.
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
 
 from trainables.config import TrainConfig
-from trainables.errors import CheckpointError
+from trainables.errors import CheckpointError, DensituneError
 
 FORMAT = "densitune-checkpoint"
 VERSION = 1
@@ -27,16 +29,50 @@ MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
 
+def _temp_path(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per process and call (concurrent writers never share one)."""
+    return path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every OS or file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a unique temporary file, fsync it, then rename it over ``path``.
+
+    Readers see the old file or the new one, never a part; of two processes writing at once, one wins whole.
+    """
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def save_checkpoint(
@@ -95,6 +131,26 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return state
 
 
+def parse_config(d: Any, source: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint stores; :class:`CheckpointError` naming ``source`` if it is invalid.
+
+    A config that no longer validates (an unknown key or backbone, a bad value) makes the
+    file unusable, whatever the reason: the message names the file and the first problem.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"bad checkpoint config in {source}: expected a dict of training settings, got {type(d).__name__}")
+    try:
+        return TrainConfig.from_dict(d)
+    except DensituneError as e:
+        raise CheckpointError(f"bad checkpoint config in {source}: {_first_line(e)}") from None
+    except (TypeError, ValueError) as e:  # defensive: validation should have raised ConfigError
+        raise CheckpointError(f"bad checkpoint config in {source}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 @dataclass
 class LoadedModel:
     """A trained network ready for scoring, with what it was trained on."""
@@ -127,7 +183,7 @@ def build_model(config: TrainConfig, data: dict[str, Any]) -> nn.Module:
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the network of a checkpoint in eval mode on ``device``."""
     state = read_checkpoint(directory)
-    config = TrainConfig.from_dict(state["config"])
+    config = parse_config(state.get("config"), Path(directory) / MODEL_FILE)
     model = build_model(config, state["data"])
     try:
         model.load_state_dict(state["model"])
@@ -139,11 +195,16 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """The ``config.json`` beside a checkpoint (no torch load)."""
+    """The ``config.json`` beside a checkpoint (no torch load); :class:`CheckpointError` if missing or unreadable.
+
+    Only JSON is checked here; see :func:`parse_config` for its ``config`` entry.
+    """
     p = Path(directory) / CONFIG_FILE
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint config not found: {p}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt checkpoint config {p}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint config {p}: {_first_line(e)}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or _first_line(e)}") from None

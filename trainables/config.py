@@ -7,10 +7,46 @@ that boundary and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from trainables.errors import ConfigError
+
+#: An experiment name becomes a folder name and a hive partition value (``experiment=<name>``):
+#: only names that need no escaping in either place.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+_STR = ("backbone", "loss", "dataset", "experiment")
+_INT = ("feature_dim", "seed", "epochs", "batch_size", "data_seed")
+_REAL = ("lam", "delta", "lr", "weight_decay", "sn_coeff")
+_BOOL = ("spectral", "amp")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def check_experiment_name(name: object) -> str:
+    """Experiment names become folder names and hive partition values: refuse any that need escaping."""
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"experiment name {name!r} is not allowed: it names a folder and a results partition, "
+            "so use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -44,20 +80,60 @@ class TrainConfig:
         from trainables.backbones import BACKBONES
         from trainables.losses import LOSSES
 
+        self._check_types()
         BACKBONES.check(self.backbone)
         LOSSES.check(self.loss)
-        if int(self.feature_dim) <= 0:
+        if self.feature_dim <= 0:
             raise ConfigError(f"feature dimension D must be > 0, got {self.feature_dim}")
         if self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.batch_size <= 0:
             raise ConfigError(f"batch size must be > 0, got {self.batch_size}")
         if self.lam < 0:
             raise ConfigError(f"lambda must be >= 0, got {self.lam}")
+        if self.delta <= 0:
+            raise ConfigError(f"delta (contrastive center loss constant) must be > 0, got {self.delta}")
         if self.sn_coeff <= 0:
             raise ConfigError(f"spectral-norm coefficient must be > 0, got {self.sn_coeff}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ConfigError(f"train limit must be >= 1 (or None for the whole split), got {self.train_limit}")
+        check_experiment_name(self.experiment)
+        # The ``folder:`` training-data layout (train/ and test/ subfolders) is checked where the data is
+        # prepared (trainables.train.data_description), not here: loading a checkpoint re-validates its
+        # config, and a folder that has moved since must not make the trained model unreadable.
+
+    def _check_types(self) -> None:
+        """Reject values of the wrong type with a ConfigError; normalise numpy scalars to Python ones."""
+
+        def bad(name: str, what: str) -> ConfigError:
+            return ConfigError(f"training config {name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in _STR:
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise bad("data_root", "a string or None")
+        for name in _INT:
+            if not _is_int(getattr(self, name)):
+                raise bad(name, "an integer")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.train_limit is not None:
+            if not _is_int(self.train_limit):
+                raise bad("train_limit", "an integer or None")
+            object.__setattr__(self, "train_limit", int(self.train_limit))
+        for name in _REAL:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise bad(name, "a finite number")
+            object.__setattr__(self, name, float(v))
+        for name in _BOOL:
+            if not _is_bool(getattr(self, name)):
+                raise bad(name, "true or false")
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
     @property
     def key(self) -> str:

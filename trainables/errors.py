@@ -37,3 +37,7 @@ class ResultsError(DensituneError):
 
 class NotFittedError(DensituneError, RuntimeError):
     """A density or score used before ``fit`` (cf. pytorch-ood's RequiresFittingException)."""
+
+
+class TrainingError(DensituneError):
+    """A training trial that failed (diverged, ran out of memory, crashed)."""

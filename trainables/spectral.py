@@ -27,8 +27,9 @@ Departures from DDU, on purpose:
   that dot-product attention is not Lipschitz at all (Kim et al., 2021), so this bounds a ViT less than a CNN. In
   training mode PyTorch reads ``in_proj_weight`` twice per forward (fast-path check, then the call), which gives that
   weight two power iterations per forward instead of one.
-* At registration, 15 power iterations warm the estimate up (as ``torch.nn.utils.parametrizations.spectral_norm``
-  does); DDU starts from random ``u``, ``v`` and lets training converge them.
+* At registration, :data:`WARMUP_ITERATIONS` (100) power iterations warm the estimate up
+  (``torch.nn.utils.parametrizations.spectral_norm`` does 15); DDU starts from random ``u``, ``v`` and lets training
+  converge them.
 
 In eval mode the effective weight is recomputed at every forward (one ``u^T W v`` and one division per layer); wrap
 bulk feature extraction in ``torch.nn.utils.parametrize.cached()`` to compute it once per batch loop.

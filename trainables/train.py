@@ -29,8 +29,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_training_folder(config: TrainConfig) -> None:
+    """A ``folder:`` data set trained on must have ``train/`` and ``test/`` subfolders.
+
+    Without them every split is the whole folder (that layout is for OOD sets), so the same
+    images would train, select and test the model. Checked here, where training data is
+    prepared, and not in :class:`TrainConfig`: a checkpoint re-validates its config when
+    loaded, and must stay loadable after its training folder has moved.
+    """
+    from trainables.data.folder import PREFIX, resolve
+
+    path = config.dataset[len(PREFIX):] if config.dataset.startswith(PREFIX) else ""
+    if not path.strip():
+        return  # not a folder set, or one without a path (dataset_info says so)
+    directory = resolve(path, config.data_root)
+    if not directory.is_dir():
+        return  # dataset_info says the data is not there (DataError)
+    missing = [s for s in ("train", "test") if not (directory / s).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"cannot train on {config.dataset!r}: {directory} has no {' or '.join(s + '/' for s in missing)} subfolder; "
+            "a training folder needs train/ and test/ subfolders, otherwise the same images would be used for "
+            "training, selection and test"
+        )
+
+
 def data_description(config: TrainConfig) -> dict[str, Any]:
-    """What the model needs to know of its training data: shape, classes, normalisation."""
+    """What the model needs to know of its training data: shape, classes, normalisation.
+
+    Raises :class:`ConfigError` for data that cannot be trained on (no labels; a ``folder:``
+    set without ``train/`` and ``test/``), :class:`DataError` for data that is not there.
+    """
+    check_training_folder(config)
     info = dataset_info(config.dataset, root=config.data_root)
     if not info.num_classes:
         raise ConfigError(f"data set {config.dataset!r} has no labels and cannot be trained on")

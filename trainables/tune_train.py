@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from trainables.checkpoint import read_checkpoint, read_config, save_checkpoint
-from trainables.config import TrainConfig
-from trainables.errors import CheckpointError
+from trainables.config import TrainConfig, check_experiment_name
+from trainables.errors import CheckpointError, ConfigError, TrainingError
 from trainables.train import fit
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ class TrainRun:
     cpus_per_trial: float = 1.0
     resume: bool = False  # continue unfinished networks from their last epoch
 
+    def __post_init__(self) -> None:
+        check_experiment_name(self.experiment)
+
     def model_dir(self, config: TrainConfig) -> Path:
         return Path(self.models_dir) / self.experiment / config.key
 
@@ -50,7 +53,41 @@ def is_trained(run: TrainRun, config: TrainConfig) -> bool:
         meta = read_config(run.model_dir(config))
     except CheckpointError:
         return False
-    return meta.get("config") == config.to_dict() and meta.get("epoch") == config.epochs
+    return isinstance(meta, dict) and meta.get("config") == config.to_dict() and meta.get("epoch") == config.epochs
+
+
+def saved_state(run: TrainRun, config: TrainConfig) -> dict[str, Any] | None:
+    """The per-epoch state to continue ``config`` from with ``run.resume``, or None to start fresh.
+
+    The state folder is named by :attr:`TrainConfig.key`, which leaves out settings such as
+    the epochs or the learning rate; state saved under another config (e.g. fewer epochs:
+    its cosine schedule has already decayed) is not continued: a warning, and training
+    starts from scratch (its state is overwritten after the first epoch). So is a state
+    that cannot be read.
+    """
+    if not run.resume or not (run.state_dir(config) / "model.pt").is_file():
+        return None
+    try:
+        state = read_checkpoint(run.state_dir(config))
+    except CheckpointError as e:
+        log.warning("%s: not resuming, starting fresh: %s", config.key, e)
+        return None
+    saved = state.get("config")
+    if saved != config.to_dict():
+        if isinstance(saved, dict):
+            keys = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
+            what = f"was saved under another training config (it differs in {', '.join(keys)})"
+        else:
+            what = "has no readable training config"
+        log.warning("%s: the saved training state in %s %s; starting fresh", config.key, run.state_dir(config), what)
+        return None
+    if not state.get("optimizer") or not state.get("scheduler") or not isinstance(state.get("epoch"), int):
+        log.warning("%s: the saved training state in %s is incomplete; starting fresh", config.key, run.state_dir(config))
+        return None
+    if state["epoch"] >= config.epochs:  # finished, but its final model is gone: nothing to continue
+        log.warning("%s: the saved training state is complete but the final model is missing; starting fresh", config.key)
+        return None
+    return state
 
 
 def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, dict[str, Any]]) -> None:
@@ -70,11 +107,12 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = read_checkpoint(d)
-    elif run.resume and (run.state_dir(cfg) / "model.pt").is_file():
+    else:
         # `densitune train --resume` after a crash: our own per-epoch state is the record,
         # so resuming works whenever the driver died, even before Tune saved its state.
-        resume = read_checkpoint(run.state_dir(cfg))
-        log.info("%s: resuming after epoch %d", cfg.key, resume["epoch"])
+        resume = saved_state(run, cfg)
+        if resume is not None:
+            log.info("%s: resuming after epoch %d", cfg.key, resume["epoch"])
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     for st in fit(cfg, resume=resume):
@@ -130,7 +168,13 @@ def run_training(
     """Train ``configs`` as Ray Tune trials (one per config); returns each trial's last metrics.
 
     Configs whose final checkpoint already exists are skipped; with ``run.resume`` the
-    unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`).
+    unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`
+    and :func:`saved_state`).
+
+    Raises:
+        ConfigError: two configs share a key.
+        TrainingError: a trial failed (after ``max_failures`` retries); the one-line message
+            names the first failed trial's key and the last line of its error.
     """
     from ray import tune
 
@@ -138,7 +182,8 @@ def run_training(
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):
-        raise ValueError("two training configs share a key")
+        dup = sorted({c.key for c in configs if sum(o.key == c.key for o in configs) > 1})
+        raise ConfigError(f"two training configs share a key (they differ only in settings the key leaves out): {', '.join(dup)}")
     trainable = tune.with_resources(
         tune.with_parameters(train_trainable, run=run, configs=by_key),
         trial_resources(run.cpus_per_trial, gpus_per_trial),
@@ -162,7 +207,18 @@ def run_training(
         ),
     )
     results = tuner.fit()
-    errors = [r.error for r in results if r.error is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} training trial(s) failed; first: {errors[0]}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        first = failed[0]
+        key = (first.config or {}).get("key", "?")
+        raise TrainingError(
+            f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error)}"
+        )
     return [dict(r.metrics or {}) for r in results]
+
+
+def error_summary(error: BaseException) -> str:
+    """One line for a trial's error: the last non-empty line of its text (Ray wraps the
+    trial's exception in a traceback; its last line is ``ExceptionType: message``)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
