@@ -22,7 +22,7 @@ from search.scores import create_score  # noqa: E402
 from trainables.backbones import SpectralConfig, create_model  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
 from trainables.losses import create_loss  # noqa: E402
-from trainables.train import fit  # noqa: E402
+from trainables.train import fit, train_step  # noqa: E402
 
 
 def emit(**kw) -> None:
@@ -56,13 +56,7 @@ def train_steps(backbone: str, device, batch: int, amp: bool, repeats: int) -> f
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            z, logits = model.features_and_logits(x)
-            loss = loss_fn(logits.float(), z.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, loss_fn, opt, scaler, x, y, amp and device.type == "cuda")
 
     return batch / timed(step, device, repeats)
 
@@ -87,6 +81,33 @@ def scoring(device, n_train: int, n_query: int, dim: int, batch: int, repeats: i
     x = torch.rand(batch, 3, 32, 32, device=device)
     for eps in (0.0, 0.002):
         out[f"resnet18_density_eps{eps}_img_per_s"] = batch / timed(lambda: score.evaluate(x, eps), device, repeats)
+    return out
+
+
+def cache_round_trip(device, tmp: Path) -> dict:
+    """A search trial on the GPU, then the same trial in a fresh workspace reading the disk cache.
+
+    Checks that cached densities come back on the scoring device and give identical numbers.
+    """
+    from search.evaluate import Workspace
+    from search.models import discover
+    from search.space import TrialParams
+    from search.spec import SearchSpec
+    from search.trial import run_trial
+    from trainables.checkpoint import save_checkpoint
+
+    cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=3)
+    *_, st = fit(cfg, device=device)
+    save_checkpoint(tmp / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=3, metrics=st.metrics)
+    (group,) = discover(tmp / "models")
+    spec = SearchSpec(experiment="gpu", val_ood="digits-blend", test_ood=("noise-uniform",), densities=("kde",),
+                      attacks=("pgd",), attack_eps=0.1)
+    out = {}
+    for density in ("gmm_sum", "kde"):
+        p = TrialParams(group.key, "density", density, eps=0.01)
+        a, rows_a = run_trial(Workspace(device, cache_dir=tmp / "cache"), spec, group, p, "a")
+        b, rows_b = run_trial(Workspace(device, cache_dir=tmp / "cache"), spec, group, p, "b")
+        out[density] = {"objective": a, "same_after_cache": a == b and [r["auroc"] for r in rows_a] == [r["auroc"] for r in rows_b]}
     return out
 
 
@@ -118,6 +139,9 @@ def main() -> None:
         dict(n_train=50_000, n_query=10_000, dim=512, batch=512, repeats=5)
     res = scoring(device, **sizes)
     emit(check="scoring", device=str(device), **{k: round(v, 3) for k, v in res.items()}, **sizes)
+    import tempfile
+
+    emit(check="cache_round_trip", device=str(device), **cache_round_trip(device, Path(tempfile.mkdtemp())))
     if device.type == "cuda":
         cpu = scoring(torch.device("cpu"), **{**sizes, "n_train": 10_000, "n_query": 2_000, "batch": 64, "repeats": 2})
         emit(check="scoring", device="cpu", **{k: round(v, 3) for k, v in cpu.items()})

@@ -262,6 +262,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from search import models
     from search.report import best, report
     from search.results import read_results, write_spec
+    from collections import Counter
+
+    from search.cache import DiskCache
     from search.tune_search import SearchRun, run_search, trial_budget
     from trainables.checkpoint import read_config
     from trainables.errors import ConfigError
@@ -302,6 +305,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
+    events = Counter(kind for kind, _ in DiskCache(run.cache_dir).events())
+    log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
+             "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
     table = read_results(run.results_dir, experiment=spec.experiment)
     print(report(table, spec.metric, top=5))
     print()

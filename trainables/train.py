@@ -86,6 +86,25 @@ def accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
     return correct / max(total, 1)
 
 
+def train_step(
+    model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    x: Tensor, y: Tensor, use_amp: bool,
+) -> tuple[Tensor, Tensor]:
+    """One optimiser step on a batch x (N, C, H, W), y (N,); returns (loss, logits (N, K)).
+
+    Under AMP the network runs in half precision, the loss in float32 (the center terms
+    are sums of squares that overflow in float16), and the gradient scaler guards the step.
+    """
+    with torch.autocast(x.device.type, enabled=use_amp):
+        z, logits = model.features_and_logits(x)
+        loss = loss_fn(logits.float(), z.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
 @dataclass
 class EpochState:
     """Everything after one epoch: metrics for reporting, objects for checkpointing."""
@@ -158,13 +177,7 @@ def fit(
         correct = seen = 0
         for x, y in DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(train) > config.batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                z, logits = model.features_and_logits(x)
-                loss = loss_fn(logits.float(), z.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = train_step(model, loss_fn, optimizer, scaler, x, y, use_amp)
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
