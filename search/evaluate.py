@@ -158,6 +158,7 @@ class _Evaluator:
             train = self.features(train_key, train_data)
             density = ws.density(ckpt, params.density, params.density_params, train[0], train_key)
         self.score: Score = create_score(params.score, [ws.model(c).model for c in self.checkpoints], density)
+        self.density_fit = json.dumps(density.fitted_summary(), sort_keys=True) if density is not None else None
 
     def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
         limit = self.spec.eval_limit if limit == -1 else limit
@@ -203,7 +204,8 @@ class _Evaluator:
         s_ood, _ = self.scores(*ood_split)
         m = ood_metrics(s_id, s_ood)
         probs = torch.stack([f.logits.double().softmax(1) for f in f_id]).mean(0)
-        m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=float((probs.argmax(1) == f_id[0].y).double().mean()))
+        m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=float((probs.argmax(1) == f_id[0].y).double().mean()),
+                 density_fit=self.density_fit)
         return m
 
 
@@ -218,7 +220,8 @@ def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str
     if spec.protocol == "id-only":
         s_id, feats = ev.scores(*id_val)
         acc = float((feats[0].logits.argmax(1) == feats[0].y).double().mean())
-        return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": acc}
+        return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": acc,
+                "density_fit": ev.density_fit}
     if spec.protocol == "adv-proxy":
         if ev.score.ensemble:
             raise ConfigError("protocol adv-proxy attacks one model: it cannot select ensemble scores")

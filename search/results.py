@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from trainables.errors import ResultsError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -55,7 +55,8 @@ SCHEMA = pa.schema(
         ("D", pa.int32()),
         ("spectral", pa.bool_()),
         ("density", pa.string()),  # gmm_sum | gmm_max | kde | "" for scores without density
-        ("density_params", pa.string()),  # JSON
+        ("density_params", pa.string()),  # JSON: every parameter of the density's factory
+        ("density_fit", pa.string()),  # JSON: fitted values (KDE bandwidth_, GMM max_jitter_) of this seed's density
         ("score", pa.string()),  # density | diff | msp | ...
         ("eps", pa.float64()),  # 0 = no input perturbation
         ("seed", pa.int32()),  # training seed of the model

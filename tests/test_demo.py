@@ -17,7 +17,8 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "## Method comparison" in p.stdout and "best configuration by validation auroc" in p.stdout
+    for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd", "best configuration by validation auroc"):
+        assert text in p.stdout, text
     files = sorted((out / "results").rglob("*.parquet"))
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     search = [r for r in rows if r["stage"] == "search"]

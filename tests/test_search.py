@@ -94,3 +94,15 @@ def test_spec_rejects_bad_input():
         spec(dims=(0,))
     with pytest.raises(ConfigError, match="unknown sampler"):
         spec(sampler="random")
+
+
+def test_rows_record_the_fitted_density(trained_models):
+    import json
+
+    (group,) = select(discover(trained_models), (4,))
+    _, rows = run_trial(Workspace(), spec(densities=("kde",)), group, TrialParams(group.key, "density", "kde", eps=0.0), "k")
+    params = json.loads(rows[0]["density_params"])
+    fit = json.loads(rows[0]["density_fit"])
+    assert params["bandwidth"] == "scott" and fit["bandwidth_"] > 0 and fit["n_train_"] == 1078
+    _, rows = run_trial(Workspace(), spec(), group, TrialParams(group.key, "msp", eps=0.0), "m")
+    assert {r["density_fit"] for r in rows} == {None} and {r["density_params"] for r in rows} == {"{}"}
