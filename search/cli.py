@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -317,18 +316,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _check_experiment(results_dir: str, spec, resume: bool) -> None:
     """A new search must not mix into an old experiment; a resumed one must have the same spec."""
-    from search.results import experiment_dir, read_spec
+    from search.results import has_results, read_spec
     from trainables.errors import ConfigError
 
-    stored = read_spec(results_dir, spec.experiment)
-    has_rows = experiment_dir(results_dir, spec.experiment).is_dir() and any(experiment_dir(results_dir, spec.experiment).glob("*.parquet"))
     if not resume:
-        if has_rows:
+        if has_results(results_dir, spec.experiment):
             raise ConfigError(f"experiment {spec.experiment!r} already has results in {results_dir}; "
                               "pass --resume to continue it, or choose another --experiment")
         return
-    if stored is not None and stored != spec.to_dict():
-        diff = sorted(k for k in set(stored) | set(spec.to_dict()) if stored.get(k) != spec.to_dict().get(k))
+    stored, current = read_spec(results_dir, spec.experiment), spec.to_dict()
+    if stored is not None and stored != current:
+        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise ConfigError(f"--resume with a different search spec than the interrupted run (keys: {', '.join(diff)})")
 
 

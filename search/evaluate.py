@@ -233,20 +233,19 @@ def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str
     return {**m, "objective": m[spec.metric], "ood_dataset": ood}
 
 
-def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, dict[str, Any]]:
-    """Test metrics (ID test vs each test OOD set, and vs each attack): recorded, never used to select.
+def _test_sets(ev: _Evaluator, spec: SearchSpec) -> list[tuple[str, tuple[tuple, Dataset]]]:
+    """(name, split) of every test OOD set, and of every attack (``adv-<attack>``) for single-model scores."""
+    sets = [(ood, ev.split(ood, "test")) for ood in spec.test_ood]
+    if not ev.score.ensemble:  # an ensemble has no one model to attack
+        sets += [(f"adv-{attack}", ev.adversarial(attack)) for attack in spec.attacks]
+    return sets
 
-    Attack rows are named ``adv-<attack>``; they exist for single-model scores (an
-    ensemble has no one model to attack).
-    """
+
+def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, dict[str, Any]]:
+    """Test metrics (ID test vs each test OOD set, and vs each attack): recorded, never used to select."""
     ev = _Evaluator(ws, spec, checkpoints, params)
     id_test = ev.split(ev.id_name, "test")
-    out = {ood: ev.compare(id_test, ev.split(ood, "test")) for ood in spec.test_ood}
-    if not ev.score.ensemble:
-        for attack in spec.attacks:
-            out[f"adv-{attack}"] = ev.compare(id_test, ev.adversarial(attack))
-    return out
-
+    return {name: ev.compare(id_test, split) for name, split in _test_sets(ev, spec)}
 
 
 def test_score_arrays(
@@ -256,9 +255,5 @@ def test_score_arrays(
     attack (keyed by its ``ood_dataset`` name), for plots. Higher = more in-distribution."""
     ev = _Evaluator(ws, spec, checkpoints, params)
     out = {"id": ev.scores(*ev.split(ev.id_name, "test"))[0]}
-    for ood in spec.test_ood:
-        out[ood] = ev.scores(*ev.split(ood, "test"))[0]
-    if not ev.score.ensemble:
-        for attack in spec.attacks:
-            out[f"adv-{attack}"] = ev.scores(*ev.adversarial(attack))[0]
+    out.update({name: ev.scores(*split)[0] for name, split in _test_sets(ev, spec)})
     return out

@@ -164,6 +164,12 @@ def experiment_dir(results_dir: str | Path, experiment: str) -> Path:
     return Path(results_dir) / f"experiment={_safe(experiment)}"
 
 
+def has_results(results_dir: str | Path, experiment: str) -> bool:
+    """True when ``experiment`` already has result rows (a stored spec alone does not count)."""
+    folder = experiment_dir(results_dir, experiment)
+    return folder.is_dir() and any(folder.glob("*.parquet"))
+
+
 def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]) -> Path:
     """Store the search spec beside its rows (``_spec.json``; readers skip ``_`` files)."""
     import json

@@ -72,10 +72,9 @@ def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
 
 def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[str, Any], float]]:
     """trial_id -> (sampler parameters, objective) of every trial already in the results."""
-    from search.results import experiment_dir, read_results
+    from search.results import has_results, read_results
 
-    folder = experiment_dir(results_dir, experiment)
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+    if not has_results(results_dir, experiment):
         return {}
     table = read_results(results_dir, experiment=experiment, stage="search")
     out = {}
@@ -142,7 +141,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         sampler = optuna.samplers.GridSampler({"point": todo}, seed=spec.seed)
         space: Any = {"point": optuna.distributions.CategoricalDistribution(todo)} if todo else None
     else:
-        total = spec.num_samples or DEFAULT_TPE_TRIALS
+        total = trial_budget(spec, groups)
         todo = list(range(max(total - len(done), 0)))
         space = DefineByRun(spec, groups)
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, min(10, total // 3)))

@@ -16,7 +16,6 @@ from search.densities import (
     JITTERS,
     ClassConditionalGaussian,
     Density,
-    GaussianKDE,
     cholesky_with_jitter,
     create_density,
 )
