@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.densities import create_density  # noqa: E402
-from search.scores import create_score  # noqa: E402
-from trainables.backbones import SpectralConfig, create_model  # noqa: E402
-from trainables.config import TrainConfig  # noqa: E402
-from trainables.losses import create_loss  # noqa: E402
-from trainables.train import fit, train_step  # noqa: E402
+from densitune.search.ood.densities import create_density  # noqa: E402
+from densitune.search.ood.scores import create_score  # noqa: E402
+from densitune.trainables.nets.backbones import SpectralConfig, create_model  # noqa: E402
+from densitune.trainables.nets.losses import create_loss  # noqa: E402
+from densitune.trainables.train.config import TrainConfig  # noqa: E402
+from densitune.trainables.train.loop import fit, train_step  # noqa: E402
 
 
 def emit(**kw) -> None:
@@ -73,14 +73,14 @@ def scoring(device, n_train: int, n_query: int, dim: int, batch: int, repeats: i
         sync(device)
         out[f"{name}_fit_s"] = time.perf_counter() - t0
         q = torch.randn(n_query, dim, device=device)
-        out[f"{name}_score_per_s"] = n_query / timed(lambda: dens.score_samples(q), device, repeats)
+        out[f"{name}_score_per_s"] = n_query / timed(lambda dens=dens, q=q: dens.score_samples(q), device, repeats)
     model = create_model("resnet18", in_channels=3, image_size=32, num_classes=10, feature_dim=dim,
                          mean=(0.5,) * 3, std=(0.25,) * 3, spectral=SpectralConfig()).to(device).eval()
     gmm = create_density("gmm_sum").fit(z, y)
     score = create_score("density", [model], gmm)
     x = torch.rand(batch, 3, 32, 32, device=device)
     for eps in (0.0, 0.002):
-        out[f"resnet18_density_eps{eps}_img_per_s"] = batch / timed(lambda: score.evaluate(x, eps), device, repeats)
+        out[f"resnet18_density_eps{eps}_img_per_s"] = batch / timed(lambda eps=eps: score.evaluate(x, eps), device, repeats)
     return out
 
 
@@ -89,12 +89,12 @@ def cache_round_trip(device, tmp: Path) -> dict:
 
     Checks that cached densities come back on the scoring device and give identical numbers.
     """
-    from search.evaluate import Workspace
-    from search.models import discover
-    from search.space import TrialParams
-    from search.spec import SearchSpec
-    from search.trial import run_trial
-    from trainables.checkpoint import save_checkpoint
+    from densitune.search.evaluate import Workspace
+    from densitune.search.models import discover
+    from densitune.search.space import TrialParams
+    from densitune.search.spec import SearchSpec
+    from densitune.search.trial import run_trial
+    from densitune.trainables.train.checkpoint import save_checkpoint
 
     cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=3)
     *_, st = fit(cfg, device=device)

@@ -25,14 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.models import discover  # noqa: E402
-from search.results import read_results  # noqa: E402
-from search.spec import SearchSpec  # noqa: E402
-from search.tune_search import SearchRun, run_search  # noqa: E402
-from trainables.checkpoint import save_checkpoint  # noqa: E402
-from trainables.config import TrainConfig  # noqa: E402
-from trainables.ray_runtime import init_ray  # noqa: E402
-from trainables.train import fit  # noqa: E402
+from densitune.ray_runtime import init_ray  # noqa: E402
+from densitune.search.models import discover  # noqa: E402
+from densitune.search.results.store import read_results  # noqa: E402
+from densitune.search.spec import SearchSpec  # noqa: E402
+from densitune.search.tune import SearchRun, run_search  # noqa: E402
+from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
+from densitune.trainables.train.config import TrainConfig  # noqa: E402
+from densitune.trainables.train.loop import fit  # noqa: E402
 
 LO, HI = 1e-4, 0.1
 

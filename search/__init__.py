@@ -1,1 +1,1 @@
-"""Search side of densitune: densities, scores, the Ray Tune / Optuna search, results and the CLI."""
+"""Search side of densitune: OOD maths (ood), results store and reports (results), the spec, space, trial evaluation and the Ray Tune / Optuna adapter (tune)."""

@@ -2,7 +2,9 @@
 
 Ray runs trials in several actor processes (and on several nodes): an in-memory
 cache alone would extract the same features once per process. This cache keeps
-each object in ``<root>/<kind>/<sha1>.pt``; a file lock makes concurrent processes
+each object in ``<root>/<kind>/<sha1>.pt``, as plain tensors and scalars (``encode``/``decode``
+turn a cached object into such a structure and back), read back with ``weights_only=True``: a
+file planted in a run folder is never unpickled into code. A file lock makes concurrent processes
 wait for the first one to compute it instead of repeating the work. Every
 computation is appended to ``<root>/events.log`` (one line: kind and key), which
 is how tests and users can see that each thing was computed once.
@@ -17,8 +19,9 @@ import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,7 +30,7 @@ T = TypeVar("T")
 
 EVENTS = "events.log"
 #: Part of every key: bump when what is cached changes shape, so old files are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def checkpoint_token(path: str) -> str:
@@ -54,13 +57,21 @@ class DiskCache:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _load(path: Path, map_location: Any) -> Any:
-        # Our own files (features, fitted densities): full unpickling is intended.
-        return torch.load(path, map_location=map_location, weights_only=False)
+    def get_or_create(
+        self,
+        kind: str,
+        key: str,
+        make: Callable[[], T],
+        map_location: Any = "cpu",
+        encode: Callable[[T], Any] = lambda obj: obj,
+        decode: Callable[[Any], T] = lambda state: state,
+    ) -> T:
+        """The object cached under (kind, key), loaded onto ``map_location``; else ``make()``, stored and logged.
 
-    def get_or_create(self, kind: str, key: str, make: Callable[[], T], map_location: Any = "cpu") -> T:
-        """The object cached under (kind, key), loaded onto ``map_location``; else ``make()``, stored and logged."""
+        ``encode(obj)`` must give tensors, scalars and containers of them (what ``weights_only=True``
+        loads); ``decode`` rebuilds the object. A file that does not load that way (corrupt, stale,
+        or a planted pickle) is reported in one warning line and recomputed; it is never executed.
+        """
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
@@ -68,12 +79,13 @@ class DiskCache:
             try:
                 if path.exists():
                     try:
-                        return self._load(path, map_location)
+                        return decode(torch.load(path, map_location=map_location, weights_only=True))
                     except Exception as e:  # noqa: BLE001 - any unreadable or stale cache file is recomputed
-                        log.warning("cache file %s unreadable (%s: %s); recomputing", path, type(e).__name__, e)
+                        reason = (str(e).strip().splitlines() or [""])[0][:200]
+                        log.warning("cache file %s rejected (%s: %s); recomputing", path, type(e).__name__, reason)
                 obj = make()
                 tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-                torch.save(obj, tmp)
+                torch.save(encode(obj), tmp)
                 os.replace(tmp, path)
                 self._log_event(kind, key)
                 return obj

@@ -17,24 +17,25 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from search.cache import DiskCache, checkpoint_token
-from search.densities import Density, create_density
-from search.metrics import ood_metrics
-from search.scores import Score, create_score, score_class
-from search.space import TrialParams
-from search.spec import SearchSpec
-from trainables.checkpoint import LoadedModel, load_model
-from trainables.data import load_split
-from trainables.errors import ConfigError
-from trainables.train import default_device
+from densitune.device import default_device
+from densitune.errors import ConfigError
+from densitune.search.cache import DiskCache, checkpoint_token
+from densitune.search.ood.densities import Density, create_density, density_from_state
+from densitune.search.ood.metrics import ood_metrics
+from densitune.search.ood.scores import Score, create_score, score_class
+from densitune.search.space import TrialParams
+from densitune.search.spec import SearchSpec
+from densitune.trainables.data import load_split
+from densitune.trainables.train.checkpoint import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Workspace:
     """Per-process caches of models, data, clean features, fitted densities and attacks.
 
     With ``cache_dir``, features, densities and attacked inputs also go through a
-    :class:`~search.cache.DiskCache` shared by every process (Ray actors, nodes on
+    :class:`~densitune.search.cache.DiskCache` shared by every process (Ray actors, nodes on
     shared storage), so each is computed once per search, not once per process.
     ``counts`` records what this process computed ("load_model", "load_data",
     "extract", "fit", "attack").
@@ -67,8 +68,16 @@ class Workspace:
         self._models: dict[str, LoadedModel] = {}
         self._memo: dict[tuple, Any] = {}
 
-    def _cached(self, kind: str, key: tuple, make: Callable[[], Any], disk_key: str | None = None) -> Any:
-        """Memoise ``make()`` in memory, and on disk when a disk key is given and a cache is set."""
+    def _cached(
+        self,
+        kind: str,
+        key: tuple,
+        make: Callable[[], Any],
+        disk_key: str | None = None,
+        codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None,
+    ) -> Any:
+        """Memoise ``make()`` in memory, and on disk (through ``codec = (encode, decode)``) when a
+        disk key is given and a cache is set."""
         mem_key = (kind, *key)
         if mem_key not in self._memo:
 
@@ -79,7 +88,9 @@ class Workspace:
             if self.disk is not None and disk_key is not None:
                 # features and attacks live on the CPU; densities on the scoring device
                 where = self.device if kind == "fit" else "cpu"
-                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute, map_location=where)
+                encode, decode = codec or (lambda obj: obj, lambda state: state)
+                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute, map_location=where,
+                                                              encode=encode, decode=decode)
             else:
                 self._memo[mem_key] = compute()
         return self._memo[mem_key]
@@ -100,7 +111,8 @@ class Workspace:
 
     def attacked(self, checkpoint: str, key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
         """Attacked inputs (x_adv, y) of one model, cached on disk."""
-        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}")
+        codec = (lambda xy: {"x": xy[0], "y": xy[1]}, lambda s: (s["x"], s["y"]))
+        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}", codec)
         return TensorDataset(x, y)
 
     def features(self, checkpoint: str, data_key: tuple, data: Dataset, batch_size: int = 512) -> Features:
@@ -115,7 +127,9 @@ class Workspace:
                 ys.append(y)
             return Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
 
-        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}")
+        codec = (lambda f: {"z": f.z, "logits": f.logits, "y": f.y}, lambda s: Features(s["z"], s["logits"], s["y"]))
+        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}",
+                            codec)
 
     def density(self, checkpoint: str, name: str, params: str, train: Features, train_key: tuple = ()) -> Density:
         """``name`` fitted on the clean training features of ``checkpoint`` (``train_key`` names that split)."""
@@ -125,7 +139,8 @@ class Workspace:
             return d.fit(train.z.to(self.device), train.y.to(self.device))
 
         disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
-        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key)
+        codec = (lambda d: d.state_dict(), lambda s: density_from_state(s, self.device))
+        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
 
 
 #: One process-wide workspace, shared by the trials a reused Ray actor runs.
@@ -168,7 +183,7 @@ class _Evaluator:
 
     def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[tuple, Dataset]:
         """An ID split attacked (L∞, budget ``eps``, default the spec's) against this trial's single model."""
-        from search.attacks import AttackConfig, attack_dataset
+        from densitune.search.ood.attacks import AttackConfig, attack_dataset
 
         (ckpt,) = self.checkpoints
         id_key, id_data = self.split(self.id_name, split)
@@ -202,7 +217,7 @@ class _Evaluator:
     def compare(self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset]) -> dict[str, Any]:
         s_id, f_id = self.scores(*id_split)
         s_ood, _ = self.scores(*ood_split)
-        m = ood_metrics(s_id, s_ood)
+        m: dict[str, Any] = ood_metrics(s_id, s_ood)
         probs = torch.stack([f.logits.double().softmax(1) for f in f_id]).mean(0)
         m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=float((probs.argmax(1) == f_id[0].y).double().mean()),
                  density_fit=self.density_fit)
@@ -228,8 +243,8 @@ def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str
         m = ev.compare(id_val, ev.adversarial(spec.proxy_attack, "val", spec.proxy_eps))
         ood = f"proxy-{spec.proxy_attack}"
     else:
-        m = ev.compare(id_val, ev.split(spec.val_ood, "val"))
-        ood = spec.val_ood
+        ood = cast(str, spec.val_ood)  # protocol val-ood: SearchSpec requires val_ood
+        m = ev.compare(id_val, ev.split(ood, "val"))
     return {**m, "objective": m[spec.metric], "ood_dataset": ood}
 
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, parse_config, read_checkpoint, read_config
-from trainables.config import TrainConfig
-from trainables.errors import CheckpointError, ConfigError
+from densitune.errors import CheckpointError, ConfigError
+from densitune.trainables.train.checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    MODEL_FILE,
+    VERSION,
+    parse_config,
+    read_checkpoint,
+    read_config,
+)
+from densitune.trainables.train.config import TrainConfig
 
 #: The training settings in which the members of one model group may differ.
 MEMBER_SETTINGS = frozenset({"seed", "experiment"})

@@ -1,6 +1,6 @@
 """Figures from a results directory: the metric against ε, score histograms, ROC curves.
 
-Three kinds of PNG, all selected on validation rows only (as :mod:`search.report`):
+Three kinds of PNG, all selected on validation rows only (as :mod:`densitune.search.results.report`):
 
 * ``<metric>_vs_eps.png``: for ``score == "density"`` trials, the validation metric
   (left) and the mean over test OOD sets (right; a third panel for attacks, if any)
@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -38,8 +38,9 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
-from search.metrics import auroc
-from search.report import (
+from densitune.errors import CheckpointError, ConfigError, ResultsError
+from densitune.search.ood.metrics import auroc
+from densitune.search.results.report import (
     GROUP_COLUMNS,
     ConfigResult,
     _group_title,
@@ -48,12 +49,11 @@ from search.report import (
     search_frame,
     trial_objectives,
 )
-from search.results import SPEC_FILE, _safe, read_results, read_spec
-from search.spec import METRICS
-from trainables.errors import CheckpointError, ConfigError, ResultsError
+from densitune.search.results.store import SPEC_FILE, _safe, read_results, read_spec
+from densitune.search.spec import METRICS
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
-    from search.evaluate import Workspace
+    from densitune.search.evaluate import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class BestScores:
 
     @property
     def ood_sets(self) -> list[str]:
-        arrays = self.plain if self.plain is not None else self.ip
+        # best_scores sets at least one of them
+        arrays = cast("dict[str, np.ndarray]", self.plain if self.plain is not None else self.ip)
         return [k for k in arrays if k != "id"]
 
     @property
@@ -160,10 +161,10 @@ def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc"
     :class:`CheckpointError` when a checkpoint named in its rows no longer exists,
     both before any model is loaded.
     """
-    from search.evaluate import Workspace, test_score_arrays
-    from search.scores import score_class
-    from search.space import TrialParams
-    from search.spec import SearchSpec
+    from densitune.search.evaluate import Workspace, test_score_arrays
+    from densitune.search.ood.scores import score_class
+    from densitune.search.space import TrialParams
+    from densitune.search.spec import SearchSpec
 
     experiments = df["experiment"].unique()
     if len(experiments) != 1:
@@ -177,7 +178,7 @@ def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc"
         )
     spec = SearchSpec.from_dict(stored)
     result = config_results(df, metric)[0]
-    ref = result.plain if result.plain is not None else result.ip
+    ref = cast(pd.Series, result.plain if result.plain is not None else result.ip)  # config_results: one is set
     rows = df[df["trial_id"] == ref["trial_id"]]
     cfg = result.config
     ckpts, members = _checkpoints(rows, score_class(cfg["score"]).ensemble)
@@ -310,7 +311,7 @@ def roc_figure(best: BestScores) -> Figure:
                 continue
             s_id, s_ood = arrays["id"], arrays[ood]
             labels = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
-            # Ranks, not raw scores: the same curve, and -inf log-densities are allowed (cf. search.metrics).
+            # Ranks, not raw scores: the same curve, and -inf log-densities are allowed (cf. densitune.search.ood.metrics).
             fpr, tpr, _ = roc_curve(labels, rankdata(np.concatenate([s_id, s_ood])))
             ax.plot(fpr, tpr, ls=style, color=f"C{i % 10}", label=f"{ood}, {name}: AUROC {auroc(s_id, s_ood):.3f}")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="chance")
@@ -349,7 +350,7 @@ def plot_results(
     ``scores=False`` only the ε plot is drawn (no checkpoints or spec needed); with
     ``scores=True`` the spec and checkpoints are checked before anything is written,
     so a missing ``_spec.json`` or checkpoint leaves ``out_dir`` untouched.
-    ``ws`` is an optional :class:`search.evaluate.Workspace` (cached models and data).
+    ``ws`` is an optional :class:`densitune.search.evaluate.Workspace` (cached models and data).
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")

@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from search.models import ModelGroup
-from search.scores import score_class
-from search.spec import SearchSpec
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
+from densitune.search.models import ModelGroup
+from densitune.search.ood.scores import score_class
+from densitune.search.spec import SearchSpec
 
 
 @dataclass(frozen=True)

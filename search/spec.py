@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 SAMPLERS = ("grid", "tpe")
 #: How hyperparameters are selected (recorded in every row):
@@ -37,8 +37,8 @@ def check_space(
     dims: tuple[int, ...],
 ) -> None:
     """Validate the search space alone (names, ε >= 0, D > 0): usable before any file is read."""
-    from search.densities import DENSITIES
-    from search.scores import SCORES
+    from densitune.search.ood.densities import DENSITIES
+    from densitune.search.ood.scores import SCORES
 
     for name in densities:
         DENSITIES.check(name)
@@ -59,7 +59,7 @@ def check_space(
 
 def check_density_params(density_params: Any) -> None:
     """``{density: {param: [values]}}``; every value is tried on the density (bad names or values fail)."""
-    from search.densities import DENSITIES, create_density
+    from densitune.search.ood.densities import DENSITIES, create_density
 
     if not isinstance(density_params, dict):
         raise ConfigError(f"density_params must map density names to {{param: [values]}}, got {density_params!r}")
@@ -113,12 +113,12 @@ class SearchSpec:
 
     def __post_init__(self) -> None:
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
-        from trainables.config import check_experiment_name
+        from densitune.trainables.train.config import check_experiment_name
 
         check_experiment_name(self.experiment)
         check_density_params(self.density_params)
         if self.attacks:
-            from search.attacks import ATTACKS
+            from densitune.search.ood.attacks import ATTACKS
 
             for a in self.attacks:
                 ATTACKS.check(a)
@@ -135,12 +135,12 @@ class SearchSpec:
         if self.protocol == "val-ood" and not self.val_ood:
             raise ConfigError("protocol val-ood needs a validation OOD set (val_ood)")
         if self.protocol == "adv-proxy":
-            from search.attacks import ATTACKS
+            from densitune.search.ood.attacks import ATTACKS
 
             ATTACKS.check(self.proxy_attack)
             if not (self.proxy_eps > 0 and math.isfinite(self.proxy_eps)):
                 raise ConfigError(f"proxy_eps must be > 0, got {self.proxy_eps}")
-            from search.scores import SCORES
+            from densitune.search.ood.scores import SCORES
 
             ens = [s for s in self.scores if SCORES.get(s).ensemble]
             if ens:
@@ -173,7 +173,7 @@ class SearchSpec:
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ConfigError(f"unknown search spec key(s): {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-        kw = {k: tuple(v) if isinstance(v, list) and k != "density_params" else v for k, v in d.items()}
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) and k != "density_params" else v for k, v in d.items()}
         return cls(**kw)
 
     @property

@@ -1,4 +1,4 @@
-"""Search specs from YAML files: the same keys as :class:`search.spec.SearchSpec`, plus ``models``.
+"""Search specs from YAML files: the same keys as :class:`densitune.search.spec.SearchSpec`, plus ``models``.
 
 Checked on load: an unknown key, or a value of the wrong type, is a one-line error that
 names the file and the key (with the closest known key for a typo). Example::
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
 _STRS, _INTS, _NUMS = "a list of strings", "a list of integers", "a list of numbers"

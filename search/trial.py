@@ -1,6 +1,6 @@
 """One search trial as a pure function: params in, objective and Parquet rows out.
 
-No Ray here; :mod:`search.tune_search` wraps it. A trial covers every seed of its
+No Ray here; :mod:`densitune.search.tune` wraps it. A trial covers every seed of its
 model group: the objective is the mean validation metric over seeds, and each seed
 gets its own rows (one for the validation OOD set, one per test OOD set and attack).
 Ensemble scores use all seeds at once and write rows with an empty ``seed``.
@@ -11,28 +11,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from search.evaluate import Workspace, selection_metrics, test_metrics
-from search.models import ModelGroup
-from search.results import code_version
-from search.scores import score_class
-from search.space import TrialParams
-from search.spec import SearchSpec
+from densitune.search.evaluate import Workspace, selection_metrics, test_metrics
+from densitune.search.models import ModelGroup
+from densitune.search.ood.scores import score_class
+from densitune.search.results.store import code_version
+from densitune.search.space import TrialParams
+from densitune.search.spec import SearchSpec
 
 
 def full_density_params(params: TrialParams) -> str:
     """Every parameter the density's factory takes, defaults included (what the row records)."""
     if not params.density:
         return "{}"
-    import inspect
+    from densitune.search.ood.densities import create_density
 
-    from search.densities import DENSITIES, create_density
-
-    accepted = inspect.signature(DENSITIES.get(params.density)).parameters
-    full = create_density(params.density, **params.params).get_params()
-    return json.dumps({k: v for k, v in full.items() if k in accepted}, sort_keys=True)
+    return json.dumps(create_density(params.density, **params.params).get_params(), sort_keys=True)
 
 
 def run_trial(
@@ -48,7 +44,7 @@ def run_trial(
     ``search_params`` (the sampler's view of the trial) is stored with the rows so that
     an interrupted search can be resumed from the Parquet files alone.
     """
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     base = {
         "experiment": spec.experiment,
@@ -72,6 +68,7 @@ def run_trial(
         "code_version": code_version(),
         "search_params": json.dumps(search_params if search_params is not None else {"point": params.label}, sort_keys=True),
     }
+    members: list[tuple[int | None, list[str]]]
     if score_class(params.score).ensemble:
         members = [(None, list(group.checkpoints))]
     else:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainables.checkpoint import save_checkpoint
-from trainables.config import TrainConfig
-from trainables.train import fit
+from densitune.trainables.train.checkpoint import save_checkpoint
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import fit
 
 # Small networks on 2 cores run several times faster on one intra-op thread
 # (measured: first CNN epoch 1.8 s with 1 thread vs 10 s with 2).

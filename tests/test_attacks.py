@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from search.attacks import ATTACKS, AttackConfig, attack, attack_dataset, attack_names
-from trainables.config import TrainConfig
-from trainables.data import load_split
-from trainables.errors import ConfigError, UnknownNameError
-from trainables.train import fit
+from densitune.errors import ConfigError, UnknownNameError
+from densitune.search.ood.attacks import ATTACKS, AttackConfig, attack, attack_dataset, attack_names
+from densitune.trainables.data import load_split
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import fit
 
 EPS = 0.1  # on the 8x8 digits (16 grey levels, step 1/16) this budget costs the cnn 40-50 points of accuracy
 

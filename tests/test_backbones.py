@@ -1,4 +1,4 @@
-"""Tests for trainables.backbones and trainables.spectral: shapes, determinism, soft spectral normalisation
+"""Tests for densitune.trainables.nets.backbones and densitune.trainables.nets.spectral: shapes, determinism, soft spectral normalisation
 (Mukhoti et al., 2021), state_dict round trips and error messages."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.backbones import (
+from densitune.errors import ConfigError, UnknownNameError
+from densitune.trainables.nets.backbones import (
     BACKBONES,
     FeatureNet,
     Normalize,
@@ -19,8 +20,7 @@ from trainables.backbones import (
     create_model,
     vit_patch_size,
 )
-from trainables.errors import ConfigError, UnknownNameError
-from trainables.spectral import (
+from densitune.trainables.nets.spectral import (
     SoftSpectralNorm,
     apply_spectral_norm,
     effective_weight,
@@ -226,7 +226,7 @@ def test_spectral_bound_holds_after_training(coeff: float) -> None:
         sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2).item()
         assert sigma <= coeff * 1.01, (name, sigma)
         # The eval-mode forward uses exactly this weight.
-        assert torch.equal(getattr(layer, "weight"), w)
+        assert torch.equal(layer.weight, w)
         binding += spectral_norm_of(raw_weight(layer)).item() > coeff
     assert binding >= 2  # the bound was actually exercised
 

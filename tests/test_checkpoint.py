@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainables.checkpoint import load_model, read_checkpoint, read_config, save_checkpoint
-from trainables.config import TrainConfig
-from trainables.data import load_split
-from trainables.errors import CheckpointError, ConfigError, UnknownNameError
-from trainables.train import fit
+from densitune.errors import CheckpointError, ConfigError, UnknownNameError
+from densitune.trainables.data import load_split
+from densitune.trainables.train.checkpoint import load_model, read_checkpoint, read_config, save_checkpoint
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import fit
 
 
 @pytest.fixture(scope="module")

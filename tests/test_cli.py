@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from search.cli import main
+from densitune.cli import main
 
 
 def densitune(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "densitune", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 BAD = {

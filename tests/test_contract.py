@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.densities import DENSITIES, create_density
-from search.scores import SCORES, create_score, score_class
-from trainables.backbones import create_model
-from trainables.data import load_split
-from trainables.errors import ConfigError, DensituneError, NotFittedError
+from densitune.errors import ConfigError, DensituneError, NotFittedError
+from densitune.search.ood.densities import DENSITIES, create_density
+from densitune.search.ood.scores import SCORES, create_score, score_class
+from densitune.trainables.data import load_split
+from densitune.trainables.nets.backbones import create_model
 
 DENSITY_NAMES = DENSITIES.names()
 SCORE_NAMES = SCORES.names()

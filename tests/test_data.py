@@ -1,4 +1,4 @@
-"""Behaviour of trainables.data: splits, OOD probes, on-disk formats, conversion, errors.
+"""Behaviour of densitune.trainables.data: splits, OOD probes, on-disk formats, conversion, errors.
 
 The torchvision sets are tested on tiny files written in each data set's real on-disk format
 (pickled CIFAR batches, SVHN .mat files, MNIST idx files), so loading goes through torchvision's
@@ -8,6 +8,7 @@ own readers without any download.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainables.data import (
+from densitune.errors import ConfigError, DataError, UnknownNameError
+from densitune.trainables.data import (
     DATASETS,
     SPLITS,
     DatasetInfo,
@@ -26,9 +28,8 @@ from trainables.data import (
     dataset_info,
     dataset_names,
     load_split,
+    sources,
 )
-from trainables.data import sources
-from trainables.errors import ConfigError, DataError, UnknownNameError
 
 EMBEDDED_OOD = ["digits-rot90", "digits-hflip", "digits-blend", "photo-patches", "noise-uniform"]
 
@@ -508,3 +509,22 @@ def test_names_and_lookup_errors() -> None:
 def test_bad_arguments_raise_config_error(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         load_split("digits", **kwargs)
+
+
+def test_cifar_batch_with_a_code_executing_pickle_is_refused(tmp_path):
+    """A planted CIFAR batch whose pickle would run code is refused by name and never executed."""
+    from densitune.errors import DataError
+    from densitune.trainables.data import load_split
+
+    write_cifar(tmp_path, hundred=False)
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load"):
+        load_split("cifar10", "train", root=tmp_path)
+    assert not marker.exists()

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from search.densities import DENSITIES
-from search.scores import SCORES
+from densitune.search.ood.densities import DENSITIES
+from densitune.search.ood.scores import SCORES
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "densitune", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd", "best configuration by validation auroc"):
         assert text in p.stdout, text
@@ -26,3 +27,9 @@ def test_demo_end_to_end(tmp_path):
     assert {r["density"] for r in search} - {""} == set(DENSITIES.names())
     assert {"adv-fgsm", "adv-bim", "adv-pgd"} <= {r["ood_dataset"] for r in search}
     assert len([r for r in rows if r["stage"] == "train"]) == 8 * 15  # 8 networks x 15 epochs
+    # The ranked configurations and the best configuration, exactly as the demo printed them before the
+    # namespace move (recorded from main at d827435): same code path, same seeds, same numbers.
+    golden = (Path(__file__).parent / "golden" / "demo_ranked_best.md").read_text().splitlines()
+    lines = p.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("### 1. "))
+    assert lines[start:start + len(golden)] == golden

@@ -11,7 +11,8 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.neighbors import KernelDensity
 
-from search.densities import (
+from densitune.errors import ConfigError, DensituneError, NotFittedError, UnknownNameError
+from densitune.search.ood.densities import (
     DENSITIES,
     JITTERS,
     ClassConditionalGaussian,
@@ -19,7 +20,6 @@ from search.densities import (
     cholesky_with_jitter,
     create_density,
 )
-from trainables.errors import ConfigError, DensituneError, NotFittedError, UnknownNameError
 
 
 def _class_data(seed: int = 0, n_per_class: tuple[int, ...] = (40, 25, 60), d: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,8 +350,8 @@ def test_describe_records_name_params_and_fitted_scalars(kde_data) -> None:
     assert desc["bandwidth_"] == kde.bandwidth_ and desc["n_train_"] == 100
     gmm = create_density("gmm_max")
     assert isinstance(gmm, ClassConditionalGaussian)
-    assert gmm.describe() == {"name": "gmm_max", "aggregation": "max", "prior": False, "chunk_size": None}
-    assert repr(gmm) == "ClassConditionalGaussian(aggregation='max', prior=False, chunk_size=None)"
+    assert gmm.describe() == {"name": "gmm_max", "prior": False, "chunk_size": None}
+    assert repr(gmm) == "GMMMax(prior=False, chunk_size=None)"
 
 
 # ---------------------------------------------------------------------------------------------------------

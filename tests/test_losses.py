@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.errors import ConfigError, UnknownNameError
-from trainables.losses import create_loss, intra_inter_ratio
+from densitune.errors import ConfigError, UnknownNameError
+from densitune.trainables.nets.losses import create_loss, intra_inter_ratio
 
 
 def _data(n=12, c=3, d=4, seed=0):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from search.metrics import auprc, auroc, fpr_at_tpr, ood_metrics
-from trainables.errors import ConfigError, DensituneError
+from densitune.errors import ConfigError, DensituneError
+from densitune.search.ood.metrics import auprc, auroc, fpr_at_tpr, ood_metrics
 
 
 def _brute_force_fpr(score_id: np.ndarray, score_ood: np.ndarray, tpr: float = 0.95) -> float:

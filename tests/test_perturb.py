@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from search.densities import create_density
-from search.perturb import perturb
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
+from densitune.search.ood.densities import create_density
+from densitune.search.ood.perturb import perturb
 
 
 class _TanhFeatures(nn.Module):

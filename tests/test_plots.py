@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from search.evaluate import Workspace
-from search.metrics import auroc
-from search.models import discover, select
-from search.plots import best_scores, eps_curves, plot_results
-from search.report import search_frame
-from search.results import SPEC_FILE, code_version, experiment_dir, read_results, read_spec, write_rows, write_spec
-from search.space import TrialParams
-from search.spec import SearchSpec
-from search.trial import run_trial
-from trainables.errors import CheckpointError, ConfigError, ResultsError
+from densitune.errors import CheckpointError, ConfigError, ResultsError
+from densitune.search.evaluate import Workspace
+from densitune.search.models import discover, select
+from densitune.search.ood.metrics import auroc
+from densitune.search.plots import best_scores, eps_curves, plot_results
+from densitune.search.results.report import search_frame
+from densitune.search.results.store import (
+    SPEC_FILE,
+    code_version,
+    experiment_dir,
+    read_results,
+    read_spec,
+    write_rows,
+    write_spec,
+)
+from densitune.search.space import TrialParams
+from densitune.search.spec import SearchSpec
+from densitune.search.trial import run_trial
 
 TEST_OOD = ("noise-uniform", "digits-rot90")
 
@@ -113,7 +121,7 @@ def test_missing_checkpoint_is_named(results, tmp_path):
 def test_no_search_rows_and_unknown_experiment(results, tmp_path):
     train_only = tmp_path / "train-only"
     row = dict(experiment="t", trial_id="x", stage="train", epoch=1, train_loss=0.5,
-               started_at=datetime(2026, 1, 1, tzinfo=timezone.utc), code_version=code_version())
+               started_at=datetime(2026, 1, 1, tzinfo=UTC), code_version=code_version())
     write_rows(train_only, [row])
     with pytest.raises(ResultsError, match="no search rows"):
         plot_results(train_only, tmp_path / "a")
@@ -138,8 +146,8 @@ def test_eps_curves_average_seeds_then_ood_sets(results):
 
 def test_histogram_and_roc_take_far_and_infinite_scores():
     """Log-densities of -1e5 or -inf do not squash the histogram and are counted; the ROC accepts them."""
-    from search.plots import BestScores, hist_figure, roc_figure
-    from search.report import ConfigResult
+    from densitune.search.plots import BestScores, hist_figure, roc_figure
+    from densitune.search.results.report import ConfigResult
 
     cfg = dict(backbone="cnn", D=8, loss="ce", lam=-1.0, spectral=True,
                score="density", density="gmm_sum", density_params="{}")
@@ -157,5 +165,5 @@ def test_histogram_and_roc_take_far_and_infinite_scores():
     (curve, _chance) = roc.get_lines()
     fpr, tpr = curve.get_data()
     assert fpr[0] == 0 and tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
-    # area under the drawn curve = the rank AUROC of search.metrics
+    # area under the drawn curve = the rank AUROC of densitune.search.ood.metrics
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(s_id, s_ood))

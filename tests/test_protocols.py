@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.densities import create_density
-from search.evaluate import Workspace, selection_metrics
-from search.models import discover, select
-from search.space import TrialParams, grid_points
-from search.spec import SearchSpec
-from search.trial import run_trial
-from trainables.checkpoint import load_model
-from trainables.data import load_split
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
+from densitune.search.evaluate import Workspace, selection_metrics
+from densitune.search.models import discover, select
+from densitune.search.ood.densities import create_density
+from densitune.search.space import TrialParams, grid_points
+from densitune.search.spec import SearchSpec
+from densitune.search.trial import run_trial
+from densitune.trainables.data import load_split
+from densitune.trainables.train.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from search.report import best, best_config, report
-from search.results import code_version, read_results, write_rows
+from densitune.search.results.report import best, best_config, report
+from densitune.search.results.store import code_version, read_results, write_rows
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def write_trial(root, trial, *, eps, val, test, seeds=(0,), D=8, density="gmm_sum", fpr=None):
@@ -61,7 +61,7 @@ def test_report_ranks_and_pairs_ip(results):
 
 
 def test_unknown_metric(results):
-    from trainables.errors import ConfigError
+    from densitune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown metric"):
         report(results, "accuracy")

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from search.results import COLUMNS, SCHEMA, SCHEMA_VERSION, code_version, read_results, write_rows
-from trainables.errors import ResultsError
+from densitune.errors import ResultsError
+from densitune.search.results.store import COLUMNS, SCHEMA, SCHEMA_VERSION, code_version, read_results, write_rows
 
 
 def row(**kw):
     base = dict(experiment="e", trial_id="t1", stage="search", code_version=code_version(),
-                started_at=datetime(2026, 1, 1, tzinfo=timezone.utc), ood_dataset="noise", split="test",
+                started_at=datetime(2026, 1, 1, tzinfo=UTC), ood_dataset="noise", split="test",
                 auroc=0.9, eps=0.0, seed=0, D=8)
     return {**base, **kw}
 

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from search.cache import DiskCache
-from search.models import discover, select
-from search.results import read_results
-from search.spec import SearchSpec
-from search.tune_search import SearchRun, run_search
+from densitune.search.cache import DiskCache
+from densitune.search.models import discover, select
+from densitune.search.results.store import read_results
+from densitune.search.spec import SearchSpec
+from densitune.search.tune import SearchRun, run_search
 
 EPS = ["0", "0.001", "0.002", "0.005", "0.01", "0.02", "0.03", "0.05", "0.07", "0.1"]
 
@@ -36,7 +36,7 @@ def test_six_trial_eps_search_extracts_and_fits_once(ray_session, trained_models
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", *args]
+    return [sys.executable, "-m", "densitune", *args]
 
 
 def _wait_files(folder: Path, n: int, timeout: float = 180) -> int:
@@ -97,8 +97,8 @@ def test_killed_training_resumes_with_each_epoch_once(tmp_path):
 
 
 def test_resume_of_a_search_that_wrote_nothing_yet(tmp_path):
-    from search.results import write_spec
-    from search.tune_search import completed_trials
+    from densitune.search.results.store import write_spec
+    from densitune.search.tune import completed_trials
 
     assert completed_trials(str(tmp_path / "results"), "fresh") == {}
     write_spec(tmp_path / "results", "fresh", {"experiment": "fresh"})  # killed before the first trial ended

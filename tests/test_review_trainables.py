@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from search.models import check_checkpoints, discover
-from trainables.checkpoint import (
+from densitune.errors import CheckpointError, ConfigError, DensituneError, TrainingError
+from densitune.search.models import check_checkpoints, discover
+from densitune.trainables.nets.losses import create_loss
+from densitune.trainables.train.checkpoint import (
     FORMAT,
     VERSION,
     _temp_path,
@@ -25,11 +27,9 @@ from trainables.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from trainables.config import TrainConfig
-from trainables.errors import CheckpointError, ConfigError, DensituneError, TrainingError
-from trainables.losses import create_loss
-from trainables.train import data_description, fit
-from trainables.tune_train import TrainRun, run_training, saved_state
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import data_description, fit
+from densitune.trainables.train.tune import TrainRun, run_training, saved_state
 
 #: Cheap to train: the CNN on 300 digits.
 SMALL = dict(backbone="cnn", feature_dim=4, epochs=1, train_limit=300, batch_size=64)
@@ -185,13 +185,13 @@ def test_resume_only_from_state_of_the_same_config(tmp_path, one_epoch_state, ca
         other = TrainConfig(**{**cfg.to_dict(), **changed})
         assert other.key == cfg.key  # same state folder
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="trainables.tune_train"):
+        with caplog.at_level(logging.WARNING, logger="densitune.trainables.train.tune"):
             assert saved_state(run, other) is None
         (rec,) = caplog.records
         assert f"differs in {next(iter(changed))}" in rec.getMessage() and "starting fresh" in rec.getMessage()
 
     (run.state_dir(cfg) / "model.pt").write_bytes(b"garbage")  # unreadable state: start fresh too
-    with caplog.at_level(logging.WARNING, logger="trainables.tune_train"):
+    with caplog.at_level(logging.WARNING, logger="densitune.trainables.train.tune"):
         assert saved_state(run, cfg) is None
 
 

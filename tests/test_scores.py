@@ -2,7 +2,7 @@
 
 References used here, all computed outside the score classes:
 - GradNorm: per-sample autograd of the official loss (Huang et al. 2021, all-ones target, T = 1, batch size 1).
-- diff: :func:`search.perturb.perturb` + the density's ``score_samples`` called directly.
+- diff: :func:`densitune.search.ood.perturb.perturb` + the density's ``score_samples`` called directly.
 - msp / entropy / ensembles: ``scipy.special.softmax`` in float64 numpy on the models' logits.
 """
 
@@ -16,15 +16,15 @@ import pytest
 import torch
 from scipy.special import softmax, xlogy
 
-from search.densities import create_density
-from search.metrics import auroc
-from search.perturb import perturb
-from search.scores import create_score, gradnorm_from_features
-from trainables.backbones import create_model
-from trainables.config import TrainConfig
-from trainables.data import load_split
-from trainables.errors import ConfigError
-from trainables.train import fit
+from densitune.errors import ConfigError
+from densitune.search.ood.densities import create_density
+from densitune.search.ood.metrics import auroc
+from densitune.search.ood.perturb import perturb
+from densitune.search.ood.scores import create_score, gradnorm_from_features
+from densitune.trainables.data import load_split
+from densitune.trainables.nets.backbones import create_model
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import fit
 
 MODEL_KW = dict(in_channels=1, image_size=8, num_classes=10, feature_dim=8, mean=(0.3,), std=(0.37,))
 K = 10

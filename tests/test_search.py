@@ -5,14 +5,14 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from search.evaluate import Workspace, selection_metrics
-from search.space import TrialParams
-from search.models import discover, select
-from search.results import read_results
-from search.spec import SearchSpec
-from search.trial import run_trial
-from search.tune_search import SearchRun, run_search, trial_budget
-from trainables.errors import ConfigError, UnknownNameError
+from densitune.errors import ConfigError, UnknownNameError
+from densitune.search.evaluate import Workspace, selection_metrics
+from densitune.search.models import discover, select
+from densitune.search.results.store import read_results
+from densitune.search.space import TrialParams
+from densitune.search.spec import SearchSpec
+from densitune.search.trial import run_trial
+from densitune.search.tune import SearchRun, run_search, trial_budget
 
 TEST_OOD = ("digits-rot90", "noise-uniform")
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from search.densities import DENSITIES
-from search.models import discover, select
-from search.report import report
-from search.cli import main
-from search.results import read_results, write_spec
-from search.scores import SCORES
-from search.space import grid_points
-from search.spec import SearchSpec
-from search.tune_search import SearchRun, run_search
+from densitune.cli import main
+from densitune.search.models import discover, select
+from densitune.search.ood.densities import DENSITIES
+from densitune.search.ood.scores import SCORES
+from densitune.search.results.report import report
+from densitune.search.results.store import read_results, write_spec
+from densitune.search.space import grid_points
+from densitune.search.spec import SearchSpec
+from densitune.search.tune import SearchRun, run_search
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from search.cli import _search_spec, _search_values, build_parser
-from search.spec_file import load_spec_file
-from trainables.errors import ConfigError
+from densitune.cli import _search_spec, _search_values, build_parser
+from densitune.errors import ConfigError
+from densitune.search.spec_file import load_spec_file
 
 YAML = """
 experiment: yaml-run

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainables.checkpoint import read_checkpoint, save_checkpoint
-from trainables.config import TrainConfig
-from trainables.train import fit
+from densitune.trainables.train.checkpoint import read_checkpoint, save_checkpoint
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import fit
 
 
 def _weights(model):

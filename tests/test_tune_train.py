@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from search.results import read_results
-from trainables.checkpoint import load_model
-from trainables.config import TrainConfig
-from trainables.tune_train import TrainRun, expand_grid, is_trained, run_training
+from densitune.search.results.store import read_results
+from densitune.trainables.train.checkpoint import load_model
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.tune import TrainRun, expand_grid, is_trained, run_training
 
 
 def test_train_grid_with_ray(ray_session, tmp_path):

@@ -1,1 +1,1 @@
-"""Training side of densitune: data sets, backbones, losses and the Ray Tune training trainable."""
+"""Training side of densitune: data sets (data), networks and losses (nets), the training loop and its Ray Tune trainable (train)."""

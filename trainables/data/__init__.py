@@ -10,10 +10,10 @@ Every item is ``(x, y)``: x (C, H, W) float32 in [0, 1], y an int64 scalar, -1 w
 
 from __future__ import annotations
 
-from trainables.data.api import dataset_info, dataset_names, get_dataset, load_split
-from trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
-from trainables.data.splits import SPLITS
-from trainables.data.transforms import convert_images
+from densitune.trainables.data.api import dataset_info, dataset_names, get_dataset, load_split
+from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from densitune.trainables.data.splits import SPLITS
+from densitune.trainables.data.transforms import convert_images
 
 __all__ = [
     "DATASETS",

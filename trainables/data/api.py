@@ -7,14 +7,14 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
-from trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
-from trainables.data.folder import PREFIX as FOLDER_PREFIX
-from trainables.data.folder import FolderSet
-from trainables.data.sources import materialize
-from trainables.data.splits import check_split, limit_positions, rng_for
-from trainables.data.transforms import check_shape
-from trainables.errors import ConfigError, UnknownNameError
+from densitune.errors import ConfigError, UnknownNameError
+from densitune.trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
+from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from densitune.trainables.data.folder import PREFIX as FOLDER_PREFIX
+from densitune.trainables.data.folder import FolderSet
+from densitune.trainables.data.sources import materialize
+from densitune.trainables.data.splits import check_split, limit_positions, rng_for
+from densitune.trainables.data.transforms import check_shape
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import abc
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.data.sources import ImageSource
-from trainables.registry import Registry
+from densitune.registry import Registry
+from densitune.trainables.data.sources import ImageSource
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class DatasetInfo:
 class DatasetFactory(abc.ABC):
     """Builds the splits of one data set.
 
-    :func:`~trainables.data.dataset_info` calls :meth:`info` (e.g. when a model is built, for its
-    input shape and Normalize layer); :func:`~trainables.data.load_split` calls :meth:`source`
+    :func:`~densitune.trainables.data.dataset_info` calls :meth:`info` (e.g. when a model is built, for its
+    input shape and Normalize layer); :func:`~densitune.trainables.data.load_split` calls :meth:`source`
     once per split it loads, then applies ``limit`` and the shape conversion itself, so a
     factory only ever deals with native images.
     """
@@ -52,10 +52,10 @@ class DatasetFactory(abc.ABC):
     def source(self, split: str, *, root: Path | None, seed: int, download: bool) -> ImageSource:
         """The items of ``split`` ("train", "val" or "test") at native shape, fixed by the data ``seed``.
 
-        Raises :class:`~trainables.errors.DataError` when the files are missing or unreadable.
+        Raises :class:`~densitune.errors.DataError` when the files are missing or unreadable.
         """
 
 
 #: The one registry of data sets. ``folder:PATH`` names are resolved by
-#: :func:`~trainables.data.get_dataset`, not registered.
+#: :func:`~densitune.trainables.data.get_dataset`, not registered.
 DATASETS: Registry[DatasetFactory] = Registry("dataset")

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
-from trainables.data.sources import ArraySource, ImageSource
-from trainables.data.splits import SPLITS, rng_for, stratified_split
-from trainables.data.transforms import rgb_to_luma
+from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from densitune.trainables.data.sources import ArraySource, ImageSource
+from densitune.trainables.data.splits import SPLITS, rng_for, stratified_split
+from densitune.trainables.data.transforms import rgb_to_luma
 
 logger = logging.getLogger(__name__)
 

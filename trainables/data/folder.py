@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from trainables.data.base import DatasetFactory, DatasetInfo
-from trainables.data.sources import ImageSource
-from trainables.data.splits import SPLITS, rng_for, stratified_split
-from trainables.data.transforms import check_shape, convert_images
-from trainables.errors import DataError
+from densitune.errors import DataError
+from densitune.trainables.data.base import DatasetFactory, DatasetInfo
+from densitune.trainables.data.sources import ImageSource
+from densitune.trainables.data.splits import SPLITS, rng_for, stratified_split
+from densitune.trainables.data.transforms import check_shape, convert_images
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def load_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float32)
             else:
-                img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
-                arr = np.asarray(img, dtype=np.float32) / 255.0
+                converted = img.convert("L" if img.mode in _GREY_MODES else "RGB")
+                arr = np.asarray(converted, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     x = torch.from_numpy(np.clip(arr, 0.0, 1.0))
@@ -175,7 +175,7 @@ class FolderSource(ImageSource):
         return FolderSource(tuple(self.paths[int(i)] for i in idx), self.labels[torch.from_numpy(idx)], self.shape)
 
 
-def resolve(path: str, root: Path | None) -> Path:
+def resolve(path: str, root: str | Path | None) -> Path:
     """The absolute directory ``path`` names (relative paths are taken under ``root`` if given)."""
     p = Path(path).expanduser()
     if not p.is_absolute() and root is not None:

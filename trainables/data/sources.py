@@ -1,6 +1,6 @@
 """Where the images of one split come from, and the torch ``Dataset`` built on top.
 
-A factory (see :mod:`trainables.data.base`) hands :func:`~trainables.data.api.load_split` an
+A factory (see :mod:`densitune.trainables.data.base`) hands :func:`~densitune.trainables.data.api.load_split` an
 :class:`ImageSource`: the labels in memory and a ``read`` that yields any items at any shape.
 ``load_split`` then either reads everything once into a ``TensorDataset`` (small sets) or wraps
 the source in a :class:`LazyImageDataset` that converts batch by batch (CIFAR-sized sets, image
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from trainables.data.transforms import check_shape, convert_images
+from densitune.trainables.data.transforms import check_shape, convert_images
 
 logger = logging.getLogger(__name__)
 

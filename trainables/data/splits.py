@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torchvision import datasets as tvd
 
-from trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
-from trainables.data.sources import ArraySource, ImageSource
-from trainables.data.splits import rng_for, stratified_split
-from trainables.errors import DataError
+from densitune.errors import DataError
+from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from densitune.trainables.data.sources import ArraySource, ImageSource
+from densitune.trainables.data.splits import rng_for, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,55 @@ class _CifarFromDisk:
         files = [f for f, _ in (self.train_list if self.train else self.test_list)] + [self.meta["filename"]]
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in files)
 
+    def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
+        # torchvision's own __init__ unpickles the batches with plain pickle.load; this one
+        # reads the same files through _load_batch, which builds nothing but numpy arrays.
+        tvd.VisionDataset.__init__(self, str(root))
+        self.train = train
+        if download:
+            self.download()  # type: ignore[attr-defined]
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        data, targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            entry = _load_batch(os.path.join(self.root, self.base_folder, name))
+            data.append(entry["data"])
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = targets
+        self._load_meta()
+
     def _load_meta(self) -> None:
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.classes = _load_batch(os.path.join(self.root, self.base_folder, self.meta["filename"]))[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's python batches (dicts of lists, bytes and numpy arrays) and nothing else.
+
+    Any other global in the stream (``os.system``, a class with ``__reduce__``...) is refused,
+    so a planted file cannot run code.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        out = _ArraysOnly(f, encoding="latin1").load()
+    if not isinstance(out, dict):
+        raise pickle.UnpicklingError("not a CIFAR batch (expected a dict)")
+    return out
 
 
 class _CIFAR10(_CifarFromDisk, tvd.CIFAR10):

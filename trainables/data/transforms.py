@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 #: ITU-R BT.601 luma weights for (R, G, B); PIL's ``convert("L")`` uses the same ones.
 LUMA_601: tuple[float, float, float] = (0.299, 0.587, 0.114)

@@ -20,7 +20,7 @@ Dtype convention: every computation runs in float64 (DDU computes the covariance
 covariances of 512-2048 dim features are often not numerically positive definite). ``score_samples`` accepts
 any floating dtype and always returns float64; the cast is part of the autograd graph, so the output is
 differentiable w.r.t. float32 (or float16/bfloat16) inputs and the gradient comes back in the input's dtype.
-This is what :func:`search.perturb.perturb` needs.
+This is what :func:`densitune.search.ood.perturb.perturb` needs.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from __future__ import annotations
 import abc
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainables.errors import ConfigError, DensituneError, NotFittedError
-from trainables.registry import Registry
+from densitune.errors import ConfigError, DensituneError, NotFittedError
+from densitune.registry import Registry
 
 __all__ = [
     "DENSITIES",
@@ -44,10 +45,11 @@ __all__ = [
     "GaussianKDE",
     "cholesky_with_jitter",
     "create_density",
+    "density_from_state",
 ]
 
 #: name -> factory taking keyword parameters and returning an unfitted :class:`Density`.
-DENSITIES: Registry[Callable[..., "Density"]] = Registry("density")
+DENSITIES: Registry[Callable[..., Density]] = Registry("density")
 
 #: DDU's jitter ladder (omegafragger/DDU, utils/gmm_utils.py): 0, the smallest normal float64, 1e-308 ... 1e-1.
 JITTERS: tuple[float, ...] = (0.0, torch.finfo(torch.float64).tiny) + tuple(10.0**e for e in range(-308, 0))
@@ -155,11 +157,13 @@ class Density(abc.ABC):
     (:func:`create_density`), :meth:`fit` is called once on the features of the *training* split (extracted
     once, without augmentation, and shared by all trials), then :meth:`score_samples` is called many times: on
     the ID and OOD evaluation features, and inside the autograd graph of input perturbation
-    (:func:`search.perturb.perturb`), which differentiates it w.r.t. its input.
+    (:func:`densitune.search.ood.perturb.perturb`), which differentiates it w.r.t. its input.
     """
 
     #: Registered name (set by subclasses / factories).
     name: str = "density"
+    #: Feature dimension D, set by :meth:`fit` (absent before; :meth:`is_fitted` checks for it).
+    n_features_in_: int
 
     @abc.abstractmethod
     def fit(self, z: Tensor, y: Tensor) -> Density:
@@ -212,6 +216,21 @@ class Density(abc.ABC):
         if self.is_fitted():
             out.update(self.fitted_summary())
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Name, parameters and fitted state (attributes ending in ``_``) as tensors and JSON scalars.
+
+        ``torch.save`` of this dict is readable with ``torch.load(..., weights_only=True)``: saving and
+        loading a fitted density never pickles (or unpickles) an object. Rebuild with :func:`density_from_state`.
+        """
+        self._check_fitted()
+        fitted: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if key.endswith("_") and not key.startswith("_"):
+                if not isinstance(value, Tensor | bool | int | float | str):
+                    raise TypeError(f"{type(self).__name__}.{key} is a {type(value).__name__}, not a tensor or scalar")
+                fitted[key] = value
+        return {"name": self.name, "params": self.get_params(), "fitted": fitted}
 
     def _check_fitted(self) -> None:
         if not self.is_fitted():
@@ -317,7 +336,7 @@ class ClassConditionalGaussian(Density):
         self.jitter_ = jitter
         self.log_prior_ = torch.log(counts.to(torch.float64) / n)
         # log-normaliser of each class: -sum log diag L_c - D/2 log 2 pi
-        self._log_norm = -torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * _LOG_2PI
+        self.log_norm_ = -torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * _LOG_2PI
         self.n_features_in_ = d
         return self
 
@@ -340,7 +359,7 @@ class ClassConditionalGaussian(Density):
             # L_c^{-1} (z - mu_c) for all classes at once: solve L_c W = diff^T, W (C, D, m)
             w = torch.linalg.solve_triangular(self.cholesky_, diff.mT, upper=False)
             maha = w.square().sum(dim=1)  # (C, m)
-            out.append((self._log_norm.unsqueeze(1) - 0.5 * maha).mT)  # (m, C)
+            out.append((self.log_norm_.unsqueeze(1) - 0.5 * maha).mT)  # (m, C)
         if not out:
             return z64.new_empty(0, n_classes)
         return torch.cat(out, dim=0)
@@ -356,15 +375,25 @@ class ClassConditionalGaussian(Density):
 
 
 @DENSITIES.register("gmm_sum")
-def _gmm_sum(*, prior: bool = True, chunk_size: int | None = None) -> ClassConditionalGaussian:
+class GMMSum(ClassConditionalGaussian):
     """log q(z) = logsumexp_c(log pi_c + log N_c(z)); ``prior=False`` is DDU's score."""
-    return ClassConditionalGaussian(aggregation="sum", prior=prior, chunk_size=chunk_size)
+
+    def __init__(self, *, prior: bool = True, chunk_size: int | None = None) -> None:
+        super().__init__(aggregation="sum", prior=prior, chunk_size=chunk_size)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"prior": self.prior, "chunk_size": self.chunk_size}
 
 
 @DENSITIES.register("gmm_max")
-def _gmm_max(*, prior: bool = False, chunk_size: int | None = None) -> ClassConditionalGaussian:
+class GMMMax(ClassConditionalGaussian):
     """log q(z) = max_c log N_c(z) (the note's §3.1 variant); ``prior=True`` adds log pi_c inside the max."""
-    return ClassConditionalGaussian(aggregation="max", prior=prior, chunk_size=chunk_size)
+
+    def __init__(self, *, prior: bool = False, chunk_size: int | None = None) -> None:
+        super().__init__(aggregation="max", prior=prior, chunk_size=chunk_size)
+
+    def get_params(self) -> dict[str, Any]:
+        return {"prior": self.prior, "chunk_size": self.chunk_size}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,7 +501,7 @@ class GaussianKDE(Density):
             h = float(self.bandwidth)
         self.mean_ = z64.mean(dim=0)
         self.train_ = z64 - self.mean_
-        self._train_sq = self.train_.square().sum(dim=1)  # (N,)
+        self.train_sq_ = self.train_.square().sum(dim=1)  # (N,)
         self.bandwidth_ = h
         self.n_train_ = n
         self.n_features_in_ = d
@@ -491,7 +520,7 @@ class GaussianKDE(Density):
             partial = []
             for ts in range(0, self.n_train_, rows):
                 t = self.train_[ts : ts + rows]  # (n, D)
-                d2 = (q_sq + self._train_sq[ts : ts + rows] - 2.0 * q @ t.mT).clamp_min(0.0)  # (m, n)
+                d2 = (q_sq + self.train_sq_[ts : ts + rows] - 2.0 * q @ t.mT).clamp_min(0.0)  # (m, n)
                 partial.append(torch.logsumexp(-d2 * inv_two_h2, dim=1))  # (m,)
             out.append(torch.logsumexp(torch.stack(partial, dim=1), dim=1) + log_norm)
         if not out:
@@ -502,6 +531,28 @@ class GaussianKDE(Density):
 # ---------------------------------------------------------------------------------------------------------
 # factory
 # ---------------------------------------------------------------------------------------------------------
+
+
+def density_from_state(state: dict[str, Any], device: torch.device | str | None = None) -> Density:
+    """A fitted density rebuilt from :meth:`Density.state_dict` (tensors moved to ``device`` when given).
+
+    Raises:
+        DensituneError: the state names an unknown density, bad parameters, or fitted values of the wrong kind.
+    """
+    if not isinstance(state, dict) or set(state) != {"name", "params", "fitted"}:
+        raise DensituneError("not a saved density (expected the keys name, params, fitted)")
+    density = create_density(state["name"], **state["params"])
+    for key, value in state["fitted"].items():
+        if not (isinstance(key, str) and key.endswith("_") and not key.startswith("_")):
+            raise DensituneError(f"saved density {state['name']!r} has a bad fitted key {key!r}")
+        if isinstance(value, Tensor):
+            value = value.to(device) if device is not None else value
+        elif not isinstance(value, bool | int | float | str):
+            raise DensituneError(f"saved density {state['name']!r}: {key} is a {type(value).__name__}")
+        setattr(density, key, value)
+    if not density.is_fitted():
+        raise DensituneError(f"saved density {state['name']!r} holds no fitted state")
+    return density
 
 
 def create_density(name: str, **params: Any) -> Density:

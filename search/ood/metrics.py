@@ -12,18 +12,18 @@ far from the data). NaN scores raise :class:`DensituneError`.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from trainables.errors import ConfigError, DensituneError
+from densitune.errors import ConfigError, DensituneError
 
 __all__ = ["auprc", "auroc", "fpr_at_tpr", "ood_metrics"]
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
 
 def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:

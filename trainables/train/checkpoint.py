@@ -13,15 +13,19 @@ import os
 import pickle
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import nn
 
-from trainables.config import TrainConfig
-from trainables.errors import CheckpointError, DensituneError
+from densitune.errors import CheckpointError, DensituneError
+from densitune.trainables.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from densitune.trainables.nets.backbones import FeatureNet
 
 FORMAT = "densitune-checkpoint"
 VERSION = 1
@@ -48,7 +52,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` through ``write(file)`` into a unique temporary file, fsync it, then rename it over ``path``.
 
     Readers see the old file or the new one, never a part; of two processes writing at once, one wins whole.
@@ -155,7 +159,7 @@ def _first_line(e: BaseException) -> str:
 class LoadedModel:
     """A trained network ready for scoring, with what it was trained on."""
 
-    model: nn.Module
+    model: FeatureNet
     config: TrainConfig
     data: dict[str, Any]
     metrics: dict[str, float]
@@ -163,9 +167,9 @@ class LoadedModel:
     centers: torch.Tensor | None
 
 
-def build_model(config: TrainConfig, data: dict[str, Any]) -> nn.Module:
+def build_model(config: TrainConfig, data: dict[str, Any]) -> FeatureNet:
     """The (untrained) network a config describes, for data of ``data['shape']``."""
-    from trainables.backbones import SpectralConfig, create_model
+    from densitune.trainables.nets.backbones import SpectralConfig, create_model
 
     c, h, _ = data["shape"]
     return create_model(

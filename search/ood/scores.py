@@ -3,7 +3,7 @@
 A :class:`Score` is built for one trained model, or for every seed of a model group
 (the ensemble scores), plus a fitted density when it uses one. It is a
 differentiable function of the input, so that the input perturbation ("ip",
-:func:`search.perturb.perturb`) can follow its gradient, and it may offer a fast
+:func:`densitune.search.ood.perturb.perturb`) can follow its gradient, and it may offer a fast
 path on clean, cached features.
 
 The perturbation always climbs the gradient of the score being reported: for
@@ -26,17 +26,43 @@ ensemble_entropy    −H(mean_m softmax(g_m(x)))                                
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Sequence
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from search.densities import Density
-from search.perturb import perturb
-from trainables.errors import ConfigError
-from trainables.registry import Registry
+from densitune.errors import ConfigError
+from densitune.registry import Registry
+from densitune.search.ood.densities import Density
+from densitune.search.ood.perturb import perturb
 
-SCORES: Registry = Registry("score")
+
+@runtime_checkable
+class FeatureModel(Protocol):
+    """What a network must offer to be scored: any ``nn.Module`` with these three methods.
+
+    ``densitune.trainables``' backbones implement it; so can one's own model. Inputs x are
+    (N, C, H, W) images in [0, 1] (normalisation lives inside the model, so ε is in pixel units).
+    """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(N, K) logits."""
+        ...
+
+    def features(self, x: Tensor) -> Tensor:
+        """(N, D) features z, the input of the final linear layer (what the density models)."""
+        ...
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """((N, D) features, (N, K) logits) from one forward pass."""
+        ...
+
+    def modules(self) -> Iterator[nn.Module]:
+        """The network's modules (``nn.Module.modules``)."""
+        ...
+
+SCORES: Registry[type[Score]] = Registry("score")
 
 
 class Score(abc.ABC):
@@ -54,7 +80,7 @@ class Score(abc.ABC):
     #: only defined with input perturbation (ε > 0)
     needs_ip: ClassVar[bool] = False
 
-    def __init__(self, models: Sequence[nn.Module], density: Density | None = None) -> None:
+    def __init__(self, models: Sequence[FeatureModel], density: Density | None = None) -> None:
         name = type(self).__name__
         if not models:
             raise ConfigError(f"score {name} needs at least one model")
@@ -101,11 +127,13 @@ class DensityScore(Score):
     """log q(f(x)): the feature log-density (DDU; the research note's U(x))."""
 
     uses_density = True
+    #: never None: ``Score.__init__`` requires a density when ``uses_density``
+    density: Density
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.density.score_samples(self.model.features(x))
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
         ((z, _),) = feats
         return self.density.score_samples(z)
 
@@ -116,7 +144,7 @@ class DiffScore(DensityScore):
 
     needs_ip = True
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> None:
         return None
 
     def evaluate(self, x: Tensor, eps: float) -> Tensor:
@@ -134,7 +162,7 @@ class MaxSoftmax(Score):
     def __call__(self, x: Tensor) -> Tensor:
         return _log_softmax(self.model(x)).exp().max(1).values
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         ((_, logits),) = feats
         return _log_softmax(logits).exp().max(1).values
 
@@ -146,7 +174,7 @@ class NegEntropy(Score):
     def __call__(self, x: Tensor) -> Tensor:
         return _neg_entropy(_log_softmax(self.model(x)))
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         ((_, logits),) = feats
         return _neg_entropy(_log_softmax(logits))
 
@@ -172,7 +200,7 @@ class GradNorm(Score):
         z, logits = self.model.features_and_logits(x)
         return gradnorm_from_features(z, logits)
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         ((z, logits),) = feats
         return gradnorm_from_features(z, logits)
 
@@ -188,7 +216,7 @@ class _Ensemble(Score):
     def __call__(self, x: Tensor) -> Tensor:
         return self.combine(self.mean_log_probs([m(x) for m in self.models]))
 
-    def from_features(self, feats):
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         return self.combine(self.mean_log_probs([logits for _, logits in feats]))
 
     @abc.abstractmethod
@@ -211,7 +239,7 @@ class EnsembleEntropy(_Ensemble):
         return _neg_entropy(mean_logp)
 
 
-def create_score(name: str, models: Sequence[nn.Module], density: Density | None = None) -> Score:
+def create_score(name: str, models: Sequence[FeatureModel], density: Density | None = None) -> Score:
     """Build the registered score ``name`` (unknown names list the known ones)."""
     return SCORES.get(name)(models, density)
 

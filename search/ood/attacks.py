@@ -10,7 +10,7 @@ radius ``eps`` around the clean input, intersected with the valid pixel box [0, 
 - ``pgd``: projected gradient descent (Madry et al., 2018, "Towards deep learning models resistant to adversarial
   attacks"): the same iteration from a uniform random start x_0 = clip_[0,1](x + U(-eps, eps)).
 
-Inputs live in [0, 1] pixel space (the models of :mod:`trainables.backbones` normalise internally), so ``eps`` and
+Inputs live in [0, 1] pixel space (the models of :mod:`densitune.trainables.nets.backbones` normalise internally), so ``eps`` and
 the step size ``alpha`` are in pixel units, e.g. 8/255. The default ``alpha = 2.5 * eps / steps`` is Madry et al.'s
 choice; it lets an iterate cross the whole ball and still correct itself. (Kurakin et al. use
 ``alpha = 1/255`` and ``min(eps*255 + 4, 1.25*eps*255)`` steps; pass ``step_size``/``steps`` for that.)
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from trainables.errors import ConfigError
-from trainables.registry import Registry
+from densitune.errors import ConfigError
+from densitune.registry import Registry
 
 __all__ = ["ATTACKS", "AttackConfig", "AttackFn", "attack", "attack_dataset", "attack_names"]
 
@@ -230,7 +230,7 @@ def attack(name: str, model: nn.Module, x: Tensor, y: Tensor, config: AttackConf
 def attack_dataset(
     name: str,
     model: nn.Module,
-    data: Dataset,
+    data: Dataset[tuple[Tensor, int]],
     config: AttackConfig,
     *,
     batch_size: int = 256,

@@ -25,14 +25,15 @@ import functools
 import os
 import subprocess
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from trainables.errors import ResultsError
+from densitune.errors import ResultsError
 
 SCHEMA_VERSION = 3
 
@@ -92,7 +93,7 @@ def code_version() -> str:
         v = version("densitune")
     except PackageNotFoundError:  # running from a source tree that is not installed
         v = "0+unknown"
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parent  # git finds the checkout from any folder in it
     try:
         sha = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"],
@@ -191,7 +192,8 @@ def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        spec: dict[str, Any] = json.loads(path.read_text())
+        return spec
     except json.JSONDecodeError as e:
         raise ResultsError(f"corrupt search spec {path}: {e}") from None
 

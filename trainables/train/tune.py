@@ -1,4 +1,4 @@
-"""Ray Tune adapter for training: a thin trainable around :func:`trainables.train.fit`.
+"""Ray Tune adapter for training: a thin trainable around :func:`densitune.trainables.train.loop.fit`.
 
 All Tune calls for training live here (their API churns between Ray releases; this
 module follows Ray >= 2.51: everything from ``ray.tune``).
@@ -10,17 +10,18 @@ import itertools
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from trainables.checkpoint import read_checkpoint, read_config, save_checkpoint
-from trainables.config import TrainConfig, check_experiment_name
-from trainables.errors import CheckpointError, ConfigError, TrainingError
-from trainables.train import fit
+from densitune.errors import CheckpointError, ConfigError, TrainingError
+from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
+from densitune.trainables.train.config import TrainConfig, check_experiment_name
+from densitune.trainables.train.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     """
     from ray import tune
 
-    from search.results import code_version, write_rows
+    from densitune.search.results.store import code_version, write_rows
 
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -113,7 +114,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
         resume = saved_state(run, cfg)
         if resume is not None:
             log.info("%s: resuming after epoch %d", cfg.key, resume["epoch"])
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     for st in fit(cfg, resume=resume):
         final = st.epoch == cfg.epochs
@@ -140,7 +141,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
             "code_version": code_version(),
         }
         write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
-        ckpt_args = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
+        ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
         if final:  # the model store keeps weights only: no optimiser state
             save_checkpoint(run.model_dir(cfg), **ckpt_args)
         # After the final model (a crash in between leaves the state one epoch behind,
@@ -178,7 +179,7 @@ def run_training(
     """
     from ray import tune
 
-    from trainables.ray_runtime import progress_callback, trial_resources
+    from densitune.ray_runtime import progress_callback, trial_resources
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):
@@ -207,14 +208,14 @@ def run_training(
         ),
     )
     results = tuner.fit()
-    failed = [r for r in results if r.error is not None]
+    failed = [r for r in results if r.error is not None]  # type: ignore[attr-defined]
     if failed:
         first = failed[0]
         key = (first.config or {}).get("key", "?")
         raise TrainingError(
             f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error)}"
         )
-    return [dict(r.metrics or {}) for r in results]
+    return [dict(r.metrics or {}) for r in results]  # type: ignore[attr-defined]
 
 
 def error_summary(error: BaseException) -> str:

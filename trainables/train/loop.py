@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from trainables.checkpoint import build_model
-from trainables.config import TrainConfig
-from trainables.data import dataset_info, load_split
-from trainables.errors import ConfigError
-from trainables.losses import create_loss
+from densitune.device import default_device
+from densitune.errors import ConfigError
+from densitune.trainables.data import dataset_info, load_split
+from densitune.trainables.nets.losses import create_loss
+from densitune.trainables.train.checkpoint import build_model
+from densitune.trainables.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from densitune.trainables.nets.backbones import FeatureNet
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU (never a hard-coded ``.cuda()``)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_training_folder(config: TrainConfig) -> None:
@@ -37,7 +37,7 @@ def check_training_folder(config: TrainConfig) -> None:
     prepared, and not in :class:`TrainConfig`: a checkpoint re-validates its config when
     loaded, and must stay loadable after its training folder has moved.
     """
-    from trainables.data.folder import PREFIX, resolve
+    from densitune.trainables.data.folder import PREFIX, resolve
 
     path = config.dataset[len(PREFIX):] if config.dataset.startswith(PREFIX) else ""
     if not path.strip():
@@ -87,7 +87,7 @@ def accuracy(model: nn.Module, data: Dataset, device: torch.device, batch_size: 
 
 
 def train_step(
-    model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    model: FeatureNet, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     x: Tensor, y: Tensor, use_amp: bool,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a batch x (N, C, H, W), y (N,); returns (loss, logits (N, K)).
@@ -138,7 +138,7 @@ def fit(
 ) -> Iterator[EpochState]:
     """Train ``config`` and yield an :class:`EpochState` after every epoch.
 
-    ``resume`` is a checkpoint dict (see :mod:`trainables.checkpoint`); training then
+    ``resume`` is a checkpoint dict (see :mod:`densitune.trainables.train.checkpoint`); training then
     continues after its epoch with the same optimiser and schedule. Every epoch
     reseeds its shuffling from (seed, epoch), so a resumed run sees the same batches
     as an uninterrupted one.
@@ -175,7 +175,7 @@ def fit(
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         total_loss = 0.0
         correct = seen = 0
-        for x, y in DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(train) > config.batch_size):
+        for x, y in DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(cast(Sized, train)) > config.batch_size):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = train_step(model, loss_fn, optimizer, scaler, x, y, use_amp)
             total_loss += float(loss.detach()) * len(y)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 __all__ = [
     "SpectralConfig",
@@ -98,6 +98,9 @@ class SoftSpectralNorm(nn.Module):
     the effective weight is a pure function of the raw weight and the buffers. As in DDU and Miyato et al. (2018), the
     gradient flows through ``sigma = u^T W v`` with ``u``, ``v`` held constant.
     """
+
+    _u: Tensor
+    _v: Tensor
 
     def __init__(self, weight: Tensor, coeff: float, n_power_iterations: int, eps: float = 1e-12) -> None:
         super().__init__()
@@ -154,7 +157,7 @@ def _norm_of(module: nn.Module) -> tuple[str, SoftSpectralNorm] | None:
     """The (tensor name, parametrization) of a module normalised by :func:`apply_spectral_norm`, else None."""
     if not parametrize.is_parametrized(module):
         return None
-    for tensor_name, plist in module.parametrizations.items():  # type: ignore[union-attr]
+    for tensor_name, plist in module.parametrizations.items():  # type: ignore[union-attr, operator]
         for p in plist:
             if isinstance(p, SoftSpectralNorm):
                 return tensor_name, p

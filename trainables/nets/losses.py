@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.errors import ConfigError
-from trainables.registry import Registry
+from densitune.errors import ConfigError
+from densitune.registry import Registry
 
 LOSSES: Registry = Registry("loss")
 

@@ -14,12 +14,12 @@ maths (pytorch-ood computes the Gaussian score twice, once for the step and once
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 __all__ = ["perturb"]
 

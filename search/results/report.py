@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from search.spec import METRICS
-from trainables.errors import ConfigError, ResultsError
+from densitune.errors import ConfigError, ResultsError
+from densitune.search.spec import METRICS
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 #: Columns that identify a trained configuration (a model group).
 GROUP_COLUMNS = ["backbone", "D", "loss", "lam", "spectral"]
@@ -53,7 +58,7 @@ class Table:
 # ----------------------------------------------------------------------------- data
 
 
-def search_frame(table) -> pd.DataFrame:
+def search_frame(table: pa.Table) -> pd.DataFrame:
     """The search rows of a results table as a DataFrame (nulls made groupable)."""
     df = table.to_pandas()
     df = df[df["stage"] == "search"].copy()
@@ -103,7 +108,7 @@ def _ascending(trials: pd.DataFrame, metric: str) -> bool:
 class ConfigResult:
     """A configuration's no-ip trial and its validation-selected ip trial."""
 
-    config: dict
+    config: dict[str, Any]
     plain: pd.Series | None  # the ε = 0 trial
     ip: pd.Series | None  # the best ε > 0 trial on validation
     rank_value: float
@@ -128,7 +133,7 @@ def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
     return df[(df["trial_id"] == trial["trial_id"]) & (df["experiment"] == trial["experiment"])]
 
 
-def _stats(rows: pd.DataFrame, prefix: str = "") -> dict:
+def _stats(rows: pd.DataFrame, prefix: str = "") -> dict[str, float]:
     """mean and std (over seeds) of each metric of ``rows``."""
     out = {}
     for m in VALUES:
@@ -138,7 +143,7 @@ def _stats(rows: pd.DataFrame, prefix: str = "") -> dict:
     return out
 
 
-def _group_title(cfg: dict) -> str:
+def _group_title(cfg: dict[str, Any]) -> str:
     lam = "" if cfg["loss"] == "ce" else f" λ={cfg['lam']:g}"
     sn = "" if cfg["spectral"] else " no-SN"
     return f"{cfg['backbone']} D={cfg['D']} {cfg['loss']}{lam}{sn}"
@@ -148,7 +153,7 @@ def short_params(density: str, params: str | None) -> str:
     """The density parameters that differ from its defaults, as ``k=v`` (rows store them all)."""
     if not density or not params or params == "{}":
         return ""
-    from search.densities import create_density
+    from densitune.search.ood.densities import create_density
 
     given = json.loads(params)
     try:
@@ -158,7 +163,7 @@ def short_params(density: str, params: str | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(given.items()) if defaults.get(k, object()) != v)
 
 
-def _method_title(cfg: dict) -> str:
+def _method_title(cfg: dict[str, Any]) -> str:
     dens = f" {cfg['density']}" if cfg.get("density") else ""
     params = short_params(cfg.get("density", ""), cfg.get("density_params"))
     return f"score={cfg['score']}{dens}{' ' + params if params else ''}"
@@ -204,7 +209,7 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
                 rows.append({"ood_dataset": s, "split": split, **_stats(a), **_stats(b, "_ip")})
         first = r.plain if r.plain is not None else r.ip
         eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
-        v = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
+        v: Callable[[pd.Series | None], str] = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
         title = (f"{rank}. {_group_title(r.config)} {_method_title(r.config)} — ID test accuracy "
                  f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; ip ε = {eps} (chosen on validation); "
                  f"val {metric}: no ip {v(r.plain)}, ip {v(r.ip)}")
@@ -259,7 +264,7 @@ def by_tables(df: pd.DataFrame, by: list[str], metric: str = "auroc") -> list[Ta
     return [Table(f"best trial per {', '.join(by)} (selected on validation {metric}; test figures)", pd.DataFrame(rows))]
 
 
-def report_tables(table, metric: str = "auroc", top: int | None = None, view: str = "all", by: list[str] | None = None) -> list[Table]:
+def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None, view: str = "all", by: list[str] | None = None) -> list[Table]:
     df = search_frame(table)
     if by:
         return by_tables(df, by, metric)
@@ -273,7 +278,7 @@ def report_tables(table, metric: str = "auroc", top: int | None = None, view: st
     return tables
 
 
-def best_tables(table, metric: str = "auroc") -> list[Table]:
+def best_tables(table: pa.Table, metric: str = "auroc") -> list[Table]:
     """The best trial by validation ``metric`` with its test figures (mean ± std over seeds)."""
     df = search_frame(table)
     top = trial_objectives(df, metric).iloc[0]
@@ -286,7 +291,7 @@ def best_tables(table, metric: str = "auroc") -> list[Table]:
     return [Table(title, pd.DataFrame(out))]
 
 
-def best_config(table, metric: str = "auroc") -> dict:
+def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
     """The best trial as a dict (for programs): config columns, eps, trial_id, val."""
     top = trial_objectives(search_frame(table), metric).iloc[0]
     out = {c: top[c] for c in [*CONFIG_COLUMNS, "eps", "trial_id", "experiment", "val"]}
@@ -355,11 +360,11 @@ def render(tables: list[Table], fmt: str = "markdown") -> str:
     return json.dumps([{"title": t.title, "rows": json.loads(t.frame.to_json(orient="records"))} for t in tables], indent=1)
 
 
-def report(table, metric: str = "auroc", top: int | None = None, view: str = "all", fmt: str = "markdown",
+def report(table: pa.Table, metric: str = "auroc", top: int | None = None, view: str = "all", fmt: str = "markdown",
            by: list[str] | None = None) -> str:
     """The report (see the module docstring) rendered in ``fmt``."""
     return render(report_tables(table, metric, top, view, by), fmt)
 
 
-def best(table, metric: str = "auroc", fmt: str = "markdown") -> str:
+def best(table: pa.Table, metric: str = "auroc", fmt: str = "markdown") -> str:
     return render(best_tables(table, metric), fmt)

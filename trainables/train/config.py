@@ -10,12 +10,13 @@ import dataclasses
 import math
 import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from trainables.errors import ConfigError
+from densitune.errors import ConfigError
 
 #: An experiment name becomes a folder name and a hive partition value (``experiment=<name>``):
 #: only names that need no escaping in either place.
@@ -77,8 +78,8 @@ class TrainConfig:
     experiment: str = "default"
 
     def __post_init__(self) -> None:
-        from trainables.backbones import BACKBONES
-        from trainables.losses import LOSSES
+        from densitune.trainables.nets.backbones import BACKBONES
+        from densitune.trainables.nets.losses import LOSSES
 
         self._check_types()
         BACKBONES.check(self.backbone)
@@ -103,7 +104,7 @@ class TrainConfig:
             raise ConfigError(f"train limit must be >= 1 (or None for the whole split), got {self.train_limit}")
         check_experiment_name(self.experiment)
         # The ``folder:`` training-data layout (train/ and test/ subfolders) is checked where the data is
-        # prepared (trainables.train.data_description), not here: loading a checkpoint re-validates its
+        # prepared (densitune.trainables.train.loop.data_description), not here: loading a checkpoint re-validates its
         # config, and a folder that has moved since must not make the trained model unreadable.
 
     def _check_types(self) -> None:

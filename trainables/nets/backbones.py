@@ -23,23 +23,24 @@ vit         torchvision VisionTransformer (Dosovitskiy et al., 2021): 6 layers, 
 Each factory has the signature ``factory(in_channels, image_size, spectral) -> (body, body_dim)``; ``body`` maps
 ``(N, in_channels, image_size, image_size)`` to ``(N, body_dim)`` (or ``(N, body_dim, 1, 1)``, flattened by
 :class:`FeatureNet`). When ``spectral`` is given, every conv/linear weight of the body is soft-spectrally normalised
-(:mod:`trainables.spectral`).
+(:mod:`densitune.trainables.nets.spectral`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from trainables.errors import ConfigError
-from trainables.registry import Registry
-from trainables.spectral import SpectralConfig, apply_spectral_norm, effective_weight, spectral_layers
+from densitune.errors import ConfigError
+from densitune.registry import Registry
+from densitune.trainables.nets.spectral import SpectralConfig, apply_spectral_norm, effective_weight, spectral_layers
 
 __all__ = [
     "BACKBONES",
@@ -81,6 +82,9 @@ def _finish(body: nn.Module, body_dim: int, spectral: SpectralConfig | None) -> 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; ``x`` (N, C, H, W) -> same shape. Mean and std are buffers (saved, moved
     with the model, never trained)."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -270,7 +274,7 @@ def make_vgg16(in_channels: int, image_size: int, spectral: SpectralConfig | Non
     for m in features.modules():  # torchvision's VGG init
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            nn.init.zeros_(cast(Tensor, m.bias))  # every conv above has a bias
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -356,7 +360,7 @@ class WideResNet(nn.Module):
             groups.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = groups
         self.bn1 = nn.BatchNorm2d(widths[-1], momentum=0.01)
-        nonlinearity = "leaky_relu" if mod else "relu"
+        nonlinearity: Literal["leaky_relu", "relu"] = "leaky_relu" if mod else "relu"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)

@@ -3,10 +3,10 @@
 The sampler is Optuna's, behind Tune's ``OptunaSearch``:
 
 * ``grid``: a GridSampler over one categorical, the list of valid points
-  (:func:`search.space.grid_points`), with ``num_samples`` exactly the grid size
+  (:func:`densitune.search.space.grid_points`), with ``num_samples`` exactly the grid size
   (more would re-run points, per PLATFORM.md), so each point runs once;
 * ``tpe``: a TPESampler over the conditional define-by-run space
-  (:class:`search.space.DefineByRun`), ε drawn from {0} ∪ log-uniform range.
+  (:class:`densitune.search.space.DefineByRun`), ε drawn from {0} ∪ log-uniform range.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.evaluate import workspace
-from search.models import ModelGroup
-from search.space import DefineByRun, TrialParams, grid_points, params_from_config
-from search.spec import SearchSpec
+from densitune.search.evaluate import workspace
+from densitune.search.models import ModelGroup
+from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
+from densitune.search.spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ class SearchRun:
 def search_trainable(
     config: dict[str, Any], spec: SearchSpec, groups: dict[str, ModelGroup], points: dict[str, TrialParams], run: SearchRun
 ) -> None:
-    """Tune function trainable: one trial = :func:`search.trial.run_trial` + a Parquet file + a report."""
+    """Tune function trainable: one trial = :func:`densitune.search.trial.run_trial` + a Parquet file + a report."""
     import torch
     from ray import tune
 
-    from search.results import write_rows
-    from search.trial import run_trial
+    from densitune.search.results.store import write_rows
+    from densitune.search.trial import run_trial
 
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
@@ -72,7 +72,7 @@ def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
 
 def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[str, Any], float]]:
     """trial_id -> (sampler parameters, objective) of every trial already in the results."""
-    from search.results import has_results, read_results
+    from densitune.search.results.store import has_results, read_results
 
     if not has_results(results_dir, experiment):
         return {}
@@ -128,7 +128,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from trainables.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(run.results_dir, spec.experiment) if resume else {}
@@ -136,9 +136,9 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     storage = None
     if spec.sampler == "grid":
         finished = {p.get("point") for p, _ in done.values()}
-        todo = [label for label in points if label not in finished]
+        todo: list[str] | list[int] = [label for label in points if label not in finished]
         total = len(points)
-        sampler = optuna.samplers.GridSampler({"point": todo}, seed=spec.seed)
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.GridSampler({"point": todo}, seed=spec.seed)
         space: Any = {"point": optuna.distributions.CategoricalDistribution(todo)} if todo else None
     else:
         total = trial_budget(spec, groups)

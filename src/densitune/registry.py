@@ -7,9 +7,10 @@ of known names.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar, cast
 
-from trainables.errors import UnknownNameError
+from densitune.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ class Registry(Generic[T]):
         """Decorator: register the decorated object under ``name`` (default: its ``__name__``)."""
 
         def deco(obj: T) -> T:
-            key = name or getattr(obj, "__name__")
+            key = name or cast(Any, obj).__name__
             if key in self._items:
                 raise ValueError(f"{self.kind} {key!r} registered twice")
             self._items[key] = obj

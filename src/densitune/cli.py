@@ -11,10 +11,11 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any, overload
 
-from trainables.errors import DensituneError
+from densitune.errors import DensituneError
 
 log = logging.getLogger("densitune")
 
@@ -96,7 +97,7 @@ _FLAG_KEYS = {
 
 def _search_values(args: argparse.Namespace) -> dict:
     """Spec values from the --spec file, overridden by the flags that were given."""
-    from search.spec_file import load_spec_file
+    from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
     for flag, key in _FLAG_KEYS.items():
@@ -123,7 +124,7 @@ def _search_values(args: argparse.Namespace) -> dict:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are the same one line as every other bad input."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(2, f"densitune: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
+@overload
+def _abs(path: str) -> str: ...
+@overload
+def _abs(path: None) -> None: ...
 def _abs(path: str | None) -> str | None:
     """An absolute path: Ray Tune runs each trial in its own working folder, so relative paths break there."""
     return None if path is None else str(Path(path).expanduser().resolve())
@@ -192,8 +197,8 @@ def _abs_dataset(name: str | None) -> str | None:
 
 
 def _train_configs(args: argparse.Namespace):
-    from trainables.config import TrainConfig
-    from trainables.tune_train import expand_grid
+    from densitune.trainables.train.config import TrainConfig
+    from densitune.trainables.train.tune import expand_grid
 
     base = TrainConfig(
         backbone=args.backbone[0], feature_dim=args.dim[0], loss=args.loss[0], lam=args.lam, seed=args.seeds[0],
@@ -206,18 +211,18 @@ def _train_configs(args: argparse.Namespace):
 
 def _check_data(name: str, root: str | None, download: bool = False) -> None:
     """Fail early (before Ray, before writing) if a data set is unknown or absent."""
-    from trainables.data import dataset_info, load_split
+    from densitune.trainables.data import dataset_info, load_split
 
     dataset_info(name, root=root)
     load_split(name, "test", root=root, download=download, limit=1)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainables.ray_runtime import init_ray
-    from trainables.tune_train import TrainRun, run_training
+    from densitune.ray_runtime import init_ray
+    from densitune.trainables.train.tune import TrainRun, run_training
 
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
-    from trainables.train import check_training_folder
+    from densitune.trainables.train.loop import check_training_folder
 
     configs = _train_configs(args)  # validates names, D, ε...
     check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
@@ -235,9 +240,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _search_spec(values: dict, id_dataset: str):
-    from search.spec import SearchSpec
+    from densitune.search.spec import SearchSpec
 
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "models"}
+    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "models"}
     kw.setdefault("experiment", "search")
     val_default, test_default = DEFAULT_OOD.get(id_dataset, (None, ()))
     if kw.get("protocol", "val-ood") == "val-ood":
@@ -258,18 +263,17 @@ def _number_or_name(text: str) -> float | str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from search import models
-    from search.report import best, report
-    from search.results import read_results, write_spec
     from collections import Counter
 
-    from search.cache import DiskCache
-    from search.tune_search import SearchRun, run_search, trial_budget
-    from trainables.checkpoint import read_config
-    from trainables.errors import ConfigError
-    from trainables.ray_runtime import init_ray
-
-    from search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
+    from densitune.errors import ConfigError
+    from densitune.ray_runtime import init_ray
+    from densitune.search import models
+    from densitune.search.cache import DiskCache
+    from densitune.search.results.report import best, report
+    from densitune.search.results.store import read_results, write_spec
+    from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
+    from densitune.search.tune import SearchRun, run_search, trial_budget
+    from densitune.trainables.train.checkpoint import read_config
 
     # The space first: a bad name or value fails before any file is read.
     values = _search_values(args)
@@ -294,8 +298,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
     for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (spec.val_ood, *spec.test_ood) if n)):
         _check_data(name, root)
+    cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
-                    max_concurrent=args.max_concurrent, cache_dir=str(out / "cache"))
+                    max_concurrent=args.max_concurrent, cache_dir=cache_dir)
     _check_experiment(run.results_dir, spec, args.resume)
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
@@ -304,7 +309,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
-    events = Counter(kind for kind, _ in DiskCache(run.cache_dir).events())
+    events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
     table = read_results(run.results_dir, experiment=spec.experiment)
@@ -316,8 +321,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _check_experiment(results_dir: str, spec, resume: bool) -> None:
     """A new search must not mix into an old experiment; a resumed one must have the same spec."""
-    from search.results import has_results, read_spec
-    from trainables.errors import ConfigError
+    from densitune.errors import ConfigError
+    from densitune.search.results.store import has_results, read_spec
 
     if not resume:
         if has_results(results_dir, spec.experiment):
@@ -331,9 +336,9 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from search.report import report
-    from search.results import filter_results, read_results
-    from trainables.errors import ConfigError
+    from densitune.errors import ConfigError
+    from densitune.search.results.report import report
+    from densitune.search.results.store import filter_results, read_results
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
@@ -346,8 +351,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from search.report import best, best_config
-    from search.results import filter_results, read_results
+    from densitune.search.results.report import best, best_config
+    from densitune.search.results.store import filter_results, read_results
 
     table = filter_results(read_results(args.results), args.where)
     print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
@@ -355,8 +360,8 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from search.report import Table, render
-    from search.results import query, read_results
+    from densitune.search.results.report import Table, render
+    from densitune.search.results.store import query, read_results
 
     result = query(read_results(args.results), args.sql)
     print(render([Table(args.sql, result.to_pandas())], args.format))
@@ -364,7 +369,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from search.plots import plot_results
+    from densitune.search.plots import plot_results
 
     for path in plot_results(args.results, args.out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
         print(path)
@@ -372,11 +377,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from search.densities import DENSITIES
-    from search.scores import SCORES
-    from trainables.backbones import BACKBONES
-    from trainables.data import dataset_names
-    from trainables.losses import LOSSES
+    from densitune.search.ood.densities import DENSITIES
+    from densitune.search.ood.scores import SCORES
+    from densitune.trainables.data import dataset_names
+    from densitune.trainables.nets.backbones import BACKBONES
+    from densitune.trainables.nets.losses import LOSSES
 
     for title, names in (
         ("backbones", BACKBONES.names()), ("losses", LOSSES.names()), ("datasets", dataset_names()),

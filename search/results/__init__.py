@@ -1,0 +1,4 @@
+"""Results: the versioned Parquet store (:mod:`.store`) and the tables built from it (:mod:`.report`).
+
+No Ray, no training loop, no CLI.
+"""

@@ -1,0 +1,1 @@
+"""Networks: backbones, DDU soft spectral normalisation and the (center) losses."""
