@@ -130,7 +130,7 @@ def test_no_unsafe_deserialisation_in_the_package():
 @pytest.mark.slow
 def test_plain_wheel_install_works_from_a_neutral_directory(tmp_path):
     """A plain (non-editable) install: the wheel holds exactly `densitune/...`, every module, and runs."""
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                         "-w", str(tmp_path / "whl"), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     (wheel,) = (tmp_path / "whl").glob("densitune-*.whl")
