@@ -57,3 +57,24 @@ def test_misspelt_key_fails_validation(name, typo):
     cfg[wrong] = cfg.pop(right)
     with pytest.raises((jsonschema.ValidationError, KeyError, ValueError)):
         _validate(cfg)
+
+
+def test_readme_cluster_commands_parse_and_use_the_tested_flags():
+    """The README's cluster recipe runs the densitune commands the tests exercise, with the same flags."""
+    import shlex
+
+    from densitune.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Cluster"):]
+    block = section[section.index("```bash") + 7:section.index("```", section.index("```bash") + 7)]
+    lines = block.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(ln.split(" -- ", 1)[1].split("#")[0]) if "job submit" in ln else shlex.split(ln.split("#")[0])
+                for ln in lines if "densitune " in ln and ("job submit" in ln or ln.lstrip().startswith("densitune"))]
+    assert [c[1] for c in commands if c[0] == "densitune"] == ["train", "search"]
+    for cmd in commands:
+        if cmd[0] == "densitune":
+            args = build_parser().parse_args(cmd[1:])
+            assert args.address == "auto" and args.gpus_per_trial is not None
+    assert "ray up -y cluster.yaml" in block and "ray down -y cluster.yaml" in block
+    assert "--working-dir ." in block
