@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
@@ -35,6 +36,7 @@ class SearchRun:
     results_dir: str
     storage_path: str
     cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 1 when this (local) machine has a GPU, else 0
     max_concurrent: int | None = None
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
 
@@ -57,7 +59,11 @@ def search_trainable(
     # A grid point's file is named by the point, so a point run again after a crash replaces it.
     write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
-    tune.report({spec.objective: objective, "eps": params.eps, **{f"n_{k}": v for k, v in ws.counts.items()}})
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    tune.report({spec.objective: objective, "eps": params.eps, "assigned_gpus": assigned.get("GPU", 0.0),
+                 **{f"n_{k}": v for k, v in ws.counts.items()}})
 
 
 def point_file_name(params: TrialParams) -> str:
@@ -117,12 +123,15 @@ def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str
     return storage
 
 
-def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0):
+def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0,
+               max_gpu_hours: float | None = None):
     """Run the search; returns Tune's ResultGrid (None when nothing was left to run).
 
     Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
     (the Parquet files are the record) are not run again: a grid runs its missing points,
     TPE runs the rest of its budget with the finished trials given to the sampler.
+    A trial lost with its node is run again from scratch (:mod:`densitune.failures`); a
+    fatal error, or reaching ``max_gpu_hours``, stops the whole search (resumable).
     """
     import optuna
     from ray import tune
@@ -151,11 +160,13 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         log.info("resuming search %s: %d trial(s) already in the results, %d to run", spec.experiment, len(done), len(todo))
     if not todo:
         return None
-    resources = trial_resources(run.cpus_per_trial)
+    resources = trial_resources(run.cpus_per_trial, run.gpus_per_trial)
     trainable = tune.with_resources(
-        tune.with_parameters(search_trainable, spec=spec, groups={g.key: g for g in groups}, points=points, run=run),
+        tune.with_parameters(guarded(search_trainable, spec.objective), spec=spec, groups={g.key: g for g in groups},
+                             points=points, run=run),
         resources,
     )
+    stopper = fatal_stopper(resources.get("gpu", 0.0), max_gpu_hours)
     concurrent = run.max_concurrent or trial_slots(resources)
     algo = OptunaSearch(space=space, metric=spec.objective, mode=spec.mode, sampler=sampler, storage=storage)
     tuner = tune.Tuner(
@@ -164,10 +175,14 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         run_config=tune.RunConfig(
             name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search")],
+            stop=stopper,
             verbose=verbose,
         ),
     )
     log.info("search %s: %s sampler, %d trials over %d model group(s)", spec.experiment, spec.sampler, len(todo), len(groups))
-    return tuner.fit()
+    results = tuner.fit()
+    raise_fatal(results, "search", "point")
+    check_budget(stopper, max_gpu_hours, "search")
+    return results

@@ -32,7 +32,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial asks Ray for (default: %(default)s)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each trial asks Ray for: 0, a fraction in (0, 1] (trials share a GPU) or a whole number; "
+                        "required with --address; default: 1 if this machine has a GPU, else 0")
+    p.add_argument("--max-gpu-hours", type=float, default=None,
+                   help="stop the run (resumable) once its trials have used about this many GPU-hours (default: no limit)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no progress lines)")
     p.add_argument("--verbose", action="store_true", help="also Ray Tune's own status tables")
@@ -53,7 +58,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
     p.add_argument("--sn-coeff", type=float, default=3.0)
     p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (default: 1 if the cluster has GPUs)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -218,9 +222,10 @@ def _check_data(name: str, root: str | None, download: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from densitune.ray_runtime import init_ray
+    from densitune.ray_runtime import check_trial_resources, init_ray
     from densitune.trainables.train.tune import TrainRun, run_training
 
+    check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
     from densitune.trainables.train.loop import check_training_folder
 
@@ -234,7 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
     init_ray(args.address, args.num_cpus)
-    run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0)
+    run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
+                 verbose=1 if args.verbose else 0)
     print(f"trained models: {Path(run.models_dir) / args.experiment}")
     return 0
 
@@ -266,7 +272,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from densitune.errors import ConfigError
-    from densitune.ray_runtime import init_ray
+    from densitune.ray_runtime import check_trial_resources, init_ray
     from densitune.search import models
     from densitune.search.cache import DiskCache
     from densitune.search.results.report import best, report
@@ -276,6 +282,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.trainables.train.checkpoint import read_config
 
     # The space first: a bad name or value fails before any file is read.
+    check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
     values = _search_values(args)
     check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
                 tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
@@ -300,12 +307,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         _check_data(name, root)
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
-                    max_concurrent=args.max_concurrent, cache_dir=cache_dir)
+                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir)
     _check_experiment(run.results_dir, spec, args.resume)
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
     init_ray(args.address, args.num_cpus)
-    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
+    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
+                      max_gpu_hours=args.max_gpu_hours)
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")

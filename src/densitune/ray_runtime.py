@@ -7,38 +7,106 @@ On a laptop or CI box Ray starts locally with a bounded object store; with
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
+from typing import Any
+
+from densitune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+def check_trial_resources(address: str | None, cpus_per_trial: float, gpus_per_trial: float | None,
+                          num_cpus: int | None = None, max_gpu_hours: float | None = None) -> None:
+    """Resource flags, checked before Ray starts (one-line :class:`ConfigError` each).
+
+    CPUs per trial and ``--num-cpus`` must be positive; GPUs per trial a fraction in (0, 1]
+    or a whole number (0 = CPU only). On a cluster (``address`` given) the GPUs per trial
+    must be explicit: an autoscaling cluster shows no GPU until a GPU trial asks for one,
+    so guessing from what happens to be up would put every trial on the CPU head.
+    """
+    if not (isinstance(cpus_per_trial, int | float) and math.isfinite(cpus_per_trial) and cpus_per_trial > 0):
+        raise ConfigError(f"--cpus-per-trial must be a number > 0, got {cpus_per_trial}")
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError(f"--num-cpus must be >= 1, got {num_cpus}")
+    if max_gpu_hours is not None and not (math.isfinite(max_gpu_hours) and max_gpu_hours > 0):
+        raise ConfigError(f"--max-gpu-hours must be a number > 0, got {max_gpu_hours}")
+    if gpus_per_trial is None:
+        if address:
+            raise ConfigError("with --address (a cluster) pass --gpus-per-trial explicitly (e.g. 1, 0.25, or 0 for CPU-only trials)")
+        return
+    g = float(gpus_per_trial)
+    if not math.isfinite(g) or g < 0 or (g > 1 and not g.is_integer()):
+        raise ConfigError(f"--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number, got {gpus_per_trial}")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process (later calls are no-ops)."""
+    """Start or join Ray once per process (later calls are no-ops).
+
+    Without ``address`` an isolated local instance is started (``address="local"``), even
+    when another Ray runs on the machine (a plain ``ray.init()`` would join that one);
+    ``address="auto"`` (or ``host:port``) joins a running cluster.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    # Tune's trial workers import the project from the installed package; keep Ray quiet
-    # about the things it cannot know (no dashboard is installed with ray[tune]).
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
         ray.init(address=address, log_to_driver=True)
+        log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
+                 ray.cluster_resources())
     else:
         ray.init(
+            address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
             log_to_driver=True,
         )
-    log.info("ray resources: %s", ray.cluster_resources())
+        log.info("started a local Ray: resources %s", ray.cluster_resources())
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _node_type_gpus() -> list[float]:
+    """GPUs of each node type an autoscaling cluster may start (the launcher's config on the head)."""
+    path = Path(os.path.expanduser("~/ray_bootstrap_config.yaml"))
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+        types = cfg.get("available_node_types") or {}
+        return [float((t.get("resources") or {}).get("GPU", 0)) for t in types.values() if isinstance(t, dict)]
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
 
 
 def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None) -> dict[str, float]:
-    """Resources for one trial: a GPU (or the given fraction) when the cluster has GPUs, else CPUs only."""
+    """Resources for one trial, requested (not guessed), checked against what a node can have.
+
+    ``gpus_per_trial=None`` (a local run only: :func:`check_trial_resources` refuses it with
+    an address) means one GPU per trial when this machine has GPUs, else none.
+
+    Raises:
+        ConfigError: a trial would need more GPUs than any node has or can ever have.
+    """
     import ray
 
     if gpus_per_trial is None:
         gpus_per_trial = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    nodes = alive_nodes()
+    most_gpus = max([float(n["Resources"].get("GPU", 0)) for n in nodes] + _node_type_gpus(), default=0.0)
+    if gpus_per_trial > most_gpus:
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: no node of this cluster has (or can start with) "
+                          f"more than {most_gpus:g} GPU(s)")
     res = {"cpu": float(cpus_per_trial)}
     if gpus_per_trial > 0:
         res["gpu"] = float(gpus_per_trial)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from densitune.errors import CheckpointError, ConfigError, TrainingError
+from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
 from densitune.trainables.train.loop import fit
@@ -163,7 +164,8 @@ def run_training(
     run: TrainRun,
     *,
     gpus_per_trial: float | None = None,
-    max_failures: int = 1,
+    max_failures: int = MAX_RETRIES,
+    max_gpu_hours: float | None = None,
     verbose: int = 0,
 ) -> list[dict[str, Any]]:
     """Train ``configs`` as Ray Tune trials (one per config); returns each trial's last metrics.
@@ -172,8 +174,12 @@ def run_training(
     unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`
     and :func:`saved_state`).
 
+    A trial lost with its node is retried from its last epoch (``max_failures`` times, see
+    :mod:`densitune.failures`); a fatal error stops the whole run at once.
+
     Raises:
         ConfigError: two configs share a key.
+        DensituneError: a trial failed fatally, or ``max_gpu_hours`` was reached (the run is resumable).
         TrainingError: a trial failed (after ``max_failures`` retries); the one-line message
             names the first failed trial's key and the last line of its error.
     """
@@ -185,10 +191,11 @@ def run_training(
     if len(by_key) != len(configs):
         dup = sorted({c.key for c in configs if sum(o.key == c.key for o in configs) > 1})
         raise ConfigError(f"two training configs share a key (they differ only in settings the key leaves out): {', '.join(dup)}")
+    resources = trial_resources(run.cpus_per_trial, gpus_per_trial)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trainable, run=run, configs=by_key),
-        trial_resources(run.cpus_per_trial, gpus_per_trial),
+        tune.with_parameters(guarded(train_trainable, "val_accuracy"), run=run, configs=by_key), resources,
     )
+    stopper = fatal_stopper(resources.get("gpu", 0.0), max_gpu_hours)
     todo = [c for c in configs if not is_trained(run, c)]
     if len(todo) < len(configs):
         log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
@@ -204,10 +211,13 @@ def run_training(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train")],
+            stop=stopper,
             verbose=verbose,
         ),
     )
     results = tuner.fit()
+    raise_fatal(results, "training", "key", TrainingError)
+    check_budget(stopper, max_gpu_hours, "train")
     failed = [r for r in results if r.error is not None]  # type: ignore[attr-defined]
     if failed:
         first = failed[0]
