@@ -168,7 +168,21 @@ def experiment_dir(results_dir: str | Path, experiment: str) -> Path:
 def has_results(results_dir: str | Path, experiment: str) -> bool:
     """True when ``experiment`` already has result rows (a stored spec alone does not count)."""
     folder = experiment_dir(results_dir, experiment)
-    return folder.is_dir() and any(folder.glob("*.parquet"))
+    # Hidden temporary files (``.tmp-*``, left by a write that was killed) are not results.
+    return folder.is_dir() and any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet"))
+
+
+def remove_stale_temp_files(results_dir: str | Path, experiment: str) -> list[Path]:
+    """Delete the ``.tmp-*`` files a killed write left in one experiment's folder; returns them.
+
+    Only the holder of the experiment's writer lock may call this (:mod:`densitune.runlock`):
+    another live writer's temporary file is never stale. Readers just skip such files.
+    """
+    folder = experiment_dir(results_dir, experiment)
+    stale = sorted(folder.glob(".tmp-*")) if folder.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]) -> Path:

@@ -8,6 +8,7 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -223,6 +224,7 @@ def _check_data(name: str, root: str | None, download: bool = False) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from densitune.ray_runtime import check_trial_resources, init_ray
+    from densitune.search.results.store import remove_stale_temp_files
     from densitune.trainables.train.tune import TrainRun, run_training
 
     check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
@@ -237,6 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
     )
+    _hold_writer_lock(out, "train", args.experiment)
+    remove_stale_temp_files(run.results_dir, args.experiment)  # only the lock holder may
     log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
     init_ray(args.address, args.num_cpus)
     run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
@@ -276,7 +280,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.search import models
     from densitune.search.cache import DiskCache
     from densitune.search.results.report import best, report
-    from densitune.search.results.store import read_results, write_spec
+    from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
     from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
     from densitune.search.tune import SearchRun, run_search, trial_budget
     from densitune.trainables.train.checkpoint import read_config
@@ -308,6 +312,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
                     gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir)
+    _hold_writer_lock(out, "search", spec.experiment)
+    remove_stale_temp_files(run.results_dir, spec.experiment)  # only the lock holder may
     _check_experiment(run.results_dir, spec, args.resume)
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
@@ -427,6 +433,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
 
 
+#: Context managers a command holds until :func:`main` returns (the writer locks).
+_HELD = contextlib.ExitStack()
+
+
+def _hold_writer_lock(out: Path, command: str, experiment: str) -> None:
+    """Take the run's writer lock for ``experiment`` (one writer per experiment; see densitune.runlock)."""
+    from densitune.runlock import writer_lock
+
+    _HELD.enter_context(writer_lock(out, command, experiment))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -435,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
     )
     try:
-        return COMMANDS[args.command](args)
+        with _HELD:
+            return COMMANDS[args.command](args)
     except DensituneError as e:
         print(f"densitune: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,134 @@
+"""One writer per experiment: an exclusive lock on (run, experiment) that ``train`` and ``search`` take
+before Ray starts.
+
+The lock is a small JSON file, ``RUN/locks/<experiment>.json``, created with
+``O_CREAT | O_EXCL`` (atomic on local disks and on NFSv3+), recording the holder's host,
+pid, command and start time. It is released when the command exits, however it exits
+(``with`` block). A lock left behind by a process that died without releasing it (SIGKILL,
+a lost node) is taken over only when its holder is provably gone:
+
+* same host: the recorded pid no longer exists;
+* another host (a shared disk): the holder renews the file's modification time every
+  :data:`RENEW_S` seconds from a background thread; a lock not renewed for :data:`LEASE_S`
+  seconds has expired.
+
+A second writer while the holder lives exits 2 with one line naming the holder. Readers
+(``report``, ``best``, ``query``, ``plot``) take no lock: they only skip temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from densitune.errors import DensituneError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between renewals of a held lock, and after which an unrenewed lock of another host has expired.
+RENEW_S = 20.0
+LEASE_S = 120.0
+
+
+class LockedError(DensituneError):
+    """Another live process writes the same experiment of the same run."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+        return info if isinstance(info, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written, or damaged: judged by its age alone
+
+
+def _stale(path: Path, info: dict[str, Any]) -> bool:
+    """Whether the holder recorded in ``info`` is provably gone."""
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        return not _alive(info["pid"])
+    try:
+        return time.time() - path.stat().st_mtime > LEASE_S
+    except FileNotFoundError:
+        return True
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} "
+            f"(`densitune {info.get('command', '?')}`, since {info.get('started_at', '?')})")
+
+
+@contextmanager
+def writer_lock(run_dir: str | Path, command: str, experiment: str) -> Iterator[Path]:
+    """Hold the writer lock of (``run_dir``, ``experiment``) for the ``with`` block (``command`` is recorded).
+
+    Raises:
+        LockedError: a live process holds it (the message names host, pid, command and start).
+    """
+    folder = Path(run_dir) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{experiment}.json"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "command": f"{command} --experiment {experiment}",
+          "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = _holder(path)
+            if info is None:
+                continue  # released meanwhile: try again
+            if not _stale(path, info):
+                raise LockedError(f"experiment {experiment!r} of {run_dir} is being written by {_describe(info)}; "
+                                  "wait for it to finish, or use another --experiment") from None
+            log.warning("taking over the lock of %s from %s, which is gone", experiment, _describe(info))
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        break
+    else:
+        raise LockedError(f"could not take the writer lock {path}; another process keeps taking it")
+
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(RENEW_S):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    renewer = threading.Thread(target=renew, name="densitune-lock-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        if (_holder(path) or {}).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+            try:
+                folder.rmdir()  # leave no empty locks/ folder behind
+            except OSError:
+                pass
