@@ -65,3 +65,22 @@ def test_unknown_metric(results):
 
     with pytest.raises(ConfigError, match="unknown metric"):
         report(results, "accuracy")
+
+
+def test_every_reader_takes_the_run_folder(tmp_path, capsys):
+    """`report RUN`, `best RUN`, `query RUN`, `plot RUN` read RUN/results; the results folder alone still works."""
+    from densitune.cli import main
+
+    run = tmp_path / "run"
+    write_trial(run / "results", "plain", eps=0.0, val=0.80, test=0.70)
+    write_trial(run / "results", "ip", eps=0.01, val=0.90, test=0.60)
+    outputs = {}
+    for target in (run, run / "results"):
+        for cmd in (["report"], ["best", "--json"], ["query", "SELECT count(*) AS n FROM results"]):
+            assert main([cmd[0], str(target), *cmd[1:]]) == 0
+            outputs.setdefault(cmd[0], []).append(capsys.readouterr().out)
+    assert all(a == b for a, b in outputs.values())
+    assert "| 4 |" in outputs["query"][0]  # 2 trials x (val + test)
+    assert main(["plot", str(run), "--no-scores"]) == 0
+    pngs = capsys.readouterr().out.split()
+    assert pngs and all(p.startswith(str(run / "plots")) and p.endswith(".png") for p in pngs)

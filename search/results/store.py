@@ -212,6 +212,16 @@ def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None
         raise ResultsError(f"corrupt search spec {path}: {e}") from None
 
 
+def results_dir_of(run_or_results: str | Path) -> Path:
+    """The results folder named by a run folder (``RUN`` -> ``RUN/results``) or by itself.
+
+    Every reading command takes either; a path that is neither is returned unchanged (the
+    reader then says it is not found).
+    """
+    path = Path(run_or_results)
+    return path / "results" if (path / "results").is_dir() else path
+
+
 def result_files(results_dir: str | Path, experiment: str | None = None) -> list[Path]:
     """The result files of a results directory or of one experiment in it (hidden ``.``/``_`` files excluded)."""
     root = Path(results_dir)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("report", "ranked tables from a results directory"), ("best", "the best configuration")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
+        p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
         p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
         p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\"")
         p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
 
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
-    p.add_argument("results", help="results directory")
+    p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
     p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
     p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
 
@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
-    p.add_argument("results", help="results directory")
-    p.add_argument("--out", default="densitune-plots", help="output directory, not inside the results directory (default: %(default)s)")
+    p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
+    p.add_argument("--out", default=None, help="output directory, not inside the results folder (default: RUN/plots)")
     p.add_argument("--experiment", default=None, help="default: the experiment of the best validation trial")
     p.add_argument("--metric", default="auroc", help="validation metric to rank by and plot")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
@@ -352,11 +352,11 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from densitune.errors import ConfigError
     from densitune.search.results.report import report
-    from densitune.search.results.store import filter_results, read_results
+    from densitune.search.results.store import filter_results, read_results, results_dir_of
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    table = filter_results(read_results(args.results), args.where)
+    table = filter_results(read_results(results_dir_of(args.results)), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
     print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))
     return 0
@@ -366,26 +366,29 @@ def cmd_best(args: argparse.Namespace) -> int:
     import json
 
     from densitune.search.results.report import best, best_config
-    from densitune.search.results.store import filter_results, read_results
+    from densitune.search.results.store import filter_results, read_results, results_dir_of
 
-    table = filter_results(read_results(args.results), args.where)
+    table = filter_results(read_results(results_dir_of(args.results)), args.where)
     print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     from densitune.search.results.report import Table, render
-    from densitune.search.results.store import query, read_results
+    from densitune.search.results.store import query, read_results, results_dir_of
 
-    result = query(read_results(args.results), args.sql)
+    result = query(read_results(results_dir_of(args.results)), args.sql)
     print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from densitune.search.plots import plot_results
+    from densitune.search.results.store import results_dir_of
 
-    for path in plot_results(args.results, args.out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
+    results = results_dir_of(args.results)
+    out = args.out or str(results.parent / "plots" if results.name == "results" else results.parent / f"{results.name}-plots")
+    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
         print(path)
     return 0
 
@@ -426,7 +429,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if rc:
             return rc
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results: {Path(args.out) / 'results'} "
-          f"(densitune report {Path(args.out) / 'results'})")
+          f"(densitune report {args.out})")
     return 0
 
 
