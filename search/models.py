@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from densitune.errors import CheckpointError, ConfigError
 from densitune.trainables.train.checkpoint import (
@@ -33,7 +34,7 @@ MEMBER_SETTINGS = frozenset({"seed", "experiment"})
 class ModelGroup:
     """The seeds of one trained configuration."""
 
-    key: str  # e.g. "cnn-D16-ce": TrainConfig.key without the seed
+    key: str  # e.g. "cnn-D16-ce": TrainConfig.name (the key without seed and config hash)
     backbone: str
     D: int
     loss: str
@@ -46,7 +47,7 @@ class ModelGroup:
 
 
 def group_key(config: TrainConfig) -> str:
-    return config.key.rsplit("-s", 1)[0]
+    return config.name
 
 
 def _read_entry(cfg_file: Path) -> tuple[TrainConfig, int]:
@@ -161,3 +162,25 @@ def select(
             raise ConfigError(f"no trained models with {attr} in {missing}; trained: {have}")
         groups = [g for g in groups if getattr(g, attr) in wanted]
     return groups
+
+
+def list_models(models_dir: str | Path) -> list[dict[str, Any]]:
+    """One record per trained (or training) network under ``models_dir``: experiment, key, settings, epochs.
+
+    Reads only the ``config.json`` files; an unreadable one is listed with its error.
+    """
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"models directory not found: {root}")
+    out: list[dict[str, Any]] = []
+    for cfg_file in sorted(root.rglob(CONFIG_FILE)):
+        rel = cfg_file.parent.relative_to(root).parts
+        try:
+            cfg, epoch = _read_entry(cfg_file)
+        except (CheckpointError, ConfigError) as e:
+            out.append({"experiment": rel[0] if len(rel) > 1 else "", "key": cfg_file.parent.name, "error": str(e)})
+            continue
+        out.append({"experiment": cfg.experiment, "key": cfg.key, "backbone": cfg.backbone, "D": cfg.feature_dim,
+                    "loss": cfg.loss, "seed": cfg.seed, "epochs": f"{epoch}/{cfg.epochs}", "lr": cfg.lr,
+                    "dataset": cfg.dataset, "path": str(cfg_file.parent)})
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def test_failed_trial_raises_training_error(ray_session, tmp_path):
     msg = str(info.value)
     assert isinstance(info.value, DensituneError)
     assert "\n" not in msg
-    assert msg.startswith("training stopped at a trial that would fail again (cnn-D4-ce-s0, not retried): ")
+    assert msg.startswith(f"training stopped at a trial that would fail again ({cfg.key}, not retried): ")
+    assert cfg.key.startswith("cnn-D4-ce-s0-")
     assert "FloatingPointError" in msg and "training loss became nan at epoch 1" in msg
 
 
@@ -183,7 +185,10 @@ def test_resume_only_from_state_of_the_same_config(tmp_path, one_epoch_state, ca
 
     for changed in (dict(epochs=3), dict(lr=0.01), dict(train_limit=200)):
         other = TrainConfig(**{**cfg.to_dict(), **changed})
-        assert other.key == cfg.key  # same state folder
+        assert other.key != cfg.key and other.name == cfg.name  # another network: its own folders
+        assert saved_state(run, other) is None  # nothing saved under its key
+        # A state copied (or moved by hand) into its folder is still not continued.
+        shutil.copytree(run.state_dir(cfg), run.state_dir(other))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="densitune.trainables.train.tune"):
             assert saved_state(run, other) is None
@@ -200,7 +205,8 @@ def test_resume_with_more_epochs_starts_fresh_in_ray(ray_session, tmp_path, one_
     longer = TrainConfig(**{**short.to_dict(), "epochs": 3})
     run = _run(tmp_path, "r", resume=True)
     _save_state(run, short, st)  # a 2-epoch run stopped after epoch 1
-    old_state = read_checkpoint(run.state_dir(longer))
+    old_state = read_checkpoint(run.state_dir(short))
+    assert run.state_dir(longer) != run.state_dir(short)  # the network key includes the config's hash
 
     (metrics,) = run_training([longer], run, max_failures=0)
     fresh = list(fit(longer, device=torch.device("cpu")))
@@ -211,6 +217,7 @@ def test_resume_with_more_epochs_starts_fresh_in_ray(ray_session, tmp_path, one_
     assert continued[-1].train_loss != pytest.approx(fresh[-1].train_loss, rel=1e-5)
     assert load_model(run.model_dir(longer)).config == longer
     assert read_checkpoint(run.state_dir(longer))["config"] == longer.to_dict()
+    assert read_checkpoint(run.state_dir(short))["epoch"] == 1  # the shorter run's state: untouched
 
 
 # ---------------------------------------------------------------------------- 4. the model store

@@ -159,3 +159,28 @@ def test_killed_driver_leaves_a_lock_that_resume_takes_over(tmp_path, trained_mo
     rows = _search_rows(run, "k")
     per_trial = Counter((r["search_params"], r["ood_dataset"], r["split"], r["seed"]) for r in rows)
     assert set(per_trial.values()) == {1} and len({r["search_params"] for r in rows}) == 2 * 4  # 2 groups x 4 eps
+
+
+def test_retraining_with_other_epochs_makes_a_second_network(tmp_path, capsys):
+    """`train --epochs 2` after `--epochs 3` on the same run: both networks exist, rows never mix, nothing is
+    overwritten; `list-models` shows both."""
+    from densitune.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", "--out", str(run), "-D", "4", "--num-cpus", "2", "-q"]
+    assert main([*common, "--epochs", "3"]) == 0
+    first = sorted((run / "models" / "default").iterdir())
+    weights = {p: (p / "model.pt").read_bytes() for p in first}
+    assert main([*common, "--epochs", "2"]) == 0
+    both = sorted((run / "models" / "default").iterdir())
+    assert len(first) == 1 and len(both) == 2 and set(first) < set(both)
+    assert all((p / "model.pt").read_bytes() == w for p, w in weights.items())  # not overwritten
+    rows = [r for f in (run / "results").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    epochs = {}
+    for r in rows:
+        epochs.setdefault(r["trial_id"], []).append(r["epoch"])
+    assert sorted(sorted(e) for e in epochs.values()) == [[1, 2], [1, 2, 3]]  # one network's rows each
+    capsys.readouterr()
+    assert main(["list-models", str(run), "--format", "csv"]) == 0
+    listed = capsys.readouterr().out
+    assert all(p.name in listed for p in both) and "3/3" in listed and "2/2" in listed

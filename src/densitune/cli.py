@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
 
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
+
+    p = sub.add_parser("list-models", help="the trained networks of a run (key = readable name + config hash)")
+    p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
+    p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
+                   help="output format (default: %(default)s)")
     return parser
 
 
@@ -408,6 +413,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list_models(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from densitune.search.models import list_models
+    from densitune.search.results.report import Table, render
+
+    run = Path(args.results)
+    records = list_models(run / "models" if (run / "models").is_dir() else run)
+    print(render([Table(f"trained networks in {run}", pd.DataFrame.from_records(records))], args.format))
+    return 0
+
+
 #: The demo: the same commands a user would type, on the embedded digits default.
 DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
               "--loss", "ce", "contrastive", "--seeds", "0", "1", "--epochs", "15"]
@@ -433,7 +450,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
+COMMANDS = {"list-models": cmd_list_models, "train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).

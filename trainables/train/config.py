@@ -137,11 +137,27 @@ class TrainConfig:
             object.__setattr__(self, name, bool(getattr(self, name)))
 
     @property
-    def key(self) -> str:
-        """A readable unique name for the trained model, used as its folder name."""
+    def name(self) -> str:
+        """The readable part of :attr:`key` without the seed (e.g. ``cnn-D16-ce``): a model group's name."""
         lam = "" if self.loss == "ce" else f"-lam{self.lam:g}"
         sn = "" if self.spectral else "-nosn"
-        return f"{self.backbone}-D{self.feature_dim}-{self.loss}{lam}{sn}-s{self.seed}"
+        return f"{self.backbone}-D{self.feature_dim}-{self.loss}{lam}{sn}"
+
+    @property
+    def config_hash(self) -> str:
+        """8 hex digits of a hash of every setting that changes the trained network (all but the
+        experiment name and where the data lives)."""
+        import hashlib
+        import json
+
+        settings = {k: v for k, v in self.to_dict().items() if k not in ("experiment", "data_root")}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def key(self) -> str:
+        """The trained network's identity and folder name, e.g. ``cnn-D16-ce-s0-1f3a9c2e``: readable, plus
+        :attr:`config_hash`, so that another config (other epochs, lr, ...) is another network, never an overwrite."""
+        return f"{self.name}-s{self.seed}-{self.config_hash}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -61,11 +61,11 @@ def is_trained(run: TrainRun, config: TrainConfig) -> bool:
 def saved_state(run: TrainRun, config: TrainConfig) -> dict[str, Any] | None:
     """The per-epoch state to continue ``config`` from with ``run.resume``, or None to start fresh.
 
-    The state folder is named by :attr:`TrainConfig.key`, which leaves out settings such as
-    the epochs or the learning rate; state saved under another config (e.g. fewer epochs:
-    its cosine schedule has already decayed) is not continued: a warning, and training
-    starts from scratch (its state is overwritten after the first epoch). So is a state
-    that cannot be read.
+    The state folder is named by :attr:`TrainConfig.key`, which includes a hash of the whole
+    config, so another config (e.g. more epochs: the shorter run's cosine schedule has already
+    decayed) has its own folder and starts fresh. A state in the folder that was saved under
+    another config anyway (copied by hand) is not continued either: a warning, and training
+    starts from scratch. So is a state that cannot be read.
     """
     if not run.resume or not (run.state_dir(config) / "model.pt").is_file():
         return None
