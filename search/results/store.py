@@ -235,7 +235,109 @@ def result_files(results_dir: str | Path, experiment: str | None = None) -> list
         p for p in root.rglob("*")
         if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
     )
-    return files
+    replaced: set[Path] = set()
+    for manifest in sorted(root.rglob(f"{MANIFEST_PREFIX}*.json")):
+        replaced |= _replaced_by(manifest)
+    return [f for f in files if f not in replaced]
+
+
+# ---------------------------------------------------------------------------------------------- compaction
+
+#: A compaction's manifest, beside the files it merges: ``_compact-<id>.json``.
+MANIFEST_PREFIX = "_compact-"
+
+
+def _replaced_by(manifest: Path) -> set[Path]:
+    """The files a finished compaction replaced (none while its merged file is not in place)."""
+    import json
+
+    try:
+        info = json.loads(manifest.read_text())
+        merged = manifest.parent / info["merged"]
+        names = info["replaces"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ResultsError(f"corrupt compaction manifest {manifest}: {e}") from None
+    if not merged.is_file():  # killed before the merged file was published: the originals stand
+        return set()
+    return {manifest.parent / n for n in names}
+
+
+def _failpoint(name: str) -> None:
+    """Fault injection for the compaction tests: ``DENSITUNE_FAILPOINT=<name>`` kills this process there."""
+    if os.environ.get("DENSITUNE_FAILPOINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def compact_experiment(results_dir: str | Path, experiment: str) -> tuple[int, int]:
+    """Merge one experiment's per-trial/per-epoch files into one file; returns (files merged, rows).
+
+    Crash-safe at every step, for every reader: (1) the manifest ``_compact-<id>.json`` names
+    the merged file and the files it replaces; while the merged file does not exist readers
+    ignore the manifest; (2) the merged file is published atomically (temp + fsync + rename),
+    from then on readers skip the replaced files; (3) the replaced files are deleted; (4) the
+    manifest is removed. A reader therefore never sees a row twice or misses one. The caller
+    must hold the experiment's writer lock (no trial may be writing).
+    """
+    import json
+
+    folder = experiment_dir(results_dir, experiment)
+    _finish_interrupted(folder)
+    remove_stale_temp_files(results_dir, experiment)
+    files = result_files(results_dir, experiment)
+    if len(files) < 2:
+        return 0, 0
+    for f in files:
+        _check_file(f)
+    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+    ident = uuid.uuid4().hex[:12]
+    merged = folder / f"compact-{ident}.parquet"
+    manifest = folder / f"{MANIFEST_PREFIX}{ident}.json"
+    _atomic_bytes(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}).encode())
+    _failpoint("compact:manifest")
+    tmp = folder / f".tmp-{os.getpid()}-{ident}-{merged.name}"
+    pq.write_table(table, tmp)
+    _failpoint("compact:merged-written")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, merged)
+    _fsync_dir(folder)
+    _failpoint("compact:merged-published")
+    for i, f in enumerate(files):
+        f.unlink(missing_ok=True)
+        if i == 0:
+            _failpoint("compact:deleting")
+    _fsync_dir(folder)
+    manifest.unlink()
+    return len(files), table.num_rows
+
+
+def _finish_interrupted(folder: Path) -> None:
+    """Complete what a killed compaction left: delete the files a published merge replaced, and drop
+    manifests whose merge never got published (their originals stand)."""
+    for manifest in sorted(folder.glob(f"{MANIFEST_PREFIX}*.json")):
+        for f in _replaced_by(manifest):
+            f.unlink(missing_ok=True)
+        manifest.unlink()
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_file(f: Path) -> None:

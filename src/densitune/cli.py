@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
 
+    p = sub.add_parser("compact", help="merge each finished experiment's small result files into one (readers unchanged)")
+    p.add_argument("results", metavar="RUN", help="the run folder (or its results/ folder)")
+
     p = sub.add_parser("list-models", help="the trained networks of a run (key = readable name + config hash)")
     p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
     p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
@@ -413,6 +416,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Compact every experiment whose writer lock is free; one whose lock is held is skipped (and said so)."""
+    from densitune.errors import ResultsError
+    from densitune.runlock import LockedError, writer_lock
+    from densitune.search.results.store import compact_experiment, results_dir_of
+
+    results = results_dir_of(args.results)
+    run = results.parent if results.name == "results" else results
+    folders = sorted(results.glob("experiment=*")) if results.is_dir() else []
+    if not folders:
+        raise ResultsError(f"no experiments to compact in {results}")
+    for folder in folders:
+        experiment = folder.name.split("=", 1)[1]
+        try:
+            with writer_lock(run, "compact", experiment):
+                n, rows = compact_experiment(results, experiment)
+        except LockedError as e:
+            print(f"{experiment}: skipped, {e}")
+            continue
+        print(f"{experiment}: {n} files merged into one ({rows} rows)" if n else f"{experiment}: nothing to merge")
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -450,7 +476,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list-models": cmd_list_models, "train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
+COMMANDS = {"compact": cmd_compact, "list-models": cmd_list_models, "train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).
