@@ -42,6 +42,9 @@ def check_space(
 
     for name in densities:
         DENSITIES.check(name)
+        if getattr(DENSITIES.get(name), "score_only", False):
+            raise ConfigError(f"{name!r} is a score fitted on features, not a density: search it as a score "
+                              f"(scores: [{name}]), its parameters under density_params.{name}")
     for name in scores:
         SCORES.check(name)
     for eps in (*eps_grid, *eps_range):
