@@ -14,9 +14,7 @@ from densitune.search.space import grid_points
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 
-
-#: the real densities (knn, rmd and vim are scores fitted like densities, searched as scores)
-DENSITY_NAMES = tuple(n for n in DENSITIES.names() if not DENSITIES.get(n).score_only)
+DENSITY_NAMES = tuple(DENSITIES.names())
 #: scores fitted on training features through their own model of the same name
 FITTED = ("knn", "rmd", "vim")
 
@@ -91,7 +89,7 @@ def test_report_by_latex_best_where_and_query(all_methods, capsys):
     best = json.loads(capsys.readouterr().out)
     assert best["density"] == "kde" and best["score"] in ("density", "diff")
     assert main(["query", results, "SELECT count(DISTINCT trial_id) AS n FROM results", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "22,SELECT count(DISTINCT trial_id) AS n FROM results"]
+    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "32,SELECT count(DISTINCT trial_id) AS n FROM results"]
     assert main(["report", results, "--format", "json", "--view", "configs", "--top", "2"]) == 0
     tables = json.loads(capsys.readouterr().out)
     assert len(tables) == 2 and all(t["rows"] for t in tables)

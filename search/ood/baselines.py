@@ -4,8 +4,8 @@ Each is a :class:`~densitune.search.ood.densities.Density` in form (``fit`` on t
 ``score_samples`` many times, differentiable w.r.t. the features, saved and cached like a density) so that the
 search fits, caches and records it through the same path as the GMMs: its parameters are searched as
 ``density_params`` and written to the rows' ``density`` / ``density_params`` columns. It is *not* a density: it
-is the score of the same name in :mod:`densitune.search.ood.scores` and is refused in a spec's ``densities``
-(``score_only``). Higher = more in-distribution, always.
+is registered in ``FITTED_SCORES``, not ``DENSITIES``, used by the score of the same name in
+:mod:`densitune.search.ood.scores`, and refused in a spec's ``densities``. Higher = more in-distribution, always.
 
 ========  ============================================================================  =========================
 name      score (higher = more in-distribution), z (N, D) features                       source
@@ -31,7 +31,7 @@ from torch import Tensor
 from densitune.errors import ConfigError, DensituneError
 from densitune.search.ood.densities import (
     _ELEMENT_BUDGET,
-    DENSITIES,
+    FITTED_SCORES,
     Density,
     _as_features,
     _check_chunk_size,
@@ -57,7 +57,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 class _FittedScore(Density):
-    score_only: ClassVar[bool] = True
+    """A score fitted like a density (registered in ``FITTED_SCORES``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class _FittedScore(Density):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@DENSITIES.register("knn")
+@FITTED_SCORES.register("knn")
 class KNNScoreModel(_FittedScore):
     """Deep nearest neighbours (Sun et al. 2022): minus the distance of the L2-normalised feature to its k-th
     nearest L2-normalised training feature (every training row is kept, as pytorch-ood's ``KNN``).
@@ -148,7 +148,7 @@ def _squared_mahalanobis(z64: Tensor, means: Tensor, chol: Tensor, rows: int) ->
     return torch.cat(out)
 
 
-@DENSITIES.register("rmd")
+@FITTED_SCORES.register("rmd")
 class RelativeMahalanobis(_FittedScore):
     """Relative Mahalanobis distance (Ren et al. 2021): −min_c (d_c(z) − d_0(z)).
 
@@ -237,7 +237,7 @@ def vim_default_dim(d: int) -> int:
     return d // 2
 
 
-@DENSITIES.register("vim")
+@FITTED_SCORES.register("vim")
 class ViMModel(_FittedScore):
     """Virtual-logit matching (Wang et al. 2022): energy of the logits minus the scaled residual norm.
 

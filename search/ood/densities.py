@@ -39,6 +39,7 @@ from densitune.registry import Registry
 
 __all__ = [
     "DENSITIES",
+    "FITTED_SCORES",
     "JITTERS",
     "ClassConditionalGaussian",
     "Density",
@@ -52,6 +53,9 @@ __all__ = [
 
 #: name -> factory taking keyword parameters and returning an unfitted :class:`Density`.
 DENSITIES: Registry[Callable[..., Density]] = Registry("density")
+#: The scores fitted on training features like a density (knn, rmd, vim; :mod:`densitune.search.ood.baselines`):
+#: built, fitted, saved and cached by the same functions, but not densities (never in a spec's ``densities``).
+FITTED_SCORES: Registry[Callable[..., Density]] = Registry("fitted score")
 
 #: DDU's jitter ladder (omegafragger/DDU, utils/gmm_utils.py): 0, the smallest normal float64, 1e-308 ... 1e-1.
 JITTERS: tuple[float, ...] = (0.0, torch.finfo(torch.float64).tiny) + tuple(10.0**e for e in range(-308, 0))
@@ -206,9 +210,6 @@ class Density(abc.ABC):
 
     #: Registered name (set by subclasses / factories).
     name: str = "density"
-    #: a fitted feature *score* rather than a density (``knn``, ``rmd``, ``vim`` of
-    #: :mod:`densitune.search.ood.baselines`): only the score of the same name uses it, never ``--densities``
-    score_only: ClassVar[bool] = False
     #: :meth:`fit` needs the classifier head: the search calls ``set_head(W (C, D), b (C,))`` first
     needs_head: ClassVar[bool] = False
     #: Feature dimension D, set by :meth:`fit` (absent before; :meth:`is_fitted` checks for it).
@@ -659,14 +660,15 @@ def create_density(name: str, **params: Any) -> Density:
     """Build an unfitted density by registered name.
 
     Args:
-        name: one of ``DENSITIES.names()`` (``gmm_max``, ``gmm_sum``, ``kde``).
+        name: one of ``DENSITIES.names()`` (``gmm_max``, ``gmm_sum``, ``kde``), or of ``FITTED_SCORES.names()``
+            (``knn``, ``rmd``, ``vim``: the fitted models of the scores of the same names).
         **params: keyword parameters of that density (see its docstring).
 
     Raises:
         UnknownNameError: ``name`` is not registered (the message lists the known names).
         ConfigError: an unknown parameter name or an invalid value.
     """
-    factory = DENSITIES.get(name)
+    factory = FITTED_SCORES.get(name) if name in FITTED_SCORES else DENSITIES.get(name)
     try:
         inspect.signature(factory).bind(**params)
     except TypeError as exc:
@@ -675,6 +677,6 @@ def create_density(name: str, **params: Any) -> Density:
     return factory(**params)
 
 
-# The fitted feature scores (knn, rmd, vim) register themselves in DENSITIES; imported last (they build on this
+# The fitted feature scores (knn, rmd, vim) register themselves in FITTED_SCORES; imported last (they build on this
 # module) so that every registered name is known wherever densities are created or checked.
 from densitune.search.ood import baselines as _baselines  # noqa: E402,F401
