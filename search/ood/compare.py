@@ -18,6 +18,7 @@ Scores: higher = more in-distribution; AUROC with ID positive, ties counted 1/2 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,9 @@ from scipy.special import ndtri
 from scipy.stats import norm, rankdata
 
 from densitune.errors import DensituneError
+
+#: (N,) or (S, N) scores: a numpy array or nested sequences of floats
+ArrayLike = np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 __all__ = ["PairedDiff", "auroc_rows", "delong", "paired_bootstrap"]
 
@@ -57,7 +61,7 @@ def auroc_rows(s_id: np.ndarray, s_ood: np.ndarray) -> np.ndarray:
     return np.asarray(u / (n * m), dtype=np.float64)
 
 
-def _as_seeds(x: np.ndarray | list, what: str) -> np.ndarray:
+def _as_seeds(x: ArrayLike, what: str) -> np.ndarray:
     """(N,) or (S, N) scores -> (S, N) float64."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim == 1:
@@ -69,7 +73,9 @@ def _as_seeds(x: np.ndarray | list, what: str) -> np.ndarray:
     return arr
 
 
-def _check_pairs(a_id, a_ood, b_id, b_ood) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _check_pairs(
+    a_id: ArrayLike, a_ood: ArrayLike, b_id: ArrayLike, b_ood: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     arrays = _as_seeds(a_id, "A ID"), _as_seeds(a_ood, "A OOD"), _as_seeds(b_id, "B ID"), _as_seeds(b_ood, "B OOD")
     if arrays[0].shape != arrays[2].shape or arrays[1].shape != arrays[3].shape:
         raise DensituneError("paired comparison: A and B must score the same samples (same shapes), got "
@@ -82,14 +88,15 @@ def _check_pairs(a_id, a_ood, b_id, b_ood) -> tuple[np.ndarray, np.ndarray, np.n
 def _take(x: np.ndarray, seeds: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """(S, K) scores, (r, S) drawn seeds, (r, K) drawn samples -> (r * S, K): each resample's seeds and samples."""
     r, s = seeds.shape
-    return x[seeds[:, :, None], idx[:, None, :]].reshape(r * s, -1)
+    out: np.ndarray = x[seeds[:, :, None], idx[:, None, :]].reshape(r * s, -1)
+    return out
 
 
 def paired_bootstrap(
-    a_id: np.ndarray,
-    a_ood: np.ndarray,
-    b_id: np.ndarray,
-    b_ood: np.ndarray,
+    a_id: ArrayLike,
+    a_ood: ArrayLike,
+    b_id: ArrayLike,
+    b_ood: ArrayLike,
     *,
     n_boot: int = 2000,
     level: float = 0.95,
@@ -143,7 +150,7 @@ def _structural_components(s_id: np.ndarray, s_ood: np.ndarray) -> tuple[np.ndar
 
 
 def delong(
-    a_id: np.ndarray, a_ood: np.ndarray, b_id: np.ndarray, b_ood: np.ndarray, *, level: float = 0.95
+    a_id: ArrayLike, a_ood: ArrayLike, b_id: ArrayLike, b_ood: ArrayLike, *, level: float = 0.95
 ) -> PairedDiff:
     """DeLong's test for two correlated AUROCs on one seed: normal interval and two-sided p-value.
 
