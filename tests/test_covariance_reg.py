@@ -123,4 +123,38 @@ def test_searchable_grid_records_the_parameters() -> None:
     recorded = [json.loads(full_density_params(p)) for p in points]
     assert {(r["reg_covar"], r["shrinkage"]) for r in recorded[:6]} == {
         (a, b) for a in (0.0, 1e-4) for b in ("none", "ledoit_wolf", "oas")}
-    assert recorded[6] == {"chunk_size": None, "prior": False, "reg_covar": 0.0, "shrinkage": "oas"}
+    assert recorded[6] == {"chunk_size": None, "prior": False, "reg_covar": 0.0, "shrinkage": "oas", "dtype": "float64"}
+
+
+def _ill_conditioned(rng: np.random.Generator, n: int, d: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes, each a Gaussian with covariance Q diag(logspace(0, -8, d)) Q^T: condition number 1e8."""
+    zs, ys = [], []
+    for c in range(4):
+        q, _ = np.linalg.qr(np.random.default_rng(100 + c).normal(size=(d, d)))
+        scale = np.sqrt(np.logspace(0, -8, d))
+        mean = np.random.default_rng(200 + c).normal(size=d)
+        zs.append((rng.normal(size=(n, d)) * scale) @ q.T + mean + shift * rng.normal(size=(n, d)) * scale[::-1])
+        ys.append(np.full(n, c))
+    return torch.tensor(np.concatenate(zs), dtype=torch.float32), torch.tensor(np.concatenate(ys))
+
+
+@pytest.mark.parametrize("name", ["gmm_sum", "gmm_max"])
+def test_float32_scoring_moves_auroc_less_than_1e_3_at_condition_1e8(name) -> None:
+    from densitune.search.ood.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    d = 64
+    z_train, y_train = _ill_conditioned(rng, 1500, d, 0.0)
+    z_id, _ = _ill_conditioned(rng, 250, d, 0.0)
+    z_ood, _ = _ill_conditioned(rng, 250, d, 1e-3)  # a small shift along the near-degenerate directions
+    d64 = create_density(name).fit(z_train, y_train)
+    cond = torch.linalg.cond(d64.covariances_)
+    assert float(cond.min()) > 1e7 and float(d64.jitter_.max()) == 0.0
+    d32 = density_from_state({**d64.state_dict(), "params": {**d64.get_params(), "dtype": "float32"}})
+    s64 = (d64.score_samples(z_id), d64.score_samples(z_ood))
+    s32 = (d32.score_samples(z_id), d32.score_samples(z_ood))
+    assert s32[0].dtype == torch.float64
+    a64, a32 = auroc(*s64), auroc(*s32)
+    assert 0.6 < a64 < 0.99  # a non-trivial ranking
+    assert abs(a32 - a64) < 1e-3, (a64, a32)
+    assert not torch.equal(s32[0], s64[0])  # it is another computation

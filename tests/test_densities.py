@@ -351,8 +351,8 @@ def test_describe_records_name_params_and_fitted_scalars(kde_data) -> None:
     gmm = create_density("gmm_max")
     assert isinstance(gmm, ClassConditionalGaussian)
     assert gmm.describe() == {"name": "gmm_max", "prior": False, "chunk_size": None, "reg_covar": 0.0,
-                              "shrinkage": "none"}
-    assert repr(gmm) == "GMMMax(prior=False, chunk_size=None, reg_covar=0.0, shrinkage='none')"
+                              "shrinkage": "none", "dtype": "float64"}
+    assert repr(gmm) == "GMMMax(prior=False, chunk_size=None, reg_covar=0.0, shrinkage='none', dtype='float64')"
 
 
 # ---------------------------------------------------------------------------------------------------------
