@@ -136,6 +136,9 @@ class Workspace:
 
         def fit() -> Density:
             d = create_density(name, **json.loads(params))
+            if d.needs_head:  # vim: the model's last layer (model.head, an nn.Linear)
+                head = self.model(checkpoint).model.head
+                d.set_head(head.weight, head.bias)
             return d.fit(train.z.to(self.device), train.y.to(self.device))
 
         disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"

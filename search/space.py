@@ -45,22 +45,27 @@ def params_json(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def _param_grid(spec: SearchSpec, name: str) -> list[dict[str, Any]]:
+    """Every parameter combination ``spec.density_params`` asks for density (or fitted score model) ``name``."""
+    grid = spec.density_params.get(name, {})
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
 def density_variants(spec: SearchSpec) -> list[tuple[str, dict[str, Any]]]:
     """Every (density, parameters) combination the spec asks for."""
-    out = []
-    for name in spec.densities:
-        grid = spec.density_params.get(name, {})
-        keys = sorted(grid)
-        for values in itertools.product(*(grid[k] for k in keys)):
-            out.append((name, dict(zip(keys, values))))
-    return out
+    return [(name, p) for name in spec.densities for p in _param_grid(spec, name)]
 
 
 def methods(spec: SearchSpec) -> list[tuple[str, str, dict[str, Any]]]:
-    """(score, density, params) for every score; density-free scores appear once."""
+    """(score, density, params) for every score; density-free scores appear once; a score with its own fitted
+    model (``density_name``: knn, rmd, vim) appears once per parameter combination of that model."""
     out = []
     for score in spec.scores:
-        if score_class(score).uses_density:
+        cls = score_class(score)
+        if cls.density_name is not None:
+            out += [(score, cls.density_name, p) for p in _param_grid(spec, cls.density_name)]
+        elif cls.uses_density:
             out += [(score, d, p) for d, p in density_variants(spec)]
         else:
             out.append((score, "", {}))
@@ -112,7 +117,8 @@ class DefineByRun:
         self.models = [g.key for g in groups]
         self.ensemble_models = [g.key for g in groups if len(g.seeds) >= 2]
         self.densities = list(spec.densities)
-        self.density_params = {d: dict(spec.density_params.get(d, {})) for d in spec.densities}
+        own = [n for s in spec.scores if (n := score_class(s).density_name) is not None]
+        self.density_params = {d: dict(spec.density_params.get(d, {})) for d in [*spec.densities, *own]}
         self.eps_range = spec.eps_range
         self.allow_ip = spec.protocol != "id-only"
 
@@ -124,7 +130,7 @@ class DefineByRun:
         else:
             trial.suggest_categorical("model", self.models)
         if cls.uses_density:
-            density = trial.suggest_categorical("density", self.densities)
+            density = cls.density_name or trial.suggest_categorical("density", self.densities)
             for key, values in sorted(self.density_params[density].items()):
                 trial.suggest_categorical(f"{density}.{key}", list(values))
         if cls.needs_ip or (self.allow_ip and trial.suggest_categorical("ip", [False, True])):
@@ -136,7 +142,8 @@ def params_from_config(config: dict[str, Any]) -> TrialParams:
     """Decode the flat dict Optuna/Tune produced with :class:`DefineByRun`."""
     score = config["score"]
     model = config.get("ensemble_model") or config["model"]
-    density = config.get("density", "") if score_class(score).uses_density else ""
+    cls = score_class(score)
+    density = (cls.density_name or config.get("density", "")) if cls.uses_density else ""
     prefix = f"{density}."
     params = {k[len(prefix):]: v for k, v in config.items() if density and k.startswith(prefix)}
     eps = float(config["eps"]) if "eps" in config else 0.0

@@ -37,10 +37,13 @@ def check_space(
     dims: tuple[int, ...],
 ) -> None:
     """Validate the search space alone (names, ε >= 0, D > 0): usable before any file is read."""
-    from densitune.search.ood.densities import DENSITIES
+    from densitune.search.ood.densities import DENSITIES, FITTED_SCORES
     from densitune.search.ood.scores import SCORES
 
     for name in densities:
+        if name in FITTED_SCORES:
+            raise ConfigError(f"{name!r} is a score fitted on features, not a density: search it as a score "
+                              f"(scores: [{name}]), its parameters under density_params.{name}")
         DENSITIES.check(name)
     for name in scores:
         SCORES.check(name)
@@ -59,12 +62,13 @@ def check_space(
 
 def check_density_params(density_params: Any) -> None:
     """``{density: {param: [values]}}``; every value is tried on the density (bad names or values fail)."""
-    from densitune.search.ood.densities import DENSITIES, create_density
+    from densitune.search.ood.densities import DENSITIES, FITTED_SCORES, create_density
 
     if not isinstance(density_params, dict):
         raise ConfigError(f"density_params must map density names to {{param: [values]}}, got {density_params!r}")
     for name, params in density_params.items():
-        DENSITIES.check(name)  # a density that is not searched keeps its params unused
+        if name not in FITTED_SCORES:  # knn, rmd, vim: the parameters of the scores of those names
+            DENSITIES.check(name)  # a density that is not searched keeps its params unused
         if not isinstance(params, dict):
             raise ConfigError(f"density_params.{name} must map parameter names to lists of values, got {params!r}")
         for key, values in params.items():

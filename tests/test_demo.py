@@ -24,7 +24,8 @@ def test_demo_end_to_end(tmp_path):
     files = sorted((out / "results").rglob("*.parquet"))
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     search = [r for r in rows if r["stage"] == "search"]
-    assert {r["score"] for r in search} == set(SCORES.names())
+    # every score but the fitted baselines, which the demo does not search (its golden ranking predates them)
+    assert {r["score"] for r in search} == set(SCORES.names()) - {"energy", "rmd", "knn", "vim"}
     assert {r["density"] for r in search} - {""} == set(DENSITIES.names())
     assert {"adv-fgsm", "adv-bim", "adv-pgd"} <= {r["ood_dataset"] for r in search}
     assert len([r for r in rows if r["stage"] == "train"]) == 8 * 15  # 8 networks x 15 epochs

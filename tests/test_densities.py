@@ -350,8 +350,9 @@ def test_describe_records_name_params_and_fitted_scalars(kde_data) -> None:
     assert desc["bandwidth_"] == kde.bandwidth_ and desc["n_train_"] == 100
     gmm = create_density("gmm_max")
     assert isinstance(gmm, ClassConditionalGaussian)
-    assert gmm.describe() == {"name": "gmm_max", "prior": False, "chunk_size": None}
-    assert repr(gmm) == "GMMMax(prior=False, chunk_size=None)"
+    assert gmm.describe() == {"name": "gmm_max", "prior": False, "chunk_size": None, "reg_covar": 0.0,
+                              "shrinkage": "none", "dtype": "float64"}
+    assert repr(gmm) == "GMMMax(prior=False, chunk_size=None, reg_covar=0.0, shrinkage='none', dtype='float64')"
 
 
 # ---------------------------------------------------------------------------------------------------------

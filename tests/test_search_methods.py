@@ -14,14 +14,18 @@ from densitune.search.space import grid_points
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 
+DENSITY_NAMES = tuple(DENSITIES.names())
+#: scores fitted on training features through their own model of the same name
+FITTED = ("knn", "rmd", "vim")
+
 
 @pytest.fixture(scope="module")
 def all_methods(ray_session, trained_models, tmp_path_factory):
     groups = select(discover(trained_models), (8,))  # 2 seeds: the ensemble has members
     spec = SearchSpec(
-        experiment="m", val_ood="digits-blend", test_ood=("noise-uniform",), densities=tuple(DENSITIES.names()),
+        experiment="m", val_ood="digits-blend", test_ood=("noise-uniform",), densities=DENSITY_NAMES,
         scores=tuple(SCORES.names()), eps_grid=(0.0, 0.01), eval_limit=60, attacks=("fgsm", "bim", "pgd"),
-        attack_eps=0.1, attack_steps=3, density_params={"kde": {"bandwidth": ["scott", 1.0]}},
+        attack_eps=0.1, attack_steps=3, density_params={"kde": {"bandwidth": ["scott", 1.0]}, "knn": {"k": [5, 50]}},
     )
     out = tmp_path_factory.mktemp("methods")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"))
@@ -34,12 +38,17 @@ def all_methods(ray_session, trained_models, tmp_path_factory):
 def test_each_grid_point_once_with_every_score(all_methods):
     spec, groups, rows, *_ = all_methods
     points = grid_points(spec, groups)
-    # density, diff: 4 density variants (gmm_sum, gmm_max, kde x 2 bandwidths); diff only at eps > 0
-    assert len(points) == 4 * 2 + 4 * 1 + 5 * 2
+    # density, diff: 4 density variants (gmm_sum, gmm_max, kde x 2 bandwidths); diff only at eps > 0;
+    # msp, entropy, gradnorm, 2 ensembles, energy, rmd, vim once, knn twice (k = 5, 50)
+    assert len(points) == 4 * 2 + 4 * 1 + 5 * 2 + 5 * 2
     assert len({r["trial_id"] for r in rows}) == len(points)
     assert {r["score"] for r in rows} == set(SCORES.names())
-    assert {r["density"] for r in rows if r["score"] in ("density", "diff")} == set(DENSITIES.names())
-    assert {r["density"] for r in rows if r["score"] not in ("density", "diff")} == {""}
+    assert {r["density"] for r in rows if r["score"] in ("density", "diff")} == set(DENSITY_NAMES)
+    assert {r["density"] for r in rows if r["score"] in FITTED} == set(FITTED)
+    assert all(r["density"] == r["score"] for r in rows if r["score"] in FITTED)
+    assert {r["density_params"] for r in rows if r["score"] == "knn"} == {
+        '{"chunk_size": null, "k": 5}', '{"chunk_size": null, "k": 50}'}
+    assert {r["density"] for r in rows if r["score"] not in ("density", "diff", *FITTED)} == {""}
     assert all(r["eps"] > 0 for r in rows if r["score"] == "diff")
 
 
@@ -63,7 +72,8 @@ def test_report_method_comparison(all_methods):
     *_, table, _ = all_methods
     text = report(table, view="methods")
     for name in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "| gradnorm |", "| gradnorm+ip |",
-                 "| diff:gmm_sum+ip |", "| density:kde (bandwidth=1.0) |"):
+                 "| diff:gmm_sum+ip |", "| density:kde (bandwidth=1.0) |", "| energy |", "| energy+ip |", "| rmd |",
+                 "| vim+ip |", "| knn (k=5) |", "| knn+ip |"):
         assert name in text, name
     assert "adv-pgd" in text
 
@@ -79,7 +89,7 @@ def test_report_by_latex_best_where_and_query(all_methods, capsys):
     best = json.loads(capsys.readouterr().out)
     assert best["density"] == "kde" and best["score"] in ("density", "diff")
     assert main(["query", results, "SELECT count(DISTINCT trial_id) AS n FROM results", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "22,SELECT count(DISTINCT trial_id) AS n FROM results"]
+    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "32,SELECT count(DISTINCT trial_id) AS n FROM results"]
     assert main(["report", results, "--format", "json", "--view", "configs", "--top", "2"]) == 0
     tables = json.loads(capsys.readouterr().out)
     assert len(tables) == 2 and all(t["rows"] for t in tables)

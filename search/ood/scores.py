@@ -20,7 +20,16 @@ entropy             −H(softmax(g(x)))                                         
 gradnorm            ‖∂ KL(u ‖ softmax(g(x))) / ∂W‖₁ = ‖h‖₁ · Σ_k |K·p_k − 1|      Huang et al. 2021
 ensemble_msp        max_k mean_m softmax(g_m(x))_k                                Lakshminarayanan 2017
 ensemble_entropy    −H(mean_m softmax(g_m(x)))                                    Lakshminarayanan 2017
+energy              logsumexp_k g_k(x)  (minus the energy at T = 1)               Liu et al. 2020
+rmd                 −min_c (d_c(f(x)) − d_0(f(x))), relative Mahalanobis          Ren et al. 2021
+knn                 −‖ẑ − ẑ_(k)‖, ẑ = f(x)/‖f(x)‖, k-th nearest training feature  Sun et al. 2022
+vim                 logsumexp_k g_k(x) − α ‖residual of f(x) − u‖                 Wang et al. 2022
 =================== ============================================================ =========
+
+``rmd``, ``knn`` and ``vim`` are fitted on the clean training features through the density path: each uses the
+one fitted model of the same name in :mod:`densitune.search.ood.baselines` (``density_name``), whose parameters
+(``k``; ``reg_covar``; ``dim``) are searched as that name's ``density_params``. ``vim`` needs the model's
+classifier head as ``model.head`` (an ``nn.Linear``); the search hands it over when fitting.
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class Score(abc.ABC):
     ensemble: ClassVar[bool] = False
     #: only defined with input perturbation (ε > 0)
     needs_ip: ClassVar[bool] = False
+    #: the one registered fitted model this score uses (e.g. ``"knn"``) instead of the spec's densities
+    density_name: ClassVar[str | None] = None
 
     def __init__(self, models: Sequence[FeatureModel], density: Density | None = None) -> None:
         name = type(self).__name__
@@ -88,6 +99,9 @@ class Score(abc.ABC):
             raise ConfigError(f"score {name} takes one model, got {len(models)}")
         if self.uses_density and density is None:
             raise ConfigError(f"score {name} needs a fitted density")
+        if self.density_name is not None and (density is None or density.name != self.density_name):
+            got = density.name if density is not None else None
+            raise ConfigError(f"score {name} needs a fitted {self.density_name!r}, got {got!r}")
         self.models = list(models)
         self.model = self.models[0]
         self.density = density
@@ -237,6 +251,39 @@ class EnsembleEntropy(_Ensemble):
 
     def combine(self, mean_logp: Tensor) -> Tensor:
         return _neg_entropy(mean_logp)
+
+
+@SCORES.register("energy")
+class Energy(Score):
+    """logsumexp_k g_k(x): minus the free energy at temperature 1 (Liu et al. 2020)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.logsumexp(self.model(x).double(), dim=1)
+
+    def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        ((_, logits),) = feats
+        return torch.logsumexp(logits.double(), dim=1)
+
+
+@SCORES.register("rmd")
+class RelativeMahalanobisScore(DensityScore):
+    """Relative Mahalanobis distance (Ren et al. 2021), negated; see :class:`~densitune.search.ood.baselines.RelativeMahalanobis`."""
+
+    density_name = "rmd"
+
+
+@SCORES.register("knn")
+class KNNScore(DensityScore):
+    """Deep kNN (Sun et al. 2022), negated distance; see :class:`~densitune.search.ood.baselines.KNNScoreModel`."""
+
+    density_name = "knn"
+
+
+@SCORES.register("vim")
+class ViMScore(DensityScore):
+    """ViM (Wang et al. 2022), negated; needs ``model.head``; see :class:`~densitune.search.ood.baselines.ViMModel`."""
+
+    density_name = "vim"
 
 
 def create_score(name: str, models: Sequence[FeatureModel], density: Density | None = None) -> Score:

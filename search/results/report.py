@@ -184,7 +184,7 @@ def _accuracy(rows: pd.DataFrame) -> str:
 
 def _method_name(score: str, density: str, params: str, ip: bool) -> str:
     short = short_params(density, params)
-    name = (None if short else METHOD_NAMES.get((score, density))) or (f"{score}:{density}" if density else score)
+    name = (None if short else METHOD_NAMES.get((score, density))) or (f"{score}:{density}" if density and density != score else score)
     if short:
         name += f" ({short})"
     return name + ("+ip" if ip else "")

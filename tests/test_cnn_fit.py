@@ -1,0 +1,100 @@
+"""The `cnn` backbone fits its input: unchanged at 8x8, a receptive field as wide as larger inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from densitune.trainables.data import load_split
+from densitune.trainables.nets.backbones import cnn_plan, create_model, make_cnn, receptive_field
+from densitune.trainables.nets.spectral import SpectralConfig
+
+
+def _old_cnn(in_channels: int) -> nn.Sequential:
+    """The 3-layer body as it was before the adaptation (the reference for 8x8 inputs)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w, s in zip((32, 64, 128), (1, 2, 2)):
+        layers += [nn.Conv2d(c, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        c = w
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    body = nn.Sequential(*layers)
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+@pytest.mark.parametrize("size", [1, 8, 9])
+def test_small_inputs_keep_the_old_architecture_and_init(size) -> None:
+    torch.manual_seed(3)
+    new, dim = make_cnn(1, size, None)
+    torch.manual_seed(3)
+    old = _old_cnn(1)
+    assert dim == 128 and str(new) == str(old)
+    a, b = new.state_dict(), old.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("size", [8, 10, 16, 28, 32, 64])
+def test_receptive_field_covers_the_input(size) -> None:
+    """Measured: the gradient of one central output pixel w.r.t. a large input spans exactly receptive_field
+    pixels (positive weights, so no ReLU blocks it), and that width is at least the input size."""
+    _, strides = cnn_plan(size)
+    rf = receptive_field(strides)
+    assert rf >= size
+    body, _ = make_cnn(1, size, None)
+    convs = body[:-1].eval()
+    for m in convs.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 0.1)
+    big = 4 * rf
+    x = torch.ones(1, 1, big, big, requires_grad=True)
+    out = convs(x)
+    c = out.shape[-1] // 2
+    out[0, :, c, c].sum().backward()
+    assert x.grad is not None
+    cols = torch.nonzero(x.grad[0, 0].abs().sum(0)).flatten()
+    assert int(cols.max() - cols.min() + 1) == rf
+
+
+def test_larger_inputs_get_more_layers() -> None:
+    assert cnn_plan(8) == ((32, 64, 128), (1, 2, 2))
+    assert cnn_plan(28) == ((32, 64, 128, 128), (2, 2, 2, 2))
+    assert cnn_plan(32) == ((32, 64, 128, 128, 128), (2, 2, 2, 2, 2))
+    m = create_model("cnn", in_channels=3, image_size=32, num_classes=10, feature_dim=16, mean=(0.5,) * 3,
+                     std=(0.25,) * 3, spectral=SpectralConfig())
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [28, 32])
+def test_upscaled_digits_accuracy(size) -> None:
+    """The demo's digits upscaled to size x size: the adapted cnn (spectral norm, D = 16) after 12 CPU epochs.
+
+    Measured on 2 busy cores: 28x28 reached 98.9 % (99.4 % at its best epoch) in about 5 minutes; the 3-layer net
+    (receptive field 9) reached 98.3 % in 8 epochs. The issue's target is 99 %; this guards 98.5 %.
+    """
+    torch.manual_seed(0)
+    x, y = load_split("digits", "train", shape=(1, size, size)).tensors
+    xt, yt = load_split("digits", "test", shape=(1, size, size)).tensors
+    model = create_model("cnn", in_channels=1, image_size=size, num_classes=10, feature_dim=16, mean=(0.3,),
+                         std=(0.37,), spectral=SpectralConfig())
+    epochs = 12
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            b = perm[i : i + 64]
+            loss = nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).double().mean())
+    assert acc >= 0.985, acc
