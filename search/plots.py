@@ -39,7 +39,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
-from densitune.search.ood.metrics import auroc
+from densitune.search.ood.metrics import METRICS, auroc, check_metric
 from densitune.search.results.report import (
     GROUP_COLUMNS,
     ConfigResult,
@@ -50,7 +50,6 @@ from densitune.search.results.report import (
     trial_objectives,
 )
 from densitune.search.results.store import SPEC_FILE, _safe, read_results, read_spec
-from densitune.search.spec import METRICS
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
@@ -61,7 +60,6 @@ __all__ = ["plot_results", "eps_curves", "best_scores", "BestScores"]
 
 #: Columns that tell the lines of the ε plot apart (score is fixed to "density").
 CURVE_COLUMNS = [*GROUP_COLUMNS, "density", "density_params"]
-METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "fpr95": "FPR@95%TPR (lower is better)"}
 DPI = 110
 
 
@@ -87,8 +85,7 @@ def eps_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     OOD set), ``test`` (mean over seeds, then over the test OOD sets) and, if attacks
     were evaluated, ``adv`` (the same over the ``adv-*`` sets). Sorted by config, then ε.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     d = df[df["score"] == "density"]
     adv = d["ood_dataset"].str.startswith("adv-")
     d = d.assign(kind=np.where(d["split"] == "val", "val", np.where(adv, "adv", "test")))
@@ -236,7 +233,7 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str) -> Figure | None:
                 ax.plot(sel["eps"], sel[kind], marker="*", ms=16, ls="none", color=f"C{i % 10}", mec="k")
         ax.set_title(title)
         _eps_axis(ax, curves["eps"].to_numpy())
-    axes[0].set_ylabel(f"{METRIC_LABELS[metric]} (mean over seeds)")
+    axes[0].set_ylabel(f"{METRICS[metric].label} (mean over seeds)")
     axes[-1].legend(title="configuration", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.suptitle(f"{experiment}: score=density, {metric} against ε "
                  f"(★ = best density trial on validation: {best_label}, ε={best['eps']:g})")
@@ -352,8 +349,7 @@ def plot_results(
     so a missing ``_spec.json`` or checkpoint leaves ``out_dir`` untouched.
     ``ws`` is an optional :class:`densitune.search.evaluate.Workspace` (cached models and data).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     out = Path(out_dir)
     if out.resolve().is_relative_to(Path(results_dir).resolve()):
         # read_results rejects every non-Parquet file under the results directory

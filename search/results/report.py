@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from densitune.errors import ConfigError, ResultsError
-from densitune.search.spec import METRICS
+from densitune.search.ood.metrics import METRICS, check_metric
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,7 +42,7 @@ CONFIG_COLUMNS = GROUP_COLUMNS + METHOD_COLUMNS
 #: Friendly names of the note's methods; others are shown as score[:density].
 METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble", ("density", "gmm_sum"): "ddu"}
 METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
-VALUES = ["auroc", "auprc", "fpr95"]
+VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
 VIEWS = ("all", "methods", "configs")
 
@@ -77,8 +77,7 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     ``val`` is the validation row's ``metric``; for protocols without an OOD side
     (id-only) it is the stored objective. Sorted best-first (ties: smaller ε, trial id).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     val = df[df["split"] == "val"].copy()
     if val.empty:
         raise ResultsError("no validation rows among the selected results: selection needs them "
@@ -101,7 +100,7 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def _ascending(trials: pd.DataFrame, metric: str) -> bool:
     """Lower is better only for fpr95 (an id-only log-likelihood is always higher-is-better)."""
-    return METRICS[metric] == "min" and not trials["protocol"].fillna("").str.startswith("id-only").all()
+    return METRICS[metric].direction == "min" and not trials["protocol"].fillna("").str.startswith("id-only").all()
 
 
 @dataclass

@@ -22,7 +22,6 @@ accepted at the threshold that keeps 95% of in-distribution inputs.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import uuid
 from collections.abc import Iterable, Mapping
@@ -33,7 +32,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from densitune.checks import error_summary
 from densitune.errors import ResultsError
+from densitune.files import atomic_write
 
 SCHEMA_VERSION = 3
 
@@ -149,12 +150,7 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{stage}-{_safe(name)}.parquet"
-    tmp = part / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:  # on disk before it gets its real name
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+    return atomic_write(final, lambda f: pq.write_table(table, f))
 
 
 SPEC_FILE = "_spec.json"
@@ -178,10 +174,7 @@ def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]
     d = experiment_dir(results_dir, experiment)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SPEC_FILE
-    tmp = d / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{SPEC_FILE}"
-    tmp.write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(dict(spec), indent=1, sort_keys=True))
 
 
 def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None:
@@ -221,7 +214,7 @@ def _check_file(f: Path) -> None:
     try:
         schema = pq.ParquetFile(f).schema_arrow
     except (pa.ArrowException, OSError) as e:
-        raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
+        raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
     if schema.equals(SCHEMA):
         return
     if "schema_version" in schema.names:
@@ -252,7 +245,7 @@ def read_results(results_dir: str | Path, *, experiment: str | None = None, stag
             try:
                 pq.read_table(f)
             except (pa.ArrowException, OSError) as e:
-                raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
+                raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
         raise
     if experiment is not None:
         table = table.filter(ds.field("experiment") == experiment)
@@ -278,6 +271,6 @@ def query(table: pa.Table, sql: str, *, what: str = "query") -> pa.Table:
             return pa.table({})
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
-        raise ResultsError(f"bad {what}: {str(e).splitlines()[0]}") from None
+        raise ResultsError(f"bad {what}: {error_summary(e)}") from None
     finally:
         con.close()

@@ -59,57 +59,31 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     # Flags default to None so that a --spec file can supply the value; flags given win.
     p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it)")
-    p.add_argument("--experiment", default=None, help="name of the search experiment (default: search)")
-    p.add_argument("--models", default=None, help="directory of trained models (default: OUT/models)")
-    p.add_argument("--protocol", default=None, help="selection protocol: val-ood (default), adv-proxy or id-only")
-    p.add_argument("--val-ood", default=None, help="OOD set used for selection (default: per ID data set)")
-    p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select")
-    p.add_argument("--proxy-eps", type=float, default=None, help="adv-proxy: FGSM budget on ID validation inputs")
-    p.add_argument("--density", nargs="+", default=None, help="densities: gmm_sum gmm_max kde (default gmm_sum)")
-    p.add_argument("--score", nargs="+", default=None, help="scores (default density); see `densitune list`")
-    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
-    p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
-    p.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="only models with these D")
-    p.add_argument("--backbone", nargs="+", default=None, help="only models with these backbones")
-    p.add_argument("--loss", nargs="+", default=None, help="only models trained with these losses")
+    from densitune.search.spec import spec_keys
+
+    for key in spec_keys():  # one flag per spec key that has one (declared on SearchSpec's fields)
+        if key.flags and key.flags[-1] not in p._option_string_actions:  # --data-root is common to train
+            p.add_argument(*key.flags, dest=key.name, default=None, help=key.help, nargs=key.nargs, type=key.type,
+                           metavar=key.metavar)
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
                    help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
-    p.add_argument("--attacks", nargs="*", default=None, help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
-    p.add_argument("--attack-eps", type=float, default=None, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
-    p.add_argument("--attack-steps", type=int, default=None, help="BIM/PGD iterations (default 10)")
-    p.add_argument("--sampler", default=None, help="grid or tpe (default: grid)")
-    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget (default 20)")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
-    p.add_argument("--metric", default=None, help="validation metric to select on: auroc (default), auprc, fpr95")
-    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs")
     p.add_argument("--max-concurrent", type=int, default=None)
-
-
-#: search flag -> SearchSpec key (tuples for list-valued keys)
-_FLAG_KEYS = {
-    "experiment": "experiment", "protocol": "protocol", "val_ood": "val_ood", "test_ood": "test_ood",
-    "proxy_eps": "proxy_eps", "density": "densities", "score": "scores", "eps_grid": "eps_grid", "eps_range": "eps_range",
-    "dim": "dims", "backbone": "backbones", "loss": "losses", "attacks": "attacks", "attack_eps": "attack_eps",
-    "attack_steps": "attack_steps", "sampler": "sampler", "num_samples": "num_samples", "seed": "seed",
-    "metric": "metric", "eval_limit": "eval_limit", "data_root": "data_root",
-}
 
 
 def _search_values(args: argparse.Namespace) -> dict:
     """Spec values from the --spec file, overridden by the flags that were given."""
+    from densitune.search.spec import spec_keys
     from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
-    for flag, key in _FLAG_KEYS.items():
-        v = getattr(args, flag)
+    for key in spec_keys():
+        v = getattr(args, key.name, None)
         if v is not None:
-            values[key] = v
+            values[key.name] = v
     if args.kde_bandwidth:  # merged into the file's density_params, not replacing them
         params = {k: dict(v) for k, v in values.get("density_params", {}).items()} if isinstance(values.get("density_params"), dict) else {}
         params.setdefault("kde", {})["bandwidth"] = [_number_or_name(b) for b in args.kde_bandwidth]
         values["density_params"] = params
-    if args.models is not None:
-        values["models"] = args.models
     for key in ("models", "data_root"):
         if values.get(key):
             values[key] = _abs(values[key])
@@ -265,6 +239,7 @@ def _number_or_name(text: str) -> float | str:
 def cmd_search(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from densitune.checks import error_summary
     from densitune.errors import ConfigError
     from densitune.ray_runtime import init_ray
     from densitune.search import models
@@ -308,7 +283,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
-        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
+        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {error_summary(errors[0], last=True)}")
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])

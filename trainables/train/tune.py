@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
@@ -213,13 +214,7 @@ def run_training(
         first = failed[0]
         key = (first.config or {}).get("key", "?")
         raise TrainingError(
-            f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error)}"
+            f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error, last=True)}"
         )
     return [dict(r.metrics or {}) for r in results]  # type: ignore[attr-defined]
 
-
-def error_summary(error: BaseException) -> str:
-    """One line for a trial's error: the last non-empty line of its text (Ray wraps the
-    trial's exception in a traceback; its last line is ``ExceptionType: message``)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(error).__name__
