@@ -57,6 +57,7 @@ class Interval:
     def accepts(self, v: Any) -> bool:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral if self.kind is int else numbers.Real):
             return False
+        v = float(v)
         if not math.isfinite(v):
             return False
         left, right = self.closed in ("both", "left"), self.closed in ("both", "right")

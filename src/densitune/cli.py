@@ -76,10 +76,10 @@ def _search_values(args: argparse.Namespace) -> dict:
     from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
-    for key in spec_keys():
-        v = getattr(args, key.name, None)
+    for spec_key in spec_keys():
+        v = getattr(args, spec_key.name, None)
         if v is not None:
-            values[key.name] = v
+            values[spec_key.name] = v
     if args.kde_bandwidth:  # merged into the file's density_params, not replacing them
         params = {k: dict(v) for k, v in values.get("density_params", {}).items()} if isinstance(values.get("density_params"), dict) else {}
         params.setdefault("kde", {})["bandwidth"] = [_number_or_name(b) for b in args.kde_bandwidth]
