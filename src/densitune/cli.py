@@ -13,19 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import overload
 
 from densitune.errors import DensituneError
 
 log = logging.getLogger("densitune")
-
-#: Per in-distribution data set: (validation OOD set used for selection, test OOD sets).
-DEFAULT_OOD = {
-    "digits": ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform")),
-    "cifar10": ("folder:tiny-imagenet-val", ("svhn", "cifar100", "mnist")),
-    "mnist": ("folder:ood-val", ("fashionmnist", "cifar10", "svhn")),
-}
-
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
@@ -183,16 +175,9 @@ def _train_configs(args: argparse.Namespace):
     return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
 
 
-def _check_data(name: str, root: str | None, download: bool = False) -> None:
-    """Fail early (before Ray, before writing) if a data set is unknown or absent."""
-    from densitune.trainables.data import dataset_info, load_split
-
-    dataset_info(name, root=root)
-    load_split(name, "test", root=root, download=download, limit=1)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from densitune.ray_runtime import init_ray
+    from densitune.search.prepare import check_data
     from densitune.trainables.train.tune import TrainRun, run_training
 
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
@@ -200,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     configs = _train_configs(args)  # validates names, D, ε...
     check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
-    _check_data(args.dataset, args.data_root, args.download)
+    check_data(args.dataset, args.data_root, args.download)
     out = Path(_abs(args.out))
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
@@ -213,22 +198,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_spec(values: dict, id_dataset: str):
-    from densitune.search.spec import SearchSpec
-
-    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "models"}
-    kw.setdefault("experiment", "search")
-    val_default, test_default = DEFAULT_OOD.get(id_dataset, (None, ()))
-    if kw.get("protocol", "val-ood") == "val-ood":
-        kw.setdefault("val_ood", val_default)
-    else:
-        kw.setdefault("val_ood", None)
-    kw.setdefault("test_ood", test_default)
-    if (kw["val_ood"] is None and kw.get("protocol", "val-ood") == "val-ood") or not kw["test_ood"]:
-        raise DensituneError(f"no default OOD sets for {id_dataset!r}: pass --val-ood and --test-ood")
-    return SearchSpec(**kw)
-
-
 def _number_or_name(text: str) -> float | str:
     try:
         return float(text)
@@ -239,40 +208,20 @@ def _number_or_name(text: str) -> float | str:
 def cmd_search(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from densitune.checks import error_summary
     from densitune.errors import ConfigError
     from densitune.ray_runtime import init_ray
-    from densitune.search import models
     from densitune.search.cache import DiskCache
+    from densitune.search.prepare import prepare_search
     from densitune.search.results.report import best, report
     from densitune.search.results.store import read_results, write_spec
-    from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
     from densitune.search.tune import SearchRun, run_search, trial_budget
-    from densitune.trainables.train.checkpoint import read_config
 
-    # The space first: a bad name or value fails before any file is read.
-    values = _search_values(args)
-    check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
-                tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
-                tuple(values.get("dims", ())))
-    check_density_params(values.get("density_params", {}))
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     out = Path(_abs(args.out))
-    models_dir = Path(values["models"]) if values.get("models") else out / "models"
-    groups = models.discover(models_dir)
-    ids = {g.dataset for g in groups}
-    if len(ids) != 1:
-        raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
-    id_dataset = ids.pop()
-    spec = _search_spec(values, id_dataset)
-    groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
-    if id_dataset in (spec.val_ood, *spec.test_ood):
-        raise ConfigError(f"the in-distribution data set {id_dataset!r} cannot also be an OOD set")
-    models.check_checkpoints(groups)  # a corrupt model.pt fails here, before Ray starts
-    id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
-    for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (spec.val_ood, *spec.test_ood) if n)):
-        _check_data(name, root)
+    values = _search_values(args)
+    values.setdefault("models", str(out / "models"))
+    spec, groups = prepare_search(values)
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
                     max_concurrent=args.max_concurrent, cache_dir=cache_dir)
@@ -280,10 +229,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
     init_ray(args.address, args.num_cpus)
-    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
-    errors = [r.error for r in grid or [] if r.error is not None]
-    if errors:
-        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {error_summary(errors[0], last=True)}")
+    run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
