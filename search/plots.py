@@ -46,6 +46,7 @@ from densitune.search.results.report import (
     _group_title,
     _method_title,
     config_results,
+    same,
     search_frame,
     trial_objectives,
 )
@@ -142,13 +143,13 @@ class BestScores:
 def _checkpoints(rows: pd.DataFrame, ensemble: bool) -> tuple[list[str], str]:
     """The checkpoints to re-evaluate and a phrase that says which they are."""
     if ensemble:
-        ckpts = rows["checkpoint"].dropna().iloc[0].split(",")
+        ckpts = list(rows["checkpoints"].iloc[0])
         return ckpts, f"ensemble of {len(ckpts)} models"
     seeds = rows.dropna(subset=["seed"]).sort_values("seed", kind="mergesort")
     first = seeds.iloc[0]
     n = seeds["seed"].nunique()
     which = f"seed {int(first['seed'])}" + (f" (the first of {n} seeds)" if n > 1 else "")
-    return [first["checkpoint"]], which
+    return list(first["checkpoints"]), which
 
 
 def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc", ws: Workspace | None = None) -> BestScores:
@@ -222,7 +223,7 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str) -> Figure | None:
     fig = Figure(figsize=(5.2 * len(panels) + 1.5, 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharex=True)  # own y ranges: validation and test levels differ
     best = trial_objectives(df[df["score"] == "density"], metric).iloc[0]
-    is_best = np.logical_and.reduce([curves[c] == best[c] for c in CURVE_COLUMNS])
+    is_best = np.logical_and.reduce([same(curves[c], best[c]) for c in CURVE_COLUMNS])
     best_label = curves.loc[is_best, "label"].iloc[0]
     for ax, (kind, title) in zip(axes, panels):
         for i, (name, c) in enumerate(curves.groupby("label", sort=False)):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, ListOf, describe
+from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, describe
 from densitune.errors import ConfigError
 from densitune.search.ood.metrics import METRICS, check_metric
 
@@ -46,16 +45,15 @@ def check_space(
     for name in scores:
         SCORES.check(name)
     for eps in (*eps_grid, *eps_range):
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps)) or eps < 0:
-            raise ConfigError(f"eps must be a finite number >= 0, got {eps}")
+        check_params({"eps": eps}, {"eps": [Interval(float, 0, None)]})
     lo, hi = eps_range
     if not 0 < lo < hi:
         raise ConfigError(f"eps range must satisfy 0 < low < high, got {lo}..{hi}")
     if not eps_grid:
         raise ConfigError("eps grid is empty")
     for d in dims:
-        if int(d) <= 0:
-            raise ConfigError(f"feature dimension D must be > 0, got {d}")
+        for constraint in (INTEGER, Interval(None, 0, None, closed="neither")):  # the type, then the range
+            check_params({"D": d}, {"D": [constraint]}, labels={"D": "feature dimension D"})
 
 
 def check_density_params(density_params: Any) -> None:
@@ -104,6 +102,9 @@ def _key(value: Any, help: str, *flags: str, nargs: str | int | None = None, typ
 
 
 _STRS, _NUMS, _INTS = ListOf(STRING), ListOf(NUMBER), ListOf(INTEGER)
+_POSITIVE = [Interval(float, 0, None, closed="neither")]
+_LABELS = {"attack_eps": "attack eps", "attack_steps": "attack steps", "num_samples": "number of trials",
+           "eval_limit": "eval limit", "batch_size": "batch size"}
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,7 @@ class SearchSpec:
 
             for a in self.attacks:
                 ATTACKS.check(a)
-            if not (self.attack_eps > 0 and math.isfinite(self.attack_eps)):
-                raise ConfigError(f"attack eps must be > 0, got {self.attack_eps}")
-            if self.attack_steps < 1:
-                raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
+            check_params(vars(self), {"attack_eps": _POSITIVE, "attack_steps": [Interval(int, 1, None)]}, labels=_LABELS)
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         check_metric(self.metric)
@@ -188,8 +186,7 @@ class SearchSpec:
             from densitune.search.ood.attacks import ATTACKS
 
             ATTACKS.check(self.proxy_attack)
-            if not (self.proxy_eps > 0 and math.isfinite(self.proxy_eps)):
-                raise ConfigError(f"proxy_eps must be > 0, got {self.proxy_eps}")
+            check_params(vars(self), {"proxy_eps": _POSITIVE}, labels=_LABELS)
             from densitune.search.ood.scores import SCORES
 
             ens = [s for s in self.scores if SCORES.get(s).ensemble]
@@ -207,10 +204,8 @@ class SearchSpec:
         if self.val_ood in self.test_ood:
             # The selection set must be distinct from every reported set (no test leakage).
             raise ConfigError(f"validation OOD set {self.val_ood!r} is also a test OOD set; choose a distinct one")
-        if self.num_samples is not None and self.num_samples <= 0:
-            raise ConfigError(f"number of trials must be > 0, got {self.num_samples}")
-        if self.eval_limit is not None and self.eval_limit <= 0:
-            raise ConfigError(f"eval limit must be > 0, got {self.eval_limit}")
+        check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
+                                   "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (tuples as lists)."""

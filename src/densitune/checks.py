@@ -46,10 +46,11 @@ MAPPING = _Kind("mapping", "a mapping")
 class Interval:
     """An ``int`` (``kind=int``) or finite real number (``kind=float``) in [low, high] (``None``: unbounded).
 
-    ``closed`` says which ends belong to the interval: "both", "left", "right" or "neither".
+    ``closed`` says which ends belong to the interval: "both", "left", "right" or "neither". With
+    ``kind=None`` only the range is checked and named ("> 0"): for values whose type was checked before.
     """
 
-    kind: type
+    kind: type | None
     low: float | None = None
     high: float | None = None
     closed: str = "both"
@@ -66,13 +67,13 @@ class Interval:
         return not (self.high is not None and (v > self.high or (v == self.high and not right)))
 
     def text(self) -> str:
-        what = "an integer" if self.kind is int else "a finite number"
+        what = "an integer" if self.kind is int else "a finite number" if self.kind is float else ""
         bounds = []
         if self.low is not None:
             bounds.append(f"{'>=' if self.closed in ('both', 'left') else '>'} {self.low:g}")
         if self.high is not None:
             bounds.append(f"{'<=' if self.closed in ('both', 'right') else '<'} {self.high:g}")
-        return f"{what} {' and '.join(bounds)}".rstrip()
+        return f"{what} {' and '.join(bounds)}".strip()
 
 
 @dataclass(frozen=True)
