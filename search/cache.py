@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from densitune.checks import error_summary
-from densitune.files import atomic_write
+from densitune.files import atomic_write, load_tensors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +82,7 @@ class DiskCache:
             try:
                 if path.exists():
                     try:
-                        return decode(torch.load(path, map_location=map_location, weights_only=True))
+                        return decode(load_tensors(path, map_location))
                     except Exception as e:  # noqa: BLE001 - any unreadable or stale cache file is recomputed
                         log.warning("cache file %s rejected (%s: %s); recomputing", path, type(e).__name__,
                                     error_summary(e))

@@ -1,7 +1,7 @@
 """The search specification: what to search, on which models, judged on which data.
 
 One frozen dataclass, validated when built, so a typo fails before Ray starts and
-before anything is written. The CLI and (later) YAML files both build it.
+before anything is written. The CLI flags and YAML files both build it (their keys are declared on the fields: :func:`spec_keys`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ tried: the disk cache's features, fitted densities and attacked sets, a trained 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import shutil
@@ -50,7 +51,8 @@ def _plant(path: Path, marker: Path, form: str) -> None:
 def test_the_plant_is_live(tmp_path, form):
     marker = tmp_path / "pwned"
     _plant(tmp_path / "x.pt", marker, form)
-    torch.load(tmp_path / "x.pt", weights_only=False)  # what densitune must never do
+    with contextlib.suppress(Exception):  # a bare pickle then fails torch's magic-number check: too late
+        torch.load(tmp_path / "x.pt", weights_only=False)  # what densitune must never do
     assert marker.exists()
 
 

@@ -1,18 +1,20 @@
 """One way to write a local file so that readers see the old file or the new one, never a part.
 
 Used by every writer of the package: result Parquet files and the stored spec, checkpoints
-(``model.pt``, ``config.json``) and the disk cache.
+(``model.pt``, ``config.json``) and the disk cache. :func:`load_tensors` is the one reader of
+torch files: plain tensors and containers only, never an arbitrary pickled object.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "fsync_dir", "temp_path"]
+__all__ = ["atomic_write", "fsync_dir", "load_tensors", "temp_path"]
 
 
 def temp_path(path: Path) -> Path:
@@ -57,3 +59,17 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
         raise
     fsync_dir(path.parent)
     return path
+
+
+def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them.
+
+    Anything else (a planted pickle of arbitrary objects) raises instead of being executed. torch's own
+    warnings about such a file (e.g. its pickle protocol) are silenced: the caller reports the error in
+    one line.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)

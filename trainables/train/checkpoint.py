@@ -20,7 +20,7 @@ from torch import nn
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
-from densitune.files import atomic_write
+from densitune.files import atomic_write, load_tensors
 from densitune.trainables.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_tensors(path, map_location)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: {error_summary(e)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
