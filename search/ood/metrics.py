@@ -20,6 +20,7 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from densitune.checks import Interval, check_params
 from densitune.errors import ConfigError, DensituneError
 
 __all__ = ["METRICS", "Metric", "auprc", "auroc", "check_metric", "fpr_at_tpr", "ood_metrics"]
@@ -117,8 +118,7 @@ def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> 
     Raises:
         ConfigError: ``tpr`` outside (0, 1].
     """
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0 < tpr <= 1:
-        raise ConfigError(f"tpr must be in (0, 1], got {tpr!r}")
+    check_params({"tpr": tpr}, {"tpr": [Interval(float, 0, 1, closed="right")]})
     s_id = _as_scores(score_id, "in-distribution")
     s_ood = _as_scores(score_ood, "OOD")
     # round() guards against tpr * N landing a hair above an integer (e.g. 0.95 * 20 = 19.000000000000004).
