@@ -90,18 +90,16 @@ def cache_round_trip(device, tmp: Path) -> dict:
     Checks that cached densities come back on the scoring device and give identical numbers.
     """
     from densitune.search.evaluate import Workspace
-    from densitune.search.models import discover
+    from densitune.search.prepare import prepare_search
     from densitune.search.space import TrialParams
-    from densitune.search.spec import SearchSpec
     from densitune.search.trial import run_trial
     from densitune.trainables.train.checkpoint import save_checkpoint
 
     cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=3)
     *_, st = fit(cfg, device=device)
     save_checkpoint(tmp / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=3, metrics=st.metrics)
-    (group,) = discover(tmp / "models")
-    spec = SearchSpec(experiment="gpu", val_ood="digits-blend", test_ood=("noise-uniform",), densities=("kde",),
-                      attacks=("pgd",), attack_eps=0.1)
+    spec, (group,) = prepare_search(dict(models=str(tmp / "models"), experiment="gpu", val_ood="digits-blend",
+                                         test_ood=["noise-uniform"], densities=["kde"], attacks=["pgd"], attack_eps=0.1))
     out = {}
     for density in ("gmm_sum", "kde"):
         p = TrialParams(group.key, "density", density, eps=0.01)

@@ -26,9 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from densitune.ray_runtime import init_ray  # noqa: E402
-from densitune.search.models import discover  # noqa: E402
+from densitune.search.prepare import prepare_search  # noqa: E402
 from densitune.search.results.store import read_results  # noqa: E402
-from densitune.search.spec import SearchSpec  # noqa: E402
 from densitune.search.tune import SearchRun, run_search  # noqa: E402
 from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
 from densitune.trainables.train.config import TrainConfig  # noqa: E402
@@ -52,14 +51,14 @@ def main() -> None:
     cfg = TrainConfig(backbone="cnn", feature_dim=32, loss="contrastive", epochs=15, experiment="bench")
     *_, st = fit(cfg)
     save_checkpoint(work / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
-    groups = discover(work / "models")
     init_ray(num_cpus=2)
     run = SearchRun(results_dir=str(work / "results"), storage_path=str(work / "tune"), cache_dir=str(work / "cache"))
-    base = dict(val_ood="digits-blend", test_ood=("digits-rot90",), densities=("gmm_sum",), eps_range=(LO, HI))
+    base = dict(models=str(work / "models"), val_ood="digits-blend", test_ood=["digits-rot90"], densities=["gmm_sum"],
+                eps_range=[LO, HI])
 
     grid_eps = (0.0, *[float(e) for e in np.geomspace(LO, HI, args.points)])
     t0 = time.perf_counter()
-    run_search(SearchSpec(experiment="grid", eps_grid=grid_eps, sampler="grid", **base), groups, run)
+    run_search(*prepare_search(dict(experiment="grid", eps_grid=list(grid_eps), sampler="grid", **base)), run)
     grid_s = time.perf_counter() - t0
     grid_best, grid_eps_best = best_val(run.results_dir, "grid")
 
@@ -68,7 +67,7 @@ def main() -> None:
     for seed in (0, 1, 2):
         t0 = time.perf_counter()
         name = f"tpe-{seed}"
-        run_search(SearchSpec(experiment=name, sampler="tpe", num_samples=budget, seed=seed, **base), groups, run)
+        run_search(*prepare_search(dict(experiment=name, sampler="tpe", num_samples=budget, seed=seed, **base)), run)
         best, eps = best_val(run.results_dir, name)
         tpe.append({"seed": seed, "best_val_auroc": best, "eps": eps, "gap": grid_best - best, "seconds": time.perf_counter() - t0})
     median_gap = statistics.median(t["gap"] for t in tpe)

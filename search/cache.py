@@ -25,6 +25,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from densitune.checks import error_summary
+from densitune.files import atomic_write, load_tensors
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -79,14 +82,13 @@ class DiskCache:
             try:
                 if path.exists():
                     try:
-                        return decode(torch.load(path, map_location=map_location, weights_only=True))
+                        return decode(load_tensors(path, map_location))
                     except Exception as e:  # noqa: BLE001 - any unreadable or stale cache file is recomputed
-                        reason = (str(e).strip().splitlines() or [""])[0][:200]
-                        log.warning("cache file %s rejected (%s: %s); recomputing", path, type(e).__name__, reason)
+                        log.warning("cache file %s rejected (%s: %s); recomputing", path, type(e).__name__,
+                                    error_summary(e))
                 obj = make()
-                tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-                torch.save(encode(obj), tmp)
-                os.replace(tmp, path)
+                state = encode(obj)
+                atomic_write(path, lambda f: torch.save(state, f))
                 self._log_event(kind, key)
                 return obj
             finally:

@@ -1,10 +1,9 @@
-"""Evaluating one search trial: fit, score, measure; selection and test kept apart.
+"""The evaluation protocol of one search trial: which data selects, which data only reports.
 
-:class:`Workspace` is a per-process cache (Ray reuses trial actors, so one process
-serves many trials): each (checkpoint, data set, split) is loaded and its clean
-features extracted once; each (checkpoint, density, parameters) is fitted once; each
-(checkpoint, attack) is run once. A trial that varies only ε pays for its perturbed
-passes and nothing else.
+The trial's steps are :mod:`densitune.search.scoring`'s named functions (features -> density ->
+scores -> metrics), cached by the per-process :mod:`densitune.search.workspace` (re-exported
+here); this module decides which data each step sees. A trial that varies only ε pays for its
+perturbed passes and nothing else.
 
 Scientific honesty is structural here: :func:`selection_metrics` is the only input to
 the search objective and it is only given validation data; :func:`test_metrics` runs
@@ -14,148 +13,24 @@ sampler.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, cast
 
-import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from densitune.device import default_device
 from densitune.errors import ConfigError
-from densitune.search.cache import DiskCache, checkpoint_token
-from densitune.search.ood.densities import Density, create_density, density_from_state
-from densitune.search.ood.metrics import ood_metrics
 from densitune.search.ood.scores import Score, create_score, score_class
+from densitune.search.scoring import Features, detection_metrics, id_accuracy, score_inputs
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
+from densitune.search.workspace import Workspace, workspace
 from densitune.trainables.data import load_split
-from densitune.trainables.train.checkpoint import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialParams", "Workspace", "workspace", "selection_metrics", "test_metrics"]
-
-
-@dataclass
-class Features:
-    """Clean features of one data split under one model: z (N, D), logits (N, K), y (N,)."""
-
-    z: Tensor
-    logits: Tensor
-    y: Tensor
-
-
-class Workspace:
-    """Per-process caches of models, data, clean features, fitted densities and attacks.
-
-    With ``cache_dir``, features, densities and attacked inputs also go through a
-    :class:`~densitune.search.cache.DiskCache` shared by every process (Ray actors, nodes on
-    shared storage), so each is computed once per search, not once per process.
-    ``counts`` records what this process computed ("load_model", "load_data",
-    "extract", "fit", "attack").
-    """
-
-    def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None) -> None:
-        self.device = device or default_device()
-        self.disk = DiskCache(cache_dir) if cache_dir else None
-        self.counts: Counter[str] = Counter()
-        self._models: dict[str, LoadedModel] = {}
-        self._memo: dict[tuple, Any] = {}
-
-    def _cached(
-        self,
-        kind: str,
-        key: tuple,
-        make: Callable[[], Any],
-        disk_key: str | None = None,
-        codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None,
-    ) -> Any:
-        """Memoise ``make()`` in memory, and on disk (through ``codec = (encode, decode)``) when a
-        disk key is given and a cache is set."""
-        mem_key = (kind, *key)
-        if mem_key not in self._memo:
-
-            def compute() -> Any:
-                self.counts[kind] += 1
-                return make()
-
-            if self.disk is not None and disk_key is not None:
-                # features and attacks live on the CPU; densities on the scoring device
-                where = self.device if kind == "fit" else "cpu"
-                encode, decode = codec or (lambda obj: obj, lambda state: state)
-                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute, map_location=where,
-                                                              encode=encode, decode=decode)
-            else:
-                self._memo[mem_key] = compute()
-        return self._memo[mem_key]
-
-    def model(self, checkpoint: str) -> LoadedModel:
-        if checkpoint not in self._models:
-            self.counts["load_model"] += 1
-            self._models[checkpoint] = load_model(checkpoint, device=self.device)
-        return self._models[checkpoint]
-
-    def data(self, key: tuple, make: Callable[[], Dataset]) -> Dataset:
-        """The data set cached under ``key`` (in memory: loading is cheap), made by ``make()`` once."""
-        return self._cached("load_data", key, make)
-
-    def loaded_data(self) -> list[tuple]:
-        """Keys (name, split, shape, root, seed, limit) of every data set this workspace loaded."""
-        return [k[1:] for k in self._memo if k[0] == "load_data"]
-
-    def attacked(self, checkpoint: str, key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
-        """Attacked inputs (x_adv, y) of one model, cached on disk."""
-        codec = (lambda xy: {"x": xy[0], "y": xy[1]}, lambda s: (s["x"], s["y"]))
-        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}", codec)
-        return TensorDataset(x, y)
-
-    def features(self, checkpoint: str, data_key: tuple, data: Dataset, batch_size: int = 512) -> Features:
-        @torch.no_grad()
-        def extract() -> Features:
-            model = self.model(checkpoint).model
-            zs, ls, ys = [], [], []
-            for x, y in DataLoader(data, batch_size=batch_size):
-                z, logits = model.features_and_logits(x.to(self.device))
-                zs.append(z.float().cpu())
-                ls.append(logits.float().cpu())
-                ys.append(y)
-            return Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
-
-        codec = (lambda f: {"z": f.z, "logits": f.logits, "y": f.y}, lambda s: Features(s["z"], s["logits"], s["y"]))
-        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}",
-                            codec)
-
-    def density(self, checkpoint: str, name: str, params: str, train: Features, train_key: tuple = ()) -> Density:
-        """``name`` fitted on the clean training features of ``checkpoint`` (``train_key`` names that split)."""
-
-        def fit() -> Density:
-            d = create_density(name, **json.loads(params))
-            if d.needs_head:  # vim: the model's last layer (model.head, an nn.Linear)
-                head = self.model(checkpoint).model.head
-                d.set_head(head.weight, head.bias)
-            return d.fit(train.z.to(self.device), train.y.to(self.device))
-
-        disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
-        codec = (lambda d: d.state_dict(), lambda s: density_from_state(s, self.device))
-        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
-
-
-#: One process-wide workspace, shared by the trials a reused Ray actor runs.
-_WORKSPACE: Workspace | None = None
-
-
-def workspace(cache_dir: str | Path | None = None) -> Workspace:
-    """The process-wide workspace (created on first use with ``cache_dir``)."""
-    global _WORKSPACE
-    if _WORKSPACE is None or (cache_dir and _WORKSPACE.disk is None):
-        _WORKSPACE = Workspace(cache_dir=cache_dir)
-    return _WORKSPACE
+__all__ = ["Features", "TrialParams", "Workspace", "workspace", "selection_metrics", "test_metrics", "test_score_arrays"]
 
 
 class _Evaluator:
@@ -170,13 +45,23 @@ class _Evaluator:
         self.id_name = first.data["name"]
         self.data_seed = int(first.data.get("data_seed", 0))
         density = None
+        self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
             train_key, train_data = self.split(self.id_name, "train", limit=None)
             train = self.features(train_key, train_data)
             density = ws.density(ckpt, params.density, params.density_params, train[0], train_key)
+            self.fit_checksums = self.checksums(train_key)
         self.score: Score = create_score(params.score, [ws.model(c).model for c in self.checkpoints], density)
-        self.density_fit = json.dumps(density.fitted_summary(), sort_keys=True) if density is not None else None
+        self.density_fit = density.describe()["density_fit"] if density is not None else None
+
+    def checksums(self, *keys: tuple) -> dict[str, str]:
+        """``{"<data set>/<split>": checksum}`` of the splits named by data keys (an attacked set: its ID split)."""
+        out = {}
+        for key in keys:
+            key = key[3:] if key[0] == "adv" else key  # ("adv", attack, cfg, *id_key)
+            out[f"{key[0]}/{key[1]}"] = self.ws.checksum(key)
+        return out
 
     def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
         limit = self.spec.eval_limit if limit == -1 else limit
@@ -205,26 +90,14 @@ class _Evaluator:
     def scores(self, key: tuple, data: Dataset) -> tuple[Tensor, list[Features]]:
         """(N,) float64 scores of a data set with this trial's ε, and its clean features per model."""
         feats = self.features(key, data)
-        eps = self.params.eps
-        if eps == 0:
-            dev = self.ws.device
-            fast = self.score.from_features([(f.z.to(dev), f.logits.to(dev)) for f in feats])
-            if fast is not None:
-                return fast.detach().double().cpu(), feats
-        out = [
-            self.score.evaluate(x.to(self.ws.device), eps).double().cpu()
-            for x, _ in DataLoader(data, batch_size=self.spec.batch_size)
-        ]
-        return torch.cat(out), feats
+        return score_inputs(self.score, data, self.params.eps, feats, self.spec.batch_size, self.ws.device), feats
 
     def compare(self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset]) -> dict[str, Any]:
+        """One row's figures: ID vs OOD detection metrics, the density's fit and the data's checksums."""
         s_id, f_id = self.scores(*id_split)
         s_ood, _ = self.scores(*ood_split)
-        m: dict[str, Any] = ood_metrics(s_id, s_ood)
-        probs = torch.stack([f.logits.double().softmax(1) for f in f_id]).mean(0)
-        m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=float((probs.argmax(1) == f_id[0].y).double().mean()),
-                 density_fit=self.density_fit)
-        return m
+        return {**detection_metrics(s_id, s_ood, f_id), "density_fit": self.density_fit,
+                "data_checksums": {**self.fit_checksums, **self.checksums(id_split[0], ood_split[0])}}
 
 
 def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, Any]:
@@ -237,9 +110,8 @@ def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str
     id_val = ev.split(ev.id_name, "val")
     if spec.protocol == "id-only":
         s_id, feats = ev.scores(*id_val)
-        acc = float((feats[0].logits.argmax(1) == feats[0].y).double().mean())
-        return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": acc,
-                "density_fit": ev.density_fit}
+        return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": id_accuracy(feats),
+                "density_fit": ev.density_fit, "data_checksums": {**ev.fit_checksums, **ev.checksums(id_val[0])}}
     if spec.protocol == "adv-proxy":
         if ev.score.ensemble:
             raise ConfigError("protocol adv-proxy attacks one model: it cannot select ensemble scores")

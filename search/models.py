@@ -5,7 +5,7 @@ training setting except ``seed`` (and ``experiment``, the folder they were train
 they are named by :func:`group_key` (backbone, D, loss, λ, spectral norm), and two
 checkpoints with one name but other differing settings are an error, not one group.
 The search selects among groups, and reports each seed's figures
-(mean ± std over seeds in the tables; the ensemble score, later, uses the group).
+(mean ± std over seeds in the tables; the ensemble scores use the whole group).
 """
 
 from __future__ import annotations

@@ -39,18 +39,18 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
-from densitune.search.ood.metrics import auroc
+from densitune.search.ood.metrics import METRICS, auroc, check_metric
 from densitune.search.results.report import (
     GROUP_COLUMNS,
     ConfigResult,
     _group_title,
     _method_title,
     config_results,
+    same,
     search_frame,
     trial_objectives,
 )
 from densitune.search.results.store import SPEC_FILE, _safe, read_results, read_spec
-from densitune.search.spec import METRICS
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
@@ -61,7 +61,6 @@ __all__ = ["plot_results", "eps_curves", "best_scores", "BestScores"]
 
 #: Columns that tell the lines of the ε plot apart (score is fixed to "density").
 CURVE_COLUMNS = [*GROUP_COLUMNS, "density", "density_params"]
-METRIC_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "fpr95": "FPR@95%TPR (lower is better)"}
 DPI = 110
 
 
@@ -87,8 +86,7 @@ def eps_curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     OOD set), ``test`` (mean over seeds, then over the test OOD sets) and, if attacks
     were evaluated, ``adv`` (the same over the ``adv-*`` sets). Sorted by config, then ε.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     d = df[df["score"] == "density"]
     adv = d["ood_dataset"].str.startswith("adv-")
     d = d.assign(kind=np.where(d["split"] == "val", "val", np.where(adv, "adv", "test")))
@@ -145,13 +143,13 @@ class BestScores:
 def _checkpoints(rows: pd.DataFrame, ensemble: bool) -> tuple[list[str], str]:
     """The checkpoints to re-evaluate and a phrase that says which they are."""
     if ensemble:
-        ckpts = rows["checkpoint"].dropna().iloc[0].split(",")
+        ckpts = list(rows["checkpoints"].iloc[0])
         return ckpts, f"ensemble of {len(ckpts)} models"
     seeds = rows.dropna(subset=["seed"]).sort_values("seed", kind="mergesort")
     first = seeds.iloc[0]
     n = seeds["seed"].nunique()
     which = f"seed {int(first['seed'])}" + (f" (the first of {n} seeds)" if n > 1 else "")
-    return [first["checkpoint"]], which
+    return list(first["checkpoints"]), which
 
 
 def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc", ws: Workspace | None = None) -> BestScores:
@@ -225,7 +223,7 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str) -> Figure | None:
     fig = Figure(figsize=(5.2 * len(panels) + 1.5, 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharex=True)  # own y ranges: validation and test levels differ
     best = trial_objectives(df[df["score"] == "density"], metric).iloc[0]
-    is_best = np.logical_and.reduce([curves[c] == best[c] for c in CURVE_COLUMNS])
+    is_best = np.logical_and.reduce([same(curves[c], best[c]) for c in CURVE_COLUMNS])
     best_label = curves.loc[is_best, "label"].iloc[0]
     for ax, (kind, title) in zip(axes, panels):
         for i, (name, c) in enumerate(curves.groupby("label", sort=False)):
@@ -236,7 +234,7 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str) -> Figure | None:
                 ax.plot(sel["eps"], sel[kind], marker="*", ms=16, ls="none", color=f"C{i % 10}", mec="k")
         ax.set_title(title)
         _eps_axis(ax, curves["eps"].to_numpy())
-    axes[0].set_ylabel(f"{METRIC_LABELS[metric]} (mean over seeds)")
+    axes[0].set_ylabel(f"{METRICS[metric].label} (mean over seeds)")
     axes[-1].legend(title="configuration", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.suptitle(f"{experiment}: score=density, {metric} against ε "
                  f"(★ = best density trial on validation: {best_label}, ε={best['eps']:g})")
@@ -352,8 +350,7 @@ def plot_results(
     so a missing ``_spec.json`` or checkpoint leaves ``out_dir`` untouched.
     ``ws`` is an optional :class:`densitune.search.evaluate.Workspace` (cached models and data).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     out = Path(out_dir)
     if out.resolve().is_relative_to(Path(results_dir).resolve()):
         # read_results rejects every non-Parquet file under the results directory

@@ -1,18 +1,19 @@
 """The search specification: what to search, on which models, judged on which data.
 
 One frozen dataclass, validated when built, so a typo fails before Ray starts and
-before anything is written. The CLI and (later) YAML files both build it.
+before anything is written. The CLI flags and YAML files both build it (their keys are declared on the fields: :func:`spec_keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, describe
 from densitune.errors import ConfigError
+from densitune.search.ood.metrics import METRICS, check_metric
 
 SAMPLERS = ("grid", "tpe")
 #: How hyperparameters are selected (recorded in every row):
@@ -20,7 +21,6 @@ SAMPLERS = ("grid", "tpe")
 #: adv-proxy ID validation vs FGSM-perturbed ID validation inputs (no OOD data needed);
 #: id-only   held-out ID log-likelihood of the density (selects density parameters, ε = 0, one model group).
 PROTOCOLS = ("val-ood", "adv-proxy", "id-only")
-METRICS = {"auroc": "max", "auprc": "max", "fpr95": "min"}
 
 #: The ε grid of Lee et al. (2018, Mahalanobis), extended upwards because the
 #: embedded default's 8×8 digits need larger steps than CIFAR images.
@@ -48,16 +48,15 @@ def check_space(
     for name in scores:
         SCORES.check(name)
     for eps in (*eps_grid, *eps_range):
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps)) or eps < 0:
-            raise ConfigError(f"eps must be a finite number >= 0, got {eps}")
+        check_params({"eps": eps}, {"eps": [Interval(float, 0, None)]})
     lo, hi = eps_range
     if not 0 < lo < hi:
         raise ConfigError(f"eps range must satisfy 0 < low < high, got {lo}..{hi}")
     if not eps_grid:
         raise ConfigError("eps grid is empty")
     for d in dims:
-        if int(d) <= 0:
-            raise ConfigError(f"feature dimension D must be > 0, got {d}")
+        for constraint in (INTEGER, Interval(None, 0, None, closed="neither")):  # the type, then the range
+            check_params({"D": d}, {"D": [constraint]}, labels={"D": "feature dimension D"})
 
 
 def check_density_params(density_params: Any) -> None:
@@ -79,6 +78,40 @@ def check_density_params(density_params: Any) -> None:
 
 
 @dataclass(frozen=True)
+class SpecKey:
+    """One search spec key: its YAML name, what its value must be, its help text and its CLI flag.
+
+    The YAML loader (:mod:`densitune.search.spec_file`), the ``densitune search`` flags and the
+    README's key table are all derived from these (:func:`spec_keys`).
+    """
+
+    name: str
+    value: tuple[Any, ...]  # constraints of densitune.checks on the YAML value (types; ranges are the spec's)
+    help: str
+    flags: tuple[str, ...] = ()  # () = no flag (YAML only)
+    nargs: str | int | None = None
+    type: Any = None  # argparse type of each flag argument
+    metavar: tuple[str, ...] | None = None
+
+    @property
+    def is_list(self) -> bool:
+        return any(isinstance(c, ListOf) for c in self.value)
+
+
+def _key(value: Any, help: str, *flags: str, nargs: str | int | None = None, type: Any = None,
+         metavar: tuple[str, ...] | None = None, nullable: bool = False) -> dict[str, Any]:
+    """Field metadata of a :class:`SearchSpec` key (see :class:`SpecKey`)."""
+    constraints = (value, None) if nullable else (value,)
+    return {"spec_key": dict(value=constraints, help=help, flags=flags, nargs=nargs, type=type, metavar=metavar)}
+
+
+_STRS, _NUMS, _INTS = ListOf(STRING), ListOf(NUMBER), ListOf(INTEGER)
+_POSITIVE = [Interval(float, 0, None, closed="neither")]
+_LABELS = {"attack_eps": "attack eps", "attack_steps": "attack steps", "num_samples": "number of trials",
+           "eval_limit": "eval limit", "batch_size": "batch size"}
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     """A search over (model group, density, score, ε).
 
@@ -86,34 +119,53 @@ class SearchSpec:
       ``test_ood``: OOD sets that are only reported, never used to select.
     * ``eps_grid`` is the grid sampler's ε values; the TPE sampler draws ε from
       {0} ∪ log-uniform[``eps_range``].
+
+    Each field's metadata (:func:`_key`) declares its YAML value, help text and CLI flag.
     """
 
-    experiment: str
-    val_ood: str | None
-    test_ood: tuple[str, ...]
-    protocol: str = "val-ood"
-    proxy_attack: str = "fgsm"
-    proxy_eps: float = 8 / 255
-    densities: tuple[str, ...] = ("gmm_sum",)
-    scores: tuple[str, ...] = ("density",)
-    eps_grid: tuple[float, ...] = DEFAULT_EPS_GRID
-    eps_range: tuple[float, float] = DEFAULT_EPS_RANGE
-    dims: tuple[int, ...] = ()  # restrict to these D (empty: every trained D)
-    backbones: tuple[str, ...] = ()  # restrict to these backbones (empty: all trained)
-    losses: tuple[str, ...] = ()  # restrict to these losses (empty: all trained)
-    sampler: str = "grid"
-    num_samples: int | None = None  # TPE trial budget (grid: the grid size)
-    seed: int = 0
-    metric: str = "auroc"
-    data_root: str | None = None
-    eval_limit: int | None = None  # cap on each evaluation set (seeded subset)
-    batch_size: int = 256
-    #: per density, each parameter's values to search, e.g. {"kde": {"bandwidth": ["scott", 0.5]}}
-    density_params: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    experiment: str = field(metadata=_key(STRING, "name of the search experiment (default: search)", "--experiment"))
+    val_ood: str | None = field(metadata=_key(
+        STRING, "OOD set used for selection (default: per ID data set)", "--val-ood", nullable=True))
+    test_ood: tuple[str, ...] = field(metadata=_key(
+        _STRS, "OOD sets reported, never used to select (default: per ID data set)", "--test-ood", nargs="+"))
+    protocol: str = field(default="val-ood", metadata=_key(
+        STRING, "selection protocol: val-ood, adv-proxy or id-only", "--protocol"))
+    proxy_attack: str = field(default="fgsm", metadata=_key(STRING, "adv-proxy: the attack on ID validation inputs"))
+    proxy_eps: float = field(default=8 / 255, metadata=_key(
+        NUMBER, "adv-proxy: the attack's budget on ID validation inputs", "--proxy-eps", type=float))
+    densities: tuple[str, ...] = field(default=("gmm_sum",), metadata=_key(
+        _STRS, "densities: gmm_sum gmm_max kde", "--density", nargs="+"))
+    scores: tuple[str, ...] = field(default=("density",), metadata=_key(
+        _STRS, "scores; see `densitune list`", "--score", nargs="+"))
+    eps_grid: tuple[float, ...] = field(default=DEFAULT_EPS_GRID, metadata=_key(
+        _NUMS, "ε values of the grid sampler", "--eps-grid", nargs="+", type=float))
+    eps_range: tuple[float, float] = field(default=DEFAULT_EPS_RANGE, metadata=_key(
+        _NUMS, "TPE: ε in {0} ∪ log-uniform[LO, HI]", "--eps-range", nargs=2, type=float, metavar=("LO", "HI")))
+    dims: tuple[int, ...] = field(default=(), metadata=_key(  # empty: every trained D
+        _INTS, "only models with these D (default: all)", "-D", "--dim", nargs="+", type=int))
+    backbones: tuple[str, ...] = field(default=(), metadata=_key(
+        _STRS, "only models with these backbones (default: all)", "--backbone", nargs="+"))
+    losses: tuple[str, ...] = field(default=(), metadata=_key(
+        _STRS, "only models trained with these losses (default: all)", "--loss", nargs="+"))
+    sampler: str = field(default="grid", metadata=_key(STRING, "grid or tpe", "--sampler"))
+    num_samples: int | None = field(default=None, metadata=_key(  # grid: the grid size
+        INTEGER, "TPE trial budget (default 20)", "--num-samples", type=int, nullable=True))
+    seed: int = field(default=0, metadata=_key(INTEGER, "sampler seed", "--seed", type=int))
+    metric: str = field(default="auroc", metadata=_key(
+        STRING, f"validation metric to select on: {', '.join(METRICS)}", "--metric"))
+    data_root: str | None = field(default=None, metadata=_key(
+        STRING, "directory holding torchvision data sets / image folders", "--data-root", nullable=True))
+    eval_limit: int | None = field(default=None, metadata=_key(
+        INTEGER, "cap each evaluation set at this many inputs (seeded subset)", "--eval-limit", type=int, nullable=True))
+    batch_size: int = field(default=256, metadata=_key(INTEGER, "inputs per scoring batch"))
+    density_params: dict[str, dict[str, list[Any]]] = field(default_factory=dict, metadata=_key(
+        MAPPING, "per density, each parameter's values to search, e.g. {kde: {bandwidth: [scott, 0.5]}}"))
     #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
-    attacks: tuple[str, ...] = ()
-    attack_eps: float = 8 / 255
-    attack_steps: int = 10
+    attacks: tuple[str, ...] = field(default=(), metadata=_key(
+        _STRS, "adversarial detection: fgsm bim pgd (rows adv-<name>)", "--attacks", nargs="*"))
+    attack_eps: float = field(default=8 / 255, metadata=_key(
+        NUMBER, "L∞ attack budget in [0,1] pixel units", "--attack-eps", type=float))
+    attack_steps: int = field(default=10, metadata=_key(INTEGER, "BIM/PGD iterations", "--attack-steps", type=int))
 
     def __post_init__(self) -> None:
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
@@ -126,14 +178,10 @@ class SearchSpec:
 
             for a in self.attacks:
                 ATTACKS.check(a)
-            if not (self.attack_eps > 0 and math.isfinite(self.attack_eps)):
-                raise ConfigError(f"attack eps must be > 0, got {self.attack_eps}")
-            if self.attack_steps < 1:
-                raise ConfigError(f"attack steps must be >= 1, got {self.attack_steps}")
+            check_params(vars(self), {"attack_eps": _POSITIVE, "attack_steps": [Interval(int, 1, None)]}, labels=_LABELS)
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
-        if self.metric not in METRICS:
-            raise ConfigError(f"unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+        check_metric(self.metric)
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
         if self.protocol == "val-ood" and not self.val_ood:
@@ -142,8 +190,7 @@ class SearchSpec:
             from densitune.search.ood.attacks import ATTACKS
 
             ATTACKS.check(self.proxy_attack)
-            if not (self.proxy_eps > 0 and math.isfinite(self.proxy_eps)):
-                raise ConfigError(f"proxy_eps must be > 0, got {self.proxy_eps}")
+            check_params(vars(self), {"proxy_eps": _POSITIVE}, labels=_LABELS)
             from densitune.search.ood.scores import SCORES
 
             ens = [s for s in self.scores if SCORES.get(s).ensemble]
@@ -161,10 +208,8 @@ class SearchSpec:
         if self.val_ood in self.test_ood:
             # The selection set must be distinct from every reported set (no test leakage).
             raise ConfigError(f"validation OOD set {self.val_ood!r} is also a test OOD set; choose a distinct one")
-        if self.num_samples is not None and self.num_samples <= 0:
-            raise ConfigError(f"number of trials must be > 0, got {self.num_samples}")
-        if self.eval_limit is not None and self.eval_limit <= 0:
-            raise ConfigError(f"eval limit must be > 0, got {self.eval_limit}")
+        check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
+                                   "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (tuples as lists)."""
@@ -182,7 +227,7 @@ class SearchSpec:
 
     @property
     def mode(self) -> str:
-        return "max" if self.protocol == "id-only" else METRICS[self.metric]
+        return "max" if self.protocol == "id-only" else check_metric(self.metric).direction
 
     @property
     def objective(self) -> str:
@@ -197,3 +242,39 @@ class SearchSpec:
         if self.protocol == "adv-proxy":
             return f"adv-proxy:{self.proxy_attack}@{self.proxy_eps:.4g}"
         return "id-only:val-loglik"
+
+
+#: Keys of a search spec that are not :class:`SearchSpec` fields (where to find the trained networks).
+EXTRA_KEYS = (SpecKey("models", (STRING, None), "directory of trained models (default: OUT/models)", ("--models",)),)
+
+
+def spec_keys() -> list[SpecKey]:
+    """Every key of a search spec (YAML file and ``densitune search`` flags), in declaration order."""
+    keys = [SpecKey(f.name, **f.metadata["spec_key"]) for f in dataclasses.fields(SearchSpec)]
+    return [keys[0], *EXTRA_KEYS, *keys[1:]]
+
+
+def _default_text(name: str) -> str:
+    fields = {f.name: f for f in dataclasses.fields(SearchSpec)}
+    f = fields.get(name)
+    if f is None or f.default is dataclasses.MISSING:
+        return ""
+    value = f.default
+
+    def text(v: Any) -> str:
+        if isinstance(v, tuple | list):
+            return "[" + ", ".join(text(x) for x in v) + "]"
+        return "null" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return text(value)
+
+
+def keys_markdown() -> str:
+    """The README's table of search spec keys (YAML key, flag, value, default, meaning)."""
+    lines = ["| key | flag | value | default | meaning |", "|---|---|---|---|---|"]
+    for k in spec_keys():
+        flag = " ".join(f"`{f}`" for f in k.flags)
+        default = _default_text(k.name)
+        lines.append(f"| `{k.name}` | {flag} | {describe(k.value)} | {f'`{default}`' if default else ''} | "
+                     f"{k.help.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -25,34 +25,14 @@ from typing import Any
 
 import yaml
 
+from densitune.checks import describe, error_summary, satisfies
 from densitune.errors import ConfigError
-
-_STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
-_STRS, _INTS, _NUMS = "a list of strings", "a list of integers", "a list of numbers"
-
-#: key -> what its value must be (None allowed where the spec allows it).
-KEYS: dict[str, tuple[str, bool]] = {
-    "experiment": (_STR, False), "models": (_STR, True), "val_ood": (_STR, True), "test_ood": (_STRS, False),
-    "protocol": (_STR, False), "proxy_attack": (_STR, False), "proxy_eps": (_NUM, False),
-    "densities": (_STRS, False), "scores": (_STRS, False), "eps_grid": (_NUMS, False), "eps_range": (_NUMS, False),
-    "dims": (_INTS, False), "backbones": (_STRS, False), "losses": (_STRS, False), "sampler": (_STR, False),
-    "num_samples": (_INT, True), "seed": (_INT, False), "metric": (_STR, False), "data_root": (_STR, True),
-    "eval_limit": (_INT, True), "batch_size": (_INT, False), "density_params": ("a mapping", False),
-    "attacks": (_STRS, False), "attack_eps": (_NUM, False), "attack_steps": (_INT, False),
-}
+from densitune.search.spec import SpecKey, spec_keys
 
 
-def _is(kind: str, v: Any) -> bool:
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    checks = {
-        _STR: lambda: isinstance(v, str), _INT: lambda: isinstance(v, int) and not isinstance(v, bool),
-        _NUM: lambda: num(v), _BOOL: lambda: isinstance(v, bool),
-        _STRS: lambda: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        _INTS: lambda: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-        _NUMS: lambda: isinstance(v, list) and all(num(x) for x in v),
-        "a mapping": lambda: isinstance(v, dict),
-    }
-    return checks[kind]()
+def _keys() -> dict[str, SpecKey]:
+    """key -> its declaration (:func:`densitune.search.spec.spec_keys`: the one list of keys)."""
+    return {k.name: k for k in spec_keys()}
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
@@ -63,25 +43,22 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{p}: not valid YAML: {error_summary(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a search spec is a mapping of keys to values, got {type(data).__name__}")
+    keys = _keys()
     for key, value in data.items():
-        if key not in KEYS:
-            close = difflib.get_close_matches(str(key), KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(KEYS))}"
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(keys))}"
             raise ConfigError(f"{p}: unknown key {key!r}{hint}")
-        kind, nullable = KEYS[key]
-        if value is None and nullable:
-            continue
-        if key in ("test_ood", "densities", "scores", "attacks", "backbones", "losses") and isinstance(value, str):
-            data[key] = value = [value]  # a single name is a list of one
-        if key in ("dims", "eps_grid") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            data[key] = value = [value]
-        if not _is(kind, value):
-            raise ConfigError(f"{p}: key {key!r} must be {kind}, got {value!r}")
+        k = keys[key]
+        if k.is_list and key != "eps_range" and satisfies([value], k.value):
+            data[key] = value = [value]  # a single name or number is a list of one
+        if not satisfies(value, k.value):
+            raise ConfigError(f"{p}: key {key!r} must be {describe(k.value)}, got {value!r}")
     if "eps_range" in data and len(data["eps_range"]) != 2:
         raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {data['eps_range']!r}")
     return data

@@ -17,18 +17,20 @@ from typing import Any
 from densitune.search.evaluate import Workspace, selection_metrics, test_metrics
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
-from densitune.search.results.store import code_version
+from densitune.search.results.rows import provenance, result_row
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 
 
-def full_density_params(params: TrialParams) -> str:
-    """Every parameter the density's factory takes, defaults included (what the row records)."""
+def density_columns(params: TrialParams) -> dict[str, Any]:
+    """The density's row columns before fitting (:meth:`Density.describe`): name and every parameter."""
     if not params.density:
-        return "{}"
+        return {"density": params.density, "density_params": "{}"}
     from densitune.search.ood.densities import create_density
 
-    return json.dumps(create_density(params.density, **params.params).get_params(), sort_keys=True)
+    columns = create_density(params.density, **params.params).describe()
+    del columns["density_fit"]  # per seed: filled in by the evaluation of each fitted density
+    return columns
 
 
 def run_trial(
@@ -46,30 +48,15 @@ def run_trial(
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    base = {
-        "experiment": spec.experiment,
-        "trial_id": trial_id,
-        "stage": "search",
-        "protocol": spec.protocol_label,
-        "backbone": group.backbone,
-        "id_dataset": group.dataset,
-        "loss": group.loss,
-        "lam": group.lam if group.loss != "ce" else None,
-        "D": group.D,
-        "spectral": group.spectral,
-        "density": params.density,
-        # every parameter of the density (defaults included): which variant made the row
-        "density_params": full_density_params(params),
-        "score": params.score,
-        "eps": params.eps,
-        "data_seed": group.data_seed,
-        "search_seed": spec.seed,
-        "started_at": started,
-        "code_version": code_version(),
-        "search_params": json.dumps(search_params if search_params is not None else {"point": params.label}, sort_keys=True),
-    }
+    ensemble = score_class(params.score).ensemble
+    trial_columns = dict(
+        experiment=spec.experiment, trial_id=trial_id, stage="search", protocol=spec.protocol_label, network=group,
+        started_at=started, **density_columns(params), score=params.score, eps=params.eps, search_seed=spec.seed,
+        ensemble=ensemble,
+        search_params=json.dumps(search_params if search_params is not None else {"point": params.label}, sort_keys=True),
+    )
     members: list[tuple[int | None, list[str]]]
-    if score_class(params.score).ensemble:
+    if ensemble:
         members = [(None, list(group.checkpoints))]
     else:
         members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
@@ -80,7 +67,9 @@ def run_trial(
         per_member_val.append(val.pop("objective"))
         tests = test_metrics(ws, spec, ckpts, params)
         for ood, split, m in [(val.pop("ood_dataset"), "val", val), *((o, "test", t) for o, t in tests.items())]:
-            rows.append({**base, "seed": seed, "checkpoint": ",".join(ckpts), "ood_dataset": ood, "split": split, **m})
+            where = provenance(ws.device, data_checksums=m.pop("data_checksums"))
+            rows.append(result_row(**trial_columns, provenance=where, seed=seed, checkpoints=ckpts, ood_dataset=ood,
+                                   split=split, **m))
     duration = time.perf_counter() - t0
     objective = math.fsum(per_member_val) / len(per_member_val)
     for r in rows:

@@ -4,7 +4,7 @@ The sampler is Optuna's, behind Tune's ``OptunaSearch``:
 
 * ``grid``: a GridSampler over one categorical, the list of valid points
   (:func:`densitune.search.space.grid_points`), with ``num_samples`` exactly the grid size
-  (more would re-run points, per PLATFORM.md), so each point runs once;
+  (more would make the sampler re-run points), so each point runs once;
 * ``tpe``: a TPESampler over the conditional define-by-run space
   (:class:`densitune.search.space.DefineByRun`), ε drawn from {0} ∪ log-uniform range.
 """
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from densitune.checks import error_summary
+from densitune.errors import SearchError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
@@ -132,6 +134,11 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     TPE runs the rest of its budget with the finished trials given to the sampler.
     A trial lost with its node is run again from scratch (:mod:`densitune.failures`); a
     fatal error, or reaching ``max_gpu_hours``, stops the whole search (resumable).
+
+    Raises:
+        DensituneError: a trial failed fatally, or ``max_gpu_hours`` was reached.
+        SearchError: a trial still failed after its retries (the trials finished before it stay in
+            the results); the one-line message counts the failures and gives the last line of the first one.
     """
     import optuna
     from ray import tune
@@ -182,7 +189,10 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         ),
     )
     log.info("search %s: %s sampler, %d trials over %d model group(s)", spec.experiment, spec.sampler, len(todo), len(groups))
-    results = tuner.fit()
-    raise_fatal(results, "search", "point")
+    grid = tuner.fit()
+    raise_fatal(grid, "search", "point")
     check_budget(stopper, max_gpu_hours, "search")
-    return results
+    errors = [e for i in range(len(grid)) if (e := grid[i].error) is not None]
+    if errors:
+        raise SearchError(f"{len(errors)} search trial(s) failed; first: {error_summary(errors[0], last=True)}")
+    return grid

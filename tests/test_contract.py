@@ -262,3 +262,33 @@ def test_density_scores_work_with_every_density(name, density_name, score_env) -
             ref = density.score_samples(models[0].features(x))
         torch.testing.assert_close(fast.detach(), ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(score.evaluate(x, 0.0), ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the clone contract (scikit-learn's): over every registered density and score, in one test
+# ---------------------------------------------------------------------------------------------------------
+
+ESTIMATORS = [("density", n) for n in DENSITY_NAMES] + [("score", n) for n in SCORE_NAMES]
+
+
+@pytest.mark.parametrize("kind, name", ESTIMATORS, ids=[f"{k}-{n}" for k, n in ESTIMATORS])
+def test_create_from_get_params_rebuilds_an_equal_unfitted_estimator(kind, name, fit_data, score_env) -> None:
+    """``create(name, **est.get_params())`` gives an equal estimator, unfitted; fitted state ends in ``_``;
+    :meth:`Density.describe` (what fills the result rows) of the clone equals the original's parameters."""
+    if kind == "density":
+        unfitted = create_density(name, chunk_size=7)  # a non-default value must survive the round trip
+        est = create_density(name, chunk_size=7).fit(*fit_data)
+        clone = create_density(name, **est.get_params())
+        assert type(clone) is type(est) and clone.get_params() == est.get_params() and clone.get_params()["chunk_size"] == 7
+        assert not clone.is_fitted() and est.is_fitted()
+        learned = set(vars(est)) - set(vars(unfitted))
+        assert learned and all(k.endswith("_") for k in learned)  # fit sets only trailing-underscore attributes
+        assert set(est.state_dict()["fitted"]) == learned
+        assert clone.describe() == {**est.describe(), "density_fit": None}
+    else:
+        est, models = _build(name, score_env)
+        clone = create_score(name, models, est.density, **est.get_params())
+        assert type(clone) is type(est) and clone.get_params() == est.get_params()
+        assert clone.models == est.models and clone.density is est.density
+        x = score_env["x"]
+        torch.testing.assert_close(clone.evaluate(x, 0.01), est.evaluate(x, 0.01))

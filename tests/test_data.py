@@ -87,7 +87,10 @@ def test_digits_split_depends_on_the_seed_only() -> None:
 
 def test_digits_info_has_training_split_statistics() -> None:
     info = dataset_info("digits")
-    assert info == DatasetInfo("digits", (1, 8, 8), 10, info.mean, info.std, "embedded")
+    ood = ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform"))
+    assert info == DatasetInfo("digits", (1, 8, 8), 10, info.mean, info.std, "embedded", default_ood=ood)
+    # every default OOD set is a registered data set other than digits itself
+    assert all(n in dataset_names() and n != "digits" for n in (ood[0], *ood[1]))
     x, _ = items(load_split("digits", "train", seed=0))
     assert info.mean[0] == pytest.approx(float(x.mean()), abs=1e-6)
     assert info.std[0] == pytest.approx(float(x.std()), abs=1e-6)

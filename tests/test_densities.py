@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -341,17 +342,19 @@ def test_bad_params_are_config_errors(name: str, params: dict) -> None:
         create_density(name, **params)
 
 
-def test_describe_records_name_params_and_fitted_scalars(kde_data) -> None:
+def test_describe_gives_the_row_columns_name_params_and_fitted_scalars(kde_data) -> None:
     train, _ = kde_data
     kde = create_density("kde", bandwidth="silverman", max_train=100)
-    assert kde.describe() == {"name": "kde", "bandwidth": "silverman", "max_train": 100, "random_state": 0, "chunk_size": None}
+    params = '{"bandwidth": "silverman", "chunk_size": null, "max_train": 100, "random_state": 0}'
+    assert kde.describe() == {"density": "kde", "density_params": params, "density_fit": None}
     kde.fit(train)
     desc = kde.describe()
-    assert desc["bandwidth_"] == kde.bandwidth_ and desc["n_train_"] == 100
+    assert desc["density_params"] == params
+    assert json.loads(desc["density_fit"]) == {"bandwidth_": kde.bandwidth_, "n_train_": 100}
     gmm = create_density("gmm_max")
     assert isinstance(gmm, ClassConditionalGaussian)
-    assert gmm.describe() == {"name": "gmm_max", "prior": False, "chunk_size": None, "reg_covar": 0.0,
-                              "shrinkage": "none", "dtype": "float64"}
+    assert gmm.describe() == {"density": "gmm_max", "density_params": '{"chunk_size": null, "dtype": "float64", '
+                              '"prior": false, "reg_covar": 0.0, "shrinkage": "none"}', "density_fit": None}
     assert repr(gmm) == "GMMMax(prior=False, chunk_size=None, reg_covar=0.0, shrinkage='none', dtype='float64')"
 
 

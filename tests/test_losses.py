@@ -7,7 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from densitune.errors import ConfigError, UnknownNameError
-from densitune.trainables.nets.losses import create_loss, intra_inter_ratio
+from densitune.trainables.nets.losses import create_loss
+
+
+def intra_inter_ratio(z: torch.Tensor, y: torch.Tensor, centers: torch.Tensor) -> float:
+    """Mean intra-class over mean inter-class squared distance of features to centers.
+
+    z (N, D), y (N,), centers (C, D). Lower is more compact and better separated; the
+    contrastive center loss is built to lower it.
+    """
+    d = (z.unsqueeze(1) - centers.unsqueeze(0)).pow(2).sum(-1)
+    intra = d.gather(1, y[:, None]).squeeze(1)
+    inter = (d.sum(1) - intra) / (centers.shape[0] - 1)
+    return float(intra.mean() / inter.mean())
 
 
 def _data(n=12, c=3, d=4, seed=0):

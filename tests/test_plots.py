@@ -16,9 +16,9 @@ from densitune.search.models import discover, select
 from densitune.search.ood.metrics import auroc
 from densitune.search.plots import best_scores, eps_curves, plot_results
 from densitune.search.results.report import search_frame
+from densitune.search.results.rows import provenance
 from densitune.search.results.store import (
     SPEC_FILE,
-    code_version,
     experiment_dir,
     read_results,
     read_spec,
@@ -109,7 +109,8 @@ def test_missing_spec_fails_before_writing(results, tmp_path):
 def test_missing_checkpoint_is_named(results, tmp_path):
     moved = tmp_path / "moved"
     table = read_results(results)
-    rows = [{**r, "checkpoint": str(tmp_path / "gone" / Path(r["checkpoint"]).name)} for r in table.to_pylist()]
+    rows = [{**r, "checkpoints": [str(tmp_path / "gone" / Path(c).name) for c in r["checkpoints"]]}
+            for r in table.to_pylist()]
     for r in rows:
         del r["schema_version"]  # to_table sets it
     write_rows(moved, rows, name="all")
@@ -121,7 +122,7 @@ def test_missing_checkpoint_is_named(results, tmp_path):
 def test_no_search_rows_and_unknown_experiment(results, tmp_path):
     train_only = tmp_path / "train-only"
     row = dict(experiment="t", trial_id="x", stage="train", epoch=1, train_loss=0.5,
-               started_at=datetime(2026, 1, 1, tzinfo=UTC), code_version=code_version())
+               started_at=datetime(2026, 1, 1, tzinfo=UTC), **provenance("cpu"))
     write_rows(train_only, [row])
     with pytest.raises(ResultsError, match="no search rows"):
         plot_results(train_only, tmp_path / "a")
@@ -149,7 +150,7 @@ def test_histogram_and_roc_take_far_and_infinite_scores():
     from densitune.search.plots import BestScores, hist_figure, roc_figure
     from densitune.search.results.report import ConfigResult
 
-    cfg = dict(backbone="cnn", D=8, loss="ce", lam=-1.0, spectral=True,
+    cfg = dict(backbone="cnn", D=8, loss="ce", center_loss=None, spectral=True,
                score="density", density="gmm_sum", density_params="{}")
     rng = np.random.default_rng(0)
     s_id = rng.normal(-5, 1, 300)

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from densitune.search.results.report import best, best_config, report
-from densitune.search.results.store import code_version, read_results, write_rows
+from densitune.search.results.rows import provenance
+from densitune.search.results.store import read_results, write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -17,7 +18,7 @@ def write_trial(root, trial, *, eps, val, test, seeds=(0,), D=8, density="gmm_su
     for s in seeds:
         common = dict(experiment="e", trial_id=trial, stage="search", protocol="val-ood:v", backbone="cnn",
                       id_dataset="digits", loss="ce", D=D, spectral=True, density=density, score="density",
-                      eps=eps, seed=s, started_at=T0, code_version=code_version(), id_accuracy=0.9 + s / 100)
+                      eps=eps, seed=s, started_at=T0, id_accuracy=0.9 + s / 100, **provenance("cpu"))
         rows.append({**common, "ood_dataset": "v", "split": "val", "auroc": val + s / 100, "auprc": val,
                      "fpr95": 1 - val if fpr is None else fpr})
         rows.append({**common, "ood_dataset": "t", "split": "test", "auroc": test + s / 100, "auprc": test, "fpr95": 1 - test})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import json
+
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from densitune.errors import ConfigError, UnknownNameError
 from densitune.search.evaluate import Workspace, selection_metrics
@@ -41,6 +45,19 @@ def test_two_trial_search_writes_exact_rows(ray_session, trained_models, tmp_pat
     for r in rows:
         assert r["protocol"] == "val-ood:digits-blend" and r["code_version"].startswith("densitune")
         assert r["seed"] in (0, 1) and r["D"] == 8 and 0.0 <= r["auroc"] <= 1.0
+        # schema v4 provenance, filled on every row (a Ray trial records its Ray node)
+        assert r["node"].startswith("ray:") and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["autocast"] is False and r["compile"] is False and r["ensemble"] is False
+        assert r["torch_version"] == torch.__version__ and r["densitune_version"]
+        assert r["checkpoints"] == [groups[0].checkpoints[groups[0].seeds.index(r["seed"])]]
+        ood_split = f"{r['ood_dataset']}/{r['split']}"
+        assert set(json.loads(r["data_checksums"])) == {"digits/train", f"digits/{r['split']}", ood_split}
+    # the same split has the same checksum in every row (trials and seeds share the data)
+    sums = collections.defaultdict(set)
+    for r in rows:
+        for k, v in json.loads(r["data_checksums"]).items():
+            sums[k].add(v)
+    assert all(len(v) == 1 for v in sums.values()) and len(sums) == 4 + len(TEST_OOD)
     # every file is plain Parquet that pyarrow reads on its own
     for f in (tmp_path / "results").rglob("*.parquet"):
         assert pq.read_table(f).num_rows == 6

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from densitune.cli import _search_spec, _search_values, build_parser
+from densitune.cli import _search_values, build_parser
 from densitune.errors import ConfigError
+from densitune.search.prepare import build_spec
 from densitune.search.spec_file import load_spec_file
 
 YAML = """
@@ -29,7 +30,7 @@ FLAGS = ["--experiment", "yaml-run", "--val-ood", "digits-blend", "--test-ood", 
 
 def _spec(argv):
     args = build_parser().parse_args(["search", *argv])
-    return _search_spec(_search_values(args), "digits")
+    return build_spec(_search_values(args), "digits")
 
 
 def test_yaml_equals_flags(tmp_path):

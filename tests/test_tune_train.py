@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from densitune.search.results.store import read_results
 from densitune.trainables.train.checkpoint import load_model
 from densitune.trainables.train.config import TrainConfig
@@ -23,5 +25,10 @@ def test_train_grid_with_ray(ray_session, tmp_path):
     table = read_results(run.results_dir, stage="train")
     assert table.num_rows == 2 * 2  # one row per trial per epoch
     assert sorted(table.column("epoch").to_pylist()) == [1, 1, 2, 2]
+    for r in table.to_pylist():  # schema v4: provenance on every training row
+        assert r["node"].startswith("ray:") and r["device"] == "cpu" and r["autocast"] is False
+        assert set(json.loads(r["data_checksums"])) == {"digits/train", "digits/val"}
+        assert r["checkpoints"] == ([str(run.model_dir(next(c for c in configs if c.key == r["trial_id"])))]
+                                    if r["epoch"] == 2 else None)
     # already-trained configs are skipped; only the new ones run
     assert run_training(configs[:2], run, verbose=0) == []

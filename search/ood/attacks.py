@@ -23,24 +23,19 @@ afterwards.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from densitune.checks import INTEGER, Interval, check_params
 from densitune.errors import ConfigError
 from densitune.registry import Registry
 
 __all__ = ["ATTACKS", "AttackConfig", "AttackFn", "attack", "attack_dataset", "attack_names"]
-
-
-def _is_number(v: object) -> bool:
-    """A real int or float (``bool`` excluded)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -62,17 +57,15 @@ class AttackConfig:
     step_size: float | None = None
     seed: int = 0
 
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "eps": [Interval(float, 0, None, closed="neither")],
+        "steps": [Interval(int, 1, None)],
+        "step_size": [Interval(float, 0, None, closed="neither"), None],
+        "seed": [INTEGER],
+    }
+
     def __post_init__(self) -> None:
-        if not _is_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
-            raise ConfigError(f"attack eps must be a finite number > 0, got {self.eps!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"attack steps must be an integer >= 1, got {self.steps!r}")
-        if self.step_size is not None and (
-            not _is_number(self.step_size) or not math.isfinite(self.step_size) or self.step_size <= 0
-        ):
-            raise ConfigError(f"attack step_size must be None or a finite number > 0, got {self.step_size!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"attack seed must be an integer, got {self.seed!r}")
+        check_params(vars(self), self._parameter_constraints, prefix="attack ")
 
     @property
     def alpha(self) -> float:
@@ -257,8 +250,7 @@ def attack_dataset(
         ValueError for an empty data set.
     """
     ATTACKS.get(name)  # fail on an unknown name before any work
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_params({"batch_size": batch_size}, {"batch_size": [Interval(int, 1, None)]})
     if len(data) == 0:  # type: ignore[arg-type]
         raise ValueError("cannot attack an empty data set")
     if device is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import json
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from densitune.checks import BOOL, INTEGER, Interval, Options, check_params
 from densitune.errors import ConfigError, DensituneError, NotFittedError
 from densitune.registry import Registry
 
@@ -189,8 +191,10 @@ def shrunk_covariance(centred: Tensor, method: str) -> tuple[Tensor, Tensor]:
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ConfigError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_params({"chunk_size": chunk_size}, {"chunk_size": _CHUNK_SIZE})
+
+#: query rows per chunk; None: about 2**23 float64 numbers per chunk
+_CHUNK_SIZE = [Interval(int, 1, None), None]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,14 +267,14 @@ class Density(abc.ABC):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Flat record of this density for the search results: ``{"name": ..., **params, **fitted scalars}``.
-
-        Fitted scalars (keys ending in ``_``) appear only after :meth:`fit`.
-        """
-        out: dict[str, Any] = {"name": self.name, **self.get_params()}
-        if self.is_fitted():
-            out.update(self.fitted_summary())
-        return out
+        """What a result row records of this density: the columns ``density`` (its name),
+        ``density_params`` (JSON of every constructor parameter, defaults included) and ``density_fit``
+        (JSON of :meth:`fitted_summary`; None before :meth:`fit`). The one source of those columns."""
+        return {
+            "density": self.name,
+            "density_params": json.dumps(self.get_params(), sort_keys=True),
+            "density_fit": json.dumps(self.fitted_summary(), sort_keys=True) if self.is_fitted() else None,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Name, parameters and fitted state (attributes ending in ``_``) as tensors and JSON scalars.
@@ -356,6 +360,12 @@ class ClassConditionalGaussian(Density):
         log_prior_ (C,); n_features_in_ = D. All tensors are float64 except classes_/counts_ (int64).
     """
 
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "aggregation": [Options(("sum", "max"))], "prior": [BOOL], "chunk_size": _CHUNK_SIZE,
+        "reg_covar": [Interval(float, 0, None)], "shrinkage": [Options(SHRINKAGES)],
+        "dtype": [Options(("float64", "float32"))],
+    }
+
     def __init__(
         self,
         *,
@@ -367,18 +377,8 @@ class ClassConditionalGaussian(Density):
         dtype: str = "float64",
     ) -> None:
         # Validated here rather than in fit (as sklearn would) so create_density fails before any work.
-        if aggregation not in ("sum", "max"):
-            raise ConfigError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
-        if not isinstance(prior, bool):
-            raise ConfigError(f"prior must be a bool, got {prior!r}")
-        _check_chunk_size(chunk_size)
-        if isinstance(reg_covar, bool) or not isinstance(reg_covar, (int, float)) or not math.isfinite(reg_covar) \
-                or reg_covar < 0:
-            raise ConfigError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
-        if shrinkage not in SHRINKAGES:
-            raise ConfigError(f"shrinkage must be one of {', '.join(SHRINKAGES)}, got {shrinkage!r}")
-        if dtype not in ("float64", "float32"):
-            raise ConfigError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+        check_params({"aggregation": aggregation, "prior": prior, "chunk_size": chunk_size, "reg_covar": reg_covar,
+                      "shrinkage": shrinkage, "dtype": dtype}, self._parameter_constraints)
         self.dtype = dtype
         self.aggregation = aggregation
         self.prior = prior
@@ -563,6 +563,12 @@ class GaussianKDE(Density):
     """
 
     name = "kde"
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "bandwidth": [Interval(float, 0, None, closed="neither"), Options(("scott", "silverman"))],
+        "max_train": [Interval(int, 1, None), None],
+        "random_state": [INTEGER],
+        "chunk_size": _CHUNK_SIZE,
+    }
 
     def __init__(
         self,
@@ -572,18 +578,8 @@ class GaussianKDE(Density):
         random_state: int = 0,
         chunk_size: int | None = None,
     ) -> None:
-        if isinstance(bandwidth, str):
-            if bandwidth not in ("scott", "silverman"):
-                raise ConfigError(f"bandwidth must be a positive float, 'scott' or 'silverman', got {bandwidth!r}")
-        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
-            raise ConfigError(f"bandwidth must be a positive float, 'scott' or 'silverman', got {bandwidth!r}")
-        elif not math.isfinite(bandwidth) or bandwidth <= 0:
-            raise ConfigError(f"bandwidth must be > 0, got {bandwidth!r}")
-        if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1):
-            raise ConfigError(f"max_train must be a positive int or None, got {max_train!r}")
-        if isinstance(random_state, bool) or not isinstance(random_state, int):
-            raise ConfigError(f"random_state must be an int, got {random_state!r}")
-        _check_chunk_size(chunk_size)
+        check_params({"bandwidth": bandwidth, "max_train": max_train, "random_state": random_state,
+                      "chunk_size": chunk_size}, self._parameter_constraints)
         self.bandwidth = bandwidth
         self.max_train = max_train
         self.random_state = random_state

@@ -13,17 +13,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from densitune.checks import Interval, check_params
 from densitune.errors import ConfigError, DensituneError
 
-__all__ = ["auprc", "auroc", "fpr_at_tpr", "ood_metrics"]
+__all__ = ["METRICS", "Metric", "auprc", "auroc", "check_metric", "fpr_at_tpr", "ood_metrics"]
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One OOD metric: its result column, which way is better ("max" or "min") and its label in figures."""
+
+    name: str
+    direction: str
+    label: str
+
+
+#: The one table of metrics (columns of every search row, in this order): spec, report and plots read it.
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("auroc", "max", "AUROC"),
+        Metric("auprc", "max", "AUPRC"),
+        Metric("fpr95", "min", "FPR@95%TPR (lower is better)"),
+    )
+}
+
+
+def check_metric(name: str) -> Metric:
+    """The metric called ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    if name not in METRICS:
+        raise ConfigError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return METRICS[name]
 
 
 def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:
@@ -89,8 +118,7 @@ def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> 
     Raises:
         ConfigError: ``tpr`` outside (0, 1].
     """
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0 < tpr <= 1:
-        raise ConfigError(f"tpr must be in (0, 1], got {tpr!r}")
+    check_params({"tpr": tpr}, {"tpr": [Interval(float, 0, 1, closed="right")]})
     s_id = _as_scores(score_id, "in-distribution")
     s_ood = _as_scores(score_ood, "OOD")
     # round() guards against tpr * N landing a hair above an integer (e.g. 0.95 * 20 = 19.000000000000004).

@@ -13,13 +13,12 @@ maths (pytorch-ood computes the Gaussian score twice, once for the step and once
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from densitune.errors import ConfigError
+from densitune.checks import Interval, check_params
 
 __all__ = ["perturb"]
 
@@ -57,8 +56,7 @@ def perturb(x: Tensor, score_fn: Callable[[Tensor], Tensor], eps: float) -> Tens
         ValueError: ``score_fn`` does not return one score per sample, or its output does not depend
             differentiably on ``x``.
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_params({"eps": eps}, {"eps": [Interval(float, 0, None)]})
     if eps == 0:
         return x
     if not x.is_floating_point():

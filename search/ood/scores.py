@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +109,11 @@ class Score(abc.ABC):
     @abc.abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) in [0, 1] -> (N,) scores, differentiable w.r.t. x."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The score's own parameters (keywords of :func:`create_score` beyond models and density):
+        ``create_score(name, models, density, **score.get_params())`` rebuilds an equal score."""
+        return {}
 
     def from_features(self, feats: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
         """Scores from clean (z (N, D), logits (N, K)) of each model, or None if the input is needed."""
@@ -286,9 +291,9 @@ class ViMScore(DensityScore):
     density_name = "vim"
 
 
-def create_score(name: str, models: Sequence[FeatureModel], density: Density | None = None) -> Score:
-    """Build the registered score ``name`` (unknown names list the known ones)."""
-    return SCORES.get(name)(models, density)
+def create_score(name: str, models: Sequence[FeatureModel], density: Density | None = None, **params: Any) -> Score:
+    """Build the registered score ``name`` with its ``params`` (unknown names list the known ones)."""
+    return SCORES.get(name)(models, density, **params)
 
 
 def score_class(name: str) -> type[Score]:

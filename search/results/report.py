@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from densitune.errors import ConfigError, ResultsError
-from densitune.search.spec import METRICS
+from densitune.search.ood.metrics import METRICS, check_metric
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 #: Columns that identify a trained configuration (a model group).
-GROUP_COLUMNS = ["backbone", "D", "loss", "lam", "spectral"]
+GROUP_COLUMNS = ["backbone", "D", "loss", "center_loss", "spectral"]
 #: Columns that identify a method on a model group; ε is what ip varies.
 METHOD_COLUMNS = ["score", "density", "density_params"]
 CONFIG_COLUMNS = GROUP_COLUMNS + METHOD_COLUMNS
@@ -42,7 +42,7 @@ CONFIG_COLUMNS = GROUP_COLUMNS + METHOD_COLUMNS
 #: Friendly names of the note's methods; others are shown as score[:density].
 METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble", ("density", "gmm_sum"): "ddu"}
 METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
-VALUES = ["auroc", "auprc", "fpr95"]
+VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
 VIEWS = ("all", "methods", "configs")
 
@@ -64,10 +64,10 @@ def search_frame(table: pa.Table) -> pd.DataFrame:
     df = df[df["stage"] == "search"].copy()
     if df.empty:
         raise ResultsError("the results hold no search rows (run `densitune search` first)")
-    df["lam"] = df["lam"].fillna(-1.0)  # ce has no λ; -1 keeps groupby from dropping it
     df["density"] = df["density"].fillna("")
     df["density_params"] = df["density_params"].fillna("{}")
-    df["n_models"] = df["checkpoint"].fillna("").str.count(",") + 1
+    df["n_models"] = df["checkpoints"].map(lambda c: 1 if c is None else len(c))
+    df["ensemble"] = df["ensemble"].fillna(False).astype(bool)
     return df
 
 
@@ -77,8 +77,7 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     ``val`` is the validation row's ``metric``; for protocols without an OOD side
     (id-only) it is the stored objective. Sorted best-first (ties: smaller ε, trial id).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    check_metric(metric)
     val = df[df["split"] == "val"].copy()
     if val.empty:
         raise ResultsError("no validation rows among the selected results: selection needs them "
@@ -91,7 +90,7 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     keys = ["experiment", "trial_id", *CONFIG_COLUMNS, "eps", "protocol"]
     out = (
         val.groupby(keys, dropna=False)
-        .agg(val=("_v", "mean"), seeds=("seed", "nunique"), n_models=("n_models", "max"),
+        .agg(val=("_v", "mean"), seeds=("seed", "nunique"), n_models=("n_models", "max"), ensemble=("ensemble", "max"),
              val_ood=("ood_dataset", "first"))
         .reset_index()
     )
@@ -101,7 +100,7 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def _ascending(trials: pd.DataFrame, metric: str) -> bool:
     """Lower is better only for fpr95 (an id-only log-likelihood is always higher-is-better)."""
-    return METRICS[metric] == "min" and not trials["protocol"].fillna("").str.startswith("id-only").all()
+    return METRICS[metric].direction == "min" and not trials["protocol"].fillna("").str.startswith("id-only").all()
 
 
 @dataclass
@@ -127,6 +126,11 @@ def config_results(df: pd.DataFrame, metric: str, columns: list[str] = CONFIG_CO
     return results
 
 
+def same(column: pd.Series, value: Any) -> pd.Series:
+    """``column == value``, where a null equals a null (``center_loss`` of a "ce" network is null)."""
+    return (column == value) | (column.isna() & pd.isna(value))
+
+
 def _trial_rows(df: pd.DataFrame, trial: pd.Series | None) -> pd.DataFrame:
     if trial is None:
         return df.iloc[0:0]
@@ -144,7 +148,7 @@ def _stats(rows: pd.DataFrame, prefix: str = "") -> dict[str, float]:
 
 
 def _group_title(cfg: dict[str, Any]) -> str:
-    lam = "" if cfg["loss"] == "ce" else f" λ={cfg['lam']:g}"
+    lam = "" if cfg["loss"] == "ce" else f" λ={cfg['center_loss']:g}"
     sn = "" if cfg["spectral"] else " no-SN"
     return f"{cfg['backbone']} D={cfg['D']} {cfg['loss']}{lam}{sn}"
 
@@ -170,13 +174,14 @@ def _method_title(cfg: dict[str, Any]) -> str:
 
 
 def _members(trial: pd.Series) -> str:
-    if trial["seeds"] == 0:  # ensemble rows carry no single seed
+    if trial["ensemble"]:
         return f"ensemble of {int(trial['n_models'])}"
     return f"seeds {int(trial['seeds'])}"
 
 
 def _accuracy(rows: pd.DataFrame) -> str:
-    acc = rows[rows["split"] == "test"].drop_duplicates(["seed", "checkpoint"])["id_accuracy"].dropna()
+    test = rows[rows["split"] == "test"]
+    acc = test.assign(_models=test["checkpoints"].map(lambda c: () if c is None else tuple(c))).drop_duplicates(["seed", "_models"])["id_accuracy"].dropna()
     if acc.empty:
         return "-"
     return f"{acc.mean():.4f}" + (f" ± {acc.std(ddof=1):.4f}" if len(acc) > 1 else "")
@@ -224,7 +229,7 @@ def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
     for g in config_results(df, metric, GROUP_COLUMNS):
         gdf = df
         for c in GROUP_COLUMNS:
-            gdf = gdf[gdf[c] == g.config[c]]
+            gdf = gdf[same(gdf[c], g.config[c])]
         methods = config_results(gdf, metric, METHOD_COLUMNS)
         methods.sort(key=lambda m: (METHOD_ORDER.index(m.config["score"]) if m.config["score"] in METHOD_ORDER else 99,
                                     m.config["density"] != "gmm_sum", m.config["density"], m.config["density_params"]))
@@ -295,9 +300,8 @@ def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
     """The best trial as a dict (for programs): config columns, eps, trial_id, val."""
     top = trial_objectives(search_frame(table), metric).iloc[0]
     out = {c: top[c] for c in [*CONFIG_COLUMNS, "eps", "trial_id", "experiment", "val"]}
-    if out["lam"] == -1.0:
-        out["lam"] = None
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+    out = {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- rendering

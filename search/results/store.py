@@ -22,7 +22,6 @@ accepted at the threshold that keeps 95% of in-distribution inputs.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import uuid
 from collections.abc import Iterable, Mapping
@@ -33,9 +32,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from densitune.checks import error_summary
 from densitune.errors import ResultsError
+from densitune.files import atomic_write, fsync_dir
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`, see :func:`upgrade_v3`).
+READABLE_VERSIONS = (3, 4)
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -52,7 +55,7 @@ SCHEMA = pa.schema(
         ("ood_dataset", pa.string()),
         ("split", pa.string()),  # "val" (selection) | "test" (reported only)
         ("loss", pa.string()),
-        ("lam", pa.float64()),
+        ("center_loss", pa.float64()),  # λ of the (contrastive) center loss; null: none (loss "ce")
         ("D", pa.int32()),
         ("spectral", pa.bool_()),
         ("density", pa.string()),  # gmm_sum | gmm_max | kde | "" for scores without density
@@ -60,7 +63,8 @@ SCHEMA = pa.schema(
         ("density_fit", pa.string()),  # JSON: fitted values (KDE bandwidth_, GMM max_jitter_) of this seed's density
         ("score", pa.string()),  # density | diff | msp | ...
         ("eps", pa.float64()),  # 0 = no input perturbation
-        ("seed", pa.int32()),  # training seed of the model
+        ("seed", pa.int32()),  # training seed of the model; null for an ensemble row
+        ("ensemble", pa.bool_()),  # the score combines every seed of the model group (checkpoints lists them)
         ("data_seed", pa.int32()),
         ("search_seed", pa.int32()),
         ("epoch", pa.int32()),
@@ -73,15 +77,25 @@ SCHEMA = pa.schema(
         ("n_id", pa.int32()),
         ("n_ood", pa.int32()),
         ("id_accuracy", pa.float64()),
-        ("checkpoint", pa.string()),
+        ("checkpoints", pa.list_(pa.string())),  # the model(s) scored; a final training epoch: its model
         ("started_at", pa.timestamp("ms", tz="UTC")),
         ("duration_s", pa.float64()),
         ("code_version", pa.string()),
+        # provenance (schema v4): where and how the numbers were computed
+        ("node", pa.string()),  # Ray node id ("ray:<id>") or host name
+        ("device", pa.string()),  # "cpu" or "cuda:0 <GPU name>"
+        ("dtype", pa.string()),  # torch default dtype of the computation
+        ("autocast", pa.bool_()),  # mixed precision (training on CUDA with amp)
+        ("compile", pa.bool_()),  # torch.compile
+        ("torch_version", pa.string()),
+        ("densitune_version", pa.string()),
+        ("data_checksums", pa.string()),  # JSON {"<data set>/<split>": sha256 prefix} of every split used
     ]
 )
 
 COLUMNS = tuple(SCHEMA.names)
-REQUIRED = ("experiment", "trial_id", "stage", "code_version", "started_at")
+REQUIRED = ("experiment", "trial_id", "stage", "code_version", "started_at", "node", "device", "dtype",
+            "torch_version", "densitune_version", "data_checksums")
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,12 +163,7 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{stage}-{_safe(name)}.parquet"
-    tmp = part / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as fh:  # on disk before it gets its real name
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+    return atomic_write(final, lambda f: pq.write_table(table, f))
 
 
 SPEC_FILE = "_spec.json"
@@ -192,10 +201,7 @@ def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]
     d = experiment_dir(results_dir, experiment)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SPEC_FILE
-    tmp = d / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{SPEC_FILE}"
-    tmp.write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(dict(spec), indent=1, sort_keys=True))
 
 
 def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None:
@@ -264,6 +270,8 @@ def _replaced_by(manifest: Path) -> set[Path]:
 
 def _failpoint(name: str) -> None:
     """Fault injection for the compaction tests: ``DENSITUNE_FAILPOINT=<name>`` kills this process there."""
+    import os
+
     if os.environ.get("DENSITUNE_FAILPOINT") == name:
         import signal
 
@@ -294,21 +302,20 @@ def compact_experiment(results_dir: str | Path, experiment: str) -> tuple[int, i
     ident = uuid.uuid4().hex[:12]
     merged = folder / f"compact-{ident}.parquet"
     manifest = folder / f"{MANIFEST_PREFIX}{ident}.json"
-    _atomic_bytes(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}).encode())
+    atomic_write(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}))
     _failpoint("compact:manifest")
-    tmp = folder / f".tmp-{os.getpid()}-{ident}-{merged.name}"
-    pq.write_table(table, tmp)
-    _failpoint("compact:merged-written")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, merged)
-    _fsync_dir(folder)
+
+    def write(f: Any) -> None:
+        pq.write_table(table, f)
+        _failpoint("compact:merged-written")
+
+    atomic_write(merged, write)
     _failpoint("compact:merged-published")
     for i, f in enumerate(files):
         f.unlink(missing_ok=True)
         if i == 0:
             _failpoint("compact:deleting")
-    _fsync_dir(folder)
+    fsync_dir(folder)
     manifest.unlink()
     return len(files), table.num_rows
 
@@ -322,39 +329,25 @@ def _finish_interrupted(folder: Path) -> None:
         manifest.unlink()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _check_file(f: Path) -> None:
-    """Raise :class:`ResultsError` naming ``f`` unless it is an intact densitune Parquet file."""
+def _check_file(f: Path) -> int:
+    """The schema version of ``f``; :class:`ResultsError` naming ``f`` unless it is an intact densitune Parquet file."""
     if f.suffix != ".parquet":
         raise ResultsError(f"foreign file in results directory: {f}")
     try:
         schema = pq.ParquetFile(f).schema_arrow
     except (pa.ArrowException, OSError) as e:
-        raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
-    if schema.equals(SCHEMA):
-        return
+        raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
     if "schema_version" in schema.names:
         col = pq.read_table(f, columns=["schema_version"]).column(0)
-        version = col[0].as_py() if len(col) else None
-        if version is not None and version != SCHEMA_VERSION:
-            raise ResultsError(f"{f} has results schema v{version}; this densitune reads v{SCHEMA_VERSION}")
+        versions = set(col.to_pylist())
+        if versions - set(READABLE_VERSIONS):
+            readable = ", ".join(f"v{v}" for v in READABLE_VERSIONS)
+            found = ", ".join(f"v{v}" for v in sorted(versions - set(READABLE_VERSIONS), key=str))
+            raise ResultsError(f"{f} has results schema {found}; this densitune reads {readable}")
+        if schema.equals(SCHEMA):
+            return SCHEMA_VERSION
+        if schema.equals(SCHEMA_V3) and versions <= {3}:
+            return 3
     raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
 
 
@@ -368,21 +361,46 @@ def read_results(results_dir: str | Path, *, experiment: str | None = None, stag
     files = result_files(results_dir, experiment)
     if not files:
         raise ResultsError(f"no result files in {results_dir}")
-    for f in files:
-        _check_file(f)
-    dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
+    versions = {f: _check_file(f) for f in files}
+    current = [str(f) for f in files if versions[f] == SCHEMA_VERSION]
+    where = (ds.field("stage") == stage) if stage is not None else None
     try:
-        table = dataset.to_table(filter=(ds.field("stage") == stage) if stage is not None else None)
+        table = ds.dataset(current, schema=SCHEMA, format="parquet").to_table(filter=where)
+        old = [f for f in files if versions[f] == 3]
+        if old:
+            v3 = ds.dataset([str(f) for f in old], schema=SCHEMA_V3, format="parquet").to_table(filter=where)
+            table = pa.concat_tables([table, upgrade_v3(v3)])
     except (pa.ArrowException, OSError):
         for f in files:  # find the file with the damaged data pages, to name it
             try:
                 pq.read_table(f)
             except (pa.ArrowException, OSError) as e:
-                raise ResultsError(f"corrupt Parquet file {f}: {str(e).splitlines()[0]}") from None
+                raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
         raise
     if experiment is not None:
         table = table.filter(ds.field("experiment") == experiment)
     return table
+
+
+#: Schema v3 (densitune 0.1.0 up to the provenance columns): ``lam`` where v4 has ``center_loss``, no
+#: ``ensemble`` flag (an ensemble row had no seed), ``checkpoint`` as one comma-joined string, no provenance.
+SCHEMA_V3 = pa.schema(
+    [("lam", pa.float64()) if f.name == "center_loss" else ("checkpoint", pa.string()) if f.name == "checkpoints"
+     else (f.name, f.type) for f in SCHEMA if f.name not in ("ensemble", *SCHEMA.names[SCHEMA.names.index("node"):])]
+)
+
+
+def upgrade_v3(table: pa.Table) -> pa.Table:
+    """A schema v3 table as :data:`SCHEMA` (v4): ``lam`` -> ``center_loss`` (already null for "ce"),
+    ``ensemble`` = a search row without a seed, ``checkpoint`` split into ``checkpoints``; the provenance
+    columns v3 did not record are null; ``schema_version`` stays 3 (what wrote the row)."""
+    rows = table.to_pylist()
+    for r in rows:
+        r["center_loss"] = r.pop("lam")
+        r["ensemble"] = r["stage"] == "search" and r["seed"] is None
+        ckpt = r.pop("checkpoint")
+        r["checkpoints"] = ckpt.split(",") if ckpt else None
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:
@@ -404,6 +422,6 @@ def query(table: pa.Table, sql: str, *, what: str = "query") -> pa.Table:
             return pa.table({})
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     except duckdb.Error as e:
-        raise ResultsError(f"bad {what}: {str(e).splitlines()[0]}") from None
+        raise ResultsError(f"bad {what}: {error_summary(e)}") from None
     finally:
         con.close()

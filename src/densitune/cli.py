@@ -14,19 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import overload
 
 from densitune.errors import DensituneError
 
 log = logging.getLogger("densitune")
-
-#: Per in-distribution data set: (validation OOD set used for selection, test OOD sets).
-DEFAULT_OOD = {
-    "digits": ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform")),
-    "cifar10": ("folder:tiny-imagenet-val", ("svhn", "cifar100", "mnist")),
-    "mnist": ("folder:ood-val", ("fashionmnist", "cifar10", "svhn")),
-}
-
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
@@ -64,57 +56,31 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     # Flags default to None so that a --spec file can supply the value; flags given win.
     p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it)")
-    p.add_argument("--experiment", default=None, help="name of the search experiment (default: search)")
-    p.add_argument("--models", default=None, help="directory of trained models (default: OUT/models)")
-    p.add_argument("--protocol", default=None, help="selection protocol: val-ood (default), adv-proxy or id-only")
-    p.add_argument("--val-ood", default=None, help="OOD set used for selection (default: per ID data set)")
-    p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select")
-    p.add_argument("--proxy-eps", type=float, default=None, help="adv-proxy: FGSM budget on ID validation inputs")
-    p.add_argument("--density", nargs="+", default=None, help="densities: gmm_sum gmm_max kde (default gmm_sum)")
-    p.add_argument("--score", nargs="+", default=None, help="scores (default density); see `densitune list`")
-    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
-    p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
-    p.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="only models with these D")
-    p.add_argument("--backbone", nargs="+", default=None, help="only models with these backbones")
-    p.add_argument("--loss", nargs="+", default=None, help="only models trained with these losses")
+    from densitune.search.spec import spec_keys
+
+    for key in spec_keys():  # one flag per spec key that has one (declared on SearchSpec's fields)
+        if key.flags and key.flags[-1] not in p._option_string_actions:  # --data-root is common to train
+            p.add_argument(*key.flags, dest=key.name, default=None, help=key.help, nargs=key.nargs, type=key.type,
+                           metavar=key.metavar)
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
                    help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
-    p.add_argument("--attacks", nargs="*", default=None, help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
-    p.add_argument("--attack-eps", type=float, default=None, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
-    p.add_argument("--attack-steps", type=int, default=None, help="BIM/PGD iterations (default 10)")
-    p.add_argument("--sampler", default=None, help="grid or tpe (default: grid)")
-    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget (default 20)")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
-    p.add_argument("--metric", default=None, help="validation metric to select on: auroc (default), auprc, fpr95")
-    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs")
     p.add_argument("--max-concurrent", type=int, default=None)
-
-
-#: search flag -> SearchSpec key (tuples for list-valued keys)
-_FLAG_KEYS = {
-    "experiment": "experiment", "protocol": "protocol", "val_ood": "val_ood", "test_ood": "test_ood",
-    "proxy_eps": "proxy_eps", "density": "densities", "score": "scores", "eps_grid": "eps_grid", "eps_range": "eps_range",
-    "dim": "dims", "backbone": "backbones", "loss": "losses", "attacks": "attacks", "attack_eps": "attack_eps",
-    "attack_steps": "attack_steps", "sampler": "sampler", "num_samples": "num_samples", "seed": "seed",
-    "metric": "metric", "eval_limit": "eval_limit", "data_root": "data_root",
-}
 
 
 def _search_values(args: argparse.Namespace) -> dict:
     """Spec values from the --spec file, overridden by the flags that were given."""
+    from densitune.search.spec import spec_keys
     from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
-    for flag, key in _FLAG_KEYS.items():
-        v = getattr(args, flag)
+    for spec_key in spec_keys():
+        v = getattr(args, spec_key.name, None)
         if v is not None:
-            values[key] = v
+            values[spec_key.name] = v
     if args.kde_bandwidth:  # merged into the file's density_params, not replacing them
         params = {k: dict(v) for k, v in values.get("density_params", {}).items()} if isinstance(values.get("density_params"), dict) else {}
         params.setdefault("kde", {})["bandwidth"] = [_number_or_name(b) for b in args.kde_bandwidth]
         values["density_params"] = params
-    if args.models is not None:
-        values["models"] = args.models
     for key in ("models", "data_root"):
         if values.get(key):
             values[key] = _abs(values[key])
@@ -222,16 +188,9 @@ def _train_configs(args: argparse.Namespace):
     return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
 
 
-def _check_data(name: str, root: str | None, download: bool = False) -> None:
-    """Fail early (before Ray, before writing) if a data set is unknown or absent."""
-    from densitune.trainables.data import dataset_info, load_split
-
-    dataset_info(name, root=root)
-    load_split(name, "test", root=root, download=download, limit=1)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from densitune.ray_runtime import check_trial_resources, init_ray
+    from densitune.search.prepare import check_data
     from densitune.search.results.store import remove_stale_temp_files
     from densitune.trainables.train.tune import TrainRun, run_training
 
@@ -241,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     configs = _train_configs(args)  # validates names, D, ε...
     check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
-    _check_data(args.dataset, args.data_root, args.download)
+    check_data(args.dataset, args.data_root, args.download)
     out = Path(_abs(args.out))
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
@@ -257,22 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_spec(values: dict, id_dataset: str):
-    from densitune.search.spec import SearchSpec
-
-    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k != "models"}
-    kw.setdefault("experiment", "search")
-    val_default, test_default = DEFAULT_OOD.get(id_dataset, (None, ()))
-    if kw.get("protocol", "val-ood") == "val-ood":
-        kw.setdefault("val_ood", val_default)
-    else:
-        kw.setdefault("val_ood", None)
-    kw.setdefault("test_ood", test_default)
-    if (kw["val_ood"] is None and kw.get("protocol", "val-ood") == "val-ood") or not kw["test_ood"]:
-        raise DensituneError(f"no default OOD sets for {id_dataset!r}: pass --val-ood and --test-ood")
-    return SearchSpec(**kw)
-
-
 def _number_or_name(text: str) -> float | str:
     try:
         return float(text)
@@ -285,38 +228,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from densitune.errors import ConfigError
     from densitune.ray_runtime import check_trial_resources, init_ray
-    from densitune.search import models
     from densitune.search.cache import DiskCache
+    from densitune.search.prepare import prepare_search
     from densitune.search.results.report import best, report
     from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
-    from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
     from densitune.search.tune import SearchRun, run_search, trial_budget
-    from densitune.trainables.train.checkpoint import read_config
 
-    # The space first: a bad name or value fails before any file is read.
     check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
-    values = _search_values(args)
-    check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
-                tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
-                tuple(values.get("dims", ())))
-    check_density_params(values.get("density_params", {}))
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     out = Path(_abs(args.out))
-    models_dir = Path(values["models"]) if values.get("models") else out / "models"
-    groups = models.discover(models_dir)
-    ids = {g.dataset for g in groups}
-    if len(ids) != 1:
-        raise ConfigError(f"models under {models_dir} were trained on several data sets {sorted(ids)}; pass --models for one")
-    id_dataset = ids.pop()
-    spec = _search_spec(values, id_dataset)
-    groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
-    if id_dataset in (spec.val_ood, *spec.test_ood):
-        raise ConfigError(f"the in-distribution data set {id_dataset!r} cannot also be an OOD set")
-    models.check_checkpoints(groups)  # a corrupt model.pt fails here, before Ray starts
-    id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
-    for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (spec.val_ood, *spec.test_ood) if n)):
-        _check_data(name, root)
+    values = _search_values(args)
+    values.setdefault("models", str(out / "models"))
+    spec, groups = prepare_search(values)
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
                     gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir)
@@ -326,11 +250,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
     init_ray(args.address, args.num_cpus)
-    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
-                      max_gpu_hours=args.max_gpu_hours)
-    errors = [r.error for r in grid or [] if r.error is not None]
-    if errors:
-        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
+    run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0, max_gpu_hours=args.max_gpu_hours)
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])

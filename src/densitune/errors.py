@@ -41,3 +41,7 @@ class NotFittedError(DensituneError, RuntimeError):
 
 class TrainingError(DensituneError):
     """A training trial that failed (diverged, ran out of memory, crashed)."""
+
+
+class SearchError(DensituneError):
+    """A search trial that failed (a density that cannot be fitted, a crash inside the trial)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from densitune.errors import ConfigError, UnknownNameError
@@ -97,3 +98,18 @@ def load_split(
     logger.debug("%s/%s (seed %d): %d of %d items at %s, %s", name, split, seed, len(source), full, target,
                  type(data).__name__)
     return data
+
+
+def split_checksum(data: Dataset, batch_size: int = 1024) -> str:
+    """SHA-256 (first 16 hex digits) of a loaded split's inputs and labels, in order: what a result row
+    records of the data it was computed on (two runs with equal checksums saw the same items)."""
+    import hashlib
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    h = hashlib.sha256()
+    batches = [data.tensors] if isinstance(data, TensorDataset) else DataLoader(data, batch_size=batch_size)
+    for x, y in batches:
+        h.update(x.contiguous().numpy().tobytes())
+        h.update(y.to(dtype=torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -21,6 +21,8 @@ class DatasetInfo:
         mean, std: per-channel statistics in [0, 1] pixel space, one per channel, for the
             model's Normalize layer.
         source: "embedded" (shipped with scikit-learn), "torchvision" or "folder".
+        default_ood: for an in-distribution set, the OOD sets a search uses when none are given:
+            (validation OOD set used for selection, test OOD sets); None where there is no default.
     """
 
     name: str
@@ -29,6 +31,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    default_ood: tuple[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:

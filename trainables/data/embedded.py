@@ -68,7 +68,8 @@ def _digits_info() -> DatasetInfo:
     # in the third decimal between seeds).
     x, _ = digits_split("train", 0)
     mean, std = float(x.mean()), float(x.std())
-    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded")
+    ood = ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform"))
+    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded", default_ood=ood)
 
 
 def _ood_info(name: str) -> DatasetInfo:

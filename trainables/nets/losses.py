@@ -85,15 +85,3 @@ LOSSES.add("contrastive", ContrastiveCenterLoss)
 def create_loss(name: str, *, num_classes: int, feature_dim: int, lam: float = 0.1, delta: float = 1.0) -> nn.Module:
     """Build the loss ``name`` (see module docstring); unknown names list the known ones."""
     return LOSSES.get(name)(num_classes, feature_dim, lam=lam, delta=delta)
-
-
-def intra_inter_ratio(z: Tensor, y: Tensor, centers: Tensor) -> float:
-    """Mean intra-class over mean inter-class squared distance of features to centers.
-
-    z (N, D), y (N,), centers (C, D). Lower is more compact and better separated; the
-    contrastive center loss is built to lower it.
-    """
-    d = (z.unsqueeze(1) - centers.unsqueeze(0)).pow(2).sum(-1)
-    intra = d.gather(1, y[:, None]).squeeze(1)
-    inter = (d.sum(1) - intra) / (centers.shape[0] - 1)
-    return float(intra.mean() / inter.mean())

@@ -9,19 +9,18 @@ file unique to its writer, fsynced, then renamed over the old one.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import uuid
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
+from densitune.files import atomic_write, load_tensors
 from densitune.trainables.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -31,52 +30,6 @@ FORMAT = "densitune-checkpoint"
 VERSION = 1
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-
-
-def _temp_path(path: Path) -> Path:
-    """A temporary name beside ``path``, unique per process and call (concurrent writers never share one)."""
-    return path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: not every OS or file system allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``write(file)`` into a unique temporary file, fsync it, then rename it over ``path``.
-
-    Readers see the old file or the new one, never a part; of two processes writing at once, one wins whole.
-    """
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    data = text.encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
 
 
 def save_checkpoint(
@@ -110,9 +63,9 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
-    _atomic_save(state, d / MODEL_FILE)
+    atomic_write(d / MODEL_FILE, lambda f: torch.save(state, f))
     meta = {k: state[k] for k in ("format", "version", "config", "data", "epoch", "metrics")}
-    _atomic_write_text(json.dumps(meta, indent=1, sort_keys=True), d / CONFIG_FILE)
+    atomic_write(d / CONFIG_FILE, json.dumps(meta, indent=1, sort_keys=True))
     return d
 
 
@@ -124,10 +77,9 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_tensors(path, map_location)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"corrupt checkpoint {path}: {first}") from None
+        raise CheckpointError(f"corrupt checkpoint {path}: {error_summary(e)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"not a densitune checkpoint: {path}")
     if state.get("version") != VERSION:
@@ -146,13 +98,9 @@ def parse_config(d: Any, source: str | Path) -> TrainConfig:
     try:
         return TrainConfig.from_dict(d)
     except DensituneError as e:
-        raise CheckpointError(f"bad checkpoint config in {source}: {_first_line(e)}") from None
+        raise CheckpointError(f"bad checkpoint config in {source}: {error_summary(e)}") from None
     except (TypeError, ValueError) as e:  # defensive: validation should have raised ConfigError
-        raise CheckpointError(f"bad checkpoint config in {source}: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"bad checkpoint config in {source}: {type(e).__name__}: {error_summary(e)}") from None
 
 
 @dataclass
@@ -192,7 +140,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {directory} does not fit its own config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {directory} does not fit its own config: {error_summary(e)}") from None
     model.to(device).eval()
     centers = state["loss"].get("centers") if state.get("loss") else None
     return LoadedModel(model, config, state["data"], state["metrics"], Path(directory), centers)
@@ -209,6 +157,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint config not found: {p}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint config {p}: {_first_line(e)}") from None
+        raise CheckpointError(f"corrupt checkpoint config {p}: {error_summary(e)}") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or _first_line(e)}") from None
+        raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or error_summary(e)}") from None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from densitune.checks import Interval, check_params
 from densitune.errors import ConfigError
 
 #: An experiment name becomes a folder name and a hive partition value (``experiment=<name>``):
@@ -26,6 +27,18 @@ _STR = ("backbone", "loss", "dataset", "experiment")
 _INT = ("feature_dim", "seed", "epochs", "batch_size", "data_seed")
 _REAL = ("lam", "delta", "lr", "weight_decay", "sn_coeff")
 _BOOL = ("spectral", "amp")
+
+
+_POSITIVE, _NON_NEGATIVE = [Interval(None, 0, None, closed="neither")], [Interval(None, 0, None)]
+#: Ranges of the numeric settings (their types are checked first, by :meth:`TrainConfig._check_types`).
+_RANGES: dict[str, list[Any]] = {
+    "feature_dim": _POSITIVE, "epochs": _POSITIVE, "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+    "batch_size": _POSITIVE, "lam": _NON_NEGATIVE, "delta": _POSITIVE, "sn_coeff": _POSITIVE,
+    "train_limit": [Interval(None, 1, None), None],
+}
+_LABELS = {"feature_dim": "feature dimension D", "lr": "learning rate", "weight_decay": "weight decay",
+           "batch_size": "batch size", "lam": "lambda", "delta": "delta (contrastive center loss constant)",
+           "sn_coeff": "spectral-norm coefficient", "train_limit": "train limit"}
 
 
 def _is_int(v: Any) -> bool:
@@ -84,24 +97,7 @@ class TrainConfig:
         self._check_types()
         BACKBONES.check(self.backbone)
         LOSSES.check(self.loss)
-        if self.feature_dim <= 0:
-            raise ConfigError(f"feature dimension D must be > 0, got {self.feature_dim}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch size must be > 0, got {self.batch_size}")
-        if self.lam < 0:
-            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
-        if self.delta <= 0:
-            raise ConfigError(f"delta (contrastive center loss constant) must be > 0, got {self.delta}")
-        if self.sn_coeff <= 0:
-            raise ConfigError(f"spectral-norm coefficient must be > 0, got {self.sn_coeff}")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ConfigError(f"train limit must be >= 1 (or None for the whole split), got {self.train_limit}")
+        check_params(vars(self), _RANGES, labels=_LABELS)
         check_experiment_name(self.experiment)
         # The ``folder:`` training-data layout (train/ and test/ subfolders) is checked where the data is
         # prepared (densitune.trainables.train.loop.data_description), not here: loading a checkpoint re-validates its
@@ -135,6 +131,10 @@ class TrainConfig:
             if not _is_bool(getattr(self, name)):
                 raise bad(name, "true or false")
             object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @property
+    def D(self) -> int:  # noqa: N802 - the note's name of the feature dimension (as in result rows)
+        return self.feature_dim
 
     @property
     def name(self) -> str:

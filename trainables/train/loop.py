@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from densitune.device import default_device
 from densitune.errors import ConfigError
-from densitune.trainables.data import dataset_info, load_split
+from densitune.trainables.data import dataset_info, load_split, split_checksum
 from densitune.trainables.nets.losses import create_loss
 from densitune.trainables.train.checkpoint import build_model
 from densitune.trainables.train.config import TrainConfig
@@ -119,6 +119,8 @@ class EpochState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     data: dict[str, Any]
+    #: the v4 provenance of these numbers: device, mixed precision, checksums of the train/val splits
+    provenance: dict[str, Any]
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -158,6 +160,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    checksums = {f"{config.dataset}/{name}": split_checksum(split) for name, split in (("train", train), ("val", val))}
+    provenance = {"device": device, "autocast": use_amp, "data_checksums": checksums}
 
     start = 0
     if resume is not None:
@@ -195,6 +199,7 @@ def fit(
             optimizer=optimizer,
             scheduler=scheduler,
             data=data,
+            provenance=provenance,
         )
         log.info("%s epoch %d/%d loss %.4f val acc %.4f", config.key, epoch, config.epochs, state.train_loss, state.val_accuracy)
         yield state

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
@@ -100,7 +101,8 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     """
     from ray import tune
 
-    from densitune.search.results.store import code_version, write_rows
+    from densitune.search.results.rows import provenance, result_row
+    from densitune.search.results.store import write_rows
 
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -119,28 +121,12 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     t0 = time.perf_counter()
     for st in fit(cfg, resume=resume):
         final = st.epoch == cfg.epochs
-        row = {
-            "experiment": run.experiment,
-            "trial_id": cfg.key,
-            "stage": "train",
-            "protocol": "train",
-            "backbone": cfg.backbone,
-            "id_dataset": cfg.dataset,
-            "split": "val",
-            "loss": cfg.loss,
-            "lam": cfg.lam if cfg.loss != "ce" else None,
-            "D": cfg.feature_dim,
-            "spectral": cfg.spectral,
-            "seed": cfg.seed,
-            "data_seed": cfg.data_seed,
-            "epoch": st.epoch,
-            "train_loss": st.train_loss,
-            "id_accuracy": st.val_accuracy,
-            "checkpoint": str(run.model_dir(cfg)) if final else None,
-            "started_at": started,
-            "duration_s": time.perf_counter() - t0,
-            "code_version": code_version(),
-        }
+        row = result_row(
+            experiment=run.experiment, trial_id=cfg.key, stage="train", protocol="train", network=cfg,
+            started_at=started, provenance=provenance(**st.provenance), split="val", seed=cfg.seed, epoch=st.epoch,
+            train_loss=st.train_loss, id_accuracy=st.val_accuracy, duration_s=time.perf_counter() - t0,
+            checkpoints=[str(run.model_dir(cfg))] if final else None,
+        )
         write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
         if final:  # the model store keeps weights only: no optimiser state
@@ -223,13 +209,7 @@ def run_training(
         first = failed[0]
         key = (first.config or {}).get("key", "?")
         raise TrainingError(
-            f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error)}"
+            f"{len(failed)} of {len(todo)} training trial(s) failed; first: {key}: {error_summary(first.error, last=True)}"
         )
     return [dict(r.metrics or {}) for r in results]  # type: ignore[attr-defined]
 
-
-def error_summary(error: BaseException) -> str:
-    """One line for a trial's error: the last non-empty line of its text (Ray wraps the
-    trial's exception in a traceback; its last line is ``ExceptionType: message``)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(error).__name__

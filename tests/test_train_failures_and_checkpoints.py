@@ -1,4 +1,4 @@
-"""Review fixes: failed training trials, config validation, --resume with a changed config,
+"""Training that goes wrong: failed training trials, config validation, --resume with a changed config,
 foreign / mixed checkpoints in the model store, and concurrent checkpoint writes."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from densitune.errors import CheckpointError, ConfigError, DensituneError, TrainingError
+from densitune.files import temp_path
 from densitune.search.models import check_checkpoints, discover
 from densitune.trainables.nets.losses import create_loss
 from densitune.trainables.train.checkpoint import (
     FORMAT,
     VERSION,
-    _temp_path,
     build_model,
     load_model,
     read_checkpoint,
@@ -314,8 +314,8 @@ def test_load_model_names_a_checkpoint_whose_config_no_longer_validates(tmp_path
 
 def test_temp_names_are_unique_and_nothing_is_left_behind(tmp_path):
     p = tmp_path / "model.pt"
-    a, b = _temp_path(p), _temp_path(p)
-    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".tmp-model.pt.")
+    a, b = temp_path(p), temp_path(p)
+    assert a != b and a.parent == b.parent == tmp_path and a.name.startswith(".tmp-") and a.name.endswith("-model.pt")
 
     cfg = TrainConfig(**SMALL)
     _untrained_checkpoint(tmp_path / "c", cfg)

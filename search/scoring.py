@@ -1,0 +1,92 @@
+"""Scoring, step by step: features -> density -> scores -> detection metrics.
+
+Named functions a reader can follow (and a cache can wrap): :func:`extract_features` runs a model
+over a data set once; :func:`fit_density` fits a density on training features; :func:`score_inputs`
+scores a data set with a trial's score and ε (from cached features when ε = 0, through input
+perturbation otherwise); :func:`detection_metrics` compares ID and OOD scores. No caching and no
+selection protocol here: :mod:`densitune.search.workspace` caches, :mod:`densitune.search.evaluate`
+decides which data each step sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from densitune.errors import DensituneError
+from densitune.search.ood.densities import Density, create_density
+from densitune.search.ood.metrics import ood_metrics
+from densitune.search.ood.scores import FeatureModel, Score
+
+__all__ = ["Features", "detection_metrics", "extract_features", "fit_density", "id_accuracy", "score_inputs"]
+
+
+@dataclass
+class Features:
+    """Clean features of one data split under one model: z (N, D), logits (N, K), y (N,)."""
+
+    z: Tensor
+    logits: Tensor
+    y: Tensor
+
+
+@torch.no_grad()
+def extract_features(model: FeatureModel, data: Dataset, batch_size: int, device: torch.device) -> Features:
+    """``model``'s clean features and logits of every item of ``data`` (kept on the CPU, float32)."""
+    zs, ls, ys = [], [], []
+    for x, y in DataLoader(data, batch_size=batch_size):
+        z, logits = model.features_and_logits(x.to(device))
+        zs.append(z.float().cpu())
+        ls.append(logits.float().cpu())
+        ys.append(y)
+    return Features(torch.cat(zs), torch.cat(ls), torch.cat(ys))
+
+
+def fit_density(
+    name: str, params: str, train: Features, device: torch.device, head: tuple[Tensor, Tensor] | None = None
+) -> Density:
+    """Density ``name`` with JSON ``params`` fitted on the training features (z (N, D), y (N,)) on ``device``.
+
+    ``head`` is the classifier's (weight (C, D), bias (C,)), given to a density that needs it (``vim``).
+    """
+    density = create_density(name, **json.loads(params))
+    if density.needs_head:
+        if head is None:
+            raise DensituneError(f"{name} needs the model's classifier head (model.head, an nn.Linear)")
+        density.set_head(*head)
+    return density.fit(train.z.to(device), train.y.to(device))
+
+
+def score_inputs(
+    score: Score, data: Dataset, eps: float, feats: Sequence[Features], batch_size: int, device: torch.device
+) -> Tensor:
+    """(N,) float64 scores of ``data`` under ``score`` after input perturbation ε (higher = more ID).
+
+    ε = 0 uses the clean features ``feats`` (one per model of the score) when the score allows it;
+    otherwise every batch goes through :meth:`Score.evaluate` (perturbation, then the score).
+    """
+    if eps == 0:
+        fast = score.from_features([(f.z.to(device), f.logits.to(device)) for f in feats])
+        if fast is not None:
+            return fast.detach().double().cpu()
+    out = [score.evaluate(x.to(device), eps).double().cpu() for x, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(out)
+
+
+def id_accuracy(feats: Sequence[Features]) -> float:
+    """Accuracy of the mean softmax over the models (one model: its own accuracy) on clean ID features."""
+    probs = torch.stack([f.logits.double().softmax(1) for f in feats]).mean(0)
+    return float((probs.argmax(1) == feats[0].y).double().mean())
+
+
+def detection_metrics(s_id: Tensor, s_ood: Tensor, id_feats: Sequence[Features]) -> dict[str, Any]:
+    """AUROC / AUPRC / FPR95 of ID (N_id,) vs OOD (N_ood,) scores, the set sizes and the ID accuracy."""
+    m: dict[str, Any] = ood_metrics(s_id, s_ood)
+    m.update(n_id=len(s_id), n_ood=len(s_ood), id_accuracy=id_accuracy(id_feats))
+    return m

@@ -1,0 +1,134 @@
+"""The per-process workspace of a search: caching only.
+
+:class:`Workspace` keeps what trials share (Ray reuses trial actors, so one process serves many
+trials): each model, each data set, each (checkpoint, data set, split)'s clean features, each
+(checkpoint, density, parameters) fit and each (checkpoint, attack) run, in memory and, with a
+cache folder, on disk for every process (:class:`~densitune.search.cache.DiskCache`). What is
+computed is :mod:`densitune.search.scoring`'s business; this module only decides when.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+from densitune.device import default_device
+from densitune.search.cache import DiskCache, checkpoint_token
+from densitune.search.ood.densities import Density, density_from_state
+from densitune.search.scoring import Features, extract_features, fit_density
+from densitune.trainables.data import split_checksum
+from densitune.trainables.train.checkpoint import LoadedModel, load_model
+
+__all__ = ["Workspace", "workspace"]
+
+
+class Workspace:
+    """Per-process caches of models, data, clean features, fitted densities and attacks.
+
+    With ``cache_dir``, features, densities and attacked inputs also go through a
+    :class:`~densitune.search.cache.DiskCache` shared by every process (Ray actors, nodes on
+    shared storage), so each is computed once per search, not once per process.
+    ``counts`` records what this process computed ("load_model", "load_data",
+    "extract", "fit", "attack").
+    """
+
+    def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None) -> None:
+        self.device = device or default_device()
+        self.disk = DiskCache(cache_dir) if cache_dir else None
+        self.counts: Counter[str] = Counter()
+        self._models: dict[str, LoadedModel] = {}
+        self._memo: dict[tuple, Any] = {}
+
+    def _cached(
+        self,
+        kind: str,
+        key: tuple,
+        make: Callable[[], Any],
+        disk_key: str | None = None,
+        codec: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None,
+    ) -> Any:
+        """Memoise ``make()`` in memory, and on disk (through ``codec = (encode, decode)``) when a
+        disk key is given and a cache is set."""
+        mem_key = (kind, *key)
+        if mem_key not in self._memo:
+
+            def compute() -> Any:
+                self.counts[kind] += 1
+                return make()
+
+            if self.disk is not None and disk_key is not None:
+                # features and attacks live on the CPU; densities on the scoring device
+                where = self.device if kind == "fit" else "cpu"
+                encode, decode = codec or (lambda obj: obj, lambda state: state)
+                self._memo[mem_key] = self.disk.get_or_create(kind, disk_key, compute, map_location=where,
+                                                              encode=encode, decode=decode)
+            else:
+                self._memo[mem_key] = compute()
+        return self._memo[mem_key]
+
+    def model(self, checkpoint: str) -> LoadedModel:
+        if checkpoint not in self._models:
+            self.counts["load_model"] += 1
+            self._models[checkpoint] = load_model(checkpoint, device=self.device)
+        return self._models[checkpoint]
+
+    def data(self, key: tuple, make: Callable[[], Dataset]) -> Dataset:
+        """The data set cached under ``key`` (in memory: loading is cheap), made by ``make()`` once."""
+        return self._cached("load_data", key, make)
+
+    def checksum(self, key: tuple) -> str:
+        """:func:`~densitune.trainables.data.split_checksum` of the data set loaded under ``key``, computed once."""
+        mem_key = ("checksum", *key)
+        if mem_key not in self._memo:
+            self._memo[mem_key] = split_checksum(self._memo[("load_data", *key)])
+        return cast(str, self._memo[mem_key])
+
+    def loaded_data(self) -> list[tuple]:
+        """Keys (name, split, shape, root, seed, limit) of every data set this workspace loaded."""
+        return [k[1:] for k in self._memo if k[0] == "load_data"]
+
+    def attacked(self, checkpoint: str, key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
+        """Attacked inputs (x_adv, y) of one model, cached on disk."""
+        codec = (lambda xy: {"x": xy[0], "y": xy[1]}, lambda s: (s["x"], s["y"]))
+        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}", codec)
+        return TensorDataset(x, y)
+
+    def features(self, checkpoint: str, data_key: tuple, data: Dataset, batch_size: int = 512) -> Features:
+        """Clean features of ``data`` (cached under ``data_key``) under ``checkpoint``'s model."""
+
+        def extract() -> Features:
+            return extract_features(self.model(checkpoint).model, data, batch_size, self.device)
+
+        codec = (lambda f: {"z": f.z, "logits": f.logits, "y": f.y}, lambda s: Features(s["z"], s["logits"], s["y"]))
+        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}",
+                            codec)
+
+    def density(self, checkpoint: str, name: str, params: str, train: Features, train_key: tuple = ()) -> Density:
+        """``name`` fitted on the clean training features of ``checkpoint`` (``train_key`` names that split)."""
+
+        def fit() -> Density:
+            head = getattr(self.model(checkpoint).model, "head", None)  # vim needs the last layer
+            wb = (head.weight, head.bias) if isinstance(head, torch.nn.Linear) else None
+            return fit_density(name, params, train, self.device, wb)
+
+        disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
+        codec = (lambda d: d.state_dict(), lambda s: density_from_state(s, self.device))
+        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
+
+
+#: One process-wide workspace, shared by the trials a reused Ray actor runs.
+_WORKSPACE: Workspace | None = None
+
+
+def workspace(cache_dir: str | Path | None = None) -> Workspace:
+    """The process-wide workspace (created on first use with ``cache_dir``)."""
+    global _WORKSPACE
+    if _WORKSPACE is None or (cache_dir and _WORKSPACE.disk is None):
+        _WORKSPACE = Workspace(cache_dir=cache_dir)
+    return _WORKSPACE
