@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from densitune.runlock import writer_lock
-from densitune.search.results.store import code_version, read_results, result_files, write_rows
+from densitune.search.results.rows import provenance
+from densitune.search.results.store import read_results, result_files, write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FAILPOINTS = ["compact:manifest", "compact:merged-written", "compact:merged-published", "compact:deleting"]
@@ -31,7 +32,7 @@ def run(tmp_path) -> Path:
         for i in range(6):
             rows = [dict(experiment=exp, trial_id=f"t{i}", stage="search", protocol="val-ood:v", backbone="cnn",
                          id_dataset="digits", loss="ce", D=8, spectral=True, density="gmm_sum", score="density",
-                         eps=i / 100, seed=s, started_at=T0, code_version=code_version(), ood_dataset=o, split=sp,
+                         eps=i / 100, seed=s, started_at=T0, ood_dataset=o, split=sp, **provenance("cpu"),
                          auroc=0.5 + i / 20 + s / 100, auprc=0.6, fpr95=0.3)
                     for s in (0, 1) for o, sp in (("v", "val"), ("t", "test"))]
             write_rows(root / "results", rows, name=f"t{i}")
