@@ -77,7 +77,7 @@ def test_relative_out_train_then_resumable_search(tmp_path):
 
 
 MORE_BAD = {
-    "bad kde bandwidth": (["search", "--density", "kde", "--kde-bandwidth", "wide"], "bandwidth must be a positive float"),
+    "bad kde bandwidth": (["search", "--density", "kde", "--kde-bandwidth", "wide"], "bandwidth must be a finite number > 0 or one of 'scott', 'silverman', got 'wide'"),
     "usage error": (["search", "--eps-grid", "abc"], "argument --eps-grid: invalid float value: 'abc'"),
     "bad experiment name": (["train", "--experiment", "my run"], "experiment name 'my run'"),
     "negative top": (["report", "results", "--top", "0"], "--top must be >= 1"),
