@@ -37,6 +37,7 @@ class SearchRun:
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
+    log_file: str | None = None  # per-trial lines of every worker (densitune.console.log_to_file)
 
 
 def search_trainable(
@@ -46,9 +47,11 @@ def search_trainable(
     import torch
     from ray import tune
 
+    from densitune.console import log_to_file
     from densitune.search.results.store import write_rows
     from densitune.search.trial import run_trial
 
+    log_to_file(run.log_file)
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()
@@ -117,12 +120,15 @@ def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str
     return storage
 
 
-def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0):
+def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0,
+               progress: bool = True):
     """Run the search; returns Tune's ResultGrid (None when nothing was left to run).
 
     Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
     (the Parquet files are the record) are not run again: a grid runs its missing points,
     TPE runs the rest of its budget with the finished trials given to the sampler.
+    ``progress`` shows a live progress bar on stderr. Ctrl-C raises KeyboardInterrupt here;
+    the finished trials are in the results and ``resume`` runs the rest.
     """
     import optuna
     from ray import tune
@@ -165,7 +171,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search")],
+            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress)],
             verbose=verbose,
         ),
     )

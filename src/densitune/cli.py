@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from densitune.console import LOG_NAME, Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
 
 log = logging.getLogger("densitune")
@@ -163,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
     p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo (unfinished networks from their last epoch)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no header, progress bar or summary lines; warnings and results only")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output")
 
     p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
     p.add_argument("results", help="results directory")
@@ -218,6 +221,7 @@ def _check_data(name: str, root: str | None, download: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from densitune.errors import TrainingError
     from densitune.ray_runtime import init_ray
     from densitune.trainables.train.tune import TrainRun, run_training
 
@@ -231,12 +235,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+        log_file=str(out / LOG_NAME),
     )
-    log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
-    init_ray(args.address, args.num_cpus)
-    run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0)
-    print(f"trained models: {Path(run.models_dir) / args.experiment}")
+    log_to_file(run.log_file)
+    models_dir = Path(run.models_dir) / args.experiment
+    _header(args, f"train {len(configs)} model(s) ({_grid_text(args)}; {args.epochs} epochs) on {args.dataset}",
+            {"models": models_dir, "rows": out / "results", "log": run.log_file})
+    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    try:
+        run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0,
+                     progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{_train_status(run, configs)}; continue with: {_resume(args)}") from None
+    except TrainingError as e:
+        raise TrainingError(f"{e}; {_train_status(run, configs)}; after fixing it, continue with: {_resume(args)}") from None
+    _say(args, f"trained {len(configs)} model(s): {models_dir}")
     return 0
+
+
+def _grid_text(args: argparse.Namespace) -> str:
+    parts = [("backbone", args.backbone), ("D", args.dim), ("loss", args.loss), ("seed", args.seeds)]
+    return " x ".join(f"{name} {','.join(map(str, v))}" for name, v in parts)
+
+
+def _train_status(run, configs) -> str:
+    """What an interrupted or failed training finished, and what not (from the model store and saved state)."""
+    from densitune.errors import CheckpointError
+    from densitune.trainables.train.checkpoint import read_config
+    from densitune.trainables.train.tune import is_trained
+
+    done = [c for c in configs if is_trained(run, c)]
+    left = []
+    for c in configs:
+        if c in done:
+            continue
+        try:
+            epoch = read_config(run.state_dir(c)).get("epoch", 0) if run.state_dir(c).is_dir() else 0
+        except CheckpointError:
+            epoch = 0
+        left.append(f"{c.key} ({epoch}/{c.epochs} epochs saved)")
+    return f"{len(done)} of {len(configs)} model(s) trained; not finished: {', '.join(left) or 'none'}"
+
+
+def _resume(args: argparse.Namespace) -> str:
+    return resume_command(getattr(args, "resume_argv", None) or sys.argv[1:])
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A line on stdout (not with -q)."""
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def _header(args: argparse.Namespace, what: str, where: dict[str, Any]) -> None:
+    """What will run and where its results go: the one header of a command."""
+    if getattr(args, "quiet", False):
+        return
+    print(f"densitune {what}", flush=True)
+    print("  " + "; ".join(f"{k}: {v}" for k, v in where.items()), flush=True)
 
 
 def _search_spec(values: dict, id_dataset: str):
@@ -272,7 +328,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.search.results.report import best, report
     from densitune.search.results.store import read_results, write_spec
     from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
-    from densitune.search.tune import SearchRun, run_search, trial_budget
+    from densitune.search.tune import SearchRun, completed_trials, run_search, trial_budget
     from densitune.trainables.train.checkpoint import read_config
 
     # The space first: a bad name or value fails before any file is read.
@@ -300,23 +356,46 @@ def cmd_search(args: argparse.Namespace) -> int:
         _check_data(name, root)
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
-                    max_concurrent=args.max_concurrent, cache_dir=cache_dir)
+                    max_concurrent=args.max_concurrent, cache_dir=cache_dir, log_file=str(out / LOG_NAME))
     _check_experiment(run.results_dir, spec, args.resume)
-    log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
+    log_to_file(run.log_file)
+    total = trial_budget(spec, groups)
+    _header(args, f"search {spec.experiment}: {total} trial(s) ({spec.sampler}) over {len(groups)} model group(s), "
+                  f"selecting on {spec.protocol_label}",
+            {"rows": run.results_dir, "log": run.log_file})
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    init_ray(args.address, args.num_cpus)
-    grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
+    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    try:
+        grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{_search_status(run, spec, total)}; continue with: {_resume(args)}") from None
     errors = [r.error for r in grid or [] if r.error is not None]
     if errors:
-        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
+        raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}; "
+                             f"{_search_status(run, spec, total)}; after fixing it, continue with: {_resume(args)}")
+    done = len(completed_trials(run.results_dir, spec.experiment))
+    if done < total:  # nothing failed, yet trials are missing: never report a partial search as finished
+        raise DensituneError(f"{_search_status(run, spec, total)}; continue with: {_resume(args)}")
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
     table = read_results(run.results_dir, experiment=spec.experiment)
-    print(report(table, spec.metric, top=5))
-    print()
+    if args.verbose:
+        print(report(table, spec.metric, top=5))
+        print()
     print(best(table, spec.metric))
+    results = Path(run.results_dir)
+    _say(args, f"\nsearch finished: {done} trial(s) in {results}; log: {run.log_file}\n"
+               f"tables:  densitune report {results} --view methods\n"
+               f"figures: densitune plot {results} --out {results.parent / 'plots'}")
     return 0
+
+
+def _search_status(run, spec, total: int) -> str:
+    from densitune.search.tune import completed_trials
+
+    done = len(completed_trials(run.results_dir, spec.experiment))
+    return f"{done} of {total} search trial(s) finished and recorded in {run.results_dir}, {total - done} not run"
 
 
 def _check_experiment(results_dir: str, spec, resume: bool) -> None:
@@ -402,17 +481,20 @@ DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
-    common = ["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else []) + (["-q"] if args.quiet else [])
+    common = (["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else [])
+              + (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else []))
     t0 = time.perf_counter()
     parser = build_parser()
-    for command, extra in (("train", DEMO_TRAIN), ("search", DEMO_SEARCH)):
+    for command, extra in (("train", DEMO_TRAIN + (["--resume"] if args.resume else [])), ("search", DEMO_SEARCH)):
         argv = [command, *common, *extra]
-        print(f"\n=== densitune {' '.join(argv)}", flush=True)
-        rc = COMMANDS[command](parser.parse_args(argv))
+        if args.verbose:
+            print(f"\n=== densitune {' '.join(argv)}", flush=True)
+        sub = parser.parse_args(argv)
+        sub.resume_argv = getattr(args, "resume_argv", None) or sys.argv[1:]  # continue the demo, not its steps
+        rc = COMMANDS[command](sub)
         if rc:
             return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results: {Path(args.out) / 'results'} "
-          f"(densitune report {Path(args.out) / 'results'})")
+    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -421,18 +503,24 @@ COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "bes
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
-    )
+    args.resume_argv = argv
+    setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except DensituneError as e:
+        close_progress()
         print(f"densitune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        close_progress()
+        print(f"densitune: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("densitune: interrupted; rerun with --resume to continue", file=sys.stderr)
+        close_progress()
+        how = f"; continue with: {resume_command(argv)}" if args.command in ("train", "search", "demo") else ""
+        print(f"densitune: interrupted{how}", file=sys.stderr)
         return 130
 
 
