@@ -17,6 +17,13 @@ from typing import Any, overload
 
 from densitune.console import LOG_NAME, Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
+from densitune.search.spec import METRICS, PROTOCOLS, SAMPLERS
+
+#: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
+#: which are not imported here: ``densitune --help`` stays fast).
+FORMATS = ("markdown", "csv", "latex", "json")
+VIEWS = ("all", "methods", "configs")
+ATTACK_NAMES = ("fgsm", "bim", "pgd")
 
 log = logging.getLogger("densitune")
 
@@ -30,60 +37,61 @@ DEFAULT_OOD = {
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders")
+    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders (default: none; the embedded digits need none)")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for each Ray Tune trial")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no progress lines)")
-    p.add_argument("--verbose", action="store_true", help="also Ray Tune's own status tables")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no header, progress bar or summary)")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output on the console")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="default", help="name of the training experiment (default: %(default)s)")
     p.add_argument("--dataset", default="digits", help="in-distribution data set (default: %(default)s)")
     p.add_argument("--download", action="store_true", help="download torchvision data sets if missing (needs internet)")
-    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid)")
+    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid; names: `densitune list`)")
     p.add_argument("-D", "--dim", nargs="+", type=int, default=[16], help="feature dimensions D (grid)")
-    p.add_argument("--loss", nargs="+", default=["ce"], help="losses: ce, center, contrastive (grid)")
+    p.add_argument("--loss", nargs="+", default=["ce"], help="losses to train with (grid; names: `densitune list`)")
     p.add_argument("--lam", type=float, default=0.1, help="center-loss weight λ")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (grid)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs per network")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
-    p.add_argument("--sn-coeff", type=float, default=3.0)
-    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--sn-coeff", type=float, default=3.0, help="soft spectral normalisation coefficient")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size (default: the whole training split)")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial (default: 1 if the cluster has GPUs)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     # Flags default to None so that a --spec file can supply the value; flags given win.
-    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it)")
+    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it) (default: none)")
     p.add_argument("--experiment", default=None, help="name of the search experiment (default: search)")
     p.add_argument("--models", default=None, help="directory of trained models (default: OUT/models)")
-    p.add_argument("--protocol", default=None, help="selection protocol: val-ood (default), adv-proxy or id-only")
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="selection protocol (default: val-ood)")
     p.add_argument("--val-ood", default=None, help="OOD set used for selection (default: per ID data set)")
-    p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select")
-    p.add_argument("--proxy-eps", type=float, default=None, help="adv-proxy: FGSM budget on ID validation inputs")
-    p.add_argument("--density", nargs="+", default=None, help="densities: gmm_sum gmm_max kde (default gmm_sum)")
-    p.add_argument("--score", nargs="+", default=None, help="scores (default density); see `densitune list`")
-    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler")
-    p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI]")
-    p.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="only models with these D")
-    p.add_argument("--backbone", nargs="+", default=None, help="only models with these backbones")
-    p.add_argument("--loss", nargs="+", default=None, help="only models trained with these losses")
+    p.add_argument("--test-ood", nargs="+", default=None, help="OOD sets reported, never used to select (default: per ID data set)")
+    p.add_argument("--proxy-eps", type=float, default=None, help="adv-proxy: FGSM budget on ID validation inputs (default: 8/255)")
+    p.add_argument("--density", nargs="+", default=None, help="densities (default: gmm_sum; names: `densitune list`)")
+    p.add_argument("--score", nargs="+", default=None, help="scores (default: density; names: `densitune list`)")
+    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="ε values of the grid sampler (default: 0 0.0005 0.001 0.002 0.005 0.01 0.02 0.05)")
+    p.add_argument("--eps-range", nargs=2, type=float, default=None, metavar=("LO", "HI"), help="TPE: ε in {0} ∪ log-uniform[LO, HI] (default: 1e-4 0.1)")
+    p.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="only models with these D (default: all)")
+    p.add_argument("--backbone", nargs="+", default=None, help="only models with these backbones (default: all)")
+    p.add_argument("--loss", nargs="+", default=None, help="only models trained with these losses (default: all)")
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
-                   help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
-    p.add_argument("--attacks", nargs="*", default=None, help="adversarial detection: fgsm bim pgd (rows adv-<name>)")
-    p.add_argument("--attack-eps", type=float, default=None, help="L∞ attack budget in [0,1] pixel units (default 8/255)")
-    p.add_argument("--attack-steps", type=int, default=None, help="BIM/PGD iterations (default 10)")
-    p.add_argument("--sampler", default=None, help="grid or tpe (default: grid)")
-    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget (default 20)")
-    p.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
-    p.add_argument("--metric", default=None, help="validation metric to select on: auroc (default), auprc, fpr95")
-    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs")
-    p.add_argument("--max-concurrent", type=int, default=None)
+                   help="KDE bandwidths to search: numbers and/or rules scott, silverman (default: scott)")
+    p.add_argument("--attacks", nargs="*", default=None, choices=ATTACK_NAMES,
+                   help="adversarial detection rows adv-<name> (default: none)")
+    p.add_argument("--attack-eps", type=float, default=None, help="L∞ attack budget in [0,1] pixel units (default: 8/255)")
+    p.add_argument("--attack-steps", type=int, default=None, help="BIM/PGD iterations (default: 10)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="Optuna sampler (default: grid)")
+    p.add_argument("--num-samples", type=int, default=None, help="TPE trial budget (default: 20)")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed (default: 0)")
+    p.add_argument("--metric", default=None, choices=tuple(METRICS), help="validation metric to select on (default: auroc)")
+    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs (default: no cap)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as many as the cluster fits)")
 
 
 #: search flag -> SearchSpec key (tuples for list-valued keys)
@@ -122,8 +130,24 @@ def _search_values(args: argparse.Namespace) -> dict:
     return values
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless it says its default already (or has none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are the same one line as every other bad input."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"densitune: error: {message} (see `{self.prog} --help`)\n")
@@ -134,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="densitune",
         description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
     )
+    from densitune import __version__
+
+    parser.add_argument("--version", action="version", version=f"densitune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train backbones (grid of backbone x D x loss x seed) as Ray Tune trials")
@@ -147,20 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("report", "ranked tables from a results directory"), ("best", "the best configuration")):
         p = sub.add_parser(name, help=text)
         p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
-        p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
-        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\"")
-        p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
+        p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by (default: %(default)s)")
+        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\" (default: all rows)")
+        p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
         if name == "report":
-            p.add_argument("--top", type=int, default=None, help="show the best N configurations")
-            p.add_argument("--view", default="all", help="all, methods (the note's method comparison) or configs (ip side by side)")
-            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D")
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations (default: all)")
+            p.add_argument("--view", default="all", choices=VIEWS,
+                           help="methods (the note's method comparison), configs (ip side by side) or all (default: %(default)s)")
+            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
 
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", help="results directory")
     p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
-    p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
+    p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
     p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
@@ -172,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
     p.add_argument("results", help="results directory")
     p.add_argument("--out", default="densitune-plots", help="output directory, not inside the results directory (default: %(default)s)")
-    p.add_argument("--experiment", default=None, help="default: the experiment of the best validation trial")
-    p.add_argument("--metric", default="auroc", help="validation metric to rank by and plot")
+    p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+
+    p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
+    p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
+    p.add_argument("out", help="new folder for the detector")
+    p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
 
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
     return parser
@@ -455,6 +489,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from densitune.api import export_detector, read_manifest
+
+    out = export_detector(args.results, args.out, where=args.where, metric=args.metric)
+    m = read_manifest(out)
+    what = f"{m['score']}" + (f" / {m['density']}" if m["density"] else "") + f", eps={m['eps']:g}"
+    print(f"exported {what} ({len(m['members'])} detector(s), trial {m['source']['trial_id']}) to {out}\n"
+          f"load it with: densitune.load_detector({str(out)!r})")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from densitune.search.ood.densities import DENSITIES
     from densitune.search.ood.scores import SCORES
@@ -498,7 +543,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
