@@ -163,10 +163,10 @@ class TorchvisionFeatures(nn.Module):
     @staticmethod
     def _strip_head(body: nn.Module) -> int:
         """Replace the final Linear by Identity; its input width."""
-        if isinstance(getattr(body, "fc", None), nn.Linear):
-            width = body.fc.in_features  # type: ignore[union-attr]
+        fc = getattr(body, "fc", None)
+        if isinstance(fc, nn.Linear):
             body.fc = nn.Identity()
-            return int(width)
+            return int(fc.in_features)
         classifier = getattr(body, "classifier", None)
         if isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear):
             width = classifier[-1].in_features
