@@ -135,6 +135,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray.tune.search.optuna import OptunaSearch
 
     from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.search.optuna_study import StudyMirror, journal_path, mirror_callback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(run.results_dir, spec.experiment) if resume else {}
@@ -155,6 +156,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             storage = warm_storage(spec, space, list(done.values()))
     if done:
         log.info("resuming search %s: %d trial(s) already in the results, %d to run", spec.experiment, len(done), len(todo))
+    mirror = StudyMirror(journal_path(run.results_dir), spec, groups, points)  # optuna-dashboard / optuna.load_study
+    mirror.sync(done)
     if not todo:
         return None
     resources = trial_resources(run.cpus_per_trial)
@@ -171,7 +174,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress)],
+            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
+                       mirror_callback(mirror)],
             verbose=verbose,
         ),
     )

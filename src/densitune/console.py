@@ -122,6 +122,10 @@ class Progress:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             _OPEN.append(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with the experiment state: the bar (a terminal) stays behind."""
+        return {**self.__dict__, "_bar": None}
+
     def _postfix(self) -> str:
         best = f"best {self.metric} {self.best[0]:.4f}" if self.best else "no result yet"
         return f"{self.running} running, {self.failed} failed; {best}"
