@@ -100,3 +100,16 @@ def test_sigint_during_search_exits_130_and_resume_runs_every_trial_once(trained
     per_point = collections.Counter(r["search_params"] for r in rows)
     assert len(per_point) == 20 and set(per_point.values()) == {2}  # each trial once: a val row and a test row
     assert len(rows) == 40 and len(list(part.glob("*.parquet"))) == 20
+
+
+@pytest.mark.slow
+def test_failed_training_trial_is_one_line_with_the_account_and_no_traceback(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "densitune", "train", "--out", str(out), "-D", "4", "--epochs", "1",
+                        "--lr", "1e30", "--num-cpus", "2"], capture_output=True, text=True, timeout=400, env=_env())
+    assert p.returncode == 2 and "trained 1 model(s)" not in p.stdout
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("densitune: ")]
+    assert len(errors) == 1 and errors[0].startswith("densitune: error: 1 of 1 training trial(s) failed")
+    assert "0 of 1 model(s) trained" in errors[0] and errors[0].endswith("--lr 1e30 --num-cpus 2 --resume")
+    assert "Traceback" not in p.stderr  # Tune's traceback is in the run's log instead
+    assert "FloatingPointError" in (out / "densitune.log").read_text()

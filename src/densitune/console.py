@@ -83,6 +83,7 @@ def quiet_ray(verbose: bool) -> None:
       (the new one prints a configuration box and a TensorBoard hint at any verbosity);
     * ``TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0``: no "Experiment state
       snapshotting" warnings (a training checkpoint every epoch triggers them);
+    * Tune's own log lines (warnings, a failed trial's traceback) go to the run's log file only;
     * ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt in the driver instead of
       Tune's graceful stop, which returns as if the run had finished and advises
       ``Tuner.restore``; densitune's own records (Parquet rows, per-epoch state) resume the run.
@@ -93,8 +94,16 @@ def quiet_ray(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        for name in ("ray", "ray.tune", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        # Tune's warnings and errors (a failed trial's traceback) go to the run's log file, not the
+        # console: the command's own one-line error names the failure.
+        files = [h for h in logging.getLogger("densitune").handlers if isinstance(h, logging.FileHandler)]
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+            for h in files:
+                if h not in logger.handlers:
+                    logger.addHandler(h)
 
 
 class Progress:
