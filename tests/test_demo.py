@@ -49,8 +49,9 @@ def test_console_lines_count_redraws():
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    rc, console = _in_terminal([sys.executable, "-m", "densitune", "demo", "--out", str(out)], timeout=900)
+    rc, console = _in_terminal([sys.executable, "-m", "densitune", "demo", "--out", str(out)], timeout=3000)
     lines = console_lines(console)
+    (out / "console.txt").write_text(console)  # what the terminal showed, for a look after the test
     assert rc == 0, console[-3000:]
     # a console that fits a screen or two: a header, the progress bars, the summary
     assert len(lines) < 80, "\n".join(lines)
@@ -58,7 +59,7 @@ def test_demo_end_to_end(tmp_path):
     summary = "\n".join(lines[-16:])  # it ends with the best configuration and where things are
     assert "best configuration by validation auroc" in summary
     assert f"densitune report {out / 'results'}" in summary and f"densitune plot {out / 'results'}" in summary
-    assert "demo finished" in lines[-1]
+    assert any("demo finished" in ln for ln in lines[-3:])
     assert "epoch 15/15" in (out / "densitune.log").read_text()  # the detail is in the run's log
 
     # The tables the demo used to print are one command away.
@@ -82,4 +83,5 @@ def test_demo_end_to_end(tmp_path):
     golden = (Path(__file__).parent / "golden" / "demo_ranked_best.md").read_text().splitlines()
     lines = p.stdout.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("### 1. "))
-    assert [*lines[start:], "", *b.stdout.splitlines()][:len(golden)] == golden
+    trial_ids = lambda text: re.sub(r"trial=[0-9a-f]+", "trial=<id>", text)  # noqa: E731 - Tune's trial ids are random
+    assert [trial_ids(ln) for ln in [*lines[start:], "", *b.stdout.splitlines()][:len(golden)]] == [trial_ids(ln) for ln in golden]
