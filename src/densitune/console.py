@@ -123,9 +123,13 @@ class Progress:
         self._drawn = 0
         self._bar: Any = None
         if enabled and total > 0:
+            import shutil
+
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=what, unit="trial", file=sys.stderr, dynamic_ncols=True,
+            # A fixed size: a terminal that reports 0 x 0 (a fresh pseudo-terminal) would hide the bar.
+            width = shutil.get_terminal_size((100, 20)).columns
+            self._bar = tqdm(total=total, desc=what, unit="trial", file=sys.stderr, ncols=min(max(width, 60), 160), nrows=20,
                              mininterval=0, miniters=self._step, smoothing=0, leave=True, maxinterval=1e9,
                              bar_format="{desc} |{bar:20}| {n}/{total} done{postfix} [{elapsed}<{remaining}]")
             self._bar.set_postfix_str(self._postfix(), refresh=False)
