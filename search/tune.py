@@ -41,6 +41,7 @@ class SearchRun:
     gpus_per_trial: float | None = None  # None: 1 when this (local) machine has a GPU, else 0
     max_concurrent: int | None = None
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
+    log_file: str | None = None  # per-trial lines of every worker (densitune.console.log_to_file)
 
 
 def search_trainable(
@@ -50,9 +51,11 @@ def search_trainable(
     import torch
     from ray import tune
 
+    from densitune.console import log_to_file
     from densitune.search.results.store import write_rows
     from densitune.search.trial import run_trial
 
+    log_to_file(run.log_file)
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()
@@ -126,7 +129,7 @@ def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str
 
 
 def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0,
-               max_gpu_hours: float | None = None):
+               max_gpu_hours: float | None = None, progress: bool = True):
     """Run the search; returns Tune's ResultGrid (None when nothing was left to run).
 
     Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
@@ -134,6 +137,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     TPE runs the rest of its budget with the finished trials given to the sampler.
     A trial lost with its node is run again from scratch (:mod:`densitune.failures`); a
     fatal error, or reaching ``max_gpu_hours``, stops the whole search (resumable).
+    ``progress`` shows a live progress bar on stderr. Ctrl-C raises KeyboardInterrupt here;
+    the finished trials are in the results and ``resume`` runs the rest.
 
     Raises:
         DensituneError: a trial failed fatally, or ``max_gpu_hours`` was reached.
@@ -145,6 +150,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray.tune.search.optuna import OptunaSearch
 
     from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.search.optuna_study import StudyMirror, journal_path, mirror_callback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(run.results_dir, spec.experiment) if resume else {}
@@ -165,6 +171,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             storage = warm_storage(spec, space, list(done.values()))
     if done:
         log.info("resuming search %s: %d trial(s) already in the results, %d to run", spec.experiment, len(done), len(todo))
+    mirror = StudyMirror(journal_path(run.results_dir), spec, groups, points)  # optuna-dashboard / optuna.load_study
+    mirror.sync(done)
     if not todo:
         return None
     resources = trial_resources(run.cpus_per_trial, run.gpus_per_trial)
@@ -183,7 +191,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
-            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search")],
+            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
+                       mirror_callback(mirror)],
             stop=stopper,
             verbose=verbose,
         ),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,12 +17,56 @@ from densitune.search.ood.densities import DENSITIES
 from densitune.search.ood.scores import SCORES
 
 
+def _in_terminal(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal as its stdin, stdout and stderr; its exit status and console text."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks, t0 = [], time.monotonic()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+        assert time.monotonic() - t0 < timeout, "the demo did not finish in time"
+    os.close(master)
+    return p.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+def console_lines(text: str) -> list[str]:
+    """What a person sees scroll by: every newline and every carriage-return redraw counts as a line."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r\n", "\n")
+    return [ln for ln in re.split(r"[\r\n]", text) if ln.strip()]
+
+
+def test_console_lines_count_redraws():
+    assert console_lines("a\r\nbar 1\rbar 2\rbar 3\n\x1b[Ab\n") == ["a", "bar 1", "bar 2", "bar 3", "b"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "densitune", "demo", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    rc, console = _in_terminal([sys.executable, "-m", "densitune", "demo", "--out", str(out)], timeout=3000)
+    lines = console_lines(console)
+    (out / "console.txt").write_text(console)  # what the terminal showed, for a look after the test
+    assert rc == 0, console[-3000:]
+    # a console that fits a screen or two: a header, the progress bars, the summary
+    assert len(lines) < 80, "\n".join(lines)
+    assert not any("snapshotting" in ln or "Tuner.restore" in ln or "tensorboard" in ln.lower() for ln in lines)
+    summary = "\n".join(lines[-16:])  # it ends with the best configuration and where things are
+    assert "best configuration by validation auroc" in summary
+    assert f"densitune report {out / 'results'}" in summary and f"densitune plot {out / 'results'}" in summary
+    assert any("demo finished" in ln for ln in lines[-3:])
+    assert "epoch 15/15" in (out / "densitune.log").read_text()  # the detail is in the run's log
+
+    # The tables the demo used to print are one command away.
+    p = subprocess.run([sys.executable, "-m", "densitune", "report", str(out / "results"), "--top", "5",
+                        "--where", "experiment = 'demo-search'"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd", "best configuration by validation auroc"):
+    for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd"):
         assert text in p.stdout, text
     files = sorted((out / "results").rglob("*.parquet"))
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
@@ -29,13 +76,13 @@ def test_demo_end_to_end(tmp_path):
     assert {r["density"] for r in search} - {""} == set(DENSITIES.names())
     assert {"adv-fgsm", "adv-bim", "adv-pgd"} <= {r["ood_dataset"] for r in search}
     assert len([r for r in rows if r["stage"] == "train"]) == 8 * 15  # 8 networks x 15 epochs
-    # The ranked configurations and the best configuration, exactly as the demo printed them before the
-    # namespace move (recorded from main at d827435): same code path, same seeds, same numbers.
-    # Tune's trial ids are random: they are masked on both sides.
-    def masked(text: str) -> list[str]:
-        return re.sub(r"trial=[0-9a-f]{8}\b", "trial=<id>", text).splitlines()
-
-    golden = masked((Path(__file__).parent / "golden" / "demo_ranked_best.md").read_text())
-    lines = masked(p.stdout)
+    # The ranked configurations and the best one, exactly as the demo printed them before the namespace
+    # move (recorded from main at d827435): same code path, same seeds, same numbers.
+    b = subprocess.run([sys.executable, "-m", "densitune", "best", str(out / "results"), "--where", "experiment = 'demo-search'"],
+                       capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    golden = (Path(__file__).parent / "golden" / "demo_ranked_best.md").read_text().rstrip("\n").splitlines()
+    lines = p.stdout.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("### 1. "))
-    assert lines[start:start + len(golden)] == golden
+    trial_ids = lambda text: re.sub(r"trial=[0-9a-f]+", "trial=<id>", text)  # noqa: E731 - Tune's trial ids are random
+    assert [trial_ids(ln) for ln in [*lines[start:], "", *b.stdout.splitlines()][:len(golden)]] == [trial_ids(ln) for ln in golden]

@@ -74,8 +74,16 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _as_tensor(a: Any) -> Any:
+    """A numpy array as a CPU tensor (sharing memory); anything else unchanged."""
+    import numpy as np
+
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
 def _as_features(z: Tensor, what: str = "features") -> Tensor:
-    """Check that ``z`` is a finite (N, D) tensor and return it as float64 (differentiably)."""
+    """Check that ``z`` is a finite (N, D) tensor or numpy array and return it as a float64 tensor (differentiably)."""
+    z = _as_tensor(z)
     if not isinstance(z, Tensor):
         raise DensituneError(f"{what} must be a torch.Tensor, got {type(z).__name__}")
     if z.ndim != 2:
@@ -210,6 +218,9 @@ class Density(abc.ABC):
     once, without augmentation, and shared by all trials), then :meth:`score_samples` is called many times: on
     the ID and OOD evaluation features, and inside the autograd graph of input perturbation
     (:func:`densitune.search.ood.perturb.perturb`), which differentiates it w.r.t. its input.
+
+    Features and labels may be torch tensors or numpy arrays (a numpy array becomes a CPU tensor);
+    scores are always a float64 tensor (``.numpy()`` for an array).
     """
 
     #: Registered name (set by subclasses / factories).
@@ -400,6 +411,7 @@ class ClassConditionalGaussian(Density):
     def fit(self, z: Tensor, y: Tensor) -> ClassConditionalGaussian:
         """Per-class mean, covariance (divisor |X_c| - 1), prior and jittered Cholesky factor; see the class doc."""
         z64 = _as_features(z).detach()
+        y = _as_tensor(y)
         if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != z64.shape[0]:
             raise DensituneError(f"labels must be a (N,) tensor matching features {tuple(z64.shape)}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:

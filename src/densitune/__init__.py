@@ -11,6 +11,8 @@ Layers (imports point one way, down this list):
   pure maths, no Ray, no files, no training loop), ``results`` (the Parquet store and
   reports), then the spec, space, trial evaluation and the Ray Tune/Optuna adapter.
 * :mod:`densitune.cli` — the ``densitune`` command; imported by nothing.
+* :mod:`densitune.api` — the library API (:func:`fit_detector`, :func:`load_detector`, ...), like the
+  CLI a facade over the layers, re-exported here lazily: ``import densitune`` stays light.
 """
 
 from __future__ import annotations
@@ -22,4 +24,15 @@ try:
 except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+#: The library API (densitune.api), imported on first use.
+_API = ("Detector", "FeatureModel", "TorchvisionFeatures", "export_detector", "fit_detector", "load_detector")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from densitune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'densitune' has no attribute {name!r}")

@@ -14,15 +14,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
+from densitune.console import LOG_NAME, Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
+from densitune.search.spec import METRICS
+
+#: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
+#: which are not imported here: ``densitune --help`` stays fast).
+FORMATS = ("markdown", "csv", "latex", "json")
+VIEWS = ("all", "methods", "configs")
+ATTACK_NAMES = ("fgsm", "bim", "pgd")
 
 log = logging.getLogger("densitune")
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders")
+    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders (default: none; the embedded digits need none)")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial asks Ray for (default: %(default)s)")
@@ -32,25 +40,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gpu-hours", type=float, default=None,
                    help="stop the run (resumable) once its trials have used about this many GPU-hours (default: no limit)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no progress lines)")
-    p.add_argument("--verbose", action="store_true", help="also Ray Tune's own status tables")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no header, progress bar or summary)")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output on the console")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="default", help="name of the training experiment (default: %(default)s)")
     p.add_argument("--dataset", default="digits", help="in-distribution data set (default: %(default)s)")
     p.add_argument("--download", action="store_true", help="download torchvision data sets if missing (needs internet)")
-    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid)")
+    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid; names: `densitune list`)")
     p.add_argument("-D", "--dim", nargs="+", type=int, default=[16], help="feature dimensions D (grid)")
-    p.add_argument("--loss", nargs="+", default=["ce"], help="losses: ce, center, contrastive (grid)")
+    p.add_argument("--loss", nargs="+", default=["ce"], help="losses to train with (grid; names: `densitune list`)")
     p.add_argument("--lam", type=float, default=0.1, help="center-loss weight λ")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (grid)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs per network")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
-    p.add_argument("--sn-coeff", type=float, default=3.0)
-    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--sn-coeff", type=float, default=3.0, help="soft spectral normalisation coefficient")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size (default: the whole training split)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +72,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                            metavar=key.metavar)
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
                    help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
-    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as many as the cluster fits)")
 
 
 def _search_values(args: argparse.Namespace) -> dict:
@@ -92,8 +100,24 @@ def _search_values(args: argparse.Namespace) -> dict:
     return values
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless it says its default already (or has none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are the same one line as every other bad input."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"densitune: error: {message} (see `{self.prog} --help`)\n")
@@ -104,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="densitune",
         description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
     )
+    from densitune import __version__
+
+    parser.add_argument("--version", action="version", version=f"densitune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train backbones (grid of backbone x D x loss x seed) as Ray Tune trials")
@@ -117,32 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("report", "ranked tables from a results directory"), ("best", "the best configuration")):
         p = sub.add_parser(name, help=text)
         p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
-        p.add_argument("--metric", default="auroc", help="validation metric to rank by (default: %(default)s)")
-        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\"")
-        p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
+        p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by (default: %(default)s)")
+        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\" (default: all rows)")
+        p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
         if name == "report":
-            p.add_argument("--top", type=int, default=None, help="show the best N configurations")
-            p.add_argument("--view", default="all", help="all, methods (the note's method comparison) or configs (ip side by side)")
-            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D")
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations (default: all)")
+            p.add_argument("--view", default="all", choices=VIEWS,
+                           help="methods (the note's method comparison), configs (ip side by side) or all (default: %(default)s)")
+            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
 
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
     p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
-    p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
+    p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
     p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo (unfinished networks from their last epoch)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no header, progress bar or summary lines; warnings and results only")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output")
 
     p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
     p.add_argument("--out", default=None, help="output directory, not inside the results folder (default: RUN/plots)")
-    p.add_argument("--experiment", default=None, help="default: the experiment of the best validation trial")
-    p.add_argument("--metric", default="auroc", help="validation metric to rank by and plot")
+    p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+
+    p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
+    p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
+    p.add_argument("out", help="new folder for the detector")
+    p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
 
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
 
@@ -205,15 +241,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = TrainRun(
         experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+        log_file=str(out / LOG_NAME),
     )
     _hold_writer_lock(out, "train", args.experiment)
     remove_stale_temp_files(run.results_dir, args.experiment)  # only the lock holder may
-    log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
-    init_ray(args.address, args.num_cpus)
-    run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
-                 verbose=1 if args.verbose else 0)
-    print(f"trained models: {Path(run.models_dir) / args.experiment}")
+    log_to_file(run.log_file)
+    models_dir = Path(run.models_dir) / args.experiment
+    _header(args, f"train {len(configs)} model(s) ({_grid_text(args)}; {args.epochs} epochs) on {args.dataset}",
+            {"models": models_dir, "rows": out / "results", "log": run.log_file})
+    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    try:
+        run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
+                     verbose=1 if args.verbose else 0, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{_train_status(run, configs)}; continue with: {_resume(args)}") from None
+    except DensituneError as e:  # a failed trial, a fatal error, the GPU-hour budget
+        raise type(e)(f"{e}; {_train_status(run, configs)}; after fixing it, continue with: {_resume(args)}") from None
+    _say(args, f"trained {len(configs)} model(s): {models_dir}")
     return 0
+
+
+def _grid_text(args: argparse.Namespace) -> str:
+    parts = [("backbone", args.backbone), ("D", args.dim), ("loss", args.loss), ("seed", args.seeds)]
+    return " x ".join(f"{name} {','.join(map(str, v))}" for name, v in parts)
+
+
+def _train_status(run, configs) -> str:
+    """What an interrupted or failed training finished, and what not (from the model store and saved state)."""
+    from densitune.errors import CheckpointError
+    from densitune.trainables.train.checkpoint import read_config
+    from densitune.trainables.train.tune import is_trained
+
+    done = [c for c in configs if is_trained(run, c)]
+    left = []
+    for c in configs:
+        if c in done:
+            continue
+        try:
+            epoch = read_config(run.state_dir(c)).get("epoch", 0) if run.state_dir(c).is_dir() else 0
+        except CheckpointError:
+            epoch = 0
+        left.append(f"{c.key} ({epoch}/{c.epochs} epochs saved)")
+    return f"{len(done)} of {len(configs)} model(s) trained; not finished: {', '.join(left) or 'none'}"
+
+
+def _resume(args: argparse.Namespace) -> str:
+    return resume_command(getattr(args, "resume_argv", None) or sys.argv[1:])
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A line on stdout (not with -q)."""
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def _header(args: argparse.Namespace, what: str, where: dict[str, Any]) -> None:
+    """What will run and where its results go: the one header of a command."""
+    if getattr(args, "quiet", False):
+        return
+    print(f"densitune {what}", flush=True)
+    print("  " + "; ".join(f"{k}: {v}" for k, v in where.items()), flush=True)
 
 
 def _number_or_name(text: str) -> float | str:
@@ -232,7 +319,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.search.prepare import prepare_search
     from densitune.search.results.report import best, report
     from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
-    from densitune.search.tune import SearchRun, run_search, trial_budget
+    from densitune.search.tune import SearchRun, completed_trials, run_search, trial_budget
 
     check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -243,22 +330,48 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec, groups = prepare_search(values)
     cache_dir = str(out / "cache")
     run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
-                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir)
+                    gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir,
+                    log_file=str(out / LOG_NAME))
     _hold_writer_lock(out, "search", spec.experiment)
     remove_stale_temp_files(run.results_dir, spec.experiment)  # only the lock holder may
     _check_experiment(run.results_dir, spec, args.resume)
-    log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
+    log_to_file(run.log_file)
+    total = trial_budget(spec, groups)
+    _header(args, f"search {spec.experiment}: {total} trial(s) ({spec.sampler}) over {len(groups)} model group(s), "
+                  f"selecting on {spec.protocol_label}",
+            {"rows": run.results_dir, "log": run.log_file})
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    init_ray(args.address, args.num_cpus)
-    run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0, max_gpu_hours=args.max_gpu_hours)
+    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    try:
+        run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
+                   max_gpu_hours=args.max_gpu_hours, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{_search_status(run, spec, total)}; continue with: {_resume(args)}") from None
+    except DensituneError as e:  # failed trials, a fatal error, the GPU-hour budget
+        raise type(e)(f"{e}; {_search_status(run, spec, total)}; after fixing it, continue with: {_resume(args)}") from None
+    done = len(completed_trials(run.results_dir, spec.experiment))
+    if done < total:  # nothing failed, yet trials are missing: never report a partial search as finished
+        raise DensituneError(f"{_search_status(run, spec, total)}; continue with: {_resume(args)}")
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
     table = read_results(run.results_dir, experiment=spec.experiment)
-    print(report(table, spec.metric, top=5))
-    print()
+    if args.verbose:
+        print(report(table, spec.metric, top=5))
+        print()
     print(best(table, spec.metric))
+    results = Path(run.results_dir)
+    _say(args, f"\nsearch finished: {done} trial(s) in {results}; log: {run.log_file}\n"
+               f"tables:  densitune report {results} --view methods\n"
+               f"figures: densitune plot {results} --out {results.parent / 'plots'}")
     return 0
+
+
+def _search_status(run, spec, total: int) -> str:
+    from densitune.search.tune import completed_trials
+
+    done = len(completed_trials(run.results_dir, spec.experiment))
+    return f"{done} of {total} search trial(s) finished and recorded in {run.results_dir}, {total - done} not run"
 
 
 def _check_experiment(results_dir: str, spec, resume: bool) -> None:
@@ -318,6 +431,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = args.out or str(results.parent / "plots" if results.name == "results" else results.parent / f"{results.name}-plots")
     for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
         print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from densitune.api import export_detector, read_manifest
+
+    out = export_detector(args.results, args.out, where=args.where, metric=args.metric)
+    m = read_manifest(out)
+    what = f"{m['score']}" + (f" / {m['density']}" if m["density"] else "") + f", eps={m['eps']:g}"
+    print(f"exported {what} ({len(m['members'])} detector(s), trial {m['source']['trial_id']}) to {out}\n"
+          f"load it with: densitune.load_detector({str(out)!r})")
     return 0
 
 
@@ -382,21 +506,25 @@ DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
-    common = ["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else []) + (["-q"] if args.quiet else [])
+    common = (["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else [])
+              + (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else []))
     t0 = time.perf_counter()
     parser = build_parser()
-    for command, extra in (("train", DEMO_TRAIN), ("search", DEMO_SEARCH)):
+    for command, extra in (("train", DEMO_TRAIN + (["--resume"] if args.resume else [])), ("search", DEMO_SEARCH)):
         argv = [command, *common, *extra]
-        print(f"\n=== densitune {' '.join(argv)}", flush=True)
-        rc = COMMANDS[command](parser.parse_args(argv))
+        if args.verbose:
+            print(f"\n=== densitune {' '.join(argv)}", flush=True)
+        sub = parser.parse_args(argv)
+        sub.resume_argv = getattr(args, "resume_argv", None) or sys.argv[1:]  # continue the demo, not its steps
+        rc = COMMANDS[command](sub)
         if rc:
             return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; results: {Path(args.out) / 'results'} "
-          f"(densitune report {args.out})")
+    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
-COMMANDS = {"compact": cmd_compact, "list-models": cmd_list_models, "train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,
+            "query": cmd_query, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact, "list-models": cmd_list_models}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).
@@ -412,19 +540,25 @@ def _hold_writer_lock(out: Path, command: str, experiment: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
-    )
+    args.resume_argv = argv
+    setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     try:
         with _HELD:
             return COMMANDS[args.command](args)
     except DensituneError as e:
+        close_progress()
         print(f"densitune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        close_progress()
+        print(f"densitune: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("densitune: interrupted; rerun with --resume to continue", file=sys.stderr)
+        close_progress()
+        how = f"; continue with: {resume_command(argv)}" if args.command in ("train", "search", "demo") else ""
+        print(f"densitune: interrupted{how}", file=sys.stderr)
         return 130
 
 

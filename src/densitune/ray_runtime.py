@@ -41,20 +41,28 @@ def check_trial_resources(address: str | None, cpus_per_trial: float, gpus_per_t
         raise ConfigError(f"--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number, got {gpus_per_trial}")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False) -> None:
     """Start or join Ray once per process (later calls are no-ops).
 
     Without ``address`` an isolated local instance is started (``address="local"``), even
     when another Ray runs on the machine (a plain ``ray.init()`` would join that one);
     ``address="auto"`` (or ``host:port``) joins a running cluster.
+
+    Without ``verbose`` Ray and Tune keep quiet on the console: worker output stays in
+    Ray's session logs (densitune's own lines go to the run's log file) and Ray logs
+    warnings only (see :func:`densitune.console.quiet_ray`).
     """
     import ray
 
+    from densitune.console import quiet_ray
+
+    quiet_ray(verbose)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:
@@ -63,7 +71,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
-            log_to_driver=True,
+            log_to_driver=verbose,
+            logging_level=level,
         )
         log.info("started a local Ray: resources %s", ray.cluster_resources())
 
@@ -126,38 +135,10 @@ def trial_slots(resources: dict[str, float]) -> int:
     return max(1, min(slots)) if slots else 1
 
 
-def progress_callback(total: int, metric: str, mode: str, what: str = "trial"):
-    """A Tune callback that logs one line per finished trial: done / running / pending, best, ETA."""
-    import time
+def progress_callback(total: int, metric: str, mode: str, what: str = "trial", show: bool = True):
+    """A Tune callback showing one live progress bar (done / running / failed, best, ETA) and
+    logging one line per finished trial to the run's log (see :mod:`densitune.console`)."""
+    from densitune.console import Progress
+    from densitune.console import progress_callback as callback
 
-    from ray.tune import Callback
-
-    class Progress(Callback):
-        def __init__(self) -> None:
-            self.t0 = time.monotonic()
-            self.finished = 0
-            self.best: tuple[float, str] | None = None
-
-        def _line(self, trials, trial, failed: bool = False) -> None:
-            self.finished += 1
-            value = (trial.last_result or {}).get(metric)
-            if value is not None and not failed:
-                better = self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
-                if better:
-                    self.best = (float(value), str(trial.config.get("point") or trial.config.get("key") or trial.trial_id))
-            done = self.finished
-            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-            pending = max(total - done - running, 0)
-            elapsed = time.monotonic() - self.t0
-            eta = elapsed / done * (total - done)
-            best = f"best {metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
-            log.info("%s %d/%d done, %d running, %d pending; %s; elapsed %.0fs, ETA %.0fs%s",
-                     what, done, total, running, pending, best, elapsed, eta, " (a trial FAILED)" if failed else "")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trials, trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trials, trial, failed=True)
-
-    return Progress()
+    return callback(Progress(total, what, metric, mode, enabled=show), metric)

@@ -38,6 +38,7 @@ class TrainRun:
     storage_path: str  # Tune's experiment folders and the per-epoch training state
     cpus_per_trial: float = 1.0
     resume: bool = False  # continue unfinished networks from their last epoch
+    log_file: str | None = None  # per-epoch lines of every worker (densitune.console.log_to_file)
 
     def __post_init__(self) -> None:
         check_experiment_name(self.experiment)
@@ -101,9 +102,11 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     """
     from ray import tune
 
+    from densitune.console import log_to_file
     from densitune.search.results.rows import provenance, result_row
     from densitune.search.results.store import write_rows
 
+    log_to_file(run.log_file)
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     resume = None
@@ -128,6 +131,8 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
             checkpoints=[str(run.model_dir(cfg))] if final else None,
         )
         write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
+        log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
+                 st.train_loss, st.val_accuracy, row["duration_s"])
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
         if final:  # the model store keeps weights only: no optimiser state
             save_checkpoint(run.model_dir(cfg), **ckpt_args)
@@ -153,12 +158,15 @@ def run_training(
     max_failures: int = MAX_RETRIES,
     max_gpu_hours: float | None = None,
     verbose: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``configs`` as Ray Tune trials (one per config); returns each trial's last metrics.
 
     Configs whose final checkpoint already exists are skipped; with ``run.resume`` the
     unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`
-    and :func:`saved_state`).
+    and :func:`saved_state`). ``progress`` shows a live progress bar on stderr. Ctrl-C raises
+    KeyboardInterrupt here (see :func:`densitune.console.quiet_ray`); finished epochs and
+    models are on disk, and ``run.resume`` continues the rest.
 
     A trial lost with its node is retried from its last epoch (``max_failures`` times, see
     :mod:`densitune.failures`); a fatal error stops the whole run at once.
@@ -196,7 +204,7 @@ def run_training(
             storage_path=str(Path(run.storage_path).resolve()),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train")],
+            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train", show=progress)],
             stop=stopper,
             verbose=verbose,
         ),

@@ -1,0 +1,214 @@
+"""What a run prints: a header, one live progress bar, warnings, a short summary; details go to a log file.
+
+By default the console shows only what a person needs while a run goes on; every
+per-epoch and per-trial line goes to ``RUN/densitune.log`` (the driver and every Ray
+worker append to it). ``--verbose`` puts those lines and Ray Tune's own output on the
+console as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("densitune")
+
+LOG_NAME = "densitune.log"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Interrupted(Exception):
+    """A run stopped before it finished (Ctrl-C): the message says what finished and how to go on.
+
+    The command exits with :attr:`exit_code` (130, as a shell does for SIGINT).
+    """
+
+    exit_code = 130
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted run: ``argv`` with ``--resume`` added once."""
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return "densitune " + shlex.join(args)
+
+
+def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
+    """Console logging: warnings (and errors) only, INFO too with ``verbose``."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_densitune", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter(_FORMAT if verbose else "densitune: %(levelname)s: %(message)s", datefmt="%H:%M:%S"))
+    handler._densitune = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("densitune").setLevel(logging.INFO)
+    del quiet  # -q: no header, no progress bar (see Progress); warnings still show
+
+
+def log_to_file(path: str | Path | None) -> None:
+    """Append every ``densitune`` INFO line of this process to ``path`` (once per path and process).
+
+    Called by the driver and by each Ray worker that runs a trial, so per-epoch and
+    per-trial lines land in the run's log file instead of on the console.
+    """
+    if path is None:
+        return
+    path = str(Path(path))
+    logger = logging.getLogger("densitune")
+    if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Environment for Ray Tune set before it runs: its own console output only with ``verbose``.
+
+    * ``RAY_AIR_NEW_OUTPUT=0``: the classic reporter, which prints nothing at ``verbose=0``
+      (the new one prints a configuration box and a TensorBoard hint at any verbosity);
+    * ``TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0``: no "Experiment state
+      snapshotting" warnings (a training checkpoint every epoch triggers them);
+    * Tune's own log lines (warnings, a failed trial's traceback) go to the run's log file only;
+    * ``TUNE_DISABLE_SIGINT_HANDLER=1``: Ctrl-C raises KeyboardInterrupt in the driver instead of
+      Tune's graceful stop, which returns as if the run had finished and advises
+      ``Tuner.restore``; densitune's own records (Parquet rows, per-epoch state) resume the run.
+    """
+    import os
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune's warnings and errors (a failed trial's traceback) go to the run's log file, not the
+        # console: the command's own one-line error names the failure.
+        files = [h for h in logging.getLogger("densitune").handlers if isinstance(h, logging.FileHandler)]
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+            for h in files:
+                if h not in logger.handlers:
+                    logger.addHandler(h)
+
+
+class Progress:
+    """One live progress bar (tqdm on stderr) for a run of ``total`` trials.
+
+    Shows done / running / failed, the best value so far and the ETA. It redraws when a
+    twentieth of the trials more have finished, when a trial fails, and at the end, so a
+    long run adds a bounded number of lines to a terminal or a captured log.
+    """
+
+    def __init__(self, total: int, what: str, metric: str, mode: str, *, enabled: bool = True) -> None:
+        self.total, self.what, self.metric, self.mode = total, what, metric, mode
+        self.done = self.failed = self.running = 0
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.monotonic()
+        self._step = max(1, total // 20)
+        self._drawn = 0
+        self._bar: Any = None
+        if enabled and total > 0:
+            import shutil
+
+            from tqdm import tqdm
+
+            # A fixed size: a terminal that reports 0 x 0 (a fresh pseudo-terminal) would hide the bar.
+            width = shutil.get_terminal_size((100, 20)).columns
+            self._bar = tqdm(total=total, desc=what, unit="trial", file=sys.stderr, ncols=min(max(width, 60), 160), nrows=20,
+                             mininterval=0, miniters=self._step, smoothing=0, leave=True, maxinterval=1e9,
+                             bar_format="{desc} |{bar:20}| {n}/{total} done{postfix} [{elapsed}<{remaining}]")
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            _OPEN.append(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with the experiment state: the bar (a terminal) stays behind."""
+        return {**self.__dict__, "_bar": None}
+
+    def _postfix(self) -> str:
+        best = f"best {self.metric} {self.best[0]:.4f}" if self.best else "no result yet"
+        return f"{self.running} running, {self.failed} failed; {best}"
+
+    def finished(self, value: float | None, label: str, *, running: int, failed: bool = False) -> None:
+        """One trial ended (``value`` its metric, None when it reported none)."""
+        self.done += 1
+        self.failed += int(failed)
+        self.running = running
+        if value is not None and not failed:
+            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (float(value), label)
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
+        log.info("%s %d/%d done, %d running, %d failed; %s; elapsed %.0fs, ETA %.0fs%s", self.what, self.done, self.total,
+                 running, self.failed, best, elapsed, eta, f" ({label} FAILED)" if failed else "")
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            if self.done < self.total and (failed or self.done - self._drawn >= self._step):  # close() draws the last
+                self._bar.n = self.done
+                self._bar.refresh()
+                self._drawn = self.done
+
+    def started(self, running: int) -> None:
+        """A trial started: counted in the next redraw."""
+        self.running = running
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.n = self.done
+            self._bar.close()
+            self._bar = None
+        if self in _OPEN:
+            _OPEN.remove(self)
+
+
+_OPEN: list[Progress] = []
+
+
+def close_progress() -> None:
+    """Close every open progress bar (before an error or interruption message is printed)."""
+    for p in list(_OPEN):
+        p.close()
+
+
+def progress_callback(progress: Progress, metric: str):
+    """A Tune callback feeding ``progress`` as trials finish or fail."""
+    from ray.tune import Callback
+
+    class _Progress(Callback):
+        def _done(self, trials, trial, failed: bool) -> None:
+            value = (trial.last_result or {}).get(metric)
+            label = str(trial.config.get("point") or trial.config.get("key") or trial.trial_id)
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+            progress.finished(value, label, running=running, failed=failed)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.started(sum(t.status == "RUNNING" or t is trial for t in trials))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._done(trials, trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._done(trials, trial, failed=True)
+
+        def on_experiment_end(self, trials, **info):
+            progress.close()
+
+    return _Progress()
