@@ -92,6 +92,7 @@ class SpecKey:
     nargs: str | int | None = None
     type: Any = None  # argparse type of each flag argument
     metavar: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | None = None  # fixed names (argparse choices)
 
     @property
     def is_list(self) -> bool:
@@ -99,10 +100,12 @@ class SpecKey:
 
 
 def _key(value: Any, help: str, *flags: str, nargs: str | int | None = None, type: Any = None,
-         metavar: tuple[str, ...] | None = None, nullable: bool = False) -> dict[str, Any]:
+         metavar: tuple[str, ...] | None = None, nullable: bool = False,
+         choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Field metadata of a :class:`SearchSpec` key (see :class:`SpecKey`)."""
     constraints = (value, None) if nullable else (value,)
-    return {"spec_key": dict(value=constraints, help=help, flags=flags, nargs=nargs, type=type, metavar=metavar)}
+    return {"spec_key": dict(value=constraints, help=help, flags=flags, nargs=nargs, type=type, metavar=metavar,
+                             choices=choices)}
 
 
 _STRS, _NUMS, _INTS = ListOf(STRING), ListOf(NUMBER), ListOf(INTEGER)
@@ -129,7 +132,7 @@ class SearchSpec:
     test_ood: tuple[str, ...] = field(metadata=_key(
         _STRS, "OOD sets reported, never used to select (default: per ID data set)", "--test-ood", nargs="+"))
     protocol: str = field(default="val-ood", metadata=_key(
-        STRING, "selection protocol: val-ood, adv-proxy or id-only", "--protocol"))
+        STRING, "selection protocol", "--protocol", choices=PROTOCOLS))
     proxy_attack: str = field(default="fgsm", metadata=_key(STRING, "adv-proxy: the attack on ID validation inputs"))
     proxy_eps: float = field(default=8 / 255, metadata=_key(
         NUMBER, "adv-proxy: the attack's budget on ID validation inputs", "--proxy-eps", type=float))
@@ -147,12 +150,12 @@ class SearchSpec:
         _STRS, "only models with these backbones (default: all)", "--backbone", nargs="+"))
     losses: tuple[str, ...] = field(default=(), metadata=_key(
         _STRS, "only models trained with these losses (default: all)", "--loss", nargs="+"))
-    sampler: str = field(default="grid", metadata=_key(STRING, "grid or tpe", "--sampler"))
+    sampler: str = field(default="grid", metadata=_key(STRING, "Optuna sampler", "--sampler", choices=SAMPLERS))
     num_samples: int | None = field(default=None, metadata=_key(  # grid: the grid size
         INTEGER, "TPE trial budget (default 20)", "--num-samples", type=int, nullable=True))
     seed: int = field(default=0, metadata=_key(INTEGER, "sampler seed", "--seed", type=int))
     metric: str = field(default="auroc", metadata=_key(
-        STRING, f"validation metric to select on: {', '.join(METRICS)}", "--metric"))
+        STRING, "validation metric to select on", "--metric", choices=tuple(METRICS)))
     data_root: str | None = field(default=None, metadata=_key(
         STRING, "directory holding torchvision data sets / image folders", "--data-root", nullable=True))
     eval_limit: int | None = field(default=None, metadata=_key(
@@ -162,7 +165,7 @@ class SearchSpec:
         MAPPING, "per density, each parameter's values to search, e.g. {kde: {bandwidth: [scott, 0.5]}}"))
     #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
     attacks: tuple[str, ...] = field(default=(), metadata=_key(
-        _STRS, "adversarial detection: fgsm bim pgd (rows adv-<name>)", "--attacks", nargs="*"))
+        _STRS, "adversarial detection (rows adv-<name>)", "--attacks", nargs="*", choices=("fgsm", "bim", "pgd")))
     attack_eps: float = field(default=8 / 255, metadata=_key(
         NUMBER, "L∞ attack budget in [0,1] pixel units", "--attack-eps", type=float))
     attack_steps: int = field(default=10, metadata=_key(INTEGER, "BIM/PGD iterations", "--attack-steps", type=int))
@@ -254,7 +257,8 @@ def spec_keys() -> list[SpecKey]:
     return [keys[0], *EXTRA_KEYS, *keys[1:]]
 
 
-def _default_text(name: str) -> str:
+def default_text(name: str) -> str:
+    """A key's default as the README table and the flag help show it ("" when it has none)."""
     fields = {f.name: f for f in dataclasses.fields(SearchSpec)}
     f = fields.get(name)
     if f is None or f.default is dataclasses.MISSING:
@@ -274,7 +278,8 @@ def keys_markdown() -> str:
     lines = ["| key | flag | value | default | meaning |", "|---|---|---|---|---|"]
     for k in spec_keys():
         flag = " ".join(f"`{f}`" for f in k.flags)
-        default = _default_text(k.name)
-        lines.append(f"| `{k.name}` | {flag} | {describe(k.value)} | {f'`{default}`' if default else ''} | "
+        default = default_text(k.name)
+        value = describe(k.value) + (f" ({', '.join(k.choices)})" if k.choices else "")
+        lines.append(f"| `{k.name}` | {flag} | {value} | {f'`{default}`' if default else ''} | "
                      f"{k.help.replace('|', '/')} |")
     return "\n".join(lines)

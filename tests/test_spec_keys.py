@@ -31,6 +31,8 @@ def _sample(key: SpecKey):
     if key.name == "eps_range":
         return [0.002, 0.2]
     first = key.value[0]
+    if key.choices:  # fixed names: the last one (never the default)
+        return list(key.choices[-2:]) if isinstance(first, ListOf) else key.choices[-1]
     if isinstance(first, ListOf):
         item = first.item
         return ["a-set", "b-set"] if item is STRING else [3, 5] if item is INTEGER else [0.25, 0.5]

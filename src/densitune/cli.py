@@ -18,11 +18,11 @@ from typing import Any, overload
 
 from densitune.console import LOG_NAME, Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
-from densitune.search.spec import METRICS
 
 #: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
 #: which are not imported here: ``densitune --help`` stays fast).
 FORMATS = ("markdown", "csv", "latex", "json")
+METRICS = ("auroc", "auprc", "fpr95")
 VIEWS = ("all", "methods", "configs")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
 
@@ -63,15 +63,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     # Flags default to None so that a --spec file can supply the value; flags given win.
-    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it)")
-    from densitune.search.spec import spec_keys
+    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it) (default: none)")
+    from densitune.search.spec import default_text, spec_keys
 
     for key in spec_keys():  # one flag per spec key that has one (declared on SearchSpec's fields)
         if key.flags and key.flags[-1] not in p._option_string_actions:  # --data-root is common to train
-            p.add_argument(*key.flags, dest=key.name, default=None, help=key.help, nargs=key.nargs, type=key.type,
-                           metavar=key.metavar)
+            default = default_text(key.name)
+            text = key.help if "default" in key.help else f"{key.help} (default: {default or 'none'})"
+            p.add_argument(*key.flags, dest=key.name, default=None, help=text, nargs=key.nargs, type=key.type,
+                           metavar=key.metavar, choices=key.choices)
     p.add_argument("--kde-bandwidth", nargs="+", default=None,
-                   help="KDE bandwidths to search: numbers and/or rules (scott, silverman); default scott")
+                   help="KDE bandwidths to search: numbers and/or rules scott, silverman (default: scott)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as many as the cluster fits)")
 
 
