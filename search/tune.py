@@ -23,6 +23,7 @@ from densitune.errors import SearchError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
+from densitune.search.optuna_study import _Replay
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
 
@@ -92,26 +93,6 @@ def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[
     for tid, params, obj in zip(*(table.column(c).to_pylist() for c in ("trial_id", "search_params", "objective"))):
         out[tid] = (json.loads(params), obj)
     return out
-
-
-class _Replay:
-    """Replays a define-by-run space on known values to recover Optuna's distributions."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-        self.distributions: dict[str, Any] = {}
-
-    def suggest_categorical(self, name, choices):
-        import optuna
-
-        self.distributions[name] = optuna.distributions.CategoricalDistribution(choices)
-        return self.params[name]
-
-    def suggest_float(self, name, low, high, *, log=False):
-        import optuna
-
-        self.distributions[name] = optuna.distributions.FloatDistribution(low, high, log=log)
-        return self.params[name]
 
 
 def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str, Any], float]]):

@@ -111,7 +111,7 @@ def test_shrunk_covariance_one_dimension() -> None:
 def test_searchable_grid_records_the_parameters() -> None:
     from densitune.search.models import ModelGroup
     from densitune.search.space import grid_points
-    from densitune.search.trial import full_density_params
+    from densitune.search.trial import density_columns
 
     group = ModelGroup("cnn-D8-ce", "cnn", 8, "ce", 0.0, False, "digits", 0, (0,), ("ckpt",))
     spec = SearchSpec(experiment="x", val_ood="digits-blend", test_ood=("noise-uniform",), eps_grid=(0.0,),
@@ -120,7 +120,7 @@ def test_searchable_grid_records_the_parameters() -> None:
                                       "gmm_max": {"shrinkage": ["oas"]}})
     points = grid_points(spec, [group])
     assert len(points) == 2 * 3 + 1
-    recorded = [json.loads(full_density_params(p)) for p in points]
+    recorded = [json.loads(density_columns(p)["density_params"]) for p in points]
     assert {(r["reg_covar"], r["shrinkage"]) for r in recorded[:6]} == {
         (a, b) for a in (0.0, 1e-4) for b in ("none", "ledoit_wolf", "oas")}
     assert recorded[6] == {"chunk_size": None, "prior": False, "reg_covar": 0.0, "shrinkage": "oas", "dtype": "float64"}

@@ -491,46 +491,40 @@ class ClassConditionalGaussian(Density):
         return ll.max(dim=1).values
 
 
-@DENSITIES.register("gmm_sum")
-class GMMSum(ClassConditionalGaussian):
-    """log q(z) = logsumexp_c(log pi_c + log N_c(z)); ``prior=False`` is DDU's score."""
+def _registered_gmm(name: str, aggregation: str, prior: bool, doc: str) -> type[ClassConditionalGaussian]:
+    """The class registered as ``name``: :class:`ClassConditionalGaussian` with ``aggregation`` fixed by the
+    name (so ``get_params()`` leaves it out and ``create_density(name, **get_params())`` round-trips)."""
+    default_prior = prior
 
-    def __init__(
-        self,
-        *,
-        prior: bool = True,
-        chunk_size: int | None = None,
-        reg_covar: float = 0.0,
-        shrinkage: str = "none",
-        dtype: str = "float64",
-    ) -> None:
-        super().__init__(aggregation="sum", prior=prior, chunk_size=chunk_size, reg_covar=reg_covar,
-                         shrinkage=shrinkage, dtype=dtype)
+    class Registered(ClassConditionalGaussian):
+        def __init__(
+            self,
+            *,
+            prior: bool = default_prior,
+            chunk_size: int | None = None,
+            reg_covar: float = 0.0,
+            shrinkage: str = "none",
+            dtype: str = "float64",
+        ) -> None:
+            super().__init__(aggregation=aggregation, prior=prior, chunk_size=chunk_size, reg_covar=reg_covar,
+                             shrinkage=shrinkage, dtype=dtype)
 
-    def get_params(self) -> dict[str, Any]:
-        return {"prior": self.prior, "chunk_size": self.chunk_size, "reg_covar": self.reg_covar,
-                "shrinkage": self.shrinkage, "dtype": self.dtype}
+        def get_params(self) -> dict[str, Any]:
+            params = super().get_params()
+            del params["aggregation"]
+            return params
+
+    cls_name = {"sum": "GMMSum", "max": "GMMMax"}[aggregation]
+    Registered.__name__ = Registered.__qualname__ = cls_name
+    Registered.__doc__ = doc
+    DENSITIES.add(name, Registered)
+    return Registered
 
 
-@DENSITIES.register("gmm_max")
-class GMMMax(ClassConditionalGaussian):
-    """log q(z) = max_c log N_c(z) (the note's §3.1 variant); ``prior=True`` adds log pi_c inside the max."""
-
-    def __init__(
-        self,
-        *,
-        prior: bool = False,
-        chunk_size: int | None = None,
-        reg_covar: float = 0.0,
-        shrinkage: str = "none",
-        dtype: str = "float64",
-    ) -> None:
-        super().__init__(aggregation="max", prior=prior, chunk_size=chunk_size, reg_covar=reg_covar,
-                         shrinkage=shrinkage, dtype=dtype)
-
-    def get_params(self) -> dict[str, Any]:
-        return {"prior": self.prior, "chunk_size": self.chunk_size, "reg_covar": self.reg_covar,
-                "shrinkage": self.shrinkage, "dtype": self.dtype}
+GMMSum = _registered_gmm("gmm_sum", "sum", True,
+                         "log q(z) = logsumexp_c(log pi_c + log N_c(z)); ``prior=False`` is DDU's score.")
+GMMMax = _registered_gmm("gmm_max", "max", False, "log q(z) = max_c log N_c(z) (the note's §3.1 variant); "
+                                                   "``prior=True`` adds log pi_c inside the max.")
 
 
 # ---------------------------------------------------------------------------------------------------------
