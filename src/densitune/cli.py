@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", help="results directory")
     p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
+    p.add_argument("--allow-files", action="store_true", help="let the SELECT read other files (read_csv...); off by default")
     p.add_argument("--format", default="markdown", help="markdown, csv, latex or json (default: %(default)s)")
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
@@ -363,7 +364,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from densitune.search.results.report import Table, render
     from densitune.search.results.store import query, read_results
 
-    result = query(read_results(args.results), args.sql)
+    result = query(read_results(args.results), args.sql, allow_files=args.allow_files)
     print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
