@@ -21,6 +21,7 @@ No Ray, no training loop, no CLI.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from densitune.errors import ResultsError
@@ -61,7 +62,7 @@ def connect(*, allow_files: bool = False) -> Any:
     })
 
 
-def _nodes(tree: Any):
+def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
     """Every dict in a JSON syntax tree that is an expression node (has a ``class``)."""
     if isinstance(tree, dict):
         if "class" in tree:
@@ -89,8 +90,8 @@ def check_filter(where: str) -> Any:
         raw = con.execute("SELECT json_serialize_sql(?)", [f"SELECT * FROM results WHERE (\n{where}\n)"]).fetchone()
     finally:
         con.close()
-    tree = json.loads(raw[0]) if raw else {"error": True}
-    statements = tree.get("statements") or []
+    tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
+    statements: list[dict[str, Any]] = tree.get("statements") or []
     node = statements[0].get("node", {}) if len(statements) == 1 else {}
     shaped = (
         not tree.get("error") and node.get("type") == "SELECT_NODE" and not node.get("modifiers")
