@@ -23,9 +23,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from densitune.errors import ConfigError
+from densitune.search.safe_yaml import echo, load_yaml
 
 _STR, _INT, _NUM, _BOOL = "a string", "an integer", "a number", "true or false"
 _STRS, _INTS, _NUMS = "a list of strings", "a list of integers", "a list of numbers"
@@ -60,10 +59,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"search spec file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(p)  # bounded: size cap, no aliases
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -72,7 +68,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
         if key not in KEYS:
             close = difflib.get_close_matches(str(key), KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(KEYS))}"
-            raise ConfigError(f"{p}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{p}: unknown key {echo(key)}{hint}")
         kind, nullable = KEYS[key]
         if value is None and nullable:
             continue
@@ -81,7 +77,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
         if key in ("dims", "eps_grid") and isinstance(value, (int, float)) and not isinstance(value, bool):
             data[key] = value = [value]
         if not _is(kind, value):
-            raise ConfigError(f"{p}: key {key!r} must be {kind}, got {value!r}")
+            raise ConfigError(f"{p}: key {key!r} must be {kind}, got {echo(value)}")
     if "eps_range" in data and len(data["eps_range"]) != 2:
-        raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {data['eps_range']!r}")
+        raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {echo(data['eps_range'])}")
     return data

@@ -219,6 +219,9 @@ def _check_data(name: str, root: str | None, download: bool = False) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from densitune.resource_flags import check_resource_flags
+
+    check_resource_flags(args)  # before torch and Ray are imported
     from densitune.ray_runtime import init_ray
     from densitune.trainables.train.tune import TrainRun, run_training
 
@@ -264,6 +267,11 @@ def _number_or_name(text: str) -> float | str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from densitune.resource_flags import check_resource_flags
+
+    # Flags and the spec file first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
+    check_resource_flags(args)
+    values = _search_values(args)
     from collections import Counter
 
     from densitune.errors import ConfigError
@@ -277,7 +285,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.trainables.train.checkpoint import read_config
 
     # The space first: a bad name or value fails before any file is read.
-    values = _search_values(args)
     check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
                 tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),
                 tuple(values.get("dims", ())))
@@ -403,6 +410,9 @@ DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
+    from densitune.resource_flags import check_positive
+
+    check_positive("--num-cpus", args.num_cpus, whole=True)
     common = ["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else []) + (["-q"] if args.quiet else [])
     t0 = time.perf_counter()
     parser = build_parser()
@@ -420,6 +430,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
 
 
+def _one_line(message: str, limit: int = 280) -> str:
+    """An error message as one line of at most ``limit`` characters (its start and its end kept)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else f"{text[: limit - 61]} … {text[-58:]}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -430,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DensituneError as e:
-        print(f"densitune: error: {e}", file=sys.stderr)
+        print(f"densitune: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("densitune: interrupted; rerun with --resume to continue", file=sys.stderr)
