@@ -48,6 +48,7 @@ def search_trainable(
 
     from densitune.search.results.store import write_rows
     from densitune.search.trial import run_trial
+    from densitune.storage import fatal_storage
 
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
@@ -55,7 +56,8 @@ def search_trainable(
     ws = workspace(run.cache_dir)
     objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config))
     # A grid point's file is named by the point, so a point run again after a crash replaces it.
-    write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
+    with fatal_storage(run.results_dir):  # a failed write stops the whole run (storage_stopper)
+        write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
     tune.report({spec.objective: objective, "eps": params.eps, **{f"n_{k}": v for k, v in ws.counts.items()}})
 
@@ -129,6 +131,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray.tune.search.optuna import OptunaSearch
 
     from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.storage import storage_stopper
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(run.results_dir, spec.experiment) if resume else {}
@@ -157,6 +160,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         resources,
     )
     concurrent = run.max_concurrent or trial_slots(resources)
+    stopper = storage_stopper()
     algo = OptunaSearch(space=space, metric=spec.objective, mode=spec.mode, sampler=sampler, storage=storage)
     tuner = tune.Tuner(
         trainable,
@@ -165,7 +169,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             name=f"search-{spec.experiment}",
             storage_path=str(Path(run.storage_path).resolve()),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search")],
+            stop=stopper,
+            callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search"), stopper],
             verbose=verbose,
         ),
     )

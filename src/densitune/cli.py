@@ -222,6 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from densitune.resource_flags import check_resource_flags
 
     check_resource_flags(args)  # before torch and Ray are imported
+    from densitune.storage import check_writable
+
+    check_writable(_abs(args.out))
     from densitune.ray_runtime import init_ray
     from densitune.trainables.train.tune import TrainRun, run_training
 
@@ -237,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
     )
     log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
-    init_ray(args.address, args.num_cpus)
+    init_ray(args.address, args.num_cpus, quiet=args.quiet)
     run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0)
     print(f"trained models: {Path(run.models_dir) / args.experiment}")
     return 0
@@ -272,6 +275,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Flags and the spec file first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
     check_resource_flags(args)
     values = _search_values(args)
+    from densitune.storage import check_writable
+
+    check_writable(_abs(args.out))
     from collections import Counter
 
     from densitune.errors import ConfigError
@@ -312,9 +318,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_experiment(run.results_dir, spec, args.resume)
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    init_ray(args.address, args.num_cpus)
+    init_ray(args.address, args.num_cpus, quiet=args.quiet)
     grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
     errors = [r.error for r in grid or [] if r.error is not None]
+    from densitune.storage import storage_failure
+
+    failure = storage_failure(errors)
+    if failure is not None:  # the first failed write stopped the run: say where and why
+        raise failure
     if errors:
         raise DensituneError(f"{len(errors)} search trial(s) failed; first: {str(errors[0]).strip().splitlines()[-1]}")
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())

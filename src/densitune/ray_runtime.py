@@ -12,25 +12,41 @@ import os
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process (later calls are no-ops)."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, quiet: bool = False) -> None:
+    """Start or join Ray once per process (later calls are no-ops).
+
+    ``quiet`` (``-q``): Ray's and Tune's own log lines and the workers' output are not shown;
+    densitune's warnings and its one-line errors still are.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    if quiet:
+        _silence_ray()
     # Tune's trial workers import the project from the installed package; keep Ray quiet
     # about the things it cannot know (no dashboard is installed with ray[tune]).
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet)
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
-            log_to_driver=True,
+            log_to_driver=not quiet,
         )
+    if quiet:  # ray.init sets up its loggers again
+        _silence_ray()
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def _silence_ray() -> None:
+    """Drop the records of Ray's loggers (they log to their own handlers, not through densitune's)."""
+    ray_log = logging.getLogger("ray")
+    ray_log.setLevel(logging.CRITICAL)
+    for handler in ray_log.handlers:
+        handler.addFilter(lambda record: False)
 
 
 def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None) -> dict[str, float]:

@@ -125,7 +125,11 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # a pickle asking for code: refused, never executed
+            raise CheckpointError(f"refused checkpoint {path}: {_unsafe_reason(e)}") from None
+        raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"corrupt checkpoint {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -133,6 +137,16 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
     return state
+
+
+def _unsafe_reason(e: BaseException) -> str:
+    """Why a weights-only load refused a file, without PyTorch's advice to load it unsafely."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f" ({found.group(1)[:80]})" if found else ""
+    return (f"it asks to run or build a Python object{what}, which a checkpoint of tensors and plain values never does; "
+            "densitune does not load such files")
 
 
 def parse_config(d: Any, source: str | Path) -> TrainConfig:

@@ -100,6 +100,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     from ray import tune
 
     from densitune.search.results.store import code_version, write_rows
+    from densitune.storage import fatal_storage
 
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -140,13 +141,14 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
             "duration_s": time.perf_counter() - t0,
             "code_version": code_version(),
         }
-        write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
-        if final:  # the model store keeps weights only: no optimiser state
-            save_checkpoint(run.model_dir(cfg), **ckpt_args)
-        # After the final model (a crash in between leaves the state one epoch behind,
-        # so a resumed run redoes the last epoch and writes the model).
-        save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
+        with fatal_storage(run.results_dir):  # a failed write stops the whole run (storage_stopper)
+            write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
+            if final:  # the model store keeps weights only: no optimiser state
+                save_checkpoint(run.model_dir(cfg), **ckpt_args)
+            # After the final model (a crash in between leaves the state one epoch behind,
+            # so a resumed run redoes the last epoch and writes the model).
+            save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
             tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -180,6 +182,7 @@ def run_training(
     from ray import tune
 
     from densitune.ray_runtime import progress_callback, trial_resources
+    from densitune.storage import storage_failure, storage_stopper
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):
@@ -194,6 +197,7 @@ def run_training(
         log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
     if not todo:
         return []
+    stopper = storage_stopper()
     tuner = tune.Tuner(
         trainable,
         param_space={"key": tune.grid_search([c.key for c in todo])},
@@ -203,12 +207,16 @@ def run_training(
             storage_path=str(Path(run.storage_path).resolve()),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train")],
+            stop=stopper,
+            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train"), stopper],
             verbose=verbose,
         ),
     )
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]  # type: ignore[attr-defined]
+    failure = storage_failure([r.error for r in failed])
+    if failure is not None:  # the first failed write stopped the run
+        raise failure
     if failed:
         first = failed[0]
         key = (first.config or {}).get("key", "?")
