@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="auroc", help="validation metric to rank by and plot")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
 
+    p = sub.add_parser("clean", help="stop the Ray processes a crashed driver of RUN left, remove RUN's Tune folders and cache locks")
+    p.add_argument("run", help="run directory (the --out of train / search)")
+
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
     return parser
 
@@ -210,6 +213,17 @@ def _train_configs(args: argparse.Namespace):
     return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
 
 
+def _start_ray(args: argparse.Namespace, out: Path) -> None:
+    """Stop what a crashed earlier driver of this run left running, start Ray, and record its session in ``out``."""
+    from densitune.cleanup import clean_run, record_session
+    from densitune.ray_runtime import init_ray
+
+    clean_run(out, prune=False)
+    init_ray(args.address, args.num_cpus, quiet=args.quiet)
+    if args.address is None:  # a Ray this process started (never a cluster's)
+        record_session(out)
+
+
 def _check_data(name: str, root: str | None, download: bool = False) -> None:
     """Fail early (before Ray, before writing) if a data set is unknown or absent."""
     from densitune.trainables.data import dataset_info, load_split
@@ -225,7 +239,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from densitune.storage import check_writable
 
     check_writable(_abs(args.out))
-    from densitune.ray_runtime import init_ray
     from densitune.trainables.train.tune import TrainRun, run_training
 
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
@@ -240,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
     )
     log.info("training %d model(s) into %s", len(configs), Path(run.models_dir) / args.experiment)
-    init_ray(args.address, args.num_cpus, quiet=args.quiet)
+    _start_ray(args, out)
     run_training(configs, run, gpus_per_trial=args.gpus_per_trial, verbose=1 if args.verbose else 0)
     print(f"trained models: {Path(run.models_dir) / args.experiment}")
     return 0
@@ -281,7 +294,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from densitune.errors import ConfigError
-    from densitune.ray_runtime import init_ray
     from densitune.search import models
     from densitune.search.cache import DiskCache
     from densitune.search.results.report import best, report
@@ -318,7 +330,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_experiment(run.results_dir, spec, args.resume)
     log.info("search %s: %d trial(s), selecting on %s", spec.experiment, trial_budget(spec, groups), spec.protocol_label)
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    init_ray(args.address, args.num_cpus, quiet=args.quiet)
+    _start_ray(args, out)
     grid = run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0)
     errors = [r.error for r in grid or [] if r.error is not None]
     from densitune.storage import storage_failure
@@ -395,6 +407,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from densitune.cleanup import clean_run
+    from densitune.errors import ConfigError
+
+    run = Path(_abs(args.run))
+    if not run.is_dir():
+        raise ConfigError(f"run directory not found: {run}")
+    done = clean_run(run)
+    if done.driver_alive:
+        raise ConfigError(f"{run} is in use by a running densitune; nothing cleaned")
+    print(f"stopped {len(done.stopped)} orphaned Ray process(es); removed {len(done.removed)} Tune folder(s) and lock file(s)")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from densitune.search.ood.densities import DENSITIES
     from densitune.search.ood.scores import SCORES
@@ -438,7 +464,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot, "query": cmd_query, "demo": cmd_demo, "clean": cmd_clean}
 
 
 def _one_line(message: str, limit: int = 280) -> str:
