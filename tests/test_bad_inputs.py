@@ -297,7 +297,7 @@ def outcomes(world, tmp_path_factory) -> dict[int, tuple[subprocess.CompletedPro
     shared = _tree(world)
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = dict(zip(range(len(CASES)), pool.map(lambda i: _run_case(world, root, i), range(len(CASES)))))
-    assert _tree(world) == shared
+    results[-1] = (shared, _tree(world))  # type: ignore[assignment]
     return results
 
 
@@ -318,3 +318,8 @@ def test_bad_input(index, outcomes):
     assert "Traceback" not in p.stderr and "MemoryError" not in p.stderr
     assert after == before, (argv, sorted(set(after) - set(before)))  # nothing new in the run folder
     assert not Path("/tmp/densitune-pwned").exists()
+
+
+def test_shared_inputs_unchanged(outcomes):
+    before, after = outcomes[-1]
+    assert after == before, sorted(set(after) ^ set(before))

@@ -80,3 +80,28 @@ def test_anchor_without_alias_and_plain_specs_still_load(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("experiment: &name e1\ntest_ood: [noise-uniform]\neps_grid: [0, 0.01]\n")
     assert load_spec_file(spec) == {"experiment": "e1", "test_ood": ["noise-uniform"], "eps_grid": [0, 0.01]}
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/densitune-pwned-ckpt",))
+
+
+def test_malicious_checkpoint_is_refused_not_called_corrupt(tmp_path):
+    import torch
+
+    from densitune.errors import CheckpointError
+    from densitune.trainables.train.checkpoint import read_checkpoint
+
+    torch.save({"format": "densitune-checkpoint", "payload": _Evil()}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"refused checkpoint {tmp_path / 'model.pt'}") and "posix.system" in message
+    assert "corrupt" not in message and "weights_only" not in message and "trusted source" not in message
+    assert not Path("/tmp/densitune-pwned-ckpt").exists()
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04 not a checkpoint")  # plain garbage is still "corrupt"
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        read_checkpoint(tmp_path)

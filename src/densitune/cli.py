@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -238,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_resource_flags(args)  # before torch and Ray are imported
     from densitune.storage import check_writable
 
-    check_writable(_abs(args.out))
+    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
     from densitune.trainables.train.tune import TrainRun, run_training
 
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
@@ -290,7 +291,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     values = _search_values(args)
     from densitune.storage import check_writable
 
-    check_writable(_abs(args.out))
+    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
     from collections import Counter
 
     from densitune.errors import ConfigError

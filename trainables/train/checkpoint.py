@@ -126,8 +126,10 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # a pickle asking for code: refused, never executed
-            raise CheckpointError(f"refused checkpoint {path}: {_unsafe_reason(e)}") from None
+        if "weights only load failed" in str(e).lower():  # never repeat PyTorch's advice to load it unsafely
+            if "GLOBAL" in str(e):  # a pickle asking for code: refused, never executed
+                raise CheckpointError(f"refused checkpoint {path}: {_unsafe_reason(e)}") from None
+            raise CheckpointError(f"corrupt checkpoint {path}: not a file of tensors and plain values") from None
         raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
