@@ -131,6 +131,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray.tune.search.optuna import OptunaSearch
 
     from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.search.results.store import experiment_dir
     from densitune.storage import storage_stopper
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,7 +161,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         resources,
     )
     concurrent = run.max_concurrent or trial_slots(resources)
-    stopper = storage_stopper()
+    stopper = storage_stopper(experiment_dir(run.results_dir, spec.experiment))
     algo = OptunaSearch(space=space, metric=spec.objective, mode=spec.mode, sampler=sampler, storage=storage)
     tuner = tune.Tuner(
         trainable,

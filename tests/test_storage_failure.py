@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -43,22 +42,25 @@ def test_results_folder_unwritable_mid_run_stops_at_first_failed_write(trained_m
     argv = [sys.executable, "-m", "densitune", "search", "--out", str(out), "--models", str(trained_models), "-D", "4",
             "--eps-grid", *eps, "--test-ood", "noise-uniform", "--eval-limit", "40", "--max-concurrent", "1",
             "--num-cpus", "2", "-q"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
     frozen_at = None
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 500
         while time.monotonic() < deadline and proc.poll() is None:
             if exp_dir.is_dir() and len(list(exp_dir.glob("search-*.parquet"))) >= 3:
                 assert _chattr("+i", exp_dir)  # from now on nothing can be created or renamed in it
                 frozen_at = time.time()
                 break
             time.sleep(0.05)
-        stdout, stderr = proc.communicate(timeout=400)
+        proc.wait(timeout=500)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         _chattr("-i", exp_dir)
+    stderr = err_file.read_text()
     assert frozen_at is not None, stderr[-3000:]
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, stderr[-3000:]
@@ -79,4 +81,3 @@ def test_results_folder_unwritable_mid_run_stops_at_first_failed_write(trained_m
     # every row was started before the folder froze
     starts = [t.timestamp() for t in written.column("started_at").to_pylist()]
     assert max(starts) <= frozen_at
-    _ = datetime  # noqa: F841

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,8 +82,11 @@ def storage_failure(errors: list[Any]) -> StorageError | None:
     return None
 
 
-def storage_stopper() -> Any:
+def storage_stopper(folder: str | Path) -> Any:
     """A Tune callback that is also a Stopper: it ends the whole run after the first trial that failed on storage.
+
+    When a trial fails, the stopper tries a write in ``folder`` (where the trials write); if that fails too,
+    the failure is a storage failure and the run stops.
 
     Pass the same object as ``RunConfig(stop=...)`` and in ``callbacks``. Tune processes one event
     per step and asks the stopper right after it, so the failed trial's error stops the run before
@@ -91,16 +95,20 @@ def storage_stopper() -> Any:
     from ray.tune import Callback
     from ray.tune.stopper import Stopper
 
-    class StopOnStorageError(Callback, Stopper):
-        def __init__(self) -> None:
-            self.failure: str | None = None
+    failure: dict[str, str] = {}  # shared by every copy Tune makes of the object (RunConfig is copied)
 
+    class StopOnStorageError(Callback, Stopper):
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if self.failure is not None:
+            if failure:
                 return
-            found = storage_failure([trial.get_pickled_error(), trial.get_error()])
-            if found is not None:
-                self.failure = str(found)
+            # Tune calls this before it stores the trial's error, so ask the folder itself.
+            probe = Path(folder) / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                failure["first"] = describe(e, folder)
 
         on_trial_recover = on_trial_error  # a retried trial (training) counts at its first failure
 
@@ -108,6 +116,6 @@ def storage_stopper() -> Any:
             return False
 
         def stop_all(self) -> bool:
-            return self.failure is not None
+            return bool(failure)
 
     return StopOnStorageError()

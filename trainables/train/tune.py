@@ -182,6 +182,7 @@ def run_training(
     from ray import tune
 
     from densitune.ray_runtime import progress_callback, trial_resources
+    from densitune.search.results.store import experiment_dir
     from densitune.storage import storage_failure, storage_stopper
 
     by_key = {c.key: c.to_dict() for c in configs}
@@ -197,7 +198,7 @@ def run_training(
         log.info("%d of %d models already trained; training %d", len(configs) - len(todo), len(configs), len(todo))
     if not todo:
         return []
-    stopper = storage_stopper()
+    stopper = storage_stopper(experiment_dir(run.results_dir, run.experiment))
     tuner = tune.Tuner(
         trainable,
         param_space={"key": tune.grid_search([c.key for c in todo])},
