@@ -23,10 +23,9 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from densitune.checks import describe, error_summary, satisfies
+from densitune.checks import describe, satisfies
 from densitune.errors import ConfigError
+from densitune.search.safe_yaml import echo, load_yaml
 from densitune.search.spec import SpecKey, spec_keys
 
 
@@ -40,10 +39,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"search spec file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {error_summary(e)}") from None
+    data = load_yaml(p)  # bounded: size cap, no aliases
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -53,12 +49,12 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
         if key not in keys:
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(keys))}"
-            raise ConfigError(f"{p}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{p}: unknown key {echo(key)}{hint}")
         k = keys[key]
         if k.is_list and key != "eps_range" and satisfies([value], k.value):
             data[key] = value = [value]  # a single name or number is a list of one
         if not satisfies(value, k.value):
-            raise ConfigError(f"{p}: key {key!r} must be {describe(k.value)}, got {value!r}")
+            raise ConfigError(f"{p}: key {key!r} must be {describe(k.value)}, got {echo(value)}")
     if "eps_range" in data and len(data["eps_range"]) != 2:
-        raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {data['eps_range']!r}")
+        raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {echo(data['eps_range'])}")
     return data

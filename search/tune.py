@@ -55,6 +55,7 @@ def search_trainable(
     from densitune.console import log_to_file
     from densitune.search.results.store import write_rows
     from densitune.search.trial import run_trial
+    from densitune.storage import fatal_storage
 
     log_to_file(run.log_file)
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -63,7 +64,8 @@ def search_trainable(
     ws = workspace(run.cache_dir)
     objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config))
     # A grid point's file is named by the point, so a point run again after a crash replaces it.
-    write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
+    with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
+        write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
     import ray
 

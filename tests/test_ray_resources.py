@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from densitune.errors import ConfigError
-from densitune.ray_runtime import check_trial_resources
+from densitune.resource_flags import check_resource_flags
 
 
 def densitune(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -54,11 +54,11 @@ def _stop(temp_dir: str) -> None:
 
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--address", "auto"], "with --address (a cluster) pass --gpus-per-trial explicitly"),
-    (["--gpus-per-trial", "1.5"], "--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number, got 1.5"),
-    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number"),
-    (["--cpus-per-trial", "0"], "--cpus-per-trial must be a number > 0, got 0.0"),
-    (["--num-cpus", "0"], "--num-cpus must be >= 1, got 0"),
-    (["--max-gpu-hours", "0"], "--max-gpu-hours must be a number > 0"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number of GPUs, got 1.5"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number of GPUs"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0, got 0.0"),
+    (["--num-cpus", "0"], "--num-cpus must be > 0, got 0"),
+    (["--max-gpu-hours", "0"], "--max-gpu-hours must be > 0"),
 ])
 def test_resource_flags_are_one_line_errors_before_ray(tmp_path, flags, fragment, capsys):
     from densitune.cli import main
@@ -71,11 +71,13 @@ def test_resource_flags_are_one_line_errors_before_ray(tmp_path, flags, fragment
 
 
 def test_gpu_fractions_and_wholes_are_accepted():
+    from argparse import Namespace
+
     for g in (0, 0.25, 0.5, 1, 2, 8):
-        check_trial_resources("auto", 1.0, g)
-    check_trial_resources(None, 0.5, None)  # locally the machine decides
+        check_resource_flags(Namespace(address="auto", gpus_per_trial=g))
+    check_resource_flags(Namespace(address=None, gpus_per_trial=None))  # locally the machine decides
     with pytest.raises(ConfigError):
-        check_trial_resources("auto", 1.0, None)
+        check_resource_flags(Namespace(address="auto", gpus_per_trial=None))
 
 
 @pytest.fixture
@@ -128,11 +130,11 @@ def test_a_running_ray_is_joined_only_with_address_auto(tmp_path, short_tmp):
         assert start.returncode == 0, start.stderr[-2000:]
         assert _ray_pids(short_tmp)
         common = ["train", "--out", str(tmp_path / "run"), "-D", "4", "--epochs", "1", "--num-cpus", "2"]
-        alone = densitune(*common, "--experiment", "alone", cwd=tmp_path, env=env)
+        alone = densitune(*common, "--experiment", "alone", "--verbose", cwd=tmp_path, env=env)
         assert alone.returncode == 0, alone.stderr[-3000:]
         assert "started a local Ray" in alone.stderr and "probe_head" not in alone.stderr
         joined = densitune(*common[:-2], "--address", "auto", "--gpus-per-trial", "0", "--experiment", "joined",
-                           cwd=tmp_path, env=env)
+                           "--verbose", cwd=tmp_path, env=env)
         assert joined.returncode == 0, joined.stderr[-3000:]
         assert re.search(r"joined the Ray cluster at auto: 1 node\(s\), resources \{.*'probe_head': 1\.0", joined.stderr)
         rows = [r for f in (tmp_path / "run" / "results").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]

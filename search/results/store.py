@@ -404,24 +404,14 @@ def upgrade_v3(table: pa.Table) -> pa.Table:
 
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:
-    """Rows of ``table`` matching an SQL predicate (DuckDB), e.g. ``density = 'kde' AND D >= 16``."""
-    if not where:
-        return table
-    return query(table, f"SELECT * FROM results WHERE {where}", what="--where")
+    """Rows of ``table`` matching one SQL expression, e.g. ``density = 'kde' AND D >= 16`` (see :mod:`.sql`)."""
+    from densitune.search.results.sql import filter_table
+
+    return filter_table(table, where)
 
 
-def query(table: pa.Table, sql: str, *, what: str = "query") -> pa.Table:
-    """Run ``sql`` with DuckDB over ``table`` (as the view ``results``); a bad query is a one-line error."""
-    import duckdb
+def query(table: pa.Table, sql: str, *, allow_files: bool = False) -> pa.Table:
+    """One read-only SELECT over ``table`` (as the view ``results``); see :mod:`.sql`."""
+    from densitune.search.results.sql import run_query
 
-    con = duckdb.connect()
-    try:
-        con.register("results", table)
-        rel = con.sql(sql)
-        if rel is None:  # a statement without a result (e.g. SET)
-            return pa.table({})
-        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
-    except duckdb.Error as e:
-        raise ResultsError(f"bad {what}: {error_summary(e)}") from None
-    finally:
-        con.close()
+    return run_query(table, sql, allow_files=allow_files)

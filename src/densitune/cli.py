@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
     p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
+    p.add_argument("--allow-files", action="store_true", help="let the SELECT read other files (read_csv...); off by default")
     p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
 
     p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new folder for the detector")
     p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
+
+    p = sub.add_parser("clean", help="stop the Ray processes a crashed driver of RUN left, remove RUN's Tune folders and cache locks")
+    p.add_argument("run", help="run directory (the --out of train / search)")
 
     sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
 
@@ -226,13 +231,28 @@ def _train_configs(args: argparse.Namespace):
     return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
 
 
+def _start_ray(args: argparse.Namespace, out: Path) -> None:
+    """Stop what a crashed earlier driver of this run left running, start Ray, and record its session in ``out``."""
+    from densitune.cleanup import clean_run, record_session
+    from densitune.ray_runtime import init_ray
+
+    clean_run(out, prune=False)
+    init_ray(args.address, args.num_cpus, verbose=args.verbose, quiet=args.quiet)
+    if args.address is None:  # a Ray this process started (never a cluster's)
+        record_session(out)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from densitune.ray_runtime import check_trial_resources, init_ray
+    from densitune.resource_flags import check_resource_flags
+
+    check_resource_flags(args)  # before torch and Ray are imported
+    from densitune.storage import check_writable
+
+    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
     from densitune.search.prepare import check_data
     from densitune.search.results.store import remove_stale_temp_files
     from densitune.trainables.train.tune import TrainRun, run_training
 
-    check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
     from densitune.trainables.train.loop import check_training_folder
 
@@ -251,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     models_dir = Path(run.models_dir) / args.experiment
     _header(args, f"train {len(configs)} model(s) ({_grid_text(args)}; {args.epochs} epochs) on {args.dataset}",
             {"models": models_dir, "rows": out / "results", "log": run.log_file})
-    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    _start_ray(args, out)
     try:
         run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
                      verbose=1 if args.verbose else 0, progress=not args.quiet)
@@ -313,21 +333,23 @@ def _number_or_name(text: str) -> float | str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from densitune.resource_flags import check_resource_flags
+
+    # Flags and the spec file first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
+    check_resource_flags(args)
+    values = _search_values(args)
+    from densitune.storage import check_writable
+
+    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
     from collections import Counter
 
-    from densitune.errors import ConfigError
-    from densitune.ray_runtime import check_trial_resources, init_ray
     from densitune.search.cache import DiskCache
     from densitune.search.prepare import prepare_search
     from densitune.search.results.report import best, report
     from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
     from densitune.search.tune import SearchRun, completed_trials, run_search, trial_budget
 
-    check_trial_resources(args.address, args.cpus_per_trial, args.gpus_per_trial, args.num_cpus, args.max_gpu_hours)
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     out = Path(_abs(args.out))
-    values = _search_values(args)
     values.setdefault("models", str(out / "models"))
     spec, groups = prepare_search(values)
     cache_dir = str(out / "cache")
@@ -343,7 +365,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                   f"selecting on {spec.protocol_label}",
             {"rows": run.results_dir, "log": run.log_file})
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    init_ray(args.address, args.num_cpus, verbose=args.verbose)
+    _start_ray(args, out)
     try:
         run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
                    max_gpu_hours=args.max_gpu_hours, progress=not args.quiet)
@@ -420,7 +442,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from densitune.search.results.report import Table, render
     from densitune.search.results.store import query, read_results, results_dir_of
 
-    result = query(read_results(results_dir_of(args.results)), args.sql)
+    result = query(read_results(results_dir_of(args.results)), args.sql, allow_files=args.allow_files)
     print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
@@ -444,6 +466,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     what = f"{m['score']}" + (f" / {m['density']}" if m["density"] else "") + f", eps={m['eps']:g}"
     print(f"exported {what} ({len(m['members'])} detector(s), trial {m['source']['trial_id']}) to {out}\n"
           f"load it with: densitune.load_detector({str(out)!r})")
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from densitune.cleanup import clean_run
+    from densitune.errors import ConfigError
+
+    run = Path(_abs(args.run))
+    if not run.is_dir():
+        raise ConfigError(f"run directory not found: {run}")
+    done = clean_run(run)
+    if done.driver_alive:
+        raise ConfigError(f"{run} is in use by a running densitune; nothing cleaned")
+    print(f"stopped {len(done.stopped)} orphaned Ray process(es); removed {len(done.removed)} Tune folder(s) and lock file(s)")
     return 0
 
 
@@ -508,6 +543,9 @@ DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
+    from densitune.resource_flags import check_positive
+
+    check_positive("--num-cpus", args.num_cpus, whole=True)
     common = (["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else [])
               + (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else []))
     t0 = time.perf_counter()
@@ -526,7 +564,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,
-            "query": cmd_query, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact, "list-models": cmd_list_models}
+            "query": cmd_query, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact, "list-models": cmd_list_models,
+            "clean": cmd_clean}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).
@@ -540,6 +579,12 @@ def _hold_writer_lock(out: Path, command: str, experiment: str) -> None:
     _HELD.enter_context(writer_lock(out, command, experiment))
 
 
+def _one_line(message: str, limit: int = 280) -> str:
+    """An error message as one line of at most ``limit`` characters (its start and its end kept)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else f"{text[: limit - 61]} … {text[-58:]}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -551,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except DensituneError as e:
         close_progress()
-        print(f"densitune: error: {e}", file=sys.stderr)
+        print(f"densitune: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except Interrupted as e:
         close_progress()

@@ -109,9 +109,13 @@ def raise_fatal(results: Any, what: str, name_key: str, error: type[DensituneErr
 
     ``name_key`` is the trial config's key that names the trial (the network key, the grid point).
     """
+    from densitune.storage import PREFIX, StorageError
+
     for r in results:
         msg = (r.metrics or {}).get(FATAL_KEY)
         if msg:
+            if str(msg).startswith(PREFIX):  # the run folder cannot be written: that line says it all
+                raise StorageError(str(msg))
             name = (r.config or {}).get(name_key, "?")
             raise error(f"{what} stopped at a trial that would fail again ({name}, not retried): {msg}")
 

@@ -7,7 +7,6 @@ On a laptop or CI box Ray starts locally with a bounded object store; with
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,31 +16,8 @@ from densitune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def check_trial_resources(address: str | None, cpus_per_trial: float, gpus_per_trial: float | None,
-                          num_cpus: int | None = None, max_gpu_hours: float | None = None) -> None:
-    """Resource flags, checked before Ray starts (one-line :class:`ConfigError` each).
-
-    CPUs per trial and ``--num-cpus`` must be positive; GPUs per trial a fraction in (0, 1]
-    or a whole number (0 = CPU only). On a cluster (``address`` given) the GPUs per trial
-    must be explicit: an autoscaling cluster shows no GPU until a GPU trial asks for one,
-    so guessing from what happens to be up would put every trial on the CPU head.
-    """
-    if not (isinstance(cpus_per_trial, int | float) and math.isfinite(cpus_per_trial) and cpus_per_trial > 0):
-        raise ConfigError(f"--cpus-per-trial must be a number > 0, got {cpus_per_trial}")
-    if num_cpus is not None and num_cpus < 1:
-        raise ConfigError(f"--num-cpus must be >= 1, got {num_cpus}")
-    if max_gpu_hours is not None and not (math.isfinite(max_gpu_hours) and max_gpu_hours > 0):
-        raise ConfigError(f"--max-gpu-hours must be a number > 0, got {max_gpu_hours}")
-    if gpus_per_trial is None:
-        if address:
-            raise ConfigError("with --address (a cluster) pass --gpus-per-trial explicitly (e.g. 1, 0.25, or 0 for CPU-only trials)")
-        return
-    g = float(gpus_per_trial)
-    if not math.isfinite(g) or g < 0 or (g > 1 and not g.is_integer()):
-        raise ConfigError(f"--gpus-per-trial must be 0, a fraction in (0, 1] or a whole number, got {gpus_per_trial}")
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,
+             quiet: bool = False) -> None:
     """Start or join Ray once per process (later calls are no-ops).
 
     Without ``address`` an isolated local instance is started (``address="local"``), even
@@ -50,7 +26,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
 
     Without ``verbose`` Ray and Tune keep quiet on the console: worker output stays in
     Ray's session logs (densitune's own lines go to the run's log file) and Ray logs
-    warnings only (see :func:`densitune.console.quiet_ray`).
+    warnings only (see :func:`densitune.console.quiet_ray`); ``quiet`` (``-q``) hides those too:
+    densitune's warnings and its one-line errors still show.
     """
     import ray
 
@@ -59,6 +36,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     quiet_ray(verbose)
     if ray.is_initialized():
         return
+    if quiet:
+        _silence_ray()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     level = logging.INFO if verbose else logging.ERROR
     if address:
@@ -75,6 +54,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
             logging_level=level,
         )
         log.info("started a local Ray: resources %s", ray.cluster_resources())
+    if quiet:  # ray.init sets up its loggers again
+        _silence_ray()
 
 
 def alive_nodes() -> list[dict[str, Any]]:
@@ -98,10 +79,18 @@ def _node_type_gpus() -> list[float]:
         return []
 
 
+def _silence_ray() -> None:
+    """Drop the records of Ray's loggers (they log to their own handlers, not through densitune's)."""
+    ray_log = logging.getLogger("ray")
+    ray_log.setLevel(logging.CRITICAL)
+    for handler in ray_log.handlers:
+        handler.addFilter(lambda record: False)
+
+
 def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None) -> dict[str, float]:
     """Resources for one trial, requested (not guessed), checked against what a node can have.
 
-    ``gpus_per_trial=None`` (a local run only: :func:`check_trial_resources` refuses it with
+    ``gpus_per_trial=None`` (a local run only: :func:`densitune.resource_flags.check_resource_flags` refuses it with
     an address) means one GPU per trial when this machine has GPUs, else none.
 
     Raises:

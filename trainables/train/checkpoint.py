@@ -78,13 +78,29 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = load_tensors(path, map_location)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # never repeat PyTorch's advice to load it unsafely
+            if "GLOBAL" in str(e):  # a pickle asking for code: refused, never executed
+                raise CheckpointError(f"refused checkpoint {path}: {_unsafe_reason(e)}") from None
+            raise CheckpointError(f"corrupt checkpoint {path}: not a file of tensors and plain values") from None
+        raise CheckpointError(f"corrupt checkpoint {path}: {error_summary(e)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: {error_summary(e)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"not a densitune checkpoint: {path}")
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
     return state
+
+
+def _unsafe_reason(e: BaseException) -> str:
+    """Why a weights-only load refused a file, without PyTorch's advice to load it unsafely."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f" ({found.group(1)[:80]})" if found else ""
+    return (f"it asks to run or build a Python object{what}, which a checkpoint of tensors and plain values never does; "
+            "densitune does not load such files")
 
 
 def parse_config(d: Any, source: str | Path) -> TrainConfig:

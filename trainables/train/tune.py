@@ -105,6 +105,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     from densitune.console import log_to_file
     from densitune.search.results.rows import provenance, result_row
     from densitune.search.results.store import write_rows
+    from densitune.storage import fatal_storage
 
     log_to_file(run.log_file)
     cfg = TrainConfig.from_dict(configs[config["key"]])
@@ -134,11 +135,13 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
         log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
                  st.train_loss, st.val_accuracy, row["duration_s"])
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
-        if final:  # the model store keeps weights only: no optimiser state
-            save_checkpoint(run.model_dir(cfg), **ckpt_args)
-        # After the final model (a crash in between leaves the state one epoch behind,
-        # so a resumed run redoes the last epoch and writes the model).
-        save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
+        with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
+            write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
+            if final:  # the model store keeps weights only: no optimiser state
+                save_checkpoint(run.model_dir(cfg), **ckpt_args)
+            # After the final model (a crash in between leaves the state one epoch behind,
+            # so a resumed run redoes the last epoch and writes the model).
+            save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
             tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -180,6 +183,7 @@ def run_training(
     from ray import tune
 
     from densitune.ray_runtime import progress_callback, trial_resources
+    from densitune.storage import storage_failure
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):
@@ -213,6 +217,9 @@ def run_training(
     raise_fatal(results, "training", "key", TrainingError)
     check_budget(stopper, max_gpu_hours, "train")
     failed = [r for r in results if r.error is not None]  # type: ignore[attr-defined]
+    failure = storage_failure([r.error for r in failed])
+    if failure is not None:  # the first failed write stopped the run
+        raise failure
     if failed:
         first = failed[0]
         key = (first.config or {}).get("key", "?")

@@ -1,0 +1,83 @@
+"""Storage failures: checked before a run, and fatal during one.
+
+* Before Ray starts, :func:`check_writable` refuses an output folder that cannot be created
+  or written (a file in the way, a read-only or immutable parent), naming the path.
+* During a run, a failed write of results or checkpoints (read-only or immutable folder,
+  full disk, quota) raises :class:`StorageError` inside the trial (:func:`fatal_storage`);
+  it is fatal (:mod:`densitune.failures`): the whole Tune run stops at that first failure,
+  so no pending trial starts only to fail on its own write, and the CLI prints the one line
+  that names the path and the cause.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from densitune.errors import DensituneError
+
+#: Prefix of every StorageError message: how the driver recognises one in a trial's error text.
+PREFIX = "cannot write"
+
+
+class StorageError(DensituneError):
+    """A write to the run folder failed (fatal: the run stops at the first one)."""
+
+
+def describe(e: OSError, path: str | Path) -> str:
+    """``cannot write FOLDER: cause`` for an OSError raised while writing under ``path``.
+
+    pyarrow raises OSErrors without ``filename``/``errno`` ("Failed to open local file '...'.
+    Detail: [errno 1] ..."): the file and the errno are read from its text. A temporary
+    file's folder is named rather than its throw-away name.
+    """
+    import re
+
+    text = str(e)
+    where: str | Path = e.filename or (m.group(1) if (m := re.search(r"'(/[^']+)'", text)) else path)
+    if Path(where).name.startswith(".tmp-"):
+        where = Path(where).parent
+    code = e.errno if e.errno is not None else (int(m.group(1)) if (m := re.search(r"\[errno (\d+)\]", text)) else None)
+    cause = os.strerror(code) if code is not None else (e.strerror or (text.strip().splitlines() or [type(e).__name__])[0])
+    return f"{PREFIX} {where}: {cause}"[:400]
+
+
+@contextmanager
+def fatal_storage(path: str | Path) -> Iterator[None]:
+    """Turn an OSError of the writes in the block into a :class:`StorageError` naming the path and cause."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(describe(e, path)) from None
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse (before anything is written) an output folder that cannot be created or written."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():  # the nearest existing folder is where the first write would land
+        if probe.parent == probe:
+            break
+        if probe.is_symlink():
+            raise StorageError(f"{PREFIX} {p}: {probe} is a dangling link ({flag})")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StorageError(f"{PREFIX} {p}: {probe} is not a folder ({flag})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"{PREFIX} {p}: {probe} is not writable ({flag})")
+
+
+def storage_failure(errors: list[Any]) -> StorageError | None:
+    """The first storage failure among trial errors (as Tune returns them), or None."""
+    for err in errors:
+        if isinstance(err, StorageError):
+            return StorageError(str(err).strip().splitlines()[-1].split("StorageError: ", 1)[-1])
+        for line in reversed(str(err).strip().splitlines()):
+            if "StorageError: " in line:
+                return StorageError(line.split("StorageError: ", 1)[1].strip())
+    return None
+
+
