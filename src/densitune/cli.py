@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
 
     p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
-    p.add_argument("results", help="results directory (e.g. densitune-demo/results)")
+    p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
     p.add_argument("out", help="new folder for the detector")
     p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
@@ -460,12 +460,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from densitune.api import export_detector, read_manifest
+    from densitune.search.results.store import results_dir_of
 
-    out = export_detector(args.results, args.out, where=args.where, metric=args.metric)
+    out = export_detector(str(results_dir_of(args.results)), args.out, where=args.where, metric=args.metric)
     m = read_manifest(out)
     what = f"{m['score']}" + (f" / {m['density']}" if m["density"] else "") + f", eps={m['eps']:g}"
     print(f"exported {what} ({len(m['members'])} detector(s), trial {m['source']['trial_id']}) to {out}\n"
           f"load it with: densitune.load_detector({str(out)!r})")
+    return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
