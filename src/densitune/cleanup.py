@@ -118,7 +118,9 @@ def clean_run(run_dir: str | Path, *, prune: bool = True) -> CleanReport:
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable %s; no processes stopped", record)
         else:
-            report.driver_alive = driver != os.getpid() and _alive(driver) and "densitune" in _cmdline(driver)
+            if driver == os.getpid():  # this process's own, live Ray (the demo's search after its training)
+                return report
+            report.driver_alive = _alive(driver) and "densitune" in _cmdline(driver)
             if not report.driver_alive:
                 report.stopped = _stop(session_processes(session_dir, pids))
                 record.unlink(missing_ok=True)
