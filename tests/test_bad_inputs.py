@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import train_to
 
-from densitune.search.results.store import code_version, write_rows
+from densitune.search.results.rows import provenance
+from densitune.search.results.store import write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LONG = "x" * 5000
@@ -216,7 +217,7 @@ def _tree(folder: Path) -> dict[str, str]:
 def _write_trial(root: Path, trial: str, val: float) -> None:
     common = dict(experiment="e", trial_id=trial, stage="search", protocol="val-ood:v", backbone="cnn", id_dataset="digits",
                   loss="ce", D=8, spectral=True, density="kde", score="density", eps=0.0, seed=0, started_at=T0,
-                  code_version=code_version())
+                  **provenance("cpu"))
     write_rows(root, [{**common, "ood_dataset": "v", "split": "val", "auroc": val, "auprc": val, "fpr95": 1 - val},
                       {**common, "ood_dataset": "t", "split": "test", "auroc": val, "auprc": val, "fpr95": 1 - val}], name=trial)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from densitune.errors import ResultsError
+from densitune.search.results.rows import provenance
 from densitune.search.results.sql import check_filter, echo
-from densitune.search.results.store import code_version, filter_results, query, read_results, write_rows
+from densitune.search.results.store import filter_results, query, read_results, write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -21,7 +22,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 def write_trial(root: Path, trial: str, *, density: str, val: float, test: float, ood: str = "v") -> None:
     common = dict(experiment="e", trial_id=trial, stage="search", protocol="val-ood:v", backbone="cnn",
                   id_dataset="digits", loss="ce", D=8, spectral=True, density=density, score="density",
-                  eps=0.0, seed=0, started_at=T0, code_version=code_version())
+                  eps=0.0, seed=0, started_at=T0, **provenance("cpu"))
     rows = [{**common, "ood_dataset": ood, "split": "val", "auroc": val, "auprc": val, "fpr95": 1 - val, "objective": val},
             {**common, "ood_dataset": "union", "split": "test", "auroc": test, "auprc": test, "fpr95": 1 - test}]
     write_rows(root, rows, name=trial)
