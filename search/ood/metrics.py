@@ -14,18 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
-import torch
-from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, roc_auc_score
+from typing import TYPE_CHECKING, TypeAlias
 
 from densitune.checks import Interval, check_params
 from densitune.errors import ConfigError, DensituneError
 
-__all__ = ["METRICS", "Metric", "auprc", "auroc", "check_metric", "fpr_at_tpr", "ood_metrics"]
+if TYPE_CHECKING:  # numpy, torch, scipy and sklearn load when a metric is computed: the table below is light
+    import numpy as np
+    import torch
 
-ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
+    ArrayLike: TypeAlias = np.ndarray | torch.Tensor | Sequence[float]
+
+__all__ = ["METRICS", "Metric", "auprc", "auroc", "check_metric", "fpr_at_tpr", "ood_metrics"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ def check_metric(name: str) -> Metric:
 
 def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:
     """1-D float64 numpy copy of ``scores``; raises on NaN, emptiness or a wrong shape."""
+    import numpy as np
+    import torch
+
     if isinstance(scores, torch.Tensor):
         arr = scores.detach().to("cpu", torch.float64).numpy()
     else:
@@ -72,6 +75,9 @@ def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:
 
 def _labels_and_ranks(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Labels (ID = 1, OOD = 0) and average ranks of the concatenated scores (ties share a rank)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
     s_id = _as_scores(score_id, "in-distribution")
     s_ood = _as_scores(score_ood, "OOD")
     labels = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
@@ -89,6 +95,8 @@ def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
     Returns:
         P(score_id > score_ood) + 0.5 P(tie): 1.0 = perfect separation, 0.5 = chance, 0.0 = reversed.
     """
+    from sklearn.metrics import roc_auc_score
+
     labels, ranks = _labels_and_ranks(score_id, score_ood)
     return float(roc_auc_score(labels, ranks))
 
@@ -98,6 +106,8 @@ def auprc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
 
     Its chance level is N_id / (N_id + N_ood), not 0.5.
     """
+    from sklearn.metrics import average_precision_score
+
     labels, ranks = _labels_and_ranks(score_id, score_ood)
     return float(average_precision_score(labels, ranks))
 
@@ -118,6 +128,8 @@ def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> 
     Raises:
         ConfigError: ``tpr`` outside (0, 1].
     """
+    import numpy as np
+
     check_params({"tpr": tpr}, {"tpr": [Interval(float, 0, 1, closed="right")]})
     s_id = _as_scores(score_id, "in-distribution")
     s_ood = _as_scores(score_ood, "OOD")
