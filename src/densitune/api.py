@@ -251,7 +251,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     params = json.loads(rows[0]["density_params"] or "{}")
     members: dict[Any, list[str]] = {}
     for r in rows:
-        members.setdefault(r["seed"], r["checkpoint"].split(","))
+        members.setdefault(r["seed"], list(r["checkpoints"] or []))
     cache = Path(results_dir).parent / "cache"
     ws = Workspace(device=torch.device("cpu"), cache_dir=cache if cache.is_dir() else None)
     out.mkdir(parents=True, exist_ok=True)
