@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from densitune.failures import FATAL_KEY
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
 from densitune.search.space import DefineByRun, TrialParams, params_from_config
@@ -138,8 +139,9 @@ def mirror_callback(mirror: StudyMirror):
 
     class _Mirror(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            value = (trial.last_result or {}).get(objective)
-            if value is None:
+            result = trial.last_result or {}
+            value = result.get(objective)
+            if value is None or result.get(FATAL_KEY):  # a fatal trial reported no value (densitune.failures)
                 return
             try:
                 mirror.add(trial.trial_id, dict(trial.config), value)

@@ -109,7 +109,8 @@ def test_failed_training_trial_is_one_line_with_the_account_and_no_traceback(tmp
                         "--lr", "1e30", "--num-cpus", "2"], capture_output=True, text=True, timeout=400, env=_env())
     assert p.returncode == 2 and "trained 1 model(s)" not in p.stdout
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("densitune: ")]
-    assert len(errors) == 1 and errors[0].startswith("densitune: error: 1 of 1 training trial(s) failed")
+    # a diverged loss would diverge again: not retried, the run stops at once (densitune.failures)
+    assert len(errors) == 1 and errors[0].startswith("densitune: error: training stopped at a trial that would fail again")
     assert "0 of 1 model(s) trained" in errors[0] and errors[0].endswith("--lr 1e30 --num-cpus 2 --resume")
     assert "Traceback" not in p.stderr  # Tune's traceback is in the run's log instead
     assert "FloatingPointError" in (out / "densitune.log").read_text()

@@ -135,7 +135,7 @@ def test_training_and_search_survive_the_loss_of_a_worker_node(tmp_path, cluster
         table = {}
         for r in rows:
             if r["experiment"] == experiment:
-                key = (r["checkpoint"], r["density"], r["eps"], r["ood_dataset"], r["split"], r["seed"])
+                key = (tuple(r["checkpoints"]), r["density"], r["eps"], r["ood_dataset"], r["split"], r["seed"])
                 out[key] += 1
                 table[key] = (r["auroc"], r["auprc"], r["fpr95"], r["objective"])
         assert set(out.values()) == {1}  # every grid point once
