@@ -70,7 +70,12 @@ def guarded(fn: Any, metric: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - classified right here
             if not is_fatal(exc):
                 raise
+            import logging
+
             from ray import tune
+
+            # the whole traceback goes to the run's log file; the console gets one line (raise_fatal)
+            logging.getLogger(__name__).error("fatal error in a trial, not retried: %s", one_line(exc), exc_info=exc)
 
             tune.report(fatal_report(exc, metric))
 
