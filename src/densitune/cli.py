@@ -276,6 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
                      verbose=1 if args.verbose else 0, progress=not args.quiet)
     except KeyboardInterrupt:
+        _stop_ray()  # no trial writes after the account below is taken
         raise Interrupted(f"{_train_status(run, configs)}; continue with: {_resume(args)}") from None
     except DensituneError as e:  # a failed trial, a fatal error, the GPU-hour budget
         raise type(e)(f"{e}; {_train_status(run, configs)}; after fixing it, continue with: {_resume(args)}") from None
@@ -370,6 +371,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
                    max_gpu_hours=args.max_gpu_hours, progress=not args.quiet)
     except KeyboardInterrupt:
+        _stop_ray()  # no trial writes after the account below is taken
         raise Interrupted(f"{_search_status(run, spec, total)}; continue with: {_resume(args)}") from None
     except DensituneError as e:  # failed trials, a fatal error, the GPU-hour budget
         raise type(e)(f"{e}; {_search_status(run, spec, total)}; after fixing it, continue with: {_resume(args)}") from None
@@ -389,6 +391,14 @@ def cmd_search(args: argparse.Namespace) -> int:
                f"tables:  densitune report {results} --view methods\n"
                f"figures: densitune plot {results} --out {results.parent / 'plots'}")
     return 0
+
+
+def _stop_ray() -> None:
+    """Shut Ray down (its workers with it), so that what the results hold stops changing."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _search_status(run, spec, total: int) -> str:
