@@ -38,9 +38,11 @@ CACHE_VERSION = 2
 
 def checkpoint_token(path: str) -> str:
     """``path`` plus size and mtime of its weights: changes whenever the model does."""
-    f = Path(path) / "model.pt"
+    from densitune.runstore import location
+
+    f = location(path) / "model.pt"
     st = f.stat()
-    return f"{Path(path).resolve()}@{st.st_size}:{st.st_mtime_ns}"
+    return f"{f.parent.resolve()}@{st.st_size}:{st.st_mtime_ns}"
 
 
 class DiskCache:

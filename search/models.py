@@ -11,10 +11,11 @@ The search selects among groups, and reports each seed's figures
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 from densitune.errors import CheckpointError, ConfigError
+from densitune.runstore import RunPath, glob, location
 from densitune.trainables.train.checkpoint import (
     CONFIG_FILE,
     FORMAT,
@@ -50,7 +51,7 @@ def group_key(config: TrainConfig) -> str:
     return config.name
 
 
-def _read_entry(cfg_file: Path) -> tuple[TrainConfig, int]:
+def _read_entry(cfg_file: RunPath) -> tuple[TrainConfig, int]:
     """The config and epoch of one ``config.json``; :class:`CheckpointError` naming the file if foreign or corrupt."""
     meta = read_config(cfg_file.parent)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -68,7 +69,7 @@ def _shared_settings(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in MEMBER_SETTINGS}
 
 
-def _check_members(key: str, items: list[tuple[TrainConfig, Path]]) -> None:
+def _check_members(key: str, items: list[tuple[TrainConfig, RunPath]]) -> None:
     """All members of group ``key`` share every setting but the seed; ConfigError naming the differing keys."""
     first_cfg, first_dir = items[0]
     ref = _shared_settings(first_cfg)
@@ -86,7 +87,7 @@ def _check_members(key: str, items: list[tuple[TrainConfig, Path]]) -> None:
         )
 
 
-def discover(models_dir: str | Path) -> list[ModelGroup]:
+def discover(models_dir: str | RunPath) -> list[ModelGroup]:
     """Every completed checkpoint under ``models_dir`` (recursively), grouped by configuration.
 
     Reads only the ``config.json`` files (see :func:`check_checkpoints` for the weights).
@@ -97,11 +98,11 @@ def discover(models_dir: str | Path) -> list[ModelGroup]:
         ConfigError: two checkpoints of one group differ in a setting other than the seed,
             or two are for one seed.
     """
-    root = Path(models_dir)
+    root = location(models_dir)
     if not root.is_dir():
         raise CheckpointError(f"models directory not found: {root}")
-    members: dict[str, list[tuple[TrainConfig, Path]]] = {}
-    for cfg_file in sorted(root.rglob(CONFIG_FILE)):
+    members: dict[str, list[tuple[TrainConfig, RunPath]]] = {}
+    for cfg_file in glob(root, CONFIG_FILE, recursive=True):
         cfg, epoch = _read_entry(cfg_file)
         if epoch != cfg.epochs:
             continue  # an unfinished model store entry cannot happen, but never search one
@@ -135,7 +136,7 @@ def check_checkpoints(groups: list[ModelGroup]) -> None:
     """
     for group in groups:
         for directory in group.checkpoints:
-            d = Path(directory)
+            d = location(directory)
             state = read_checkpoint(d)
             stored = parse_config(state.get("config"), d / MODEL_FILE)
             listed, _ = _read_entry(d / CONFIG_FILE)
@@ -164,17 +165,17 @@ def select(
     return groups
 
 
-def list_models(models_dir: str | Path) -> list[dict[str, Any]]:
+def list_models(models_dir: str | RunPath) -> list[dict[str, Any]]:
     """One record per trained (or training) network under ``models_dir``: experiment, key, settings, epochs.
 
     Reads only the ``config.json`` files; an unreadable one is listed with its error.
     """
-    root = Path(models_dir)
+    root = location(models_dir)
     if not root.is_dir():
         raise CheckpointError(f"models directory not found: {root}")
     out: list[dict[str, Any]] = []
-    for cfg_file in sorted(root.rglob(CONFIG_FILE)):
-        rel = cfg_file.parent.relative_to(root).parts
+    for cfg_file in glob(root, CONFIG_FILE, recursive=True):
+        rel = PurePosixPath(str(cfg_file.parent)[len(str(root)):].lstrip("/")).parts
         try:
             cfg, epoch = _read_entry(cfg_file)
         except (CheckpointError, ConfigError) as e:

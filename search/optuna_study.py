@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from densitune.failures import FATAL_KEY
+from densitune.runstore import ObjectPath, RunPath, location, publish
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
 from densitune.search.space import DefineByRun, TrialParams, params_from_config
@@ -29,18 +30,39 @@ from densitune.search.spec import SearchSpec
 log = logging.getLogger(__name__)
 
 
-def journal_path(results_dir: str | Path) -> Path:
+def journal_path(results_dir: str | RunPath) -> RunPath:
     """Where the study of a run's searches lives: ``RUN/optuna/journal.log`` beside ``RUN/results``."""
-    return Path(results_dir).parent / "optuna" / "journal.log"
+    return location(results_dir).parent / "optuna" / "journal.log"
 
 
-def open_storage(path: str | Path):
-    """The journal-file storage at ``path`` (what ``optuna.load_study`` is given)."""
+def _local_copy(path: ObjectPath) -> Path:
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "densitune" / f"optuna-{hashlib.sha1(str(path).encode()).hexdigest()[:12]}" / path.name
+
+
+def staged_journal(path: RunPath) -> Path:
+    """The local file an Optuna journal is used through: ``path`` itself, or for a run in a bucket a copy in
+    the temporary folder (downloaded when the study is opened, uploaded after each trial it records)."""
+    if isinstance(path, Path):
+        return path
+    local = _local_copy(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.unlink(missing_ok=True)
+    if path.is_file():
+        local.write_bytes(path.read_bytes())
+    return local
+
+
+def open_storage(path: str | RunPath):
+    """The journal-file storage at ``path`` (what ``optuna.load_study`` is given; see :func:`staged_journal`)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    local = staged_journal(location(path))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(local)))
 
 
 class _Replay:
@@ -66,10 +88,10 @@ class _Replay:
 class StudyMirror:
     """An Optuna study holding one finished trial per search trial (matched by Tune trial id)."""
 
-    def __init__(self, path: str | Path, spec: SearchSpec, groups: list[ModelGroup], points: dict[str, TrialParams]) -> None:
+    def __init__(self, path: str | RunPath, spec: SearchSpec, groups: list[ModelGroup], points: dict[str, TrialParams]) -> None:
         import optuna
 
-        self.path, self.spec, self.points = Path(path), spec, points
+        self.path, self.spec, self.points = location(path), spec, points
         self.groups = sorted(g.key for g in groups)
         self.ensemble_groups = sorted(g.key for g in groups if len(g.seeds) >= 2)
         self.space = DefineByRun(spec, groups) if spec.sampler == "tpe" else None
@@ -124,6 +146,8 @@ class StudyMirror:
         self.study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value),
                                                        user_attrs={"trial_id": trial_id, "label": label}))
         self.known.add(trial_id)
+        if not isinstance(self.path, Path):  # a run in a bucket: publish the staged journal
+            publish(self.path, _local_copy(self.path).read_bytes())
 
     def sync(self, done: dict[str, tuple[dict[str, Any], float]]) -> None:
         """Add the trials of the results (``completed_trials``) that the study lacks."""

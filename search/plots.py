@@ -39,6 +39,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
+from densitune.runstore import location
 from densitune.search.ood.metrics import METRICS, auroc, check_metric
 from densitune.search.results.report import (
     GROUP_COLUMNS,
@@ -181,7 +182,7 @@ def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc"
     cfg = result.config
     ckpts, members = _checkpoints(rows, score_class(cfg["score"]).ensemble)
     for c in ckpts:
-        if not Path(c).exists():
+        if not location(c).exists():
             raise CheckpointError(f"checkpoint {c} of trial {ref['trial_id']} no longer exists (histograms re-evaluate it)")
     ws = ws or Workspace()
     label = f"{cfg['backbone']}-D{cfg['D']}"

@@ -8,10 +8,10 @@ every checkpoint and data set checked: all before Ray starts and before anything
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from densitune.errors import ConfigError
+from densitune.runstore import location
 from densitune.search.models import ModelGroup
 from densitune.search.spec import SearchSpec
 
@@ -59,7 +59,7 @@ def prepare_search(values: dict[str, Any]) -> tuple[SearchSpec, list[ModelGroup]
     check_density_params(values.get("density_params", {}))
     if not values.get("models"):
         raise ConfigError("no models folder given (key models / --models)")
-    models_dir = Path(values["models"])
+    models_dir = location(values["models"])
     groups = models.discover(models_dir)
     ids = {g.dataset for g in groups}
     if len(ids) != 1:

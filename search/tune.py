@@ -15,12 +15,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from densitune.checks import error_summary
 from densitune.errors import SearchError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.runstore import tune_storage
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
 from densitune.search.optuna_study import _Replay
@@ -172,7 +172,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         tune_config=tune.TuneConfig(search_alg=algo, num_samples=len(todo), reuse_actors=True, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(
             name=f"search-{spec.experiment}",
-            storage_path=str(Path(run.storage_path).resolve()),
+            storage_path=tune_storage(run.storage_path),
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
                        mirror_callback(mirror)],

@@ -46,3 +46,74 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ an S3 server on loopback
+
+#: Credentials of the test server: they must never appear in a run's rows, logs or specs (tests check).
+S3_SECRET = "densitune-test-secret-0123456789"
+
+
+class S3Server:
+    """moto's standalone S3 server (pinned in the test extra), as its own process on 127.0.0.1."""
+
+    def __init__(self, proc, endpoint: str) -> None:
+        self.proc, self.endpoint = proc, endpoint
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "densitune-test", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def objects(self, bucket: str) -> dict[str, bytes]:
+        """Every object in ``bucket``: key -> content."""
+        c = self.client()
+        keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+        return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)  # noqa: S310 - loopback
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
+    yield S3Server(proc, endpoint)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the loopback server, with this process's environment pointed at it: ``s3://<name>``."""
+    import uuid
+
+    from densitune import runstore
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    runstore._filesystem.cache_clear()
+    name = f"densitune-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    yield f"s3://{name}"
+    runstore._filesystem.cache_clear()

@@ -119,6 +119,8 @@ for argv, frag in [
     ("search --out {O} --spec {W}/absent.yaml", "search spec file not found"),
     ("search --out {O} --spec {W}/specs", "search spec file not found"),
     ("search --out {O} --spec {W}/specs/binary.yaml", "not a text file"),
+    ("train --out ftp://host/run", "unsupported storage scheme 'ftp'"),
+    ("report s3://", "name a bucket"),
 ]:
     case("files and formats", argv, frag)
 

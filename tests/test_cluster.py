@@ -71,10 +71,12 @@ def test_readme_cluster_commands_parse_and_use_the_tested_flags():
     lines = block.replace("\\\n", " ").splitlines()
     commands = [shlex.split(ln.split(" -- ", 1)[1].split("#")[0]) if "job submit" in ln else shlex.split(ln.split("#")[0])
                 for ln in lines if "densitune " in ln and ("job submit" in ln or ln.lstrip().startswith("densitune"))]
-    assert [c[1] for c in commands if c[0] == "densitune"] == ["train", "search"]
+    assert [c[1] for c in commands if c[0] == "densitune"] == ["train", "search", "train", "report"]
     for cmd in commands:
-        if cmd[0] == "densitune":
+        if cmd[0] == "densitune" and cmd[1] != "report":
             args = build_parser().parse_args(cmd[1:])
             assert args.address == "auto" and args.gpus_per_trial is not None
+    outs = [build_parser().parse_args(cmd[1:]).out for cmd in commands if cmd[1] == "train"]
+    assert outs[1].startswith("s3://")  # the bucket variant: tests/test_node_loss.py and tests/test_s3_run.py run it
     assert "ray up -y cluster.yaml" in block and "ray down -y cluster.yaml" in block
     assert "--working-dir ." in block

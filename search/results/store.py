@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from densitune.checks import error_summary
 from densitune.errors import ResultsError
-from densitune.files import atomic_write, fsync_dir
+from densitune.files import fsync_dir
+from densitune.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
 
 SCHEMA_VERSION = 4
 #: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`, see :func:`upgrade_v3`).
@@ -141,7 +142,7 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
-def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, name: str | None = None) -> Path:
+def write_rows(results_dir: str | RunPath, rows: Iterable[Mapping[str, Any]], *, name: str | None = None) -> RunPath:
     """Atomically write ``rows`` (all of one experiment and stage) as one Parquet file.
 
     ``name`` makes the file name deterministic (``<stage>-<name>.parquet``), so that a
@@ -163,48 +164,48 @@ def write_rows(results_dir: str | Path, rows: Iterable[Mapping[str, Any]], *, na
     part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{stage}-{_safe(name)}.parquet"
-    return atomic_write(final, lambda f: pq.write_table(table, f))
+    return publish(final, lambda f: pq.write_table(table, f))
 
 
 SPEC_FILE = "_spec.json"
 
 
-def experiment_dir(results_dir: str | Path, experiment: str) -> Path:
+def experiment_dir(results_dir: str | RunPath, experiment: str) -> RunPath:
     """The hive partition folder of one experiment."""
-    return Path(results_dir) / f"experiment={_safe(experiment)}"
+    return location(results_dir) / f"experiment={_safe(experiment)}"
 
 
-def has_results(results_dir: str | Path, experiment: str) -> bool:
+def has_results(results_dir: str | RunPath, experiment: str) -> bool:
     """True when ``experiment`` already has result rows (a stored spec alone does not count)."""
     folder = experiment_dir(results_dir, experiment)
     # Hidden temporary files (``.tmp-*``, left by a write that was killed) are not results.
     return folder.is_dir() and any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet"))
 
 
-def remove_stale_temp_files(results_dir: str | Path, experiment: str) -> list[Path]:
+def remove_stale_temp_files(results_dir: str | RunPath, experiment: str) -> list[RunPath]:
     """Delete the ``.tmp-*`` files a killed write left in one experiment's folder; returns them.
 
     Only the holder of the experiment's writer lock may call this (:mod:`densitune.runlock`):
     another live writer's temporary file is never stale. Readers just skip such files.
     """
     folder = experiment_dir(results_dir, experiment)
-    stale = sorted(folder.glob(".tmp-*")) if folder.is_dir() else []
+    stale = glob(folder, ".tmp-*") if folder.is_dir() else []
     for f in stale:
         f.unlink(missing_ok=True)
     return stale
 
 
-def write_spec(results_dir: str | Path, experiment: str, spec: Mapping[str, Any]) -> Path:
+def write_spec(results_dir: str | RunPath, experiment: str, spec: Mapping[str, Any]) -> RunPath:
     """Store the search spec beside its rows (``_spec.json``; readers skip ``_`` files)."""
     import json
 
     d = experiment_dir(results_dir, experiment)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SPEC_FILE
-    return atomic_write(path, json.dumps(dict(spec), indent=1, sort_keys=True))
+    return publish(path, json.dumps(dict(spec), indent=1, sort_keys=True))
 
 
-def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None:
+def read_spec(results_dir: str | RunPath, experiment: str) -> dict[str, Any] | None:
     """The stored search spec of ``experiment``, or None if it has none."""
     import json
 
@@ -218,31 +219,29 @@ def read_spec(results_dir: str | Path, experiment: str) -> dict[str, Any] | None
         raise ResultsError(f"corrupt search spec {path}: {e}") from None
 
 
-def results_dir_of(run_or_results: str | Path) -> Path:
+def results_dir_of(run_or_results: str | RunPath) -> RunPath:
     """The results folder named by a run folder (``RUN`` -> ``RUN/results``) or by itself.
 
     Every reading command takes either; a path that is neither is returned unchanged (the
     reader then says it is not found).
     """
-    path = Path(run_or_results)
+    path = location(run_or_results)
     return path / "results" if (path / "results").is_dir() else path
 
 
-def result_files(results_dir: str | Path, experiment: str | None = None) -> list[Path]:
+def result_files(results_dir: str | RunPath, experiment: str | None = None) -> list[RunPath]:
     """The result files of a results directory or of one experiment in it (hidden ``.``/``_`` files excluded)."""
-    root = Path(results_dir)
+    root = location(results_dir)
     if not root.is_dir():
         raise ResultsError(f"results directory not found: {root}")
     if experiment is not None:
         root = experiment_dir(root, experiment)
         if not root.is_dir():
             raise ResultsError(f"no experiment {experiment!r} in {results_dir}")
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
-    )
-    replaced: set[Path] = set()
-    for manifest in sorted(root.rglob(f"{MANIFEST_PREFIX}*.json")):
+    listing = files_under(root)
+    files = [p for p in listing if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)]  # type: ignore[arg-type]
+    replaced: set[RunPath] = set()
+    for manifest in (p for p in listing if p.name.startswith(MANIFEST_PREFIX) and p.suffix == ".json"):
         replaced |= _replaced_by(manifest)
     return [f for f in files if f not in replaced]
 
@@ -253,7 +252,7 @@ def result_files(results_dir: str | Path, experiment: str | None = None) -> list
 MANIFEST_PREFIX = "_compact-"
 
 
-def _replaced_by(manifest: Path) -> set[Path]:
+def _replaced_by(manifest: RunPath) -> set[RunPath]:
     """The files a finished compaction replaced (none while its merged file is not in place)."""
     import json
 
@@ -278,7 +277,7 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def compact_experiment(results_dir: str | Path, experiment: str) -> tuple[int, int]:
+def compact_experiment(results_dir: str | RunPath, experiment: str) -> tuple[int, int]:
     """Merge one experiment's per-trial/per-epoch files into one file; returns (files merged, rows).
 
     Crash-safe at every step, for every reader: (1) the manifest ``_compact-<id>.json`` names
@@ -298,47 +297,50 @@ def compact_experiment(results_dir: str | Path, experiment: str) -> tuple[int, i
         return 0, 0
     for f in files:
         _check_file(f)
-    table = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet").to_table()
+    paths, fs = arrow_files(files)
+    table = ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=fs).to_table()
     ident = uuid.uuid4().hex[:12]
     merged = folder / f"compact-{ident}.parquet"
     manifest = folder / f"{MANIFEST_PREFIX}{ident}.json"
-    atomic_write(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}))
+    publish(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}))
     _failpoint("compact:manifest")
 
     def write(f: Any) -> None:
         pq.write_table(table, f)
         _failpoint("compact:merged-written")
 
-    atomic_write(merged, write)
+    publish(merged, write)
     _failpoint("compact:merged-published")
     for i, f in enumerate(files):
         f.unlink(missing_ok=True)
         if i == 0:
             _failpoint("compact:deleting")
-    fsync_dir(folder)
+    if isinstance(folder, Path):
+        fsync_dir(folder)
     manifest.unlink()
     return len(files), table.num_rows
 
 
-def _finish_interrupted(folder: Path) -> None:
+def _finish_interrupted(folder: RunPath) -> None:
     """Complete what a killed compaction left: delete the files a published merge replaced, and drop
     manifests whose merge never got published (their originals stand)."""
-    for manifest in sorted(folder.glob(f"{MANIFEST_PREFIX}*.json")):
+    for manifest in glob(folder, f"{MANIFEST_PREFIX}*.json"):
         for f in _replaced_by(manifest):
             f.unlink(missing_ok=True)
         manifest.unlink()
 
 
-def _check_file(f: Path) -> int:
+def _check_file(f: RunPath) -> int:
     """The schema version of ``f``; :class:`ResultsError` naming ``f`` unless it is an intact densitune Parquet file."""
     if f.suffix != ".parquet":
         raise ResultsError(f"foreign file in results directory: {f}")
     try:
-        schema = pq.ParquetFile(f).schema_arrow
+        path, fs = arrow_file(f)
+        schema = pq.ParquetFile(path, filesystem=fs).schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
     if "schema_version" in schema.names:
-        col = pq.read_table(f, columns=["schema_version"]).column(0)
+        col = pq.read_table(path, columns=["schema_version"], filesystem=fs).column(0)
         versions = set(col.to_pylist())
         if versions - set(READABLE_VERSIONS):
             readable = ", ".join(f"v{v}" for v in READABLE_VERSIONS)
@@ -351,7 +353,7 @@ def _check_file(f: Path) -> int:
     raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
 
 
-def read_results(results_dir: str | Path, *, experiment: str | None = None, stage: str | None = None) -> pa.Table:
+def read_results(results_dir: str | RunPath, *, experiment: str | None = None, stage: str | None = None) -> pa.Table:
     """Read every result file under ``results_dir`` (or one experiment's) as one :data:`SCHEMA` table.
 
     Every file's footer is checked first: a file that is not Parquet, is corrupt, or has
@@ -362,18 +364,19 @@ def read_results(results_dir: str | Path, *, experiment: str | None = None, stag
     if not files:
         raise ResultsError(f"no result files in {results_dir}")
     versions = {f: _check_file(f) for f in files}
-    current = [str(f) for f in files if versions[f] == SCHEMA_VERSION]
+    current, fs = arrow_files([f for f in files if versions[f] == SCHEMA_VERSION])
     where = (ds.field("stage") == stage) if stage is not None else None
     try:
-        table = ds.dataset(current, schema=SCHEMA, format="parquet").to_table(filter=where)
+        table = ds.dataset(current, schema=SCHEMA, format="parquet", filesystem=fs).to_table(filter=where)
         old = [f for f in files if versions[f] == 3]
         if old:
-            v3 = ds.dataset([str(f) for f in old], schema=SCHEMA_V3, format="parquet").to_table(filter=where)
+            old_paths, fs = arrow_files(old)
+            v3 = ds.dataset(old_paths, schema=SCHEMA_V3, format="parquet", filesystem=fs).to_table(filter=where)
             table = pa.concat_tables([table, upgrade_v3(v3)])
     except (pa.ArrowException, OSError):
         for f in files:  # find the file with the damaged data pages, to name it
             try:
-                pq.read_table(f)
+                pq.read_table(arrow_file(f)[0], filesystem=arrow_file(f)[1])
             except (pa.ArrowException, OSError) as e:
                 raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
         raise

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -236,6 +235,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     search fitted it). A score over single networks exports every seed of its group; an ensemble score
     exports every member. Returns ``out``.
     """
+    from densitune.runstore import location
     from densitune.search.evaluate import Workspace
     from densitune.search.results.store import read_spec
     from densitune.trainables.data import load_split
@@ -252,8 +252,8 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     members: dict[Any, list[str]] = {}
     for r in rows:
         members.setdefault(r["seed"], list(r["checkpoints"] or []))
-    cache = Path(results_dir).parent / "cache"
-    ws = Workspace(device=torch.device("cpu"), cache_dir=cache if cache.is_dir() else None)
+    cache = location(results_dir).parent / "cache"
+    ws = Workspace(device=torch.device("cpu"), cache_dir=cache if isinstance(cache, Path) and cache.is_dir() else None)
     out.mkdir(parents=True, exist_ok=True)
     saved_models: dict[str, str] = {}
     manifest_members: list[dict[str, Any]] = []
@@ -264,7 +264,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
                 folder = f"model-{len(saved_models)}"
                 (out / folder).mkdir()
                 for f in ("model.pt", "config.json"):
-                    shutil.copyfile(Path(ckpt) / f, out / folder / f)
+                    (out / folder / f).write_bytes((location(ckpt) / f).read_bytes())
                 saved_models[ckpt] = folder
             folders.append(saved_models[ckpt])
         entry: dict[str, Any] = {"seed": seed, "models": folders}
@@ -287,7 +287,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
         "input": {"shape": list(first.data["shape"]), "range": [0.0, 1.0], "dataset": first.data["name"],
                   "normalisation": "inside the network (mean/std of the training data)"},
         "batch_size": int(spec.get("batch_size", 256)),
-        "source": {"results": str(Path(results_dir).resolve()), "experiment": best["experiment"],
+        "source": {"results": str(location(results_dir).resolve()), "experiment": best["experiment"],
                    "trial_id": best["trial_id"], "where": where, f"validation_{metric}": best["val"]},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")

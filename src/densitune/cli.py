@@ -15,10 +15,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
-from densitune.console import LOG_NAME, Interrupted, close_progress, log_to_file, resume_command, setup_logging
+from densitune.console import Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
+
+if TYPE_CHECKING:
+    from densitune.runstore import RunPath, RunStore
 
 #: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
 #: which are not imported here: ``densitune --help`` stays fast).
@@ -231,24 +234,32 @@ def _train_configs(args: argparse.Namespace):
     return expand_grid(base, {"backbone": args.backbone, "feature_dim": args.dim, "loss": args.loss, "seed": args.seeds})
 
 
-def _start_ray(args: argparse.Namespace, out: Path) -> None:
-    """Stop what a crashed earlier driver of this run left running, start Ray, and record its session in ``out``."""
+def _start_ray(args: argparse.Namespace, store: RunStore) -> None:
+    """Stop what a crashed earlier driver of this run left running, start Ray, and record its session
+    (in the run folder, or for a run in a bucket in this machine's own folder for it: ``store.local()``)."""
     from densitune.cleanup import clean_run, record_session
     from densitune.ray_runtime import init_ray
 
-    clean_run(out, prune=False)
+    clean_run(store.local(), prune=False)
     init_ray(args.address, args.num_cpus, verbose=args.verbose, quiet=args.quiet)
     if args.address is None:  # a Ray this process started (never a cluster's)
-        record_session(out)
+        record_session(store.local())
+
+
+def _run_store(args: argparse.Namespace) -> RunStore:
+    """The run named by ``--out``, checked writable before anything is written (a dangling link is refused)."""
+    from densitune.runstore import RunStore
+    from densitune.storage import check_writable
+
+    check_writable(args.out)
+    return RunStore(args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from densitune.resource_flags import check_resource_flags
 
     check_resource_flags(args)  # before torch and Ray are imported
-    from densitune.storage import check_writable
-
-    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
+    store = _run_store(args)
     from densitune.search.prepare import check_data
     from densitune.search.results.store import remove_stale_temp_files
     from densitune.trainables.train.tune import TrainRun, run_training
@@ -259,19 +270,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)  # validates names, D, ε...
     check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
     check_data(args.dataset, args.data_root, args.download)
-    out = Path(_abs(args.out))
     run = TrainRun(
-        experiment=args.experiment, models_dir=str(out / "models"), results_dir=str(out / "results"),
-        storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial, resume=args.resume,
-        log_file=str(out / LOG_NAME),
+        experiment=args.experiment, models_dir=str(store.models), results_dir=str(store.results),
+        storage_path=store.tune, cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+        log_file=str(store.log_file),
     )
-    _hold_writer_lock(out, "train", args.experiment)
+    _hold_writer_lock(store, "train", args.experiment)
     remove_stale_temp_files(run.results_dir, args.experiment)  # only the lock holder may
     log_to_file(run.log_file)
-    models_dir = Path(run.models_dir) / args.experiment
+    models_dir = store.models / args.experiment
     _header(args, f"train {len(configs)} model(s) ({_grid_text(args)}; {args.epochs} epochs) on {args.dataset}",
-            {"models": models_dir, "rows": out / "results", "log": run.log_file})
-    _start_ray(args, out)
+            {"models": models_dir, "rows": store.results, "log": run.log_file})
+    _start_ray(args, store)
     try:
         run_training(configs, run, gpus_per_trial=args.gpus_per_trial, max_gpu_hours=args.max_gpu_hours,
                      verbose=1 if args.verbose else 0, progress=not args.quiet)
@@ -339,9 +349,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Flags and the spec file first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
     check_resource_flags(args)
     values = _search_values(args)
-    from densitune.storage import check_writable
-
-    check_writable(os.path.abspath(os.path.expanduser(args.out)))  # not resolved: a dangling link is refused
+    store = _run_store(args)
     from collections import Counter
 
     from densitune.search.cache import DiskCache
@@ -350,14 +358,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
     from densitune.search.tune import SearchRun, completed_trials, run_search, trial_budget
 
-    out = Path(_abs(args.out))
-    values.setdefault("models", str(out / "models"))
+    values.setdefault("models", str(store.models))
     spec, groups = prepare_search(values)
-    cache_dir = str(out / "cache")
-    run = SearchRun(results_dir=str(out / "results"), storage_path=str(out / "tune"), cpus_per_trial=args.cpus_per_trial,
+    cache_dir = str(store.cache)
+    run = SearchRun(results_dir=str(store.results), storage_path=store.tune, cpus_per_trial=args.cpus_per_trial,
                     gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, cache_dir=cache_dir,
-                    log_file=str(out / LOG_NAME))
-    _hold_writer_lock(out, "search", spec.experiment)
+                    log_file=str(store.log_file))
+    _hold_writer_lock(store, "search", spec.experiment)
     remove_stale_temp_files(run.results_dir, spec.experiment)  # only the lock holder may
     _check_experiment(run.results_dir, spec, args.resume)
     log_to_file(run.log_file)
@@ -366,7 +373,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                   f"selecting on {spec.protocol_label}",
             {"rows": run.results_dir, "log": run.log_file})
     write_spec(run.results_dir, spec.experiment, spec.to_dict())
-    _start_ray(args, out)
+    _start_ray(args, store)
     try:
         run_search(spec, groups, run, resume=args.resume, verbose=1 if args.verbose else 0,
                    max_gpu_hours=args.max_gpu_hours, progress=not args.quiet)
@@ -386,10 +393,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(report(table, spec.metric, top=5))
         print()
     print(best(table, spec.metric))
-    results = Path(run.results_dir)
-    _say(args, f"\nsearch finished: {done} trial(s) in {results}; log: {run.log_file}\n"
-               f"tables:  densitune report {results} --view methods\n"
-               f"figures: densitune plot {results} --out {results.parent / 'plots'}")
+    _say(args, f"\nsearch finished: {done} trial(s) in {store.results}; log: {run.log_file}\n"
+               f"tables:  densitune report {store} --view methods\n"
+               f"figures: densitune plot {store}")
     return 0
 
 
@@ -462,10 +468,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from densitune.search.results.store import results_dir_of
 
     results = results_dir_of(args.results)
-    out = args.out or str(results.parent / "plots" if results.name == "results" else results.parent / f"{results.name}-plots")
+    out = args.out or _plot_dir(results)
     for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
         print(path)
     return 0
+
+
+def _plot_dir(results: RunPath) -> str:
+    """Where figures go by default: ``RUN/plots`` beside ``RUN/results`` (for a run in a bucket, a local
+    folder named after the run: figures are for reading on this machine)."""
+    from densitune.runstore import ObjectPath
+
+    run = results.parent if results.name == "results" else results
+    if isinstance(run, ObjectPath):
+        return os.path.abspath(f"{run.name}-plots")
+    return str(run / "plots" if results.name == "results" else results.parent / f"{results.name}-plots")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -483,8 +500,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from densitune.cleanup import clean_run
     from densitune.errors import ConfigError
+    from densitune.runstore import RunStore, is_remote
 
-    run = Path(_abs(args.run))
+    run = RunStore(args.run).local() if is_remote(args.run) else Path(_abs(args.run))
     if not run.is_dir():
         raise ConfigError(f"run directory not found: {run}")
     done = clean_run(run)
@@ -517,7 +535,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
     results = results_dir_of(args.results)
     run = results.parent if results.name == "results" else results
-    folders = sorted(results.glob("experiment=*")) if results.is_dir() else []
+    from densitune.runstore import glob
+
+    folders = glob(results, "experiment=*") if results.is_dir() else []
     if not folders:
         raise ResultsError(f"no experiments to compact in {results}")
     for folder in folders:
@@ -535,10 +555,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_list_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from densitune.runstore import location
     from densitune.search.models import list_models
     from densitune.search.results.report import Table, render
 
-    run = Path(args.results)
+    run = location(args.results)
     records = list_models(run / "models" if (run / "models").is_dir() else run)
     print(render([Table(f"trained networks in {run}", pd.DataFrame.from_records(records))], args.format))
     return 0
@@ -584,11 +605,11 @@ COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "bes
 _HELD = contextlib.ExitStack()
 
 
-def _hold_writer_lock(out: Path, command: str, experiment: str) -> None:
+def _hold_writer_lock(store: RunStore, command: str, experiment: str) -> None:
     """Take the run's writer lock for ``experiment`` (one writer per experiment; see densitune.runlock)."""
     from densitune.runlock import writer_lock
 
-    _HELD.enter_context(writer_lock(out, command, experiment))
+    _HELD.enter_context(writer_lock(store.root, command, experiment))
 
 
 def _one_line(message: str, limit: int = 280) -> str:

@@ -12,7 +12,10 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from densitune.runstore import ObjectPath
 
 __all__ = ["atomic_write", "fsync_dir", "load_tensors", "temp_path"]
 
@@ -61,15 +64,20 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
     return path
 
 
-def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
+def load_tensors(path: str | Path | ObjectPath, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers of them.
 
     Anything else (a planted pickle of arbitrary objects) raises instead of being executed. torch's own
     warnings about such a file (e.g. its pickle protocol) are silenced: the caller reports the error in
     one line.
     """
+    import io
+
     import torch
 
+    from densitune.runstore import ObjectPath
+
+    source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, ObjectPath) else path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)

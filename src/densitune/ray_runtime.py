@@ -16,6 +16,20 @@ from densitune.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _session_token() -> None:
+    """Keep Ray's token authentication without writing ``~/.ray/auth_token``: a local Ray that densitune starts
+    gets a fresh random token in this process's environment (inherited by every Ray process it starts), unless
+    the user chose a token or a mode, or already has a token file."""
+    import secrets
+    from pathlib import Path
+
+    if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        return
+    if (Path.home() / ".ray" / "auth_token").exists():
+        return
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,
              quiet: bool = False) -> None:
     """Start or join Ray once per process (later calls are no-ops).
@@ -45,6 +59,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:
+        _session_token()
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,

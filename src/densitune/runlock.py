@@ -12,6 +12,13 @@ a lost node) is taken over only when its holder is provably gone:
   :data:`RENEW_S` seconds from a background thread; a lock not renewed for :data:`LEASE_S`
   seconds has expired.
 
+On an object store (``s3://``) the lock is an object created with a conditional PUT
+(``If-None-Match: *``): of two writers exactly one creates it. The holder renews it every
+:data:`RENEW_S` seconds by replacing exactly the version it wrote (``If-Match: <ETag>``); a lock
+whose last renewal is older than :data:`LEASE_S` by the store's own clock (or whose holder ran on
+this host and is gone) is taken over the same way, so two takers cannot both win, and the holder
+deletes only its own version on exit.
+
 A second writer while the holder lives exits 2 with one line naming the holder. Readers
 (``report``, ``best``, ``query``, ``plot``) take no lock: they only skip temporary files.
 """
@@ -24,13 +31,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from densitune.errors import DensituneError
+from densitune.runstore import ObjectPath, RunPath, location
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +81,53 @@ def _stale(path: Path, info: dict[str, Any]) -> bool:
         return True
 
 
+def _locked(experiment: str, run_dir: str | RunPath, info: dict[str, Any]) -> LockedError:
+    return LockedError(f"experiment {experiment!r} of {run_dir} is being written by {_describe(info)}; "
+                       "wait for it to finish, or use another --experiment")
+
+
 def _describe(info: dict[str, Any]) -> str:
     return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} "
             f"(`densitune {info.get('command', '?')}`, since {info.get('started_at', '?')})")
 
 
 @contextmanager
-def writer_lock(run_dir: str | Path, command: str, experiment: str) -> Iterator[Path]:
+def _renewed(renew_once: Callable[[], bool]) -> Iterator[None]:
+    """Call ``renew_once`` every :data:`RENEW_S` seconds from a background thread while the block runs
+    (until it returns False); the thread has stopped when the block is left."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(RENEW_S):
+            if not renew_once():
+                return
+
+    renewer = threading.Thread(target=loop, name="densitune-lock-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(timeout=5)
+
+
+@contextmanager
+def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterator[RunPath]:
     """Hold the writer lock of (``run_dir``, ``experiment``) for the ``with`` block (``command`` is recorded).
 
     Raises:
         LockedError: a live process holds it (the message names host, pid, command and start).
     """
-    folder = Path(run_dir) / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{experiment}.json"
+    root = location(run_dir)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "command": f"{command} --experiment {experiment}",
           "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    if isinstance(root, ObjectPath):
+        with _object_lock(root, experiment, me) as held:
+            yield held
+        return
+    folder = root / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{experiment}.json"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -98,8 +136,7 @@ def writer_lock(run_dir: str | Path, command: str, experiment: str) -> Iterator[
             if info is None:
                 continue  # released meanwhile: try again
             if not _stale(path, info):
-                raise LockedError(f"experiment {experiment!r} of {run_dir} is being written by {_describe(info)}; "
-                                  "wait for it to finish, or use another --experiment") from None
+                raise _locked(experiment, run_dir, info) from None
             log.warning("taking over the lock of %s from %s, which is gone", experiment, _describe(info))
             path.unlink(missing_ok=True)
             continue
@@ -111,24 +148,76 @@ def writer_lock(run_dir: str | Path, command: str, experiment: str) -> Iterator[
     else:
         raise LockedError(f"could not take the writer lock {path}; another process keeps taking it")
 
-    stop = threading.Event()
+    def renew() -> bool:
+        try:
+            os.utime(path)
+        except OSError:
+            return False
+        return True
 
-    def renew() -> None:
-        while not stop.wait(RENEW_S):
-            try:
-                os.utime(path)
-            except OSError:
-                return
-
-    renewer = threading.Thread(target=renew, name="densitune-lock-renewal", daemon=True)
-    renewer.start()
     try:
-        yield path
+        with _renewed(renew):
+            yield path
     finally:
-        stop.set()
         if (_holder(path) or {}).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
             try:
                 folder.rmdir()  # leave no empty locks/ folder behind
             except OSError:
                 pass
+
+
+@contextmanager
+def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Iterator[ObjectPath]:
+    """The writer lock as an object (module docstring): conditional create, lease renewal, conditional delete."""
+    from densitune.runstore import ObjectLock, create_object, delete_object, read_object
+
+    path = root / "locks" / f"{experiment}.json"
+    body = json.dumps(me).encode()
+    held: ObjectLock | None = None
+    for _ in range(5):
+        held = create_object(path, body)
+        if held is not None:
+            break
+        found = read_object(path)
+        if found is None:
+            continue  # released meanwhile: try again
+        data, etag, age = found
+        try:
+            info = json.loads(data)
+            info = info if isinstance(info, dict) else {}
+        except ValueError:
+            info = {}
+        same_host = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
+        gone = (not _alive(info["pid"])) if same_host else age > LEASE_S
+        if not gone:
+            raise _locked(experiment, root, info)
+        log.warning("taking over the lock of %s from %s, which is gone", experiment, _describe(info))
+        held = create_object(path, body, replacing=etag)  # only if nobody renewed or took it meanwhile
+        if held is not None:
+            break
+    if held is None:
+        raise LockedError(f"could not take the writer lock {path}; another process keeps taking it")
+
+    lock = held
+
+    def renew() -> bool:
+        try:
+            renewed = create_object(path, body, replacing=lock.etag)
+        except OSError as e:
+            log.warning("could not renew the writer lock %s: %s", path, e)
+            return True  # try again at the next renewal
+        if renewed is None:
+            log.error("lost the writer lock %s: another process took it over", path)
+            return False
+        lock.etag = renewed.etag
+        return True
+
+    try:
+        with _renewed(renew):
+            yield path
+    finally:
+        try:
+            delete_object(lock)
+        except OSError as e:
+            log.warning("could not release the writer lock %s: %s", path, e)

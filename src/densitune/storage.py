@@ -55,19 +55,36 @@ def fatal_storage(path: str | Path) -> Iterator[None]:
 
 
 def check_writable(path: str | Path, flag: str = "--out") -> None:
-    """Refuse (before anything is written) an output folder that cannot be created or written."""
-    p = Path(path)
-    probe = p
+    """Refuse (before anything is written) an output folder that cannot be created or written.
+
+    A local path is checked where its first write would land (not resolved: a dangling link is
+    refused); a bucket URI by writing and deleting a probe object under the run.
+    """
+    from densitune.runstore import ObjectPath, location
+
+    loc = location(str(path))
+    if isinstance(loc, ObjectPath):
+        marker = loc / "locks" / f".probe-{os.getpid()}"
+        try:
+            marker.write_bytes(b"")
+            marker.unlink(missing_ok=True)
+        except OSError as e:
+            from densitune.runstore import _short
+
+            raise StorageError(f"{PREFIX} {loc}: {_short(e)} ({flag})") from None
+        return
+    local = Path(os.path.abspath(os.path.expanduser(path)))
+    probe = local
     while not probe.exists():  # the nearest existing folder is where the first write would land
         if probe.parent == probe:
             break
         if probe.is_symlink():
-            raise StorageError(f"{PREFIX} {p}: {probe} is a dangling link ({flag})")
+            raise StorageError(f"{PREFIX} {local}: {probe} is a dangling link ({flag})")
         probe = probe.parent
     if not probe.is_dir():
-        raise StorageError(f"{PREFIX} {p}: {probe} is not a folder ({flag})")
+        raise StorageError(f"{PREFIX} {local}: {probe} is not a folder ({flag})")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise StorageError(f"{PREFIX} {p}: {probe} is not writable ({flag})")
+        raise StorageError(f"{PREFIX} {local}: {probe} is not writable ({flag})")
 
 
 def storage_failure(errors: list[Any]) -> StorageError | None:

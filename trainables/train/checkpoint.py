@@ -12,7 +12,6 @@ import json
 import pickle
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +19,8 @@ from torch import nn
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
-from densitune.files import atomic_write, load_tensors
+from densitune.files import load_tensors
+from densitune.runstore import RunPath, location, publish
 from densitune.trainables.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ CONFIG_FILE = "config.json"
 
 
 def save_checkpoint(
-    directory: str | Path,
+    directory: str | RunPath,
     *,
     config: TrainConfig,
     model: nn.Module,
@@ -43,13 +43,13 @@ def save_checkpoint(
     metrics: dict[str, float],
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
-) -> Path:
+) -> RunPath:
     """Write ``directory/model.pt`` and ``directory/config.json``; returns the directory.
 
     ``data`` describes the training data the model expects: ``shape`` (C, H, W),
     ``num_classes``, ``mean``, ``std``.
     """
-    d = Path(directory)
+    d = location(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
         "format": FORMAT,
@@ -63,15 +63,15 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
-    atomic_write(d / MODEL_FILE, lambda f: torch.save(state, f))
+    publish(d / MODEL_FILE, lambda f: torch.save(state, f))
     meta = {k: state[k] for k in ("format", "version", "config", "data", "epoch", "metrics")}
-    atomic_write(d / CONFIG_FILE, json.dumps(meta, indent=1, sort_keys=True))
+    publish(d / CONFIG_FILE, json.dumps(meta, indent=1, sort_keys=True))
     return d
 
 
-def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(directory: str | RunPath, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The raw checkpoint dict; :class:`CheckpointError` if missing, corrupt or foreign."""
-    path = Path(directory)
+    path = location(directory)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
@@ -103,7 +103,7 @@ def _unsafe_reason(e: BaseException) -> str:
             "densitune does not load such files")
 
 
-def parse_config(d: Any, source: str | Path) -> TrainConfig:
+def parse_config(d: Any, source: str | RunPath) -> TrainConfig:
     """The :class:`TrainConfig` a checkpoint stores; :class:`CheckpointError` naming ``source`` if it is invalid.
 
     A config that no longer validates (an unknown key or backbone, a bad value) makes the
@@ -127,7 +127,7 @@ class LoadedModel:
     config: TrainConfig
     data: dict[str, Any]
     metrics: dict[str, float]
-    path: Path
+    path: RunPath
     centers: torch.Tensor | None
 
 
@@ -148,10 +148,10 @@ def build_model(config: TrainConfig, data: dict[str, Any]) -> FeatureNet:
     )
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(directory: str | RunPath, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the network of a checkpoint in eval mode on ``device``."""
     state = read_checkpoint(directory)
-    config = parse_config(state.get("config"), Path(directory) / MODEL_FILE)
+    config = parse_config(state.get("config"), location(directory) / MODEL_FILE)
     model = build_model(config, state["data"])
     try:
         model.load_state_dict(state["model"])
@@ -159,15 +159,15 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"checkpoint {directory} does not fit its own config: {error_summary(e)}") from None
     model.to(device).eval()
     centers = state["loss"].get("centers") if state.get("loss") else None
-    return LoadedModel(model, config, state["data"], state["metrics"], Path(directory), centers)
+    return LoadedModel(model, config, state["data"], state["metrics"], location(directory), centers)
 
 
-def read_config(directory: str | Path) -> dict[str, Any]:
+def read_config(directory: str | RunPath) -> dict[str, Any]:
     """The ``config.json`` beside a checkpoint (no torch load); :class:`CheckpointError` if missing or unreadable.
 
     Only JSON is checked here; see :func:`parse_config` for its ``config`` entry.
     """
-    p = Path(directory) / CONFIG_FILE
+    p = location(directory) / CONFIG_FILE
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

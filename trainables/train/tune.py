@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.runstore import RunPath, location, tune_storage
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
 from densitune.trainables.train.loop import fit
@@ -43,12 +43,12 @@ class TrainRun:
     def __post_init__(self) -> None:
         check_experiment_name(self.experiment)
 
-    def model_dir(self, config: TrainConfig) -> Path:
-        return Path(self.models_dir) / self.experiment / config.key
+    def model_dir(self, config: TrainConfig) -> RunPath:
+        return location(self.models_dir) / self.experiment / config.key
 
-    def state_dir(self, config: TrainConfig) -> Path:
+    def state_dir(self, config: TrainConfig) -> RunPath:
         """The latest epoch's full state (weights, centers, optimiser, schedule) of one network."""
-        return Path(self.storage_path) / "state" / self.experiment / config.key
+        return location(self.storage_path) / "state" / self.experiment / config.key
 
 
 def is_trained(run: TrainRun, config: TrainConfig) -> bool:
@@ -131,7 +131,6 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
             train_loss=st.train_loss, id_accuracy=st.val_accuracy, duration_s=time.perf_counter() - t0,
             checkpoints=[str(run.model_dir(cfg))] if final else None,
         )
-        write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
         log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
                  st.train_loss, st.val_accuracy, row["duration_s"])
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
@@ -205,7 +204,7 @@ def run_training(
         tune_config=tune.TuneConfig(reuse_actors=True, metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
             name=f"train-{run.experiment}",
-            storage_path=str(Path(run.storage_path).resolve()),
+            storage_path=tune_storage(run.storage_path),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train", show=progress)],

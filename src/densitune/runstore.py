@@ -1,0 +1,459 @@
+"""The run store: one run folder, on a local disk or in a bucket, and the one way to read and write it.
+
+A run is named by a local path (``runs/demo``, ``file:///data/runs/demo``) or by an object-store
+URI (``s3://bucket/runs/demo``; ``gs://`` reads through the same code where ``pyarrow`` has it).
+Every writer and reader of a run's files goes through :func:`location`, which gives a
+:class:`pathlib.Path` for a local run and an :class:`ObjectPath` (the few ``Path`` operations the
+run store needs, over :mod:`pyarrow.fs`) for a bucket, and through :func:`publish` / :func:`read_bytes`:
+
+* local publishing: a temporary name beside the file, fsync, rename, fsync of the folder
+  (:func:`densitune.files.atomic_write`);
+* object stores: a single PUT of the finished object, which readers see whole or not at all.
+
+Credentials come from the environment and the standard AWS configuration only (``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, an instance role, ``AWS_ENDPOINT_URL`` for an S3-compatible server); they are never
+stored in a run, a row, a log line or an error message. Throttled or dropped requests are retried with
+backoff by the S3 client (:data:`S3_ATTEMPTS` attempts), which is the store's part of the retry policy
+(:mod:`densitune.failures`).
+
+Layout of a run (:class:`RunStore`)::
+
+    RUN/models/<experiment>/<network key>/   final weights (model.pt, config.json)
+    RUN/results/experiment=<name>/*.parquet  result rows (densitune.search.results.store)
+    RUN/tune/                                Ray Tune's experiment state and per-epoch training state
+    RUN/locks/<experiment>.json              the writer lock (densitune.runlock)
+    RUN/optuna/journal.log                   the searches' Optuna study
+    RUN/cache/, RUN/densitune.log, RUN/ray-session.json, RUN/plots/
+
+For a run in a bucket, the node-local parts (the disk cache, the log file, the Ray session record)
+live in the machine's temporary folder instead (:meth:`RunStore.local`): they describe one
+machine's processes and speed up one machine's trials.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import io
+import os
+import posixpath
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import Any, BinaryIO
+
+from densitune.errors import ConfigError
+
+__all__ = ["ObjectPath", "RunPath", "RunStore", "is_remote", "location", "publish", "read_bytes", "arrow_files", "arrow_file",
+           "files_under"]
+
+#: Attempts per S3 request (throttling, dropped connections) before an error is raised.
+S3_ATTEMPTS = 6
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+
+
+def is_remote(uri: str | os.PathLike[str] | ObjectPath) -> bool:
+    """Whether ``uri`` names an object store (``s3://``, ``gs://``) rather than a local path."""
+    return isinstance(uri, ObjectPath) or (isinstance(uri, str) and uri.split("://", 1)[0] in REMOTE_SCHEMES and "://" in uri)
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, bucket: str) -> Any:
+    import pyarrow.fs as pafs
+
+    if scheme == "s3":
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region and not os.environ.get("AWS_ENDPOINT_URL"):
+            try:
+                region = pafs.resolve_s3_region(bucket)
+            except OSError:
+                region = None
+        kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
+        if region:
+            kwargs["region"] = region
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            kwargs["endpoint_override"] = os.environ["AWS_ENDPOINT_URL"]
+        return pafs.S3FileSystem(**kwargs)
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    return fs
+
+
+class ObjectPath:
+    """A key in a bucket, with the ``pathlib.Path`` operations the run store uses (``/``, ``glob``,
+    ``read_bytes``, ``is_file``, ``unlink``...). Folders are key prefixes: ``mkdir`` does nothing."""
+
+    def __init__(self, uri: str) -> None:
+        scheme, rest = uri.split("://", 1)
+        key = posixpath.normpath("/" + rest).lstrip("/")
+        if not key or key == ".":
+            raise ConfigError(f"{uri}: name a bucket (and a folder in it), e.g. {scheme}://bucket/runs/demo")
+        self.scheme, self.key = scheme, key
+
+    # -- names
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.key}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __lt__(self, other: ObjectPath) -> bool:
+        return str(self) < str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, other: str | PurePosixPath) -> ObjectPath:
+        return ObjectPath(f"{self.scheme}://{self.key}/{other}")
+
+    @property
+    def fs(self) -> Any:
+        """The ``pyarrow.fs`` file system of this path's bucket."""
+        return _filesystem(self.scheme, self.bucket)
+
+    @property
+    def bucket(self) -> str:
+        return self.key.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def parent(self) -> ObjectPath:
+        parent = posixpath.dirname(self.key)
+        return ObjectPath(f"{self.scheme}://{parent}") if parent else self
+
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
+    def with_suffix(self, suffix: str) -> ObjectPath:
+        return self.with_name(self.stem + suffix)
+
+    def relative_to(self, other: ObjectPath) -> PurePosixPath:
+        return PurePosixPath(self.key).relative_to(other.key)
+
+    def resolve(self) -> ObjectPath:
+        return self
+
+    def expanduser(self) -> ObjectPath:
+        return self
+
+    # -- queries
+    def _info(self) -> Any:
+        return self.fs.get_file_info(self.key)
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return bool(self._info().type != pafs.FileType.NotFound)
+
+    def is_file(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return bool(self._info().type == pafs.FileType.File)
+
+    def is_dir(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return bool(self._info().type == pafs.FileType.Directory)
+
+    def stat(self) -> SimpleNamespace:
+        info = self._info()
+        mtime_ns = int(info.mtime_ns or 0)
+        return SimpleNamespace(st_size=int(info.size or 0), st_mtime=mtime_ns / 1e9, st_mtime_ns=mtime_ns)
+
+    def _walk(self, recursive: bool) -> Iterator[tuple[ObjectPath, bool]]:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.key, recursive=recursive, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            yield ObjectPath(f"{self.scheme}://{info.path}"), info.type == pafs.FileType.Directory
+
+    def iterdir(self) -> Iterator[ObjectPath]:
+        return (p for p, _ in self._walk(False))
+
+    def glob(self, pattern: str) -> Iterator[ObjectPath]:
+        """Entries whose path relative to this folder matches ``pattern`` (``*`` stays within a folder)."""
+        deep = pattern.count("/") > 0 or "**" in pattern
+        for p, _ in self._walk(deep):
+            rel = str(p.relative_to(self))
+            if rel.count("/") == pattern.count("/") and fnmatch.fnmatchcase(rel, pattern):
+                yield p
+
+    def rglob(self, pattern: str) -> Iterator[ObjectPath]:
+        for p, _ in self._walk(True):
+            if fnmatch.fnmatchcase(p.name, pattern):
+                yield p
+
+    # -- contents
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.key) as f:
+                return bytes(f.read())
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if not self.is_file():
+                raise FileNotFoundError(str(self)) from None
+            raise OSError(f"cannot read {self}: {_short(e)}") from None
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_bytes(self, data: bytes) -> int:
+        """Publish the object with one PUT (readers see all of it or the old one)."""
+        with self.fs.open_output_stream(self.key) as f:
+            f.write(data)
+        return len(data)
+
+    def write_text(self, text: str) -> int:
+        return self.write_bytes(text.encode("utf-8"))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.key)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        except OSError:
+            if self.exists() or not missing_ok:
+                raise
+
+    def mkdir(self, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
+        """Nothing to do: a prefix exists once an object is under it."""
+
+    def rmdir(self) -> None:
+        """Nothing to do (see :meth:`mkdir`)."""
+
+
+#: Where a run's file lives: a local path or a key in a bucket.
+RunPath = Path | ObjectPath
+
+
+def _short(e: BaseException) -> str:
+    """An error's first line, without anything that looks like a credential."""
+    import re
+
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return re.sub(r"(?i)(secret|token|signature|credential|key_id|access_key)[^ ,;]*", r"\1=<hidden>", text)[:300]
+
+
+def location(path: str | os.PathLike[str] | ObjectPath) -> RunPath:
+    """A run path as :class:`~pathlib.Path` (local, ``file://``) or :class:`ObjectPath` (``s3://``, ``gs://``)."""
+    if isinstance(path, ObjectPath):
+        return path
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    if is_remote(text):
+        return ObjectPath(text)
+    if "://" in text:
+        raise ConfigError(f"{text}: unsupported storage scheme {text.split('://', 1)[0]!r} (use a local path, file://, s3:// or gs://)")
+    return Path(text)
+
+
+def publish(path: RunPath | str, content: bytes | str | Callable[[BinaryIO], object]) -> RunPath:
+    """Write ``path`` so that readers see the old content or the new one, never a part; returns it.
+
+    ``content``: bytes, text (UTF-8), or a function writing into a binary file. Local files go through
+    :func:`densitune.files.atomic_write`; objects are built in memory and PUT once.
+    """
+    from densitune.files import atomic_write
+
+    p = location(path) if isinstance(path, str) else path
+    if isinstance(p, Path):
+        return atomic_write(p, content)
+    if callable(content):
+        buf = io.BytesIO()
+        content(buf)
+        data = buf.getvalue()
+    else:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+    p.write_bytes(data)
+    return p
+
+
+def read_bytes(path: RunPath | str) -> bytes:
+    """The whole content of a run file (local or object)."""
+    p = location(path) if isinstance(path, str) else path
+    return p.read_bytes()
+
+
+def files_under(root: RunPath) -> list[RunPath]:
+    """Every file under the folder ``root``, recursively, sorted (one listing request on an object store)."""
+    if isinstance(root, ObjectPath):
+        return sorted((p for p, is_dir in root._walk(True) if not is_dir), key=str)
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=str)
+
+
+def glob(root: RunPath, pattern: str, *, recursive: bool = False) -> list[RunPath]:
+    """``root.glob(pattern)`` (or ``rglob`` with ``recursive``) of a local or bucket folder, sorted."""
+    found: Iterator[Any] = root.rglob(pattern) if recursive else root.glob(pattern)
+    return sorted(found, key=str)
+
+
+def tune_storage(path: str | os.PathLike[str]) -> str:
+    """Ray Tune's ``storage_path`` for a run's ``tune`` folder: an absolute local path, or the bucket URI
+    (Tune, its workers on every node and its checkpoints then write through pyarrow.fs to the bucket)."""
+    p = location(path)
+    return str(p) if isinstance(p, ObjectPath) else str(p.resolve())
+
+
+def arrow_files(files: list[RunPath]) -> tuple[list[str], Any]:
+    """``(paths, filesystem)`` for ``pyarrow.dataset`` / ``pyarrow.parquet`` over run files of one store."""
+    if files and isinstance(files[0], ObjectPath):
+        return [f.key for f in files if isinstance(f, ObjectPath)], files[0].fs
+    return [str(f) for f in files], None
+
+
+def arrow_file(path: RunPath) -> tuple[str, Any]:
+    """``(path, filesystem)`` of one run file for pyarrow."""
+    return (path.key, path.fs) if isinstance(path, ObjectPath) else (str(path), None)
+
+
+# --------------------------------------------------------------------------------------------- locks on objects
+
+@dataclass
+class ObjectLock:
+    """A lock object held by this process: its key and the ETag of the version this process wrote."""
+
+    path: ObjectPath
+    etag: str
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}))
+
+
+def _split(path: ObjectPath) -> tuple[str, str]:
+    if path.scheme != "s3":
+        raise ConfigError(f"{path}: writing a run needs a conditional create for its writer lock, which densitune "
+                          "supports on s3:// (and local or NFS paths); read this run with report/best/query instead")
+    bucket, _, key = path.key.partition("/")
+    return bucket, key
+
+
+def _precondition(e: Exception) -> bool:
+    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def create_object(path: ObjectPath, body: bytes, *, replacing: str | None = None) -> ObjectLock | None:
+    """Create ``path`` only if it does not exist (``If-None-Match: *``), or replace exactly the version
+    ``replacing`` (``If-Match: <etag>``); the held lock, or None when another writer got there first."""
+    bucket, key = _split(path)
+    cond = {"IfMatch": replacing} if replacing else {"IfNoneMatch": "*"}
+    try:
+        r = _s3_client().put_object(Bucket=bucket, Key=key, Body=body, **cond)
+    except Exception as e:  # botocore.exceptions.ClientError
+        if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise OSError(f"cannot write {path}: {_short(e)}") from None
+    return ObjectLock(path, r["ETag"])
+
+
+def read_object(path: ObjectPath) -> tuple[bytes, str, float] | None:
+    """``(body, etag, age in seconds by the store's clock)`` of ``path``, or None if it does not exist."""
+    from email.utils import parsedate_to_datetime
+
+    bucket, key = _split(path)
+    try:
+        r = _s3_client().get_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        if getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise OSError(f"cannot read {path}: {_short(e)}") from None
+    now = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    age = (parsedate_to_datetime(now) - r["LastModified"]).total_seconds() if now else 0.0
+    return r["Body"].read(), r["ETag"], max(0.0, age)
+
+
+def delete_object(lock: ObjectLock) -> bool:
+    """Delete the lock object if it is still the version this process wrote (``If-Match``)."""
+    bucket, key = _split(lock.path)
+    try:
+        _s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=lock.etag)
+    except Exception as e:
+        if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return False
+        raise OSError(f"cannot delete {lock.path}: {_short(e)}") from None
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+
+class RunStore:
+    """One run: its root and the layout under it (module docstring).
+
+    >>> RunStore("runs/demo").results      # doctest: +SKIP
+    PosixPath('/abs/runs/demo/results')
+    """
+
+    def __init__(self, uri: str | os.PathLike[str]) -> None:
+        root = location(os.path.expanduser(os.fspath(uri)) if not is_remote(os.fspath(uri)) else os.fspath(uri))
+        self.root: RunPath = Path(os.path.abspath(root)) if isinstance(root, Path) else root
+        self.remote = isinstance(self.root, ObjectPath)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    @property
+    def models(self) -> RunPath:
+        return self.root / "models"
+
+    @property
+    def results(self) -> RunPath:
+        return self.root / "results"
+
+    @property
+    def tune(self) -> str:
+        """Ray Tune's ``storage_path`` (a local folder or the bucket URI: Tune writes through pyarrow.fs too)."""
+        return str(self.root / "tune")
+
+    @property
+    def locks(self) -> RunPath:
+        return self.root / "locks"
+
+    @property
+    def plots(self) -> RunPath:
+        return self.root / "plots"
+
+    def local(self) -> Path:
+        """Node-local files of this run (cache, log, Ray session): the run folder itself when it is local."""
+        if isinstance(self.root, Path):
+            return self.root
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:10]
+        folder = Path(tempfile.gettempdir()) / "densitune" / f"{self.root.name}-{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @property
+    def cache(self) -> Path:
+        return self.local() / "cache"
+
+    @property
+    def log_file(self) -> Path:
+        from densitune.console import LOG_NAME
+
+        return self.local() / LOG_NAME
