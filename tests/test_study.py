@@ -68,8 +68,10 @@ BAD_SPECS = {
     "bad-figure": (METHOD_COMPARISON.read_text().replace("[ddu, svhn, 0.9480, 0.9613]", "[ddu, svhn, high, 0.9613]"),
                    "tables[0].rows[11]"),
     "unknown-method": (METHOD_COMPARISON.read_text().replace("[ddu, svhn,", "[dduu, svhn,"), "unknown method 'dduu'"),
-    "unknown-backbone": (METHOD_COMPARISON.read_text().replace("backbone: resnet50, D: 2048, loss: ce}]",
-                                                               "backbone: resnet5O, D: 2048, loss: ce}]"), "resnet5O"),
+    "unknown-backbone": (METHOD_COMPARISON.read_text().replace("backbone: resnet50", "backbone: resnet5O"), "resnet5O"),
+    "foreign-network": (METHOD_COMPARISON.read_text().replace("network: {backbone: resnet50, D: 2048",
+                                                              "network: {backbone: resnet50, D: 1024"),
+                        "tables[0].network: must be one network of part 'c10'"),
     "alias": ("study: &a x\nparts: *a\n", "aliases"),
     "negative-eps": (METHOD_COMPARISON.read_text().replace("eps_grid: [0,", "eps_grid: [-1,"), "eps"),
 }
@@ -152,3 +154,15 @@ def test_smoke_report_puts_the_notes_figures_beside_ours(smoke_run, spec):
         assert 0 <= ours <= 1
         assert float(row["diff"]) == pytest.approx(ours - value, abs=1e-4)
         assert f"{value:.4f}" in text
+
+
+@pytest.mark.slow
+def test_a_second_run_trains_nothing_and_reports_the_same(smoke_run):
+    spec = ROOT / "experiments" / "diff_score.yaml"
+    report = smoke_run / "studies" / "diff-score-smoke" / "report.csv"
+    before, models = report.read_text(), sorted((smoke_run / "models" / "note").iterdir())
+    p = _densitune("run", str(spec), "--smoke", "--out", str(smoke_run), "--num-cpus", "2", cwd=smoke_run.parent, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "densitune train" not in p.stdout  # every network was there: no training started
+    assert sorted((smoke_run / "models" / "note").iterdir()) == models
+    assert report.read_text() == before

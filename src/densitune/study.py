@@ -277,12 +277,11 @@ def load_study(path: str | Path, *, smoke_run: bool = False) -> Study:
     by_name = {x.name: x for x in parts}
     tables = [_table(str(p), i, v, by_name, methods) for i, v in enumerate(_list(str(p), "tables", data["tables"], dict))]
     study = Study(name, str(data.get("title", name)), str(p), tuple(parts), methods, tuple(tables))
-    if smoke_run:
-        study = smoke(study)
-    for part in study.parts:  # the networks and the search the tool would build: refused here if bad
-        train_configs(study, part)
-        search_spec(study, part, data_root=None)
-    return study
+    for s in (study, smoke(study)) if smoke_run else (study,):  # the spec as written, then scaled: both must hold
+        for part in s.parts:  # the networks and the search the tool would build: refused here if bad
+            train_configs(s, part)
+            search_spec(s, part, data_root=None)
+    return smoke(study) if smoke_run else study
 
 
 # ----------------------------------------------------------------------------- smoke
