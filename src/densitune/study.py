@@ -126,6 +126,8 @@ class NoteTable:
 
 @dataclass(frozen=True)
 class Study:
+    """A checked study spec: its parts (training + search), how each note row is selected, the note's tables."""
+
     name: str
     title: str
     path: str
