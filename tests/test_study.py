@@ -166,3 +166,24 @@ def test_a_second_run_trains_nothing_and_reports_the_same(smoke_run):
     assert "densitune train" not in p.stdout  # every network was there: no training started
     assert sorted((smoke_run / "models" / "note").iterdir()) == models
     assert report.read_text() == before
+
+
+def test_a_study_view_shares_the_cache_entries_of_the_networks_it_links(tmp_path):
+    """link_models: a folder of links to exactly a part's networks; the cache token is that of the real weights."""
+    from densitune.search.cache import checkpoint_token
+
+    s = st.load_study(METHOD_COMPARISON, smoke_run=True)
+    part = s.parts[0]
+    store = tmp_path / "run" / "models"
+    for c in st.train_configs(s, part):
+        d = store / st.TRAIN_EXPERIMENT / c.key
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"weights " + c.key.encode())
+        (d / "config.json").write_text("{}")
+    (store / st.TRAIN_EXPERIMENT / "cnn-D8-ce-s0-00000000").mkdir()  # another study's network: not linked
+    view = st.link_models(tmp_path / "run", s, part, store)
+    keys = sorted(c.key for c in st.train_configs(s, part))
+    assert sorted(p.name for p in view.iterdir()) == keys
+    for key in keys:
+        assert (view / key / "model.pt").read_bytes() == b"weights " + key.encode()
+        assert checkpoint_token(str(view / key)) == checkpoint_token(str(store / st.TRAIN_EXPERIMENT / key))
