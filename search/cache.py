@@ -37,12 +37,13 @@ CACHE_VERSION = 2
 
 
 def checkpoint_token(path: str) -> str:
-    """``path`` plus size and mtime of its weights: changes whenever the model does."""
+    """Where the weights really are (a folder of links to them, as `densitune run` searches, shares their
+    cache entries), plus their size and mtime: changes whenever the model does."""
     from densitune.runstore import location
 
-    f = location(path) / "model.pt"
+    f = (location(path) / "model.pt").resolve()
     st = f.stat()
-    return f"{f.parent.resolve()}@{st.st_size}:{st.st_mtime_ns}"
+    return f"{f.parent}@{st.st_size}:{st.st_mtime_ns}"
 
 
 class DiskCache:

@@ -44,6 +44,12 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a search spec is a mapping of keys to values, got {type(data).__name__}")
+    return check_values(data, str(p))
+
+
+def check_values(data: dict[str, Any], p: str) -> dict[str, Any]:
+    """``data`` checked key by key (unknown keys, wrong types; a single value becomes a list of one);
+    errors name ``p`` (the file, or where in a file the mapping sits)."""
     keys = _keys()
     for key, value in data.items():
         if key not in keys:

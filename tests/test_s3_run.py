@@ -92,7 +92,8 @@ def test_the_same_run_on_a_local_folder_and_on_a_bucket_gives_the_same_rows(tmp_
     keys = list(objects)
     for part in ("run/models/t/", "run/results/experiment=t/", "run/results/experiment=s/", "run/tune/", "run/optuna/"):
         assert any(k.startswith(part) for k in keys), f"nothing under {part} in the bucket"
-    assert not any(k.startswith("run/locks/") for k in keys)  # released
+    locks = [k for k in keys if k.startswith("run/locks/") and not k.endswith("/")]  # "dir/": pyarrow's folder marker
+    assert locks == []  # every writer lock released
     assert not any(S3_SECRET.encode() in body for body in objects.values())
     for log in Path(tmp).rglob("densitune.log"):
         assert S3_SECRET not in log.read_text(errors="replace")
@@ -139,3 +140,4 @@ def test_two_searches_on_one_experiment_of_a_bucket_run(tmp_path, s3_bucket, s3_
     trials = Counter(r["trial_id"] for r in rows if r["split"] == "val")
     assert len(trials) == 4 and len(set(trials.values())) == 1  # TPE within its budget, each trial once
     assert not locked()
+    assert not [k for k in s3_server.objects(bucket) if k.startswith("run/locks/") and not k.endswith("/")]

@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compact", help="merge each finished experiment's small result files into one (readers unchanged)")
     p.add_argument("results", metavar="RUN", help="the run folder (or its results/ folder)")
 
+    p = sub.add_parser("run", help="run studies of the research note (experiments/*.yaml): train what is missing, search, report")
+    p.add_argument("spec", nargs="+", help="study spec files, e.g. experiments/method_comparison.yaml")
+    _add_common(p)
+    p.add_argument("--smoke", action="store_true",
+                   help="the same studies scaled to the embedded digits on CPU (cnn, D/64, 2 epochs, a tiny grid)")
+    p.add_argument("--plan", action="store_true", help="print the networks, trials and estimated GPU-hours; run nothing")
+    p.add_argument("--max-concurrent", type=int, default=None, help="search trials running at once (default: as many as fit)")
+
     p = sub.add_parser("list-models", help="the trained networks of a run (key = readable name + config hash)")
     p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
     p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
@@ -267,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
     from densitune.trainables.train.loop import check_training_folder
 
-    configs = _train_configs(args)  # validates names, D, ε...
+    configs = getattr(args, "configs", None) or _train_configs(args)  # validates names, D, ε... (`run` passes its own)
     check_training_folder(configs[0])  # a folder: data set needs train/ and test/ subfolders
     check_data(args.dataset, args.data_root, args.download)
     run = TrainRun(
@@ -565,6 +573,68 @@ def cmd_list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Studies (densitune.study): train the missing networks, search each part, write the report with the note's figures."""
+    from densitune.resource_flags import check_resource_flags
+
+    check_resource_flags(args)
+    from densitune import study as st
+    from densitune.trainables.train.tune import TrainRun, is_trained
+
+    studies = [st.load_study(path, smoke_run=args.smoke) for path in args.spec]  # every spec checked before anything runs
+    from densitune.errors import ConfigError
+    from densitune.runstore import is_remote
+
+    if is_remote(args.out):  # each part's search reads a folder of links to its networks
+        raise ConfigError(f"densitune run needs a local or shared folder for --out, not {args.out}; "
+                          "run train and search on the bucket instead")
+    data_root = None if args.smoke else _abs(args.data_root)
+    out = Path(_abs(args.out))
+    train_run = TrainRun(experiment=st.TRAIN_EXPERIMENT, models_dir=str(out / "models"), results_dir=str(out / "results"),
+                         storage_path=str(out / "tune"))
+    if args.plan:  # reads the run's model store, writes nothing
+        trained = {c.key for s in studies for c in st.all_train_configs(s, data_root) if is_trained(train_run, c)}
+        lines = [st.plan(s, trained) for s in studies]
+        networks = len({c.key for s in studies for c in st.all_train_configs(s)})
+        print(st.plan_text(lines, st.borrowed_throughputs(studies), networks))
+        return 0
+    from densitune.storage import check_writable
+
+    check_writable(os.path.abspath(os.path.expanduser(args.out)))
+    for s in studies:
+        st.check_study_data(s, data_root)
+    common = ["--out", str(out), "--cpus-per-trial", str(args.cpus_per_trial)]
+    for flag, value in (("--address", args.address), ("--num-cpus", args.num_cpus), ("--gpus-per-trial", args.gpus_per_trial),
+                        ("--max-gpu-hours", args.max_gpu_hours), ("--data-root", data_root)):
+        common += [flag, str(value)] if value is not None else []
+    common += (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else [])
+    parser = build_parser()
+    needed = {c.key: c for s in studies for c in st.all_train_configs(s, data_root)}  # networks shared by studies: once
+    todo = [c for c in needed.values() if not is_trained(train_run, c)]
+    for dataset in dict.fromkeys(c.dataset for c in todo):  # `densitune train` of the missing networks, per data set
+        configs = [c for c in todo if c.dataset == dataset]
+        sub = parser.parse_args(["train", *common, "--experiment", st.TRAIN_EXPERIMENT, "--dataset", dataset, "--resume"])
+        sub.configs, sub.resume_argv = configs, args.resume_argv
+        sub.backbone, sub.dim = sorted({c.backbone for c in configs}), sorted({c.feature_dim for c in configs})
+        sub.loss, sub.seeds = sorted({c.loss for c in configs}), sorted({c.seed for c in configs})
+        sub.epochs = max(c.epochs for c in configs)
+        if cmd_train(sub):
+            return 2
+    for s in studies:
+        for part in s.parts:  # `densitune search --spec`, on a folder holding exactly this part's networks
+            view = st.link_models(out, s, part, out / "models")
+            spec_file = st.write_search_spec(out, s, part, st.search_values(s, part, data_root=data_root, models=str(view)))
+            extra = ["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent else []
+            sub = parser.parse_args(["search", *common, *extra, "--spec", str(spec_file), "--resume"])
+            sub.resume_argv = args.resume_argv
+            if cmd_search(sub):
+                return 2
+        text, paths = st.write_report(s, out)
+        print(text)
+        _say(args, f"\nstudy {s.label}: report in {paths[0]} (and {paths[1].name})")
+    return 0
+
+
 #: The demo: the same commands a user would type, on the embedded digits default.
 DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
               "--loss", "ce", "contrastive", "--seeds", "0", "1", "--epochs", "15"]
@@ -598,7 +668,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,
             "query": cmd_query, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact, "list-models": cmd_list_models,
-            "clean": cmd_clean}
+            "clean": cmd_clean, "run": cmd_run}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).
@@ -637,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         close_progress()
-        how = f"; continue with: {resume_command(argv)}" if args.command in ("train", "search", "demo") else ""
+        how = f"; continue with: {resume_command(argv)}" if args.command in ("train", "search", "demo", "run") else ""
         print(f"densitune: interrupted{how}", file=sys.stderr)
         return 130
 
