@@ -24,7 +24,7 @@ from densitune.errors import DensituneError
 #: which are not imported here: ``densitune --help`` stays fast).
 FORMATS = ("markdown", "csv", "latex", "json")
 METRICS = ("auroc", "auprc", "fpr95")
-VIEWS = ("all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
 
 log = logging.getLogger("densitune")
@@ -151,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\" (default: all rows)")
         p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
         if name == "report":
-            p.add_argument("--top", type=int, default=None, help="show the best N configurations (default: all)")
-            p.add_argument("--view", default="all", choices=VIEWS,
-                           help="methods (the note's method comparison), configs (ip side by side) or all (default: %(default)s)")
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations; implies --full (default: all)")
+            p.add_argument("--full", action="store_true",
+                           help="every table (--view all) instead of the one-screen summary of methods x OOD sets")
+            p.add_argument("--view", default=None, choices=VIEWS,
+                           help="summary (methods x OOD sets, AUROC and FPR95), methods (the note's method comparison per "
+                                "model group), configs (ip side by side) or all (default: summary; all with --full or --top)")
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
@@ -388,7 +391,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(best(table, spec.metric))
     results = Path(run.results_dir)
     _say(args, f"\nsearch finished: {done} trial(s) in {results}; log: {run.log_file}\n"
-               f"tables:  densitune report {results} --view methods\n"
+               f"tables:  densitune report {results}  (every table: --full)\n"
                f"figures: densitune plot {results} --out {results.parent / 'plots'}")
     return 0
 
@@ -433,7 +436,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     table = filter_results(read_results(results_dir_of(args.results)), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
-    print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))
+    view = args.view or ("all" if args.full or args.top is not None else "summary")
+    print(report(table, args.metric, top=args.top, view=view, fmt=args.format, by=by))
     return 0
 
 
@@ -444,7 +448,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     from densitune.search.results.store import filter_results, read_results, results_dir_of
 
     table = filter_results(read_results(results_dir_of(args.results)), args.where)
-    print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
+    if args.json:
+        cfg = best_config(table, args.metric)
+        cfg["density_params"] = json.loads(cfg["density_params"] or "{}")  # a nested object, not an escaped string
+        print(json.dumps(cfg, indent=1))
+    else:
+        print(best(table, args.metric, args.format))
     return 0
 
 
