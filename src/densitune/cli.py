@@ -26,6 +26,7 @@ FORMATS = ("markdown", "csv", "latex", "json")
 METRICS = ("auroc", "auprc", "fpr95")
 VIEWS = ("summary", "all", "methods", "configs")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
+PLOT_FORMATS = ("png", "svg", "pdf")
 
 log = logging.getLogger("densitune")
 
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+    p.add_argument("--where", default=None, help="SQL filter on the rows: what is drawn, e.g. \"score = 'density' AND D = 8\" "
+                                                 "(default: all rows)")
+    p.add_argument("--score", nargs="+", default=None, help="only these scores (default: all; the ε plot draws density if present)")
+    p.add_argument("--density", nargs="+", default=None, help="only these densities (default: all)")
+    p.add_argument("-D", "--dim", dest="dims", nargs="+", type=int, default=None, help="only networks with these D (default: all)")
+    p.add_argument("--format", dest="formats", nargs="+", default=["png"], choices=PLOT_FORMATS,
+                   help="figure formats, several allowed (default: png)")
 
     p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
     p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
@@ -472,7 +480,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     results = results_dir_of(args.results)
     out = args.out or str(results.parent / "plots" if results.name == "results" else results.parent / f"{results.name}-plots")
-    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
+    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores,
+                             where=args.where, score=args.score, density=args.density, dims=args.dims, formats=args.formats):
         print(path)
     return 0
 
