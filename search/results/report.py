@@ -299,7 +299,7 @@ def _method_order(score: str, density: str) -> tuple[int, bool, str]:
 
 
 #: Columns of the summary's tidy frame (one row per method x test OOD set).
-SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "val", "protocol",
+SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "eps_tuned", "val", "protocol",
                    "ood_group", "ood_dataset", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
                    "best_auroc", "best_fpr95"]
 
@@ -307,10 +307,11 @@ SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMN
 def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
     """The default report as a tidy frame: one row per method and test OOD set (or attack).
 
-    A method is a score (with its density). Its model group, density parameters and ε are
-    chosen on validation ``metric``: the row ``<method>`` keeps ε = 0 (no input perturbation),
-    the row ``<method>+ip`` takes the best trial over every ε searched, so its ``eps`` is what
-    validation chose, 0 included (its name then says so). Figures are the test rows' mean and
+    A method is a score (with its density). Its model group and density parameters are chosen
+    on validation ``metric``, and so is ε where ε > 0 was searched (``eps_tuned``): when
+    validation chose ε > 0 there are two rows, ``<method>`` (ε = 0, no input perturbation) and
+    ``<method>+ip`` (the chosen ε); when it chose ε = 0, one row ``<method>`` with
+    ``eps_tuned`` set, so no row is called "+ip" that validation did not pick. Figures are the test rows' mean and
     sample std over seeds (``n_seeds`` values; an ensemble is one value). ``best_auroc`` /
     ``best_fpr95`` mark the best method per OOD set (to the two decimals of a percentage
     that the tables show). ``density_params`` holds every parameter as a dict.
@@ -320,22 +321,24 @@ def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
     records = []
     for score, density in methods:
         mt = trials[(trials["score"] == score) & (trials["density"] == density)]
-        picks: list[tuple[bool, pd.Series]] = []
-        plain = mt[mt["eps"] == 0]
-        if len(plain):
-            picks.append((False, plain.iloc[0]))
-        if (mt["eps"] > 0).any():
-            picks.append((True, mt.iloc[0]))
-        for ip, trial in picks:
-            name = _method_name(score, density, "", ip)
-            if ip and trial["eps"] == 0:
-                name += " (val chose ε=0)"
+        plain, tuned = mt[mt["eps"] == 0], mt.iloc[0] if (mt["eps"] > 0).any() else None
+        picks: list[tuple[pd.Series, bool]] = []  # (trial, ε chosen on validation among several)
+        if tuned is not None and tuned["eps"] == 0:  # validation preferred no perturbation: one row says so
+            picks.append((tuned, True))
+        else:
+            if len(plain):
+                picks.append((plain.iloc[0], False))
+            if tuned is not None:
+                picks.append((tuned, True))
+        for trial, eps_tuned in picks:
+            name = _method_name(score, density, "", bool(trial["eps"] > 0))
             rows = _trial_rows(df, trial)
             for ood, t in rows[rows["split"] == "test"].groupby("ood_dataset"):
                 st = _stats(t)
                 records.append({"method": name, "score": score, "density": density,
                                 "density_params": json.loads(trial["density_params"] or "{}"),
-                                **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "val": float(trial["val"]),
+                                **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "eps_tuned": eps_tuned,
+                                "val": float(trial["val"]),
                                 "protocol": trial["protocol"], "ood_group": ood_group_of(t["id_dataset"].iloc[0], str(ood)),
                                 "ood_dataset": ood, "n_seeds": int(t["auroc"].notna().sum()),
                                 **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std")}})
@@ -403,8 +406,10 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
                 params = short_params(r["density"], json.dumps(r["density_params"]))
                 models.append(_group_title(r.to_dict()) + (f" {params}" if params else ""))
             wide.insert(1, "model", models)
-            wide.insert(2, "ε", [f"{first.at[k, 'eps']:g}" for k in wide["method"]])
-            title += f"; model, parameters and ε of each method chosen on validation {metric} ({protocol})"
+            wide.insert(2, "ε", [f"{first.at[k, 'eps']:g}" + (" (tuned)" if first.at[k, "eps_tuned"] else "")
+                                 for k in wide["method"]])
+            title += (f"; model and parameters of each method chosen on validation {metric} ({protocol}), "
+                      "ε too where marked (tuned)")
         tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide))
     if attacks:
         wide = _wide(tidy[tidy["ood_dataset"].isin(attacks)], attacks, ["auroc", "fpr95"], lambda o, m: f"{o} {m.upper()}")
