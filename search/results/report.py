@@ -2,6 +2,9 @@
 
 Views, all selected on validation rows only:
 
+* ``summary`` (the CLI's default): methods x test OOD sets, AUROC and FPR95 in % as mean ±
+  std over seeds, OOD sets grouped near / far (the data registry's ``ood_groups``), the best
+  per set in bold; one tidy frame underneath (:func:`summary_frame`) for csv and json.
 * ``methods``: per trained configuration (model group), the research note's method
   comparison (§1.3 / §1.8 / §1.9): a block per method (baseline = msp, ensemble, ddu =
   gmm_sum density, ddu+ip, and every other score / density searched) with a row per test
@@ -14,7 +17,7 @@ Views, all selected on validation rows only:
 
 Seeds are aggregated as mean ± std. Every view is a list of :class:`Table` (a title and
 a DataFrame with numeric ``<metric>`` / ``<metric>_std`` columns); :func:`render` turns
-them into markdown, csv, latex or json.
+them into markdown, latex, or tidy csv / json (rows with their block's keys, no prose cells).
 """
 
 from __future__ import annotations
