@@ -304,7 +304,7 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str, score: str | None
         panels.append(("adv", "test: mean over attacks"))
     n_curves = curves["label"].nunique()
     with paper_style():
-        fig = Figure(figsize=(COLUMN_WIDTH, 1.75 * len(panels) + 0.45 + 0.13 * n_curves), layout="constrained")
+        fig = Figure(figsize=(COLUMN_WIDTH, 1.75 * len(panels) + 0.6 + 0.12 * n_curves), layout="constrained")
         axes = fig.subplots(len(panels), 1, sharex=True)  # own y ranges: validation and test levels differ
         best = trial_objectives(df[df["score"] == score], metric).iloc[0]
         is_best = np.logical_and.reduce([same(curves[c], best[c]) for c in CURVE_COLUMNS])
@@ -323,7 +323,8 @@ def eps_figure(df: pd.DataFrame, metric: str, experiment: str, score: str | None
             if ax is not axes[-1]:
                 ax.set_xlabel("")
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=1 if n_curves < 4 else 2, title="configuration",
+        two = n_curves >= 4 and max(len(lb) for lb in labels) <= 22  # two columns only where they fit 3.3 in
+        fig.legend(handles, labels, loc="outside lower center", ncols=2 if two else 1, title="configuration",
                    frameon=False)
         fig.suptitle(_wrap(f"{experiment}: score={score}, {metric} (mean over seeds) against ε; "
                            f"★ = best on validation: {best_label}, ε={best['eps']:g}"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_report_summary import trial
@@ -82,9 +83,15 @@ def test_where_chooses_what_is_drawn(run, tmp_path, capsys):
     assert [len(ax.get_lines()) for ax in fig.axes] == [3, 3]
 
 
-def test_column_width_fonts_and_nothing_clipped(run):
+@pytest.mark.parametrize("long_labels", [False, True])
+def test_column_width_fonts_and_nothing_clipped(run, long_labels):
     df = search_frame(read_results(run / "results"))
+    if long_labels:  # legend names such as "D=32 gmm_sum contrastive λ=0.1"
+        df = df.assign(loss=np.where(df["trial_id"].str.contains("4-"), "contrastive", "ce"),
+                       center_loss=np.where(df["trial_id"].str.contains("4-"), 0.1, np.nan))
     fig = eps_figure(df, "auroc", "an-experiment-with-a-rather-long-name")
+    if long_labels:
+        assert "D=4 gmm_sum contrastive λ=0.1" in _legend(fig)
     assert fig.get_figwidth() == pytest.approx(COLUMN_WIDTH)
     canvas = FigureCanvasAgg(fig)  # no pyplot
     canvas.draw()
