@@ -28,6 +28,7 @@ from densitune.trainables.data import (
     dataset_info,
     dataset_names,
     load_split,
+    ood_group,
     sources,
 )
 
@@ -88,9 +89,15 @@ def test_digits_split_depends_on_the_seed_only() -> None:
 def test_digits_info_has_training_split_statistics() -> None:
     info = dataset_info("digits")
     ood = ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform"))
-    assert info == DatasetInfo("digits", (1, 8, 8), 10, info.mean, info.std, "embedded", default_ood=ood)
-    # every default OOD set is a registered data set other than digits itself
+    groups = (("digits-rot90", "near"), ("digits-hflip", "near"), ("digits-blend", "near"),
+              ("photo-patches", "far"), ("noise-uniform", "far"))
+    assert info == DatasetInfo("digits", (1, 8, 8), 10, info.mean, info.std, "embedded", default_ood=ood, ood_groups=groups)
+    # every default OOD set is a registered data set other than digits itself, and has a near/far group
     assert all(n in dataset_names() and n != "digits" for n in (ood[0], *ood[1]))
+    assert {n for n, _ in groups} == {ood[0], *ood[1]}
+    assert ood_group("digits", "digits-rot90") == "near" and ood_group("digits", "noise-uniform") == "far"
+    assert ood_group("cifar10", "cifar100") == "near" and ood_group("mnist", "cifar10") == "far"
+    assert ood_group("digits", "svhn") is None and ood_group("folder:/x", "digits") is None
     x, _ = items(load_split("digits", "train", seed=0))
     assert info.mean[0] == pytest.approx(float(x.mean()), abs=1e-6)
     assert info.std[0] == pytest.approx(float(x.std()), abs=1e-6)

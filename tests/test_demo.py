@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -46,12 +48,20 @@ def test_console_lines_count_redraws():
     assert console_lines("a\r\nbar 1\rbar 2\rbar 3\n\x1b[Ab\n") == ["a", "bar 1", "bar 2", "bar 3", "b"]
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, int, str]:
+    """The demo, run once under a pseudo-terminal for every slow test here: (its folder, exit status, console text)."""
+    out = tmp_path_factory.mktemp("demo-run") / "demo"
     rc, console = _in_terminal([sys.executable, "-m", "densitune", "demo", "--out", str(out)], timeout=3000)
+    if out.is_dir():
+        (out / "console.txt").write_text(console)  # what the terminal showed, for a look after the test
+    return out, rc, console
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo_run):
+    out, rc, console = demo_run
     lines = console_lines(console)
-    (out / "console.txt").write_text(console)  # what the terminal showed, for a look after the test
     assert rc == 0, console[-3000:]
     # a console that fits a screen or two: a header, the progress bars, the summary
     assert len(lines) < 80, "\n".join(lines)
@@ -63,7 +73,7 @@ def test_demo_end_to_end(tmp_path):
     assert "epoch 15/15" in (out / "densitune.log").read_text()  # the detail is in the run's log
 
     # The tables the demo used to print are one command away.
-    p = subprocess.run([sys.executable, "-m", "densitune", "report", str(out / "results"), "--top", "5",
+    p = subprocess.run([sys.executable, "-m", "densitune", "report", str(out / "results"), "--full", "--top", "5",
                         "--where", "experiment = 'demo-search'"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd"):
@@ -86,3 +96,84 @@ def test_demo_end_to_end(tmp_path):
     start = next(i for i, ln in enumerate(lines) if ln.startswith("### 1. "))
     trial_ids = lambda text: re.sub(r"trial=[0-9a-f]+", "trial=<id>", text)  # noqa: E731 - Tune's trial ids are random
     assert [trial_ids(ln) for ln in [*lines[start:], "", *b.stdout.splitlines()][:len(golden)]] == [trial_ids(ln) for ln in golden]
+
+
+#: Scores the test OOD sets of an exported detector in a fresh interpreter: {"<seed>|<set>": test AUROC}.
+REPRODUCE = textwrap.dedent('''
+    import json, sys
+    import torch
+    from torch.utils.data import DataLoader
+    import densitune
+    from densitune.search.ood.metrics import ood_metrics
+    from densitune.trainables.data import load_split
+
+    path, sets = sys.argv[1], sys.argv[2:]
+    out = {}
+    for seed in densitune.load_detector(path).info["seeds"]:
+        det = densitune.load_detector(path, seed=seed)
+        shape, name = tuple(det.info["input"]["shape"]), det.info["input"]["dataset"]
+
+        def scores(ds):
+            x = torch.cat([b for b, _ in DataLoader(load_split(ds, "test", shape=shape), batch_size=10**6)])
+            return det.score(x)
+
+        s_id = scores(name)
+        for ood in sets:
+            out[f"{seed}|{ood}"] = ood_metrics(s_id, scores(ood))["auroc"]
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, n_members", [("score = 'density' AND density = 'gmm_sum'", 2),
+                                              ("score = 'ensemble_msp'", 1)])
+def test_demo_exports_reproduce_the_search(demo_run, tmp_path, where, n_members):
+    """A single-model (DDU, both seeds) and an ensemble configuration of the demo, exported and reloaded in a fresh
+    process, give the search's per-seed test AUROC on every test OOD set to 1e-6."""
+    out, rc, console = demo_run
+    assert rc == 0, console[-3000:]
+    det = tmp_path / "detector"
+    e = subprocess.run([sys.executable, "-m", "densitune", "export", str(out / "results"), str(det), "--where",
+                        f"experiment = 'demo-search' AND {where}"], capture_output=True, text=True, timeout=600)
+    assert e.returncode == 0, e.stderr[-3000:]
+    manifest = json.loads((det / "detector.json").read_text())
+    assert len(manifest["members"]) == n_members
+    rows = [r for f in sorted((out / "results").rglob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    trial = manifest["source"]["trial_id"]
+    expected = {f"{r['seed']}|{r['ood_dataset']}": r["auroc"] for r in rows
+                if r["stage"] == "search" and r["trial_id"] == trial and r["split"] == "test"
+                and not r["ood_dataset"].startswith("adv-")}  # attacks are not OOD sets: no data set to reload
+    sets = sorted({k.split("|")[1] for k in expected})
+    assert sets == ["digits-hflip", "digits-rot90", "noise-uniform", "photo-patches"]
+    assert len(expected) == len(sets) * n_members
+    p = subprocess.run([sys.executable, "-c", REPRODUCE, str(det), *sets], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout)
+    assert set(got) == set(expected)
+    for key, auroc in expected.items():
+        assert abs(got[key] - auroc) <= 1e-6, (where, key, got[key], auroc)
+
+
+@pytest.mark.slow
+def test_optuna_load_study_opens_the_demos_study(demo_run):
+    """The README's snippet: optuna.load_study on RUN/optuna/journal.log sees all 208 trials with their parameters."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    out, rc, console = demo_run
+    assert rc == 0, console[-3000:]
+    study = optuna.load_study(study_name="demo-search",
+                              storage=JournalStorage(JournalFileBackend(str(out / "optuna" / "journal.log"))))
+    rows = [r for f in sorted((out / "results" / "experiment=demo-search").glob("*.parquet"))
+            for r in pq.read_table(f).to_pylist()]
+    record = {r["trial_id"]: r for r in rows}
+    trials = study.get_trials()
+    assert len(trials) == len(record) == 208
+    assert {t.user_attrs["trial_id"] for t in trials} == set(record)
+    for t in trials:
+        row = record[t.user_attrs["trial_id"]]
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(row["objective"], abs=0)
+        assert t.params["score"] == row["score"] and t.params.get("density", "") == (row["density"] or "")
+        assert t.params.get("eps", 0.0) == pytest.approx(row["eps"], abs=0)
+        assert ("ensemble_model" if row["ensemble"] else "model") in t.params

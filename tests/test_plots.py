@@ -168,3 +168,26 @@ def test_histogram_and_roc_take_far_and_infinite_scores():
     assert fpr[0] == 0 and tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
     # area under the drawn curve = the rank AUROC of densitune.search.ood.metrics
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(s_id, s_ood))
+
+
+def test_where_selects_the_rescored_configuration_in_every_format(results, tmp_path, ws):
+    """--where picks what is drawn: the histograms and ROC show the best of the selected rows (here D=4, the worse one)."""
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "d4"
+    paths = plot_results(results, out, ws=ws, where="D = 4", formats=["svg", "pdf", "png"])
+    stems = ["auroc_vs_eps", "roc_best", *(f"hist_{o}" for o in TEST_OOD)]
+    assert sorted(p.name for p in paths) == sorted(f"{s}.{f}" for s in stems for f in ("svg", "pdf", "png"))
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+    def texts(name):
+        return " ".join("".join(e.itertext()) for e in ET.parse(out / name).getroot().iter() if e.tag.endswith("}text"))
+
+    for name in ("roc_best.svg", *(f"hist_{o}.svg" for o in TEST_OOD)):
+        assert "cnn D=4 ce" in texts(name) and "D=8" not in texts(name), name
+    eps = texts("auroc_vs_eps.svg")
+    assert "D=4 gmm_sum" in eps and "D=8" not in eps
+    # the AUROC printed on the ROC legend is the D=4 trial's recorded one
+    df = search_frame(read_results(results))
+    want = df[(df["D"] == 4) & (df["eps"] == 0) & (df["split"] == "test") & (df["ood_dataset"] == TEST_OOD[0])]["auroc"]
+    assert f"{TEST_OOD[0]}, no ip: AUROC {want.iloc[0]:.3f}" in texts("roc_best.svg")

@@ -89,10 +89,10 @@ def test_report_by_latex_best_where_and_query(all_methods, capsys):
     best = json.loads(capsys.readouterr().out)
     assert best["density"] == "kde" and best["score"] in ("density", "diff")
     assert main(["query", results, "SELECT count(DISTINCT trial_id) AS n FROM results", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == ["n,table", "32,SELECT count(DISTINCT trial_id) AS n FROM results"]
+    assert capsys.readouterr().out.strip().splitlines() == ["n", "32"]  # tidy: no prose title column
     assert main(["report", results, "--format", "json", "--view", "configs", "--top", "2"]) == 0
-    tables = json.loads(capsys.readouterr().out)
-    assert len(tables) == 2 and all(t["rows"] for t in tables)
+    records = json.loads(capsys.readouterr().out)  # one record per row, each carrying its configuration's rank
+    assert {r["rank"] for r in records} == {1, 2} and all(isinstance(r["density_params"], dict) for r in records)
 
 
 def test_plot_command_writes_three_kinds(all_methods, tmp_path, capsys):

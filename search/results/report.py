@@ -2,6 +2,9 @@
 
 Views, all selected on validation rows only:
 
+* ``summary`` (the CLI's default): methods x test OOD sets, AUROC and FPR95 in % as mean ±
+  std over seeds, OOD sets grouped near / far (the data registry's ``ood_groups``), the best
+  per set in bold; one tidy frame underneath (:func:`summary_frame`) for csv and json.
 * ``methods``: per trained configuration (model group), the research note's method
   comparison (§1.3 / §1.8 / §1.9): a block per method (baseline = msp, ensemble, ddu =
   gmm_sum density, ddu+ip, and every other score / density searched) with a row per test
@@ -14,15 +17,16 @@ Views, all selected on validation rows only:
 
 Seeds are aggregated as mean ± std. Every view is a list of :class:`Table` (a title and
 a DataFrame with numeric ``<metric>`` / ``<metric>_std`` columns); :func:`render` turns
-them into markdown, csv, latex or json.
+them into markdown, latex, or tidy csv / json (rows with their block's keys, no prose cells).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -44,15 +48,26 @@ METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble",
 METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
 VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
-VIEWS = ("all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs")
+#: Order of the OOD groups in the summary (``near`` / ``far`` from the data registry, ``attack`` for adv-* sets).
+GROUP_ORDER = ("near", "far", "other", "attack")
 
 
 @dataclass
 class Table:
-    """One block of a report: a title and its rows."""
+    """One block of a report: a title and its rows.
+
+    ``keys`` are the columns that identify the block (a model group, a configuration): csv and
+    json put them into every row instead of the prose title. ``tidy`` (if set) is the long-format
+    frame that csv and json write in place of ``frame`` (which is laid out for reading); ``display``
+    (if set) is the frame of strings markdown and latex show.
+    """
 
     title: str
     frame: pd.DataFrame
+    keys: dict[str, Any] = field(default_factory=dict)
+    tidy: pd.DataFrame | None = None
+    display: pd.DataFrame | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -219,7 +234,8 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
                  f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; ip ε = {eps} (chosen on validation); "
                  f"val {metric}: no ip {v(r.plain)}, ip {v(r.ip)}")
         cols = ["ood_dataset", "split"] + [f"{m}{p}{s}" for p in ("", "_ip") for m in ("auroc", "auprc") for s in ("", "_std")]
-        tables.append(Table(title, pd.DataFrame(rows, columns=cols)))
+        keys = {"rank": rank, **r.config, "eps_ip": None if r.ip is None else float(r.ip["eps"])}
+        tables.append(Table(title, pd.DataFrame(rows, columns=cols), keys=keys))
     return tables
 
 
@@ -245,7 +261,8 @@ def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
                     rows.append({"method": name, "eps": trial["eps"], "ood_dataset": s,
                                  **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std")}})
         title = f"{_group_title(g.config)} — test figures, every +ip ε chosen on validation {metric}"
-        tables.append(Table(title, pd.DataFrame(rows, columns=["method", "eps", "ood_dataset", "auroc", "auroc_std", "auprc", "auprc_std"])))
+        tables.append(Table(title, pd.DataFrame(rows, columns=["method", "eps", "ood_dataset", "auroc", "auroc_std", "auprc", "auprc_std"]),
+                            keys={c: g.config[c] for c in GROUP_COLUMNS}))
     return tables
 
 
@@ -269,12 +286,149 @@ def by_tables(df: pd.DataFrame, by: list[str], metric: str = "auroc") -> list[Ta
     return [Table(f"best trial per {', '.join(by)} (selected on validation {metric}; test figures)", pd.DataFrame(rows))]
 
 
+def ood_group_of(id_dataset: str | None, ood_dataset: str) -> str:
+    """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``other``."""
+    if ood_dataset.startswith("adv-"):
+        return "attack"
+    try:
+        from densitune.trainables.data import ood_group
+    except ImportError:  # pragma: no cover - the results layer can be used without the data code
+        return "other"
+    return ood_group(id_dataset or "", ood_dataset) or "other"
+
+
+def _method_order(score: str, density: str) -> tuple[int, bool, str]:
+    return (METHOD_ORDER.index(score) if score in METHOD_ORDER else len(METHOD_ORDER), density != "gmm_sum", density)
+
+
+#: Columns of the summary's tidy frame (one row per method x test OOD set).
+SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "eps_tuned", "val", "protocol",
+                   "ood_group", "ood_dataset", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
+                   "best_auroc", "best_fpr95"]
+
+
+def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
+    """The default report as a tidy frame: one row per method and test OOD set (or attack).
+
+    A method is a score (with its density). Its model group and density parameters are chosen
+    on validation ``metric``, and so is ε where ε > 0 was searched (``eps_tuned``): when
+    validation chose ε > 0 there are two rows, ``<method>`` (ε = 0, no input perturbation) and
+    ``<method>+ip`` (the chosen ε); when it chose ε = 0, one row ``<method>`` with
+    ``eps_tuned`` set, so no row is called "+ip" that validation did not pick. Figures are the test rows' mean and
+    sample std over seeds (``n_seeds`` values; an ensemble is one value). ``best_auroc`` /
+    ``best_fpr95`` mark the best method per OOD set (to the two decimals of a percentage
+    that the tables show). ``density_params`` holds every parameter as a dict.
+    """
+    trials = trial_objectives(df, metric)  # best-first
+    methods = sorted({(r.score, r.density) for r in trials[["score", "density"]].itertuples()}, key=lambda m: _method_order(*m))
+    records = []
+    for score, density in methods:
+        mt = trials[(trials["score"] == score) & (trials["density"] == density)]
+        plain, tuned = mt[mt["eps"] == 0], mt.iloc[0] if (mt["eps"] > 0).any() else None
+        picks: list[tuple[pd.Series, bool]] = []  # (trial, ε chosen on validation among several)
+        if tuned is not None and tuned["eps"] == 0:  # validation preferred no perturbation: one row says so
+            picks.append((tuned, True))
+        else:
+            if len(plain):
+                picks.append((plain.iloc[0], False))
+            if tuned is not None:
+                picks.append((tuned, True))
+        for trial, eps_tuned in picks:
+            name = _method_name(score, density, "", bool(trial["eps"] > 0))
+            rows = _trial_rows(df, trial)
+            for ood, t in rows[rows["split"] == "test"].groupby("ood_dataset"):
+                st = _stats(t)
+                records.append({"method": name, "score": score, "density": density,
+                                "density_params": json.loads(trial["density_params"] or "{}"),
+                                **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "eps_tuned": eps_tuned,
+                                "val": float(trial["val"]),
+                                "protocol": trial["protocol"], "ood_group": ood_group_of(t["id_dataset"].iloc[0], str(ood)),
+                                "ood_dataset": ood, "n_seeds": int(t["auroc"].notna().sum()),
+                                **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std")}})
+    out = pd.DataFrame.from_records(records, columns=[c for c in SUMMARY_COLUMNS if not c.startswith("best_")])
+    for m, pick in (("auroc", "max"), ("fpr95", "min")):
+        shown = (out[m] * 100).round(2)
+        out[f"best_{m}"] = shown == shown.groupby(out["ood_dataset"]).transform(pick)
+    return out.rename(columns={"val": f"val_{metric}"})
+
+
+def _percent(mean: float, std: float, bold: bool) -> str:
+    if pd.isna(mean):
+        return "-"
+    text = f"{100 * mean:.2f}" + ("" if pd.isna(std) else f" ± {100 * std:.2f}")
+    return f"**{text}**" if bold else text
+
+
+def _set_columns(tidy: pd.DataFrame) -> list[str]:
+    sets = tidy[["ood_group", "ood_dataset"]].drop_duplicates()
+    sets = sets.assign(_g=sets["ood_group"].map(GROUP_ORDER.index)).sort_values(["_g", "ood_dataset"], kind="mergesort")
+    return list(sets["ood_dataset"])
+
+
+def _header(tidy: pd.DataFrame, ood: str) -> str:
+    group = tidy.loc[tidy["ood_dataset"] == ood, "ood_group"].iloc[0]
+    return ood if group in ("other", "attack") else f"{group}: {ood}"
+
+
+def _wide(tidy: pd.DataFrame, sets: list[str], metrics: list[str], label: Callable[[str, str], str]) -> pd.DataFrame:
+    """Methods x (set, metric) cells "mean ± std" in percent, the best per column in bold."""
+    methods = list(dict.fromkeys(tidy["method"]))
+    out = pd.DataFrame({"method": methods})
+    for ood in sets:
+        for m in metrics:
+            sub = tidy[tidy["ood_dataset"] == ood].set_index("method")
+            out[label(ood, m)] = [_percent(sub.at[k, m], sub.at[k, f"{m}_std"], bool(sub.at[k, f"best_{m}"]))
+                                  if k in sub.index else "" for k in methods]
+    return out[[c for c in out.columns if c == "method" or (out[c] != "").any()]].loc[
+        lambda d: (d.drop(columns="method") != "").any(axis=1)].reset_index(drop=True)
+
+
+def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
+    """The default ``report``: methods x test OOD sets, AUROC and FPR95 (%), mean ± std over seeds.
+
+    Blocks over one tidy frame (:func:`summary_frame`, what csv and json write): test AUROC with
+    what validation chose per method (model group, non-default parameters, ε), test FPR95, OOD
+    sets ordered near, far, other; attacks (if any) in a block of their own.
+    """
+    tidy = summary_frame(df, metric)
+    protocol = ", ".join(sorted(set(tidy["protocol"].dropna())))
+    ood_sets = [s for s in _set_columns(tidy) if not s.startswith("adv-")]
+    attacks = [s for s in _set_columns(tidy) if s.startswith("adv-")]
+    tables: list[Table] = []
+    for m in ("auroc", "fpr95"):
+        if not ood_sets:
+            break
+        wide = _wide(tidy[tidy["ood_dataset"].isin(ood_sets)], ood_sets, [m], lambda o, _m: _header(tidy, o))
+        better = "higher" if METRICS[m].direction == "max" else "lower"
+        title = f"test {m.upper()} (%, {better} is better), mean ± std over seeds, best per OOD set in bold"
+        if m == "auroc":  # what validation chose, once
+            first = tidy.drop_duplicates("method").set_index("method")
+            models = []
+            for k in wide["method"]:
+                r = first.loc[k]
+                params = short_params(r["density"], json.dumps(r["density_params"]))
+                models.append(_group_title(r.to_dict()) + (f" {params}" if params else ""))
+            wide.insert(1, "model", models)
+            wide.insert(2, "ε", [f"{first.at[k, 'eps']:g}" + (" (tuned)" if first.at[k, "eps_tuned"] else "")
+                                 for k in wide["method"]])
+            title += (f"; model and parameters of each method chosen on validation {metric} ({protocol}), "
+                      "ε too where marked (tuned)")
+        tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide))
+    if attacks:
+        wide = _wide(tidy[tidy["ood_dataset"].isin(attacks)], attacks, ["auroc", "fpr95"], lambda o, m: f"{o} {m.upper()}")
+        tables.append(Table("adversarial detection, clean vs attacked ID test inputs (%), mean ± std over seeds, "
+                            "best per column in bold", wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide))
+    return tables
+
+
 def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None, view: str = "all", by: list[str] | None = None) -> list[Table]:
     df = search_frame(table)
     if by:
         return by_tables(df, by, metric)
     if view not in VIEWS:
         raise ConfigError(f"unknown view {view!r}; known: {', '.join(VIEWS)}")
+    if view == "summary":
+        return summary_tables(df, metric)
     tables = []
     if view in ("all", "methods"):
         tables += methods_tables(df, metric)
@@ -293,7 +447,8 @@ def best_tables(table: pa.Table, metric: str = "auroc") -> list[Table]:
              f"eps={top['eps']:.4g} — experiment={top['experiment']} trial={top['trial_id']} {_members(top)}; "
              f"validation {metric} = {top['val']:.4f}; ID test accuracy = {_accuracy(rows)}")
     out = [{"ood_dataset": s, **_stats(g)} for s, g in rows[rows["split"] == "test"].groupby("ood_dataset")]
-    return [Table(title, pd.DataFrame(out))]
+    keys = {**cfg, "eps": float(top["eps"]), "experiment": top["experiment"], "trial_id": top["trial_id"]}
+    return [Table(title, pd.DataFrame(out), keys=keys)]
 
 
 def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
@@ -350,18 +505,64 @@ def _latex(t: Table) -> str:
     return "\n".join(lines)
 
 
+def _records(t: Table) -> pd.DataFrame:
+    """A block as tidy rows: its identifying ``keys`` as columns, then its tidy (or plain) frame."""
+    frame = (t.tidy if t.tidy is not None else t.frame).copy()
+    for i, (k, v) in enumerate(t.keys.items()):
+        if k not in frame.columns:
+            frame.insert(i, k, [v] * len(frame))
+    if "density_params" in frame.columns:  # stored as JSON text; a nested object here
+        frame["density_params"] = [json.loads(v or "{}") if isinstance(v, str) else v for v in frame["density_params"]]
+    return frame
+
+
+def _tidy(tables: list[Table]) -> pd.DataFrame:
+    frames = [f for f in (_records(t) for t in tables) if len(f.columns)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _csv(tables: list[Table]) -> str:
+    frame = _tidy(tables)
+    if frame.empty and not len(frame.columns):
+        return ""
+    if "density_params" in frame.columns:  # one column per parameter, as pandas.json_normalize names them
+        params = pd.json_normalize([v if isinstance(v, dict) else {} for v in frame["density_params"]]).add_prefix("density_params.")
+        i = list(frame.columns).index("density_params")
+        frame = pd.concat([frame.iloc[:, :i], params.set_index(frame.index), frame.iloc[:, i + 1:]], axis=1)
+    return str(frame.to_csv(index=False))
+
+
+def _pandas_markdown(t: Table) -> str:
+    assert t.display is not None
+    return f"### {t.title}\n\n" + str(t.display.to_markdown(index=False, disable_numparse=True))
+
+
+def _pandas_latex(t: Table) -> str:
+    assert t.display is not None
+    d = t.display.map(lambda v: re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", _latex_escape(str(v))))
+    d.columns = [_latex_escape(str(c)) for c in d.columns]
+    return str(d.style.hide(axis="index").to_latex(caption=_latex_escape(t.title), hrules=True, position="h",
+                                               position_float="centering", environment="table"))
+
+
 def render(tables: list[Table], fmt: str = "markdown") -> str:
-    """The tables as markdown, csv (one table, a ``table`` column naming the block), latex or json."""
+    """The tables as markdown, latex, or tidy csv / json (one record per row, no prose cells).
+
+    csv and json write each block's rows with its identifying ``keys`` as columns (no titles);
+    ``density_params`` is a nested object in json and one ``density_params.<name>`` column per
+    parameter in csv. Blocks with a ``display`` frame render it through pandas (``to_markdown``,
+    ``Styler.to_latex``).
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if fmt == "markdown":
-        return "\n\n".join(_markdown(t) for t in tables)
+        return "\n\n".join(_pandas_markdown(t) if t.display is not None else _markdown(t) for t in tables)
     if fmt == "latex":
-        return "\n\n".join(_latex(t) for t in tables)
+        return "\n\n".join(_pandas_latex(t) if t.display is not None else _latex(t) for t in tables)
     if fmt == "csv":
-        frames = [t.frame.assign(table=t.title) for t in tables]
-        return pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ""
-    return json.dumps([{"title": t.title, "rows": json.loads(t.frame.to_json(orient="records"))} for t in tables], indent=1)
+        return _csv(tables)
+    frame = _tidy(tables)
+    return json.dumps(json.loads(frame.to_json(orient="records", force_ascii=False, double_precision=15)), indent=1, ensure_ascii=False)
 
 
 def report(table: pa.Table, metric: str = "auroc", top: int | None = None, view: str = "all", fmt: str = "markdown",

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 #: which are not imported here: ``densitune --help`` stays fast).
 FORMATS = ("markdown", "csv", "latex", "json")
 METRICS = ("auroc", "auprc", "fpr95")
-VIEWS = ("all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
+PLOT_FORMATS = ("png", "svg", "pdf")
 
 log = logging.getLogger("densitune")
 
@@ -154,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\" (default: all rows)")
         p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
         if name == "report":
-            p.add_argument("--top", type=int, default=None, help="show the best N configurations (default: all)")
-            p.add_argument("--view", default="all", choices=VIEWS,
-                           help="methods (the note's method comparison), configs (ip side by side) or all (default: %(default)s)")
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations; implies --full (default: all)")
+            p.add_argument("--full", action="store_true",
+                           help="every table (--view all) instead of the one-screen summary of methods x OOD sets")
+            p.add_argument("--view", default=None, choices=VIEWS,
+                           help="summary (methods x OOD sets, AUROC and FPR95), methods (the note's method comparison per "
+                                "model group), configs (ip side by side) or all (default: summary; all with --full or --top)")
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
@@ -180,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+    p.add_argument("--where", default=None, help="SQL filter on the rows: what is drawn, e.g. \"score = 'density' AND D = 8\" "
+                                                 "(default: all rows)")
+    p.add_argument("--score", nargs="+", default=None, help="only these scores (default: all; the ε plot draws density if present)")
+    p.add_argument("--density", nargs="+", default=None, help="only these densities (default: all)")
+    p.add_argument("-D", "--dim", dest="dims", nargs="+", type=int, default=None, help="only networks with these D (default: all)")
+    p.add_argument("--format", dest="formats", nargs="+", default=["png"], choices=PLOT_FORMATS,
+                   help="figure formats, several allowed (default: png)")
 
     p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
     p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
@@ -402,7 +413,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print()
     print(best(table, spec.metric))
     _say(args, f"\nsearch finished: {done} trial(s) in {store.results}; log: {run.log_file}\n"
-               f"tables:  densitune report {store} --view methods\n"
+               f"tables:  densitune report {store}  (every table: --full)\n"
                f"figures: densitune plot {store}")
     return 0
 
@@ -447,7 +458,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     table = filter_results(read_results(results_dir_of(args.results)), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
-    print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))
+    view = args.view or ("all" if args.full or args.top is not None else "summary")
+    print(report(table, args.metric, top=args.top, view=view, fmt=args.format, by=by))
     return 0
 
 
@@ -458,7 +470,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     from densitune.search.results.store import filter_results, read_results, results_dir_of
 
     table = filter_results(read_results(results_dir_of(args.results)), args.where)
-    print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
+    if args.json:
+        cfg = best_config(table, args.metric)
+        cfg["density_params"] = json.loads(cfg["density_params"] or "{}")  # a nested object, not an escaped string
+        print(json.dumps(cfg, indent=1))
+    else:
+        print(best(table, args.metric, args.format))
     return 0
 
 
@@ -477,7 +494,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     results = results_dir_of(args.results)
     out = args.out or _plot_dir(results)
-    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores):
+    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores,
+                             where=args.where, score=args.score, density=args.density, dims=args.dims, formats=args.formats):
         print(path)
     return 0
 

@@ -10,7 +10,14 @@ Every item is ``(x, y)``: x (C, H, W) float32 in [0, 1], y an int64 scalar, -1 w
 
 from __future__ import annotations
 
-from densitune.trainables.data.api import dataset_info, dataset_names, get_dataset, load_split, split_checksum
+from densitune.trainables.data.api import (
+    dataset_info,
+    dataset_names,
+    get_dataset,
+    load_split,
+    ood_group,
+    split_checksum,
+)
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.splits import SPLITS
 from densitune.trainables.data.transforms import convert_images
@@ -25,5 +32,6 @@ __all__ = [
     "dataset_names",
     "get_dataset",
     "load_split",
+    "ood_group",
     "split_checksum",
 ]

@@ -53,6 +53,16 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     return get_dataset(name).info(_root(root))
 
 
+def ood_group(id_dataset: str, ood_dataset: str) -> str | None:
+    """``"near"`` or ``"far"``: how far ``ood_dataset`` lies from ``id_dataset`` (its ``DatasetInfo.ood_groups``).
+
+    None when the in-distribution set is unknown (or a folder) or does not list the OOD set.
+    """
+    if not id_dataset or id_dataset.startswith(FOLDER_PREFIX) or id_dataset not in DATASETS:
+        return None
+    return dict(DATASETS.get(id_dataset).info(None).ood_groups).get(ood_dataset)
+
+
 def load_split(
     name: str,
     split: str,

@@ -69,7 +69,9 @@ def _digits_info() -> DatasetInfo:
     x, _ = digits_split("train", 0)
     mean, std = float(x.mean()), float(x.std())
     ood = ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform"))
-    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded", default_ood=ood)
+    groups = (("digits-rot90", "near"), ("digits-hflip", "near"), ("digits-blend", "near"),
+              ("photo-patches", "far"), ("noise-uniform", "far"))
+    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded", default_ood=ood, ood_groups=groups)
 
 
 def _ood_info(name: str) -> DatasetInfo:
