@@ -426,13 +426,13 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from densitune.errors import ConfigError
-    from densitune.search.results.report import report
-    from densitune.search.results.store import filter_results, read_results, results_dir_of
+    from densitune.search.results.report import read_search_rows, report
+    from densitune.search.results.store import results_dir_of
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    table = filter_results(read_results(results_dir_of(args.results)), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
+    table = read_search_rows(results_dir_of(args.results), args.where, by)
     print(report(table, args.metric, top=args.top, view=args.view, fmt=args.format, by=by))
     return 0
 
@@ -440,19 +440,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from densitune.search.results.report import best, best_config
-    from densitune.search.results.store import filter_results, read_results, results_dir_of
+    from densitune.search.results.report import best, best_config, read_search_rows
+    from densitune.search.results.store import results_dir_of
 
-    table = filter_results(read_results(results_dir_of(args.results)), args.where)
+    table = read_search_rows(results_dir_of(args.results), args.where)
     print(json.dumps(best_config(table, args.metric), indent=1) if args.json else best(table, args.metric, args.format))
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from densitune.errors import ResultsError
     from densitune.search.results.report import Table, render
-    from densitune.search.results.store import query, read_results, results_dir_of
+    from densitune.search.results.sql import referenced_columns
+    from densitune.search.results.store import COLUMNS, query, read_results, results_dir_of
 
-    result = query(read_results(results_dir_of(args.results)), args.sql, allow_files=args.allow_files)
+    results = results_dir_of(args.results)
+    named = referenced_columns(args.sql, COLUMNS)  # read only the columns the SELECT names
+    if named is not None and not named:  # count(*): the rows, not their values (one small column carries them)
+        named = {"schema_version"}
+    try:
+        result = query(read_results(results, columns=named), args.sql, allow_files=args.allow_files)
+    except ResultsError:
+        if named is None:
+            raise
+        # a column reference the syntax tree does not show as one (e.g. JOIN ... USING): run it on every column
+        result = query(read_results(results), args.sql, allow_files=args.allow_files)
     print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
