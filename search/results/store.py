@@ -379,14 +379,25 @@ def read_results(
         wanted.add("experiment")
     keep = [c for c in COLUMNS if c in wanted]
     read = [c for c in COLUMNS if c in wanted or c == "schema_version" or (c == "stage" and stage is not None)]
+    current: list[pa.Table] = []
+    old: list[pa.Table] = []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(lambda f: _read_file(f, read, stage), files))
+        # In batches, each merged into one chunk: 10,000 one-file tables would hold ~4x their data in small
+        # buffers, and pandas operations on a column of 10,000 chunks are slow.
+        for start in range(0, len(files), _READ_BATCH):
+            parts = list(pool.map(lambda f: _read_file(f, read, stage), files[start:start + _READ_BATCH]))
+            batch = [t for v, t in parts if v == SCHEMA_VERSION]
+            current += [pa.concat_tables(batch).combine_chunks()] if batch else []
+            old += [t for v, t in parts if v != SCHEMA_VERSION]
     # rows of current files first, then those of older-version files (the order of the whole-table read)
-    tables = [t for v, t in parts if v == SCHEMA_VERSION] + [t for v, t in parts if v != SCHEMA_VERSION]
-    table = pa.concat_tables(tables).select(keep)
+    table = pa.concat_tables(current + old).select(keep).combine_chunks()
     if experiment is not None:
         table = table.filter(ds.field("experiment") == experiment)
     return table
+
+
+#: Files read per batch by :func:`read_results`.
+_READ_BATCH = 500
 
 
 @functools.lru_cache(maxsize=1)
@@ -404,7 +415,7 @@ def _read_file(f: Path, columns: list[str], stage: str | None) -> tuple[int, pa.
     if f.suffix != ".parquet":
         raise ResultsError(f"foreign file in results directory: {f}")
     try:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False)  # small files: one read per column chunk is cheaper
         version = SCHEMA_VERSION if (pf.metadata.metadata or {}).get(b"ARROW:schema") == _schema_footer() else _check_file(f)
         if version == SCHEMA_VERSION:
             table = pf.read(columns=columns)
