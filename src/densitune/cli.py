@@ -381,11 +381,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
+    t_report = time.perf_counter()
     table = read_results(run.results_dir, experiment=spec.experiment)
     if args.verbose:
         print(report(table, spec.metric, top=5))
         print()
     print(best(table, spec.metric))
+    STAGE_SECONDS["report"] = time.perf_counter() - t_report
     results = Path(run.results_dir)
     _say(args, f"\nsearch finished: {done} trial(s) in {results}; log: {run.log_file}\n"
                f"tables:  densitune report {results} --view methods\n"
@@ -574,17 +576,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
               + (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else []))
     t0 = time.perf_counter()
     parser = build_parser()
+    seconds: dict[str, float] = {}
     for command, extra in (("train", DEMO_TRAIN + (["--resume"] if args.resume else [])), ("search", DEMO_SEARCH)):
         argv = [command, *common, *extra]
         if args.verbose:
             print(f"\n=== densitune {' '.join(argv)}", flush=True)
         sub = parser.parse_args(argv)
         sub.resume_argv = getattr(args, "resume_argv", None) or sys.argv[1:]  # continue the demo, not its steps
+        t_command = time.perf_counter()
         rc = COMMANDS[command](sub)
+        seconds[command] = time.perf_counter() - t_command
         if rc:
             return rc
-    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
+    report_s = STAGE_SECONDS.get("report", 0.0)  # the search command's reading of the results and its summary
+    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s (training {seconds['train']:.0f} s, "
+               f"search {seconds['search'] - report_s:.0f} s, report {report_s:.0f} s)")
     return 0
+
+
+#: Wall seconds of the stages a command timed (the demo's summary splits its time with them).
+STAGE_SECONDS: dict[str, float] = {}
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,
