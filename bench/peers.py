@@ -74,7 +74,7 @@ def peers_gmm() -> None:
     print("1. gmm_sum vs pytorch-ood GMM / Mahalanobis and a torch MultivariateNormal reference (C=10, D=128)")
     z, y = class_features(600, 128, 10, seed=0)
     z_id, _ = class_features(200, 128, 10, seed=1)
-    z_ood, _ = class_features(200, 128, 10, seed=2, shift=0.35)
+    z_ood, _ = class_features(200, 128, 10, seed=2, shift=0.04)  # a small shift: a non-trivial AUROC
 
     def ours() -> tuple[torch.Tensor, torch.Tensor]:
         d = create_density("gmm_sum").fit(z, y)
@@ -263,9 +263,9 @@ def ip_scoring() -> None:
         for b in batches:
             det.predict(b)
 
-    t_fwd, _ = timed(forward)
-    t_ip, _ = timed(ours_ip)
-    t_pood, _ = timed(pood)
+    t_fwd = t_ip = t_pood = math.inf
+    for _ in range(4):  # interleaved rounds, best of each: a busy machine's load drifts between them
+        t_fwd, t_ip, t_pood = min(t_fwd, timed(forward, 1)[0]), min(t_ip, timed(ours_ip, 1)[0]), min(t_pood, timed(pood, 1)[0])
     record("ip scoring / our forward pass", "<= 3.5x", f"{t_ip / t_fwd:.2f}x ({len(x) / t_ip:.0f} img/s vs {len(x) / t_fwd:.0f})",
            t_ip / t_fwd <= 3.5, "backward through the network costs about two forwards")
     record("ip scoring / pytorch-ood MahalanobisODIN", "< 1 (faster)", f"{t_ip / t_pood:.2f}x ({len(x) / t_pood:.0f} img/s)",
