@@ -69,7 +69,8 @@ def test_demo_end_to_end(demo_run):
     summary = "\n".join(lines[-16:])  # it ends with the best configuration and where things are
     assert "best configuration by validation auroc" in summary
     assert f"densitune report {out / 'results'}" in summary and f"densitune plot {out / 'results'}" in summary
-    assert any("demo finished" in ln for ln in lines[-3:])
+    assert any(re.fullmatch(r"demo finished in \d+ s \(training \d+ s, search \d+ s, report \d+ s\)", ln.strip())
+               for ln in lines[-3:]), lines[-3:]
     assert "epoch 15/15" in (out / "densitune.log").read_text()  # the detail is in the run's log
 
     # The tables the demo used to print are one command away.

@@ -647,8 +647,9 @@ class GaussianKDE(Density):
             partial = []
             for ts in range(0, self.n_train_, rows):
                 t = self.train_[ts : ts + rows]  # (n, D)
-                d2 = (q_sq + self.train_sq_[ts : ts + rows] - 2.0 * q @ t.mT).clamp_min(0.0)  # (m, n)
-                partial.append(torch.logsumexp(-d2 * inv_two_h2, dim=1))  # (m,)
+                # ||q||^2 + ||t||^2 - 2 q.t in one fused GEMM (addmm): fewer passes over the (m, n) block
+                d2 = torch.addmm(q_sq + self.train_sq_[ts : ts + rows], q, t.mT, alpha=-2.0).clamp_min(0.0)  # (m, n)
+                partial.append(torch.logsumexp(d2 * -inv_two_h2, dim=1))  # (m,)
             out.append(torch.logsumexp(torch.stack(partial, dim=1), dim=1) + log_norm)
         if not out:
             return z64.new_empty(0)

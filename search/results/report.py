@@ -37,6 +37,8 @@ from densitune.search.ood.metrics import METRICS, check_metric
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from densitune.runstore import RunPath
+
 #: Columns that identify a trained configuration (a model group).
 GROUP_COLUMNS = ["backbone", "D", "loss", "center_loss", "spectral"]
 #: Columns that identify a method on a model group; ε is what ip varies.
@@ -71,6 +73,26 @@ class Table:
 
 
 # ----------------------------------------------------------------------------- data
+
+
+#: The columns the tables are built from: ``report`` and ``best`` read only these (and those a ``--where`` or
+#: ``--by`` names) of the search rows, so thousands of per-trial files cost what these columns cost.
+READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "ood_dataset", "split", *CONFIG_COLUMNS, "eps", "seed",
+                "ensemble", "objective", *VALUES, "id_accuracy", "checkpoints"]
+
+
+def read_search_rows(results_dir: str | RunPath, where: str | None = None, by: list[str] | None = None) -> pa.Table:
+    """The search rows under ``results_dir`` that match ``where`` (a ``--where`` expression), with the columns the
+    tables need: :data:`READ_COLUMNS`, the ``by`` columns and those ``where`` names (every column if it names them
+    in a way that cannot be told, e.g. a parse error, which the filter then reports)."""
+    from densitune.search.results.sql import referenced_columns
+    from densitune.search.results.store import COLUMNS, filter_results, read_results
+
+    columns: set[str] | None = set(READ_COLUMNS) | {c for c in by or [] if c in COLUMNS}
+    if where is not None:
+        named = referenced_columns(where, COLUMNS, expression=True)
+        columns = None if named is None or columns is None else columns | named
+    return filter_results(read_results(results_dir, stage="search", columns=columns), where)
 
 
 def search_frame(table: pa.Table) -> pd.DataFrame:
@@ -172,11 +194,11 @@ def short_params(density: str, params: str | None) -> str:
     """The density parameters that differ from its defaults, as ``k=v`` (rows store them all)."""
     if not density or not params or params == "{}":
         return ""
-    from densitune.search.ood.densities import create_density
+    from densitune.search.ood.density_defaults import default_params
 
     given = json.loads(params)
     try:
-        defaults = create_density(density).get_params()
+        defaults = default_params(density)
     except Exception:  # noqa: BLE001 - a density that no longer exists: show everything
         defaults = {}
     return ",".join(f"{k}={v}" for k, v in sorted(given.items()) if defaults.get(k, object()) != v)

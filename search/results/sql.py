@@ -21,7 +21,7 @@ No Ray, no training loop, no CLI.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from densitune.errors import ResultsError
@@ -107,6 +107,30 @@ def check_filter(where: str) -> Any:
             what = {"SUBQUERY": "a subquery"}.get(n["class"], f"a {n['class'].lower()} expression")
             raise ResultsError(f"{bad}: {what} is not allowed in a filter; use column comparisons, AND, OR, IN, functions")
     return expression
+
+
+def referenced_columns(sql: str, names: Iterable[str], *, expression: bool = False) -> set[str] | None:
+    """The columns among ``names`` that a SELECT (``expression``: a ``--where`` expression) refers to, so
+    that a reader loads only those; None when it may use every column (a ``*``, ``COLUMNS(...)``) or does
+    not parse (running it then gives the error). Matching is case-insensitive, as DuckDB's binder is."""
+    text = f"SELECT 1 FROM results WHERE (\n{sql}\n)" if expression else sql
+    con = connect()
+    try:
+        raw = con.execute("SELECT json_serialize_sql(?)", [text]).fetchone()
+    finally:
+        con.close()
+    tree: dict[str, Any] = json.loads(raw[0]) if raw else {"error": True}
+    if tree.get("error"):
+        return None
+    by_lower = {n.lower(): n for n in names}
+    found: set[str] = set()
+    for node in _nodes(tree):
+        if node["class"] == "STAR":
+            return None
+        for part in node.get("column_names") or [] if node["class"] == "COLUMN_REF" else []:
+            if str(part).lower() in by_lower:
+                found.add(by_lower[str(part).lower()])
+    return found
 
 
 def filter_table(table: pa.Table, where: str | None) -> pa.Table:

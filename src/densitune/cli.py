@@ -407,11 +407,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     events = Counter(kind for kind, _ in DiskCache(cache_dir).events())
     log.info("cache %s: %d feature extraction(s), %d density fit(s), %d attacked set(s) computed in all; "
              "every other use was a cache hit", run.cache_dir, events["extract"], events["fit"], events["attack"])
+    t_report = time.perf_counter()
     table = read_results(run.results_dir, experiment=spec.experiment)
     if args.verbose:
         print(report(table, spec.metric, top=5))
         print()
     print(best(table, spec.metric))
+    STAGE_SECONDS["report"] = time.perf_counter() - t_report
     _say(args, f"\nsearch finished: {done} trial(s) in {store.results}; log: {run.log_file}\n"
                f"tables:  densitune report {store}  (every table: --full)\n"
                f"figures: densitune plot {store}")
@@ -451,13 +453,13 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from densitune.errors import ConfigError
-    from densitune.search.results.report import report
-    from densitune.search.results.store import filter_results, read_results, results_dir_of
+    from densitune.search.results.report import read_search_rows, report
+    from densitune.search.results.store import results_dir_of
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    table = filter_results(read_results(results_dir_of(args.results)), args.where)
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
+    table = read_search_rows(results_dir_of(args.results), args.where, by)
     view = args.view or ("all" if args.full or args.top is not None else "summary")
     print(report(table, args.metric, top=args.top, view=view, fmt=args.format, by=by))
     return 0
@@ -466,10 +468,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from densitune.search.results.report import best, best_config
-    from densitune.search.results.store import filter_results, read_results, results_dir_of
+    from densitune.search.results.report import best, best_config, read_search_rows
+    from densitune.search.results.store import results_dir_of
 
-    table = filter_results(read_results(results_dir_of(args.results)), args.where)
+    table = read_search_rows(results_dir_of(args.results), args.where)
     if args.json:
         cfg = best_config(table, args.metric)
         cfg["density_params"] = json.loads(cfg["density_params"] or "{}")  # a nested object, not an escaped string
@@ -480,10 +482,22 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from densitune.errors import ResultsError
     from densitune.search.results.report import Table, render
-    from densitune.search.results.store import query, read_results, results_dir_of
+    from densitune.search.results.sql import referenced_columns
+    from densitune.search.results.store import COLUMNS, query, read_results, results_dir_of
 
-    result = query(read_results(results_dir_of(args.results)), args.sql, allow_files=args.allow_files)
+    results = results_dir_of(args.results)
+    named = referenced_columns(args.sql, COLUMNS)  # read only the columns the SELECT names
+    if named is not None and not named:  # count(*): the rows, not their values (one small column carries them)
+        named = {"schema_version"}
+    try:
+        result = query(read_results(results, columns=named), args.sql, allow_files=args.allow_files)
+    except ResultsError:
+        if named is None:
+            raise
+        # a column reference the syntax tree does not show as one (e.g. JOIN ... USING): run it on every column
+        result = query(read_results(results), args.sql, allow_files=args.allow_files)
     print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
@@ -671,17 +685,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
               + (["-q"] if args.quiet else []) + (["--verbose"] if args.verbose else []))
     t0 = time.perf_counter()
     parser = build_parser()
+    seconds: dict[str, float] = {}
     for command, extra in (("train", DEMO_TRAIN + (["--resume"] if args.resume else [])), ("search", DEMO_SEARCH)):
         argv = [command, *common, *extra]
         if args.verbose:
             print(f"\n=== densitune {' '.join(argv)}", flush=True)
         sub = parser.parse_args(argv)
         sub.resume_argv = getattr(args, "resume_argv", None) or sys.argv[1:]  # continue the demo, not its steps
+        t_command = time.perf_counter()
         rc = COMMANDS[command](sub)
+        seconds[command] = time.perf_counter() - t_command
         if rc:
             return rc
-    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s")
+    report_s = STAGE_SECONDS.get("report", 0.0)  # the search command's reading of the results and its summary
+    _say(args, f"demo finished in {time.perf_counter() - t0:.0f} s (training {seconds['train']:.0f} s, "
+               f"search {seconds['search'] - report_s:.0f} s, report {report_s:.0f} s)")
     return 0
+
+
+#: Wall seconds of the stages a command timed (the demo's summary splits its time with them).
+STAGE_SECONDS: dict[str, float] = {}
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,

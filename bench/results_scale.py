@@ -1,0 +1,167 @@
+"""Results at scale: `report`, `best` and `query` over 10,000 search trials' files, before and after `compact`.
+
+Writes a run folder in the real layout through the real writer (``store.write_rows``, rows built by
+``rows.result_row`` as a search trial builds them: 2 seeds x (1 validation + 6 test rows) = 14 rows per
+trial, one file per trial, plus 120 training-epoch files), then times each reading command as its own
+process (wall time; peak RSS from ``/usr/bin/time``). Only the readers are timed.
+
+Gate (issue 13): each command <= 3 s and <= 500 MB on 2 cores without compaction, and faster after it.
+
+    python bench/results_scale.py [--trials 10000] [--out /tmp/dt-scale] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+GATE_S, GATE_MB = 3.0, 500.0
+SCORES = ["density", "diff", "msp", "entropy", "gradnorm"]
+DENSITIES = {"gmm_sum": '{"jitter": 1e-06}', "gmm_max": '{"jitter": 1e-06}', "kde": '{"bandwidth": "scott"}'}
+EPS = [0.0, 0.005, 0.01, 0.02, 0.05]
+TEST_SETS = ["digits-rot90", "digits-hflip", "photo-patches", "noise-uniform", "adv-fgsm", "adv-bim"]
+
+
+@dataclass(frozen=True)
+class Net:
+    """What a row records of a network (the ``rows.Network`` protocol)."""
+
+    backbone: str
+    dataset: str
+    loss: str
+    lam: float
+    spectral: bool
+    data_seed: int
+    D: int  # noqa: N815 - the schema's column name
+
+
+def trial_rows(i: int) -> list[dict]:
+    """The 14 rows of search trial ``i`` (deterministic pseudo-random metrics)."""
+    from densitune.search.results.rows import provenance, result_row
+
+    net = Net("cnn", "digits", ["ce", "contrastive"][i % 2], 0.1, True, 0, [8, 32][(i // 2) % 2])
+    score = SCORES[(i // 4) % len(SCORES)]
+    density = list(DENSITIES)[(i // 20) % 3] if score in ("density", "diff") else ""
+    eps = EPS[(i // 60) % len(EPS)]
+    h = hashlib.sha1(str(i).encode()).digest()
+    base = 0.5 + 0.45 * h[0] / 255
+    where = provenance("cpu", data_checksums={"digits/val": "ab12", "digits/test": "cd34"})
+    cols = dict(experiment="demo-search", trial_id=f"t{i:05d}", stage="search", protocol="val-ood:digits-blend",
+                network=net, started_at=datetime(2026, 11, 27, tzinfo=UTC), score=score, density=density,
+                density_params=DENSITIES.get(density, "{}"), eps=eps, search_seed=0, ensemble=False,
+                search_params=json.dumps({"point": f"g{i % 4}|{score}|{density}|{eps}"}), objective=base,
+                duration_s=1.0 + h[1] / 100)
+    rows = []
+    for seed in (0, 1):
+        for j, (ood, split) in enumerate([("digits-blend", "val"), *((t, "test") for t in TEST_SETS)]):
+            v = min(1.0, base + (h[2 + j] - 128) / 5000 + seed / 1000)
+            rows.append(result_row(**cols, provenance=where, seed=seed, checkpoints=[f"/run/models/demo/k{i % 4}-s{seed}"],
+                                   ood_dataset=ood, split=split, auroc=v, auprc=v - 0.01, fpr95=1 - v, n_id=300,
+                                   n_ood=300, id_accuracy=0.97,
+                                   density_fit=json.dumps({"max_jitter_": 1e-6}) if density else None))
+    return rows
+
+
+def train_rows(i: int) -> list[dict]:
+    """One training epoch's row (network i // 15, epoch i % 15 + 1)."""
+    from densitune.search.results.rows import provenance, result_row
+
+    n = i // 15
+    net = Net("cnn", "digits", ["ce", "contrastive"][n % 2], 0.1, True, 0, [8, 32][(n // 2) % 2])
+    return [result_row(experiment="demo", trial_id=f"net{n}", stage="train", protocol="train", network=net,
+                       started_at=datetime(2026, 11, 27, tzinfo=UTC), provenance=provenance("cpu"), seed=n // 4,
+                       epoch=i % 15 + 1, train_loss=1.0 / (1 + i % 15), id_accuracy=0.9, duration_s=2.0)]
+
+
+def _write(args: tuple[str, int, int]) -> int:
+    from densitune.search.results.store import write_rows
+
+    results, start, stop = args
+    for i in range(start, stop):
+        write_rows(results, trial_rows(i), name=f"p-{i:05d}")
+    return stop - start
+
+
+def generate(run: Path, trials: int) -> None:
+    from densitune.search.results.store import write_rows
+
+    results = run / "results"
+    results.mkdir(parents=True)
+    for i in range(120):
+        write_rows(results, train_rows(i), name=f"net{i // 15}-e{i % 15 + 1:04d}")
+    chunks = [(str(results), s, min(trials, s + 250)) for s in range(0, trials, 250)]
+    with mp.get_context("fork").Pool(os.cpu_count() or 2) as pool:
+        assert sum(pool.map(_write, chunks)) == trials
+
+
+def measure(argv: list[str], repeat: int) -> tuple[float, float, str]:
+    """(median wall s, max peak RSS MB, stdout) of ``densitune ARGV`` run ``repeat`` times as a process."""
+    walls, rss, out = [], [], ""
+    exe = shutil.which("densitune") or "densitune"
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", exe, *argv], capture_output=True, text=True)
+        walls.append(time.perf_counter() - t0)
+        if p.returncode != 0:
+            sys.exit(f"densitune {' '.join(argv)} failed:\n{p.stderr}")
+        rss.append(int(p.stderr.strip().splitlines()[-1]) / 1024)
+        out = p.stdout
+    return statistics.median(walls), max(rss), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=10_000)
+    ap.add_argument("--out", default="/tmp/dt-scale")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per command (median wall time is reported)")
+    ap.add_argument("--keep", action="store_true", help="keep the run folder")
+    args = ap.parse_args()
+    run = Path(args.out)
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    generate(run, args.trials)
+    n_files = sum(1 for _ in (run / "results").rglob("*.parquet"))
+    print(f"machine: {os.cpu_count()} cores; wrote {args.trials} trials ({args.trials * 14} rows) + 120 epochs "
+          f"= {n_files} files in {time.perf_counter() - t0:.0f} s (not timed below)")
+    commands = {"report": ["report", str(run)], "best": ["best", str(run)],
+                "query": ["query", str(run), "SELECT count(*) FROM results"]}
+    before = {k: measure(v, args.repeat) for k, v in commands.items()}
+    count = before["query"][2]
+    t0 = time.perf_counter()
+    subprocess.run([shutil.which("densitune") or "densitune", "compact", str(run)], check=True, capture_output=True)
+    print(f"compact: {time.perf_counter() - t0:.1f} s")
+    n_compacted = sum(1 for _ in (run / "results").rglob("*.parquet"))
+    after = {k: measure(v, args.repeat) for k, v in commands.items()}
+    assert after["query"][2] == count, "compaction changed the row count"
+    assert after["report"][2] == before["report"][2] and after["best"][2] == before["best"][2], "compaction changed a table"
+    print(f"\n| command | files | wall s (median of {args.repeat}) | peak MB | gate <= {GATE_S:g} s, <= {GATE_MB:g} MB |")
+    print("|---|---|---|---|---|")
+    ok = True
+    for label, res, files in (("", before, n_files), (" (compacted)", after, n_compacted)):
+        for k, (wall, mb, _) in res.items():
+            met = wall <= GATE_S and mb <= GATE_MB
+            ok &= met or bool(label)
+            print(f"| {k}{label} | {files} | {wall:.2f} | {mb:.0f} | {'met' if met else 'NOT met'} |")
+    faster = all(after[k][0] < before[k][0] for k in commands)
+    print(f"\nafter compact faster for every command: {'yes' if faster else 'NO'} ("
+          + ", ".join(f"{k} {before[k][0] / after[k][0]:.1f}x" for k in commands) + ")")
+    print("query output:", " ".join(count.split()))
+    print(f"GATE {'MET' if ok and faster else 'NOT MET'}")
+    if not args.keep:
+        shutil.rmtree(run, ignore_errors=True)
+    return 0 if ok and faster else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The readers load only the columns and rows a command needs, and get the same answers as a whole-table read."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from densitune.cli import main
+from densitune.errors import ResultsError
+from densitune.search.results import store
+from densitune.search.results.report import READ_COLUMNS, read_search_rows
+from densitune.search.results.rows import provenance
+from densitune.search.results.sql import referenced_columns
+from densitune.search.results.store import COLUMNS, SCHEMA, read_results, write_rows
+
+V3_RESULTS = Path(__file__).parent / "data" / "results_v3"
+
+
+def _results(tmp_path: Path, trials: int = 30) -> Path:
+    """v3 files beside ``trials`` v4 search trials (2 seeds x val + 2 test rows) and 3 training epochs."""
+    root = tmp_path / "results"
+    shutil.copytree(V3_RESULTS, root)
+    common = dict(stage="search", protocol="val-ood:blend", backbone="cnn", loss="ce", D=8, spectral=True,
+                  started_at=datetime(2026, 1, 1, tzinfo=UTC), search_seed=0, ensemble=False, objective=0.5,
+                  **provenance("cpu"))
+    for i in range(trials):
+        rows = [dict(common, experiment="s", trial_id=f"t{i}", score="density", density=["gmm_sum", "kde"][i % 2],
+                     density_params="{}", eps=(i % 3) / 100, seed=seed, checkpoints=[f"/m/s{seed}"], ood_dataset=ood,
+                     split=split, auroc=0.5 + (i * 7 % 13) / 30 + seed / 100, auprc=0.6, fpr95=0.3, id_accuracy=0.9)
+                for seed in (0, 1) for ood, split in (("blend", "val"), ("rot", "test"), ("noise", "test"))]
+        write_rows(root, rows, name=f"p-{i}")
+    for e in range(3):
+        write_rows(root, [dict(common, experiment="t", trial_id="net", stage="train", epoch=e, train_loss=1.0)], name=f"e{e}")
+    return root
+
+
+def test_pruned_reads_equal_the_whole_table(tmp_path, monkeypatch):
+    root = _results(tmp_path)
+    monkeypatch.setattr(store, "_READ_BATCH", 7)  # several batches, v3 files in some of them
+    whole = read_results(root)
+    assert whole.schema.equals(SCHEMA) and whole.num_rows == 5 + 30 * 6 + 3
+    # the reference: every file read whole by pyarrow (v4) plus the upgraded v3 files
+    v4 = [str(f) for f in store.result_files(root) if "experiment=v3" not in str(f)]
+    ref = ds.dataset(v4, schema=SCHEMA, format="parquet").to_table()
+    assert whole.slice(0, ref.num_rows).equals(ref)
+    cols = ["auroc", "trial_id", "split"]
+    search = read_results(root, stage="search", columns=cols)
+    assert search.column_names == ["trial_id", "split", "auroc"]  # SCHEMA order
+    assert search.equals(whole.filter(ds.field("stage") == "search").select(search.column_names))
+    assert read_results(root, experiment="s", columns=["auroc"]).num_rows == 180
+    with pytest.raises(ResultsError, match="no such result column"):
+        read_results(root, columns=["nope"])
+
+
+def test_a_foreign_file_is_named_by_a_pruned_read(tmp_path):
+    root = _results(tmp_path, trials=3)
+    good = next((root / "experiment=s").glob("*.parquet"))
+    table = pq.read_table(good)
+    pq.write_table(table.drop_columns(["node"]), root / "experiment=s" / "search-foreign.parquet")
+    with pytest.raises(ResultsError, match="foreign Parquet file .*search-foreign.parquet"):
+        read_results(root, columns=["auroc"])
+
+
+def test_referenced_columns():
+    assert referenced_columns("SELECT count(*) FROM results", COLUMNS) == set()
+    assert referenced_columns("SELECT Density, max(r.auroc) FROM results r WHERE split = 'val' GROUP BY ALL",
+                              COLUMNS) == {"density", "auroc", "split"}
+    assert referenced_columns("SELECT * FROM results", COLUMNS) is None
+    assert referenced_columns("SELECT COLUMNS('au.*') FROM results", COLUMNS) is None
+    assert referenced_columns("D >= 16 AND lower(loss) = 'ce'", COLUMNS, expression=True) == {"D", "loss"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["report"], ["report", "--view", "configs", "--top", "3"], ["report", "--by", "density"],
+    ["report", "--where", "density = 'kde' AND n_id IS NULL"], ["best"], ["best", "--json"],
+    ["best", "--metric", "fpr95"],
+    ["query", "SELECT count(*) FROM results"],
+    ["query", "SELECT a.trial_id, count(*) n FROM results a JOIN results b USING (trial_id) GROUP BY 1 ORDER BY 1 LIMIT 3"],
+])
+def test_commands_print_what_a_whole_table_read_prints(tmp_path, monkeypatch, capsys, argv):
+    root = _results(tmp_path)
+    assert main([argv[0], str(root), *argv[1:]]) == 0
+    pruned = capsys.readouterr().out
+    whole = read_results(root)
+    monkeypatch.setattr(store, "read_results", lambda *a, **k: whole)  # every column of every row
+    import densitune.search.results.report as report
+
+    monkeypatch.setattr(report, "read_search_rows",
+                        lambda d, where=None, by=None: store.filter_results(whole, where))
+    assert main([argv[0], str(root), *argv[1:]]) == 0
+    assert capsys.readouterr().out == pruned
+
+
+def test_report_rows_hold_only_the_needed_columns(tmp_path):
+    root = _results(tmp_path, trials=3)
+    t = read_search_rows(root, "n_id IS NULL", by=["search_seed", "unknown"])
+    assert set(t.column_names) == set(READ_COLUMNS) | {"n_id", "search_seed"}
+    assert set(t.column("stage").to_pylist()) == {"search"}
