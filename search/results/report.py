@@ -77,7 +77,7 @@ class Table:
 
 #: The columns the tables are built from: ``report`` and ``best`` read only these (and those a ``--where`` or
 #: ``--by`` names) of the search rows, so thousands of per-trial files cost what these columns cost.
-READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "ood_dataset", "split", *CONFIG_COLUMNS, "eps", "seed",
+READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "id_dataset", "ood_dataset", "split", *CONFIG_COLUMNS, "eps", "seed",
                 "ensemble", "objective", *VALUES, "id_accuracy", "checkpoints"]
 
 

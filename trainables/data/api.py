@@ -58,7 +58,7 @@ def ood_group(id_dataset: str, ood_dataset: str) -> str | None:
 
     None when the in-distribution set is unknown (or a folder) or does not list the OOD set.
     """
-    if not id_dataset or id_dataset.startswith(FOLDER_PREFIX) or id_dataset not in DATASETS:
+    if not isinstance(id_dataset, str) or id_dataset.startswith(FOLDER_PREFIX) or id_dataset not in DATASETS:
         return None
     return dict(DATASETS.get(id_dataset).info(None).ood_groups).get(ood_dataset)
 
