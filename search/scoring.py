@@ -24,7 +24,8 @@ from densitune.search.ood.densities import Density, create_density
 from densitune.search.ood.metrics import ood_metrics
 from densitune.search.ood.scores import FeatureModel, Score
 
-__all__ = ["Features", "detection_metrics", "extract_features", "fit_density", "id_accuracy", "score_inputs"]
+__all__ = ["Features", "detection_metrics", "extract_features", "fit_density", "gradient_signs", "id_accuracy",
+           "score_inputs", "score_signed"]
 
 
 @dataclass
@@ -76,6 +77,30 @@ def score_inputs(
         if fast is not None:
             return fast.detach().double().cpu()
     out = [score.evaluate(x.to(device), eps).double().cpu() for x, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(out)
+
+
+def gradient_signs(score: Score, data: Dataset, batch_size: int, device: torch.device) -> Tensor:
+    """(N, C, H, W) int8 sign of the perturbation gradient of every item of ``data`` (kept on the CPU).
+
+    What input perturbation computes for any ε > 0 (:meth:`Score.gradient_sign`), batch by batch as
+    :func:`score_inputs` does; :func:`score_signed` then scores any ε with one forward pass per batch.
+    """
+    return torch.cat([score.gradient_sign(x.to(device)).cpu() for x, _ in DataLoader(data, batch_size=batch_size)])
+
+
+def score_signed(
+    score: Score, data: Dataset, eps: float, signs: Tensor, batch_size: int, device: torch.device
+) -> Tensor:
+    """:func:`score_inputs` for ε > 0 from :func:`gradient_signs` ``signs`` (N, C, H, W): (N,) float64, the same
+    numbers (same batches, same arithmetic), one forward pass per batch instead of forward, backward, forward."""
+    out, start = [], 0
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        sign = signs[start:start + len(x)]
+        start += len(x)
+        out.append(score.evaluate_signed(x.to(device), sign.to(device), eps).double().cpu())
+    if start != len(signs):
+        raise ValueError(f"{len(signs)} gradient signs for {start} inputs")
     return torch.cat(out)
 
 
