@@ -11,9 +11,9 @@ decides which data each step sees.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -86,7 +86,17 @@ def gradient_signs(score: Score, data: Dataset, batch_size: int, device: torch.d
     What input perturbation computes for any ε > 0 (:meth:`Score.gradient_sign`), batch by batch as
     :func:`score_inputs` does; :func:`score_signed` then scores any ε with one forward pass per batch.
     """
-    return torch.cat([score.gradient_sign(x.to(device)).cpu() for x, _ in DataLoader(data, batch_size=batch_size)])
+    out: Tensor | None = None
+    start = 0
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        sign = score.gradient_sign(x.to(device)).cpu()
+        if out is None:  # filled in place: no second copy of all N signs at the end
+            out = torch.empty((len(cast(Sized, data)), *sign.shape[1:]), dtype=torch.int8)
+        out[start:start + len(sign)] = sign
+        start += len(sign)
+    if out is None:
+        raise ValueError("no inputs to take gradient signs of")
+    return out
 
 
 def score_signed(
