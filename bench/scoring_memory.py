@@ -3,7 +3,8 @@
 Each step of :mod:`densitune.search.scoring` (clean features, density scores at ε = 0, ip scores at ε > 0
 on the reference path, the ε cache's gradient signs and its one-forward ip scores) runs at two data-set
 sizes and two batch sizes, each configuration in a fresh process. Peak resident memory is Linux's
-``VmHWM``, reset before every step (``/proc/self/clear_refs``); a step's figure is its peak above the
+``VmHWM``, reset before every step (``/proc/self/clear_refs``, after ``malloc_trim``); children run with a fixed glibc mmap threshold (see
+``MALLOC_ENV``) so that resident memory follows the live buffers; a step's figure is its peak above the
 resident memory before it, minus what the step returns (N feature rows, N scores, or the N int8 signs
 the ε cache keeps by design: one byte per input element, a quarter of the float32 inputs already held).
 
@@ -26,6 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MiB = 1024 * 1024
+#: glibc raises its mmap threshold after every large free, after which big buffers come from the heap and
+#: fragment it: resident memory then drifts with the number of batches, not with what is alive. A fixed
+#: threshold (glibc's default start value) keeps every buffer of >= 128 KiB an mmap that is returned when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 STEPS = ("features", "density_eps0", "density_ip_reference", "gradient_signs", "density_ip_cached")
 
 
@@ -38,9 +43,11 @@ def _status(field: str) -> int:
 
 def measure(step, returned_bytes) -> dict[str, float]:
     """Run ``step()``; its peak resident memory above the start, and that minus what it returns (MiB)."""
+    import ctypes
     import gc
 
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so a step's reuse of them shows
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status("VmRSS")
     out = step()
@@ -112,7 +119,7 @@ def main() -> None:
     for n in args.sizes:
         for b in args.batches:
             out = subprocess.run([sys.executable, __file__, "--child", str(n), str(b)], check=True, capture_output=True,
-                                 text=True).stdout.strip().splitlines()[-1]
+                                 text=True, env={**os.environ, **MALLOC_ENV}).stdout.strip().splitlines()[-1]
             print(out, flush=True)
             res[(n, b)] = json.loads(out)
     (n1, n2), (b1, b2) = args.sizes, args.batches

@@ -73,10 +73,24 @@ def score_inputs(
     otherwise every batch goes through :meth:`Score.evaluate` (perturbation, then the score).
     """
     if eps == 0:
-        fast = score.from_features([(f.z.to(device), f.logits.to(device)) for f in feats])
+        fast = _from_features(score, feats, batch_size, device)
         if fast is not None:
-            return fast.detach().double().cpu()
+            return fast
     out = [score.evaluate(x.to(device), eps).double().cpu() for x, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(out)
+
+
+def _from_features(score: Score, feats: Sequence[Features], batch_size: int, device: torch.device) -> Tensor | None:
+    """(N,) float64 scores from clean features, ``batch_size`` rows at a time (so the memory a density needs
+    grows with the batch, not the data set); None when the score needs the inputs."""
+    n = len(feats[0].z)
+    out = []
+    for start in range(0, max(n, 1), batch_size):
+        rows = slice(start, start + batch_size)
+        fast = score.from_features([(f.z[rows].to(device), f.logits[rows].to(device)) for f in feats])
+        if fast is None:
+            return None
+        out.append(fast.detach().double().cpu())
     return torch.cat(out)
 
 
