@@ -154,3 +154,15 @@ def test_compile_on_trains_like_eager_on_a_cpu():
     assert compiled.provenance["compile"] is True
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-3)
     assert not any(k.startswith("_orig_mod") for k in compiled.model.state_dict())  # the model, not the wrapper
+
+
+def test_train_compile_flag_choices_match_the_loop():
+    import argparse
+
+    from densitune.cli import build_parser
+    from densitune.trainables.train.loop import COMPILE_MODES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    (flag,) = [a for a in sub._actions if a.dest == "compile"]
+    assert tuple(flag.choices) == COMPILE_MODES and flag.default == "auto"
+    assert sub.parse_args(["--compile", "on"]).compile == "on"
