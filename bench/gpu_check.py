@@ -1,8 +1,17 @@
-"""CUDA-path check: a real training run with AMP, step throughput fp32 vs AMP, scoring speed.
+"""CUDA-path check: a real training run, training-step throughput per backbone (fp32 / bf16 / bf16 + compile),
+scoring speed, and a search trial whose cached density is reloaded on the GPU.
 
-Needs only torch, torchvision and scikit-learn (no Ray/Optuna), so it runs on a bare
-GPU box:  python bench/gpu_check.py [--smoke]   (--smoke: tiny sizes, any device).
-Prints one JSON line per measurement; ratios within one run are what to compare.
+Needs only torch, torchvision and scikit-learn (no Ray/Optuna), so it runs on a bare GPU box:
+
+    python bench/gpu_check.py              # on a GPU: the whole check, < 10 minutes
+    python bench/gpu_check.py --smoke      # tiny sizes, any device
+    python bench/gpu_check.py --cpu-smoke  # tiny sizes on the CPU (what the test suite runs)
+
+Prints one JSON line per measurement; ratios within one run are what to compare. Without a GPU (and
+without a smoke flag) it prints one line saying so and exits 0. Training steps run as
+:func:`densitune.trainables.train.loop.fit` runs them: channels-last on CUDA, bf16 autocast without a
+gradient scaler, and ``torch.compile`` of the step's forward for at most two backbones; every row says
+which (``autocast``, ``compile``, ``channels_last``).
 """
 
 from __future__ import annotations
@@ -22,7 +31,11 @@ from densitune.search.ood.scores import create_score  # noqa: E402
 from densitune.trainables.nets.backbones import SpectralConfig, create_model  # noqa: E402
 from densitune.trainables.nets.losses import create_loss  # noqa: E402
 from densitune.trainables.train.config import TrainConfig  # noqa: E402
-from densitune.trainables.train.loop import fit, train_step  # noqa: E402
+from densitune.trainables.train.loop import amp_dtype, fit, train_step  # noqa: E402
+
+#: backbones timed, and the (at most two) also timed under torch.compile
+BACKBONES = ("resnet18", "resnet50", "wrn28_10", "vgg16", "vit")
+COMPILED = ("resnet18", "resnet50")
 
 
 def emit(**kw) -> None:
@@ -34,8 +47,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> float:
-    fn()  # warm-up (cuDNN autotune, allocator)
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):  # cuDNN autotune, allocator, compilation
+        fn()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -44,21 +58,36 @@ def timed(fn, device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def train_steps(backbone: str, device, batch: int, amp: bool, repeats: int) -> float:
-    """Images/s of training steps (forward, contrastive center loss, backward, SGD) at 32x32x3."""
+def train_steps(backbone: str, device: torch.device, batch: int, amp: bool, compiled: bool, repeats: int) -> dict:
+    """Images/s of training steps (forward, contrastive center loss, backward, SGD) at 32x32x3, spectral norm on,
+    set up as the training loop does on ``device``; and the seconds of the first (compiling) steps."""
     torch.manual_seed(0)
     model = create_model(backbone, in_channels=3, image_size=32, num_classes=10, feature_dim=512,
                          mean=(0.5,) * 3, std=(0.25,) * 3, spectral=SpectralConfig()).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     loss_fn = create_loss("contrastive", num_classes=10, feature_dim=512).to(device)
     opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    dtype = amp_dtype(amp, device)
+    forward = torch.compile(model.features_and_logits) if compiled else model.features_and_logits
     x = torch.rand(batch, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
+    model.train()
 
     def step():
-        train_step(model, loss_fn, opt, scaler, x, y, amp and device.type == "cuda")
+        train_step(model, loss_fn, opt, x, y, dtype, forward=forward)
 
-    return batch / timed(step, device, repeats)
+    t0 = time.perf_counter()
+    for _ in range(3 if compiled else 1):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    return {"img_per_s": round(batch / timed(step, device, repeats, warmup=0), 1), "warmup_s": round(warm_s, 2),
+            "autocast": dtype is not None, "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "compile": compiled, "channels_last": channels_last}
 
 
 def scoring(device, n_train: int, n_query: int, dim: int, batch: int, repeats: int) -> dict:
@@ -84,7 +113,7 @@ def scoring(device, n_train: int, n_query: int, dim: int, batch: int, repeats: i
     return out
 
 
-def cache_round_trip(device, tmp: Path) -> dict:
+def cache_round_trip(device, tmp: Path, epochs: int = 3) -> dict:
     """A search trial on the GPU, then the same trial in a fresh workspace reading the disk cache.
 
     Checks that cached densities come back on the scoring device and give identical numbers.
@@ -95,9 +124,10 @@ def cache_round_trip(device, tmp: Path) -> dict:
     from densitune.search.trial import run_trial
     from densitune.trainables.train.checkpoint import save_checkpoint
 
-    cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=3)
+    cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=epochs)
     *_, st = fit(cfg, device=device)
-    save_checkpoint(tmp / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=3, metrics=st.metrics)
+    save_checkpoint(tmp / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=epochs,
+                    metrics=st.metrics)
     spec, (group,) = prepare_search(dict(models=str(tmp / "models"), experiment="gpu", val_ood="digits-blend",
                                          test_ood=["noise-uniform"], densities=["kde"], attacks=["pgd"], attack_eps=0.1))
     out = {}
@@ -110,36 +140,51 @@ def cache_round_trip(device, tmp: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, on whatever device there is")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (the test suite runs this)")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or args.cpu_smoke
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     emit(check="device", device=str(device), torch=torch.__version__,
          name=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
+    if device.type != "cuda" and not smoke:
+        print("gpu_check: no CUDA device here; run it on a GPU machine (or --cpu-smoke for a tiny CPU run)",
+              file=sys.stderr)
+        return
 
-    # 1. The real training loop (AMP + GradScaler on CUDA) on the embedded digits.
+    # 1. The real training loop (bf16 autocast, channels-last, data kept on the GPU) on the embedded digits.
     t0 = time.perf_counter()
-    states = list(fit(TrainConfig(backbone="resnet18", feature_dim=32, epochs=2 if args.smoke else 5, loss="contrastive"), device=device))
-    emit(check="fit_resnet18_digits", device=str(device), seconds=round(time.perf_counter() - t0, 2),
-         val_accuracy=states[-1].val_accuracy, train_loss=states[-1].train_loss,
-         finite=all(torch.isfinite(p).all().item() for p in states[-1].model.parameters()))
+    fit_backbone = "cnn" if args.cpu_smoke else "resnet18"
+    states = list(fit(TrainConfig(backbone=fit_backbone, feature_dim=32,
+                                  epochs=1 if args.cpu_smoke else 2 if smoke else 5, loss="contrastive",
+                                  train_limit=128 if args.cpu_smoke else None), device=device, compile="auto"))
+    last = states[-1]
+    emit(check="fit_digits", backbone=fit_backbone, device=str(device),
+         seconds=round(time.perf_counter() - t0, 2), val_accuracy=last.val_accuracy, train_loss=last.train_loss,
+         autocast=last.provenance["autocast"], compile=last.provenance["compile"],
+         finite=all(torch.isfinite(p).all().item() for p in last.model.parameters()))
 
-    # 2. Training-step throughput, fp32 vs AMP.
-    batch, repeats = (8, 2) if args.smoke else (256, 20)
-    for backbone in (("cnn", "resnet18") if args.smoke else ("resnet18", "resnet50", "wrn28_10", "vit")):
-        fp32 = train_steps(backbone, device, batch, False, repeats)
-        amp = train_steps(backbone, device, batch, True, repeats)
-        emit(check="train_step", backbone=backbone, batch=batch, fp32_img_per_s=round(fp32, 1),
-             amp_img_per_s=round(amp, 1), amp_speedup=round(amp / fp32, 2))
+    # 2. Training-step throughput per backbone: fp32, bf16, and bf16 + torch.compile for two backbones.
+    batch, repeats = (4, 1) if smoke else (256, 20)
+    for backbone in (("cnn", "resnet18") if smoke else BACKBONES):
+        runs = {"fp32": train_steps(backbone, device, batch, False, False, repeats)}
+        if device.type == "cuda":
+            runs["bf16"] = train_steps(backbone, device, batch, True, False, repeats)
+            if backbone in COMPILED and not smoke:
+                runs["bf16_compile"] = train_steps(backbone, device, batch, True, True, repeats)
+        for mode, r in runs.items():
+            emit(check="train_step", backbone=backbone, batch=batch, mode=mode, device=str(device), **r,
+                 speedup_vs_fp32=round(r["img_per_s"] / runs["fp32"]["img_per_s"], 2))
 
     # 3. Scoring speed (and, on a GPU box, the same on its CPU for the ratio).
-    sizes = dict(n_train=500, n_query=500, dim=32, batch=8, repeats=2) if args.smoke else \
+    sizes = dict(n_train=500, n_query=500, dim=32, batch=8, repeats=2) if smoke else \
         dict(n_train=50_000, n_query=10_000, dim=512, batch=512, repeats=5)
     res = scoring(device, **sizes)
     emit(check="scoring", device=str(device), **{k: round(v, 3) for k, v in res.items()}, **sizes)
     import tempfile
 
-    emit(check="cache_round_trip", device=str(device), **cache_round_trip(device, Path(tempfile.mkdtemp())))
+    emit(check="cache_round_trip", device=str(device), **cache_round_trip(device, Path(tempfile.mkdtemp()), 1 if smoke else 3))
     if device.type == "cuda":
         cpu = scoring(torch.device("cpu"), **{**sizes, "n_train": 10_000, "n_query": 2_000, "batch": 64, "repeats": 2})
         emit(check="scoring", device="cpu", **{k: round(v, 3) for k, v in cpu.items()})

@@ -21,8 +21,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from densitune.errors import ConfigError
+from densitune.search.cache import checkpoint_token
 from densitune.search.ood.scores import Score, create_score, score_class
-from densitune.search.scoring import Features, detection_metrics, id_accuracy, score_inputs
+from densitune.search.scoring import Features, detection_metrics, gradient_signs, id_accuracy, score_inputs, score_signed
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.workspace import Workspace, workspace
@@ -46,9 +47,12 @@ class _Evaluator:
         self.data_seed = int(first.data.get("data_seed", 0))
         density = None
         self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
+        self.train_key: tuple = ()  # names the density's training split (part of the gradient-sign keys)
+        self._scored: dict[tuple, tuple[Tensor, list[Features]]] = {}  # each split scored once per trial
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
             train_key, train_data = self.split(self.id_name, "train", limit=None)
+            self.train_key = train_key
             train = self.features(train_key, train_data)
             density = ws.density(ckpt, params.density, params.density_params, train[0], train_key)
             self.fit_checksums = self.checksums(train_key)
@@ -88,9 +92,30 @@ class _Evaluator:
         return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
 
     def scores(self, key: tuple, data: Dataset) -> tuple[Tensor, list[Features]]:
-        """(N,) float64 scores of a data set with this trial's ε, and its clean features per model."""
-        feats = self.features(key, data)
-        return score_inputs(self.score, data, self.params.eps, feats, self.spec.batch_size, self.ws.device), feats
+        """(N,) float64 scores of a data set with this trial's ε, and its clean features per model.
+
+        Scored once per trial: the ID test side is reused by every test OOD set and attack."""
+        if key not in self._scored:
+            feats = self.features(key, data)
+            self._scored[key] = (self._score_split(key, data, feats), feats)
+        return self._scored[key]
+
+    def _score_split(self, key: tuple, data: Dataset, feats: list[Features]) -> Tensor:
+        """ε > 0 with the workspace's ip cache: from the split's cached gradient signs (one forward pass per
+        batch, the same numbers); otherwise :func:`score_inputs` (the reference path)."""
+        bs, device = self.spec.batch_size, self.ws.device
+        if self.params.eps > 0 and self.ws.ip_cache:
+            signs = self.ws.gradient_signs(*self._sign_keys(key), lambda: gradient_signs(self.score, data, bs, device))
+            return score_signed(self.score, data, self.params.eps, signs, bs, device)
+        return score_inputs(self.score, data, self.params.eps, feats, bs, device)
+
+    def _sign_keys(self, key: tuple) -> tuple[tuple, str]:
+        """(memory key, disk key) of a split's gradient signs: models, score, density and its parameters (and
+        the split it was fitted on), the data split, the batch size and the device type; not ε."""
+        p = self.params
+        ident = (p.score, p.density, p.density_params, self.train_key, key, self.spec.batch_size, self.ws.device.type)
+        disk = "|".join(checkpoint_token(c) for c in self.checkpoints) + f"|{ident!r}"
+        return (tuple(self.checkpoints), *ident), disk
 
     def compare(self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset]) -> dict[str, Any]:
         """One row's figures: ID vs OOD detection metrics, the density's fit and the data's checksums."""

@@ -11,9 +11,9 @@ decides which data each step sees.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -24,7 +24,8 @@ from densitune.search.ood.densities import Density, create_density
 from densitune.search.ood.metrics import ood_metrics
 from densitune.search.ood.scores import FeatureModel, Score
 
-__all__ = ["Features", "detection_metrics", "extract_features", "fit_density", "id_accuracy", "score_inputs"]
+__all__ = ["Features", "detection_metrics", "extract_features", "fit_density", "gradient_signs", "id_accuracy",
+           "score_inputs", "score_signed"]
 
 
 @dataclass
@@ -72,10 +73,58 @@ def score_inputs(
     otherwise every batch goes through :meth:`Score.evaluate` (perturbation, then the score).
     """
     if eps == 0:
-        fast = score.from_features([(f.z.to(device), f.logits.to(device)) for f in feats])
+        fast = _from_features(score, feats, batch_size, device)
         if fast is not None:
-            return fast.detach().double().cpu()
+            return fast
     out = [score.evaluate(x.to(device), eps).double().cpu() for x, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(out)
+
+
+def _from_features(score: Score, feats: Sequence[Features], batch_size: int, device: torch.device) -> Tensor | None:
+    """(N,) float64 scores from clean features, ``batch_size`` rows at a time (so the memory a density needs
+    grows with the batch, not the data set); None when the score needs the inputs."""
+    n = len(feats[0].z)
+    out = []
+    for start in range(0, max(n, 1), batch_size):
+        rows = slice(start, start + batch_size)
+        fast = score.from_features([(f.z[rows].to(device), f.logits[rows].to(device)) for f in feats])
+        if fast is None:
+            return None
+        out.append(fast.detach().double().cpu())
+    return torch.cat(out)
+
+
+def gradient_signs(score: Score, data: Dataset, batch_size: int, device: torch.device) -> Tensor:
+    """(N, C, H, W) int8 sign of the perturbation gradient of every item of ``data`` (kept on the CPU).
+
+    What input perturbation computes for any ε > 0 (:meth:`Score.gradient_sign`), batch by batch as
+    :func:`score_inputs` does; :func:`score_signed` then scores any ε with one forward pass per batch.
+    """
+    out: Tensor | None = None
+    start = 0
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        sign = score.gradient_sign(x.to(device)).cpu()
+        if out is None:  # filled in place: no second copy of all N signs at the end
+            out = torch.empty((len(cast(Sized, data)), *sign.shape[1:]), dtype=torch.int8)
+        out[start:start + len(sign)] = sign
+        start += len(sign)
+    if out is None:
+        raise ValueError("no inputs to take gradient signs of")
+    return out
+
+
+def score_signed(
+    score: Score, data: Dataset, eps: float, signs: Tensor, batch_size: int, device: torch.device
+) -> Tensor:
+    """:func:`score_inputs` for ε > 0 from :func:`gradient_signs` ``signs`` (N, C, H, W): (N,) float64, the same
+    numbers (same batches, same arithmetic), one forward pass per batch instead of forward, backward, forward."""
+    out, start = [], 0
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        sign = signs[start:start + len(x)]
+        start += len(x)
+        out.append(score.evaluate_signed(x.to(device), sign.to(device), eps).double().cpu())
+    if start != len(signs):
+        raise ValueError(f"{len(signs)} gradient signs for {start} inputs")
     return torch.cat(out)
 
 

@@ -9,7 +9,8 @@ computed is :mod:`densitune.search.scoring`'s business; this module only decides
 
 from __future__ import annotations
 
-from collections import Counter
+import os
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +26,15 @@ from densitune.search.scoring import Features, extract_features, fit_density
 from densitune.trainables.data import split_checksum
 from densitune.trainables.train.checkpoint import LoadedModel, load_model
 
-__all__ = ["Workspace", "workspace"]
+__all__ = ["IP_CACHE_ENV", "Workspace", "workspace"]
+
+#: Set to ``0`` to switch the cache of input-perturbation gradient signs off (every ε > 0 then pays
+#: forward + backward + forward, the reference path); read when a workspace is created, so also by Ray workers.
+IP_CACHE_ENV = "DENSITUNE_IP_CACHE"
+
+
+def _ip_cache_default() -> bool:
+    return os.environ.get(IP_CACHE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 class Workspace:
@@ -35,15 +44,27 @@ class Workspace:
     :class:`~densitune.search.cache.DiskCache` shared by every process (Ray actors, nodes on
     shared storage), so each is computed once per search, not once per process.
     ``counts`` records what this process computed ("load_model", "load_data",
-    "extract", "fit", "attack").
+    "extract", "fit", "attack", "ipsign").
+
+    ``ip_cache`` (default: on unless the environment sets ``DENSITUNE_IP_CACHE=0``) keeps the
+    int8 sign of each input-perturbation gradient per (models, density, score, data split), so
+    every further ε of the same configuration costs one forward pass (:meth:`gradient_signs`).
+    Signs are held in memory up to :attr:`SIGN_MEMORY_BYTES` (least recently used go first) and,
+    with a cache folder, on disk.
     """
 
-    def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None) -> None:
+    #: in-memory budget of the gradient-sign cache (int8: one byte per input element)
+    SIGN_MEMORY_BYTES = 512 * 1024 * 1024
+
+    def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None,
+                 ip_cache: bool | None = None) -> None:
         self.device = device or default_device()
         self.disk = DiskCache(cache_dir) if cache_dir else None
+        self.ip_cache = _ip_cache_default() if ip_cache is None else ip_cache
         self.counts: Counter[str] = Counter()
         self._models: dict[str, LoadedModel] = {}
         self._memo: dict[tuple, Any] = {}
+        self._signs: OrderedDict[tuple, Tensor] = OrderedDict()
 
     def _cached(
         self,
@@ -120,6 +141,33 @@ class Workspace:
         disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
         codec = (lambda d: d.state_dict(), lambda s: density_from_state(s, self.device))
         return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
+
+    def gradient_signs(self, key: tuple, disk_key: str, make: Callable[[], Tensor]) -> Tensor:
+        """(N, C, H, W) int8 gradient signs cached under ``key`` (in memory, LRU) and ``disk_key`` (on disk)."""
+        if key in self._signs:
+            self._signs.move_to_end(key)
+            return self._signs[key]
+
+        def compute() -> Tensor:
+            self.counts["ipsign"] += 1
+            return make()
+
+        if self.disk is not None:
+            signs = self.disk.get_or_create("ipsign", disk_key, compute, encode=lambda t: {"sign": t},
+                                            decode=_decode_signs)
+        else:
+            signs = compute()
+        self._signs[key] = signs
+        while sum(t.numel() for t in self._signs.values()) > self.SIGN_MEMORY_BYTES and len(self._signs) > 1:
+            self._signs.popitem(last=False)
+        return signs
+
+
+def _decode_signs(state: dict[str, Any]) -> Tensor:
+    sign = state["sign"]
+    if not isinstance(sign, Tensor) or sign.dtype != torch.int8:
+        raise TypeError(f"expected an int8 tensor, got {type(sign).__name__}")
+    return sign
 
 
 #: One process-wide workspace, shared by the trials a reused Ray actor runs.

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from densitune.checks import Interval, check_params
 
-__all__ = ["perturb"]
+__all__ = ["apply_sign", "gradient_sign", "perturb"]
 
 
 def perturb(x: Tensor, score_fn: Callable[[Tensor], Tensor], eps: float) -> Tensor:
@@ -59,6 +59,11 @@ def perturb(x: Tensor, score_fn: Callable[[Tensor], Tensor], eps: float) -> Tens
     check_params({"eps": eps}, {"eps": [Interval(float, 0, None)]})
     if eps == 0:
         return x
+    return (x.detach() + eps * _gradient(x, score_fn).sign()).detach()
+
+
+def _gradient(x: Tensor, score_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """d/dx sum_n score_fn(x)_n, (N, ...) like ``x``, detached (see :func:`perturb`)."""
     if not x.is_floating_point():
         raise ValueError(f"inputs must be floating point to be perturbed, got {x.dtype}")
     leaf = x.detach().requires_grad_(True)  # shares storage with x, but is a separate autograd leaf
@@ -69,4 +74,27 @@ def perturb(x: Tensor, score_fn: Callable[[Tensor], Tensor], eps: float) -> Tens
         if not scores.requires_grad:
             raise ValueError("score_fn output does not depend differentiably on its input")
         (grad,) = torch.autograd.grad(scores.sum(), leaf)
-    return (x.detach() + eps * grad.sign()).detach()
+    return grad
+
+
+def gradient_sign(x: Tensor, score_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """sign(d/dx sum_n score_fn(x)_n) as an (N, ...) int8 tensor of -1, 0, 1 (same device as ``x``).
+
+    The direction of :func:`perturb`, which does not depend on ε: computed once, it serves every ε through
+    :func:`apply_sign` (``apply_sign(x, gradient_sign(x, f), eps)`` equals ``perturb(x, f, eps)`` bit for bit).
+    A NaN gradient element gives 0 here (``perturb`` would move it to NaN).
+    """
+    return _gradient(x, score_fn).sign().nan_to_num(0.0).to(torch.int8)
+
+
+def apply_sign(x: Tensor, sign: Tensor, eps: float) -> Tensor:
+    """x~ = x + eps * sign: the perturbed inputs (N, ...) from a precomputed (N, ...) ``sign`` (int8 or float).
+
+    ``eps == 0`` returns ``x`` itself, as :func:`perturb` does; same dtype and device as ``x``, detached.
+    """
+    check_params({"eps": eps}, {"eps": [Interval(float, 0, None)]})
+    if eps == 0:
+        return x
+    if sign.shape != x.shape:
+        raise ValueError(f"sign has shape {tuple(sign.shape)}, inputs {tuple(x.shape)}")
+    return (x.detach() + eps * sign.to(device=x.device, dtype=x.dtype)).detach()

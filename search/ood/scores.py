@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from densitune.errors import ConfigError
 from densitune.registry import Registry
 from densitune.search.ood.densities import Density
-from densitune.search.ood.perturb import perturb
+from densitune.search.ood.perturb import apply_sign, gradient_sign, perturb
 
 
 @runtime_checkable
@@ -131,6 +131,18 @@ class Score(abc.ABC):
         with torch.no_grad():
             return self(x).detach()
 
+    def gradient_sign(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) int8 sign of the perturbation's gradient at x: the same for every ε, so it can be kept."""
+        return gradient_sign(x, self.perturbation_score)
+
+    def evaluate_signed(self, x: Tensor, sign: Tensor, eps: float) -> Tensor:
+        """:meth:`evaluate` from a precomputed :meth:`gradient_sign` (N, C, H, W): one forward pass, same numbers."""
+        if self.needs_ip and eps <= 0:
+            raise ConfigError(f"score {type(self).__name__} needs eps > 0")
+        x = apply_sign(x, sign, eps)
+        with torch.no_grad():
+            return self(x).detach()
+
 
 def _log_softmax(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.double(), dim=1)
@@ -170,6 +182,13 @@ class DiffScore(DensityScore):
         if eps <= 0:
             raise ConfigError("score diff needs eps > 0")
         x_t = perturb(x, self.perturbation_score, eps)
+        with torch.no_grad():
+            return (self(x_t) - self(x)).detach()
+
+    def evaluate_signed(self, x: Tensor, sign: Tensor, eps: float) -> Tensor:
+        if eps <= 0:
+            raise ConfigError("score diff needs eps > 0")
+        x_t = apply_sign(x, sign, eps)
         with torch.no_grad():
             return (self(x_t) - self(x)).detach()
 

@@ -64,6 +64,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
     p.add_argument("--sn-coeff", type=float, default=3.0, help="soft spectral normalisation coefficient")
     p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size (default: the whole training split)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the training step; auto: only on CUDA for backbones measured to gain (default: %(default)s)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -292,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = TrainRun(
         experiment=args.experiment, models_dir=str(store.models), results_dir=str(store.results),
         storage_path=store.tune, cpus_per_trial=args.cpus_per_trial, resume=args.resume,
-        log_file=str(store.log_file),
+        log_file=str(store.log_file), compile=args.compile,
     )
     _hold_writer_lock(store, "train", args.experiment)
     remove_stale_temp_files(run.results_dir, args.experiment)  # only the lock holder may

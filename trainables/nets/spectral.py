@@ -124,11 +124,16 @@ class SoftSpectralNorm(nn.Module):
         return weight.flatten(1)
 
     @torch.no_grad()
-    def _power_iteration(self, mat: Tensor, n: int) -> None:
-        # In place, so the buffers stay the same tensors (state_dict, DataParallel replicas).
+    def _power_iteration(self, mat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` steps from the buffers; returns the new (u, v) as fresh tensors, also copied into the buffers."""
+        u, v = self._u, self._v
         for _ in range(n):
-            self._v.copy_(F.normalize(mat.t() @ self._u, dim=0, eps=self.eps))
-            self._u.copy_(F.normalize(mat @ self._v, dim=0, eps=self.eps))
+            v = F.normalize(mat.t() @ u, dim=0, eps=self.eps)
+            u = F.normalize(mat @ v, dim=0, eps=self.eps)
+        # In place, so the buffers stay the same tensors (state_dict, DataParallel replicas).
+        self._v.copy_(v)
+        self._u.copy_(u)
+        return u, v
 
     def sigma(self, weight: Tensor) -> Tensor:
         """Current estimate ``u^T W v`` of the largest singular value of ``weight``; a 0-dim tensor, differentiable in
@@ -142,8 +147,13 @@ class SoftSpectralNorm(nn.Module):
         """The effective weight ``W / max(1, sigma / coeff)``, same shape as ``weight``; ``update`` runs the power
         iteration first."""
         if update:
-            self._power_iteration(self._as_matrix(weight.detach()), self.n_power_iterations)
-        factor = torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
+            # One power step per training forward; the fresh (u, v) it returns are never written to again, so
+            # sigma can use them as they are (sigma() clones the buffers, which later steps update in place).
+            u, v = self._power_iteration(self._as_matrix(weight.detach()), self.n_power_iterations)
+            sigma = torch.dot(u, self._as_matrix(weight) @ v)
+        else:
+            sigma = self.sigma(weight)
+        factor = torch.clamp(sigma / self.coeff, min=1.0)
         return weight / factor
 
     def forward(self, weight: Tensor) -> Tensor:

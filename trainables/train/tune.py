@@ -39,6 +39,7 @@ class TrainRun:
     cpus_per_trial: float = 1.0
     resume: bool = False  # continue unfinished networks from their last epoch
     log_file: str | None = None  # per-epoch lines of every worker (densitune.console.log_to_file)
+    compile: str = "auto"  # torch.compile the training step: auto | on | off (loop.resolve_compile)
 
     def __post_init__(self) -> None:
         check_experiment_name(self.experiment)
@@ -123,7 +124,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
             log.info("%s: resuming after epoch %d", cfg.key, resume["epoch"])
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    for st in fit(cfg, resume=resume):
+    for st in fit(cfg, resume=resume, compile=run.compile):
         final = st.epoch == cfg.epochs
         row = result_row(
             experiment=run.experiment, trial_id=cfg.key, stage="train", protocol="train", network=cfg,
