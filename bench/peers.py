@@ -267,9 +267,10 @@ def ip_scoring() -> None:
     for _ in range(4):  # interleaved rounds, best of each: a busy machine's load drifts between them
         t_fwd, t_ip, t_pood = min(t_fwd, timed(forward, 1)[0]), min(t_ip, timed(ours_ip, 1)[0]), min(t_pood, timed(pood, 1)[0])
     record("ip scoring / our forward pass", "<= 3.5x", f"{t_ip / t_fwd:.2f}x ({len(x) / t_ip:.0f} img/s vs {len(x) / t_fwd:.0f})",
-           t_ip / t_fwd <= 3.5, "backward through the network costs about two forwards")
+           t_ip / t_fwd <= 3.5, "ip is forward with autograd + input-gradient backward + forward; cause of the excess "
+           "over that not yet established (see RESULTS.md)")
     record("ip scoring / pytorch-ood MahalanobisODIN", "< 1 (faster)", f"{t_ip / t_pood:.2f}x ({len(x) / t_pood:.0f} img/s)",
-           t_ip < t_pood, "our score is a full-covariance mixture (C triangular solves), theirs one shared precision")
+           t_ip < t_pood, "same passes (forward, backward, forward); cause not yet established (see RESULTS.md)")
 
 
 def main() -> None:
