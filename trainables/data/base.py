@@ -22,7 +22,8 @@ class DatasetInfo:
             model's Normalize layer.
         source: "embedded" (shipped with scikit-learn), "torchvision" or "folder".
         default_ood: for an in-distribution set, the OOD sets a search uses when none are given:
-            (validation OOD set used for selection, test OOD sets); None where there is no default.
+            (validation OOD set(s) used for selection, e.g. one near and one far; test OOD sets); None where
+            there is no default.
     """
 
     name: str
@@ -31,7 +32,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
-    default_ood: tuple[str, tuple[str, ...]] | None = None
+    default_ood: tuple[str | tuple[str, ...], tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:
