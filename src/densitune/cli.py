@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="A vs B on the same networks: paired test AUROC difference with a 95 %% interval")
     p.add_argument("results", metavar="RUN", help="the run folder (searched with --keep-scores all) or its results/ folder")
-    p.add_argument("--a", required=True, metavar="WHERE", help="SQL filter choosing A (its best trial on validation), e.g. \"score = 'density' AND eps > 0\"")
-    p.add_argument("--b", required=True, metavar="WHERE", help="SQL filter choosing B, e.g. \"score = 'rmd'\"")
+    p.add_argument("--a", required=True, metavar="WHERE", help="SQL filter choosing A (its best trial on validation), e.g. \"score = 'density' AND eps > 0\" (no default: required)")
+    p.add_argument("--b", required=True, metavar="WHERE", help="SQL filter choosing B, e.g. \"score = 'rmd'\" (no default: required)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric that picks each side's best trial (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (several seeds) (default: %(default)s)")
     p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
