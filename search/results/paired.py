@@ -28,6 +28,7 @@ from densitune.search.results.report import (
     trial_objectives,
 )
 from densitune.search.results.sample_scores import read_sample_scores
+from densitune.search.results.sql import echo
 from densitune.search.results.store import filter_results
 
 __all__ = ["Side", "compare_tables", "pick", "paired_diffs"]
@@ -39,7 +40,10 @@ class Side:
     def __init__(self, label: str, where: str, table: pa.Table, results_dir: str | Path, metric: str) -> None:
         df = search_frame(table)
         self.label, self.where = label, where
-        sel = search_frame(filter_results(table, where)) if where else df
+        chosen = filter_results(table, where)
+        if not any(stage == "search" for stage in chosen.column("stage").to_pylist()):
+            raise ConfigError(f"{label}: no search rows match {echo(where)}")
+        sel = search_frame(chosen)
         self.trial = trial_objectives(sel, metric).iloc[0]
         self.rows = df[(df["trial_id"] == self.trial["trial_id"]) & (df["experiment"] == self.trial["experiment"])]
         samples = read_sample_scores(results_dir, str(self.trial["experiment"]), [str(self.trial["trial_id"])]).to_pandas()

@@ -427,6 +427,9 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
                               "pass --resume to continue it, or choose another --experiment")
         return
     stored, current = read_spec(results_dir, spec.experiment), spec.to_dict()
+    if stored is not None:  # a spec stored by an older version: its keys' defaults and forms as today
+        with contextlib.suppress(DensituneError, TypeError):
+            stored = type(spec).from_dict(stored).to_dict()
     if stored is not None and stored != current:
         diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise ConfigError(f"--resume with a different search spec than the interrupted run (keys: {', '.join(diff)})")
