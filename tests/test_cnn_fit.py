@@ -99,7 +99,7 @@ def test_upscaled_digits_accuracy(size) -> None:
     xt, yt = load_split("digits", "test", shape=(1, size, size)).tensors
     model = create_model("cnn", in_channels=1, image_size=size, num_classes=10, feature_dim=16, mean=(0.3,),
                          std=(0.37,), spectral=SpectralConfig())
-    epochs, batch = 12, 64
+    epochs, batch = 16, 64
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * -(-len(x) // batch), pct_start=0.2)
     for _ in range(epochs):
