@@ -3,7 +3,6 @@ the trial's density) next to densities: every trial is added, and a resume re-ad
 
 from __future__ import annotations
 
-
 from densitune.search.models import ModelGroup
 from densitune.search.optuna_study import StudyMirror
 from densitune.search.space import grid_points
