@@ -14,6 +14,7 @@ sampler.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -31,7 +32,7 @@ from densitune.trainables.data import load_split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Features", "TrialParams", "Workspace", "workspace", "selection_metrics", "test_metrics", "test_score_arrays"]
+__all__ = ["Features", "TrialParams", "Workspace", "workspace", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
 
 
 class _Evaluator:
@@ -117,19 +118,29 @@ class _Evaluator:
         disk = "|".join(checkpoint_token(c) for c in self.checkpoints) + f"|{ident!r}"
         return (tuple(self.checkpoints), *ident), disk
 
-    def compare(self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset]) -> dict[str, Any]:
-        """One row's figures: ID vs OOD detection metrics, the density's fit and the data's checksums."""
+    def compare(
+        self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset], kept: list[tuple[Tensor, Tensor]] | None = None
+    ) -> dict[str, Any]:
+        """One row's figures: ID vs OOD detection metrics, the density's fit and the data's checksums.
+
+        ``kept``, when given, receives the (N_id,) and (N_ood,) scores the figures come from.
+        """
         s_id, f_id = self.scores(*id_split)
         s_ood, _ = self.scores(*ood_split)
+        if kept is not None:
+            kept.append((s_id, s_ood))
         return {**detection_metrics(s_id, s_ood, f_id), "density_fit": self.density_fit,
                 "data_checksums": {**self.fit_checksums, **self.checksums(id_split[0], ood_split[0])}}
 
 
-def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, Any]:
+def selection_metrics(
+    ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams, val_ood: str | None = None
+) -> dict[str, Any]:
     """Validation metrics, the ONLY input to the objective; never any test data.
 
-    Returns the metrics of the validation row plus ``objective`` (what the sampler sees)
-    and ``ood_dataset`` (the validation OOD side, per ``spec.protocol``).
+    Returns the metrics of the validation row plus ``objective`` (this row's share of what the
+    sampler sees) and ``ood_dataset`` (the validation OOD side, per ``spec.protocol``; ``val_ood``
+    picks one of several validation OOD sets, default the first).
     """
     ev = _Evaluator(ws, spec, checkpoints, params)
     id_val = ev.split(ev.id_name, "val")
@@ -143,9 +154,27 @@ def selection_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str
         m = ev.compare(id_val, ev.adversarial(spec.proxy_attack, "val", spec.proxy_eps))
         ood = f"proxy-{spec.proxy_attack}"
     else:
-        ood = cast(str, spec.val_ood)  # protocol val-ood: SearchSpec requires val_ood
+        ood = val_ood or cast(tuple[str, ...], spec.val_ood)[0]  # protocol val-ood: SearchSpec requires val_ood
         m = ev.compare(id_val, ev.split(ood, "val"))
     return {**m, "objective": m[spec.metric], "ood_dataset": ood}
+
+
+def selection_sets(spec: SearchSpec) -> list[str | None]:
+    """The validation OOD sets of ``spec`` (``[None]``: the protocol's one selection row)."""
+    return list(spec.val_ood or ()) if spec.protocol == "val-ood" else [None]
+
+
+def aggregate_objective(spec: SearchSpec, per_set: Sequence[Sequence[float]]) -> float:
+    """The sampler's objective from each validation set's per-member figures (sets x members).
+
+    Each set's figures are averaged over the members (seeds); the sets are then combined by
+    ``spec.val_agg``: ``mean``, or ``min`` = the worst set (the lowest AUROC / AUPRC, the highest FPR95),
+    so that a configuration that fails on one kind of OOD cannot win on another.
+    """
+    means = [math.fsum(v) / len(v) for v in per_set]
+    if spec.val_agg == "mean" or len(means) == 1:
+        return math.fsum(means) / len(means)
+    return max(means) if spec.mode == "min" else min(means)
 
 
 def _test_sets(ev: _Evaluator, spec: SearchSpec) -> list[tuple[str, tuple[tuple, Dataset]]]:
@@ -156,11 +185,23 @@ def _test_sets(ev: _Evaluator, spec: SearchSpec) -> list[tuple[str, tuple[tuple,
     return sets
 
 
-def test_metrics(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> dict[str, dict[str, Any]]:
-    """Test metrics (ID test vs each test OOD set, and vs each attack): recorded, never used to select."""
+def test_metrics(
+    ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams,
+    kept: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Test metrics (ID test vs each test OOD set, and vs each attack): recorded, never used to select.
+
+    ``kept``, when given, receives per set the (N_id,) ID test and (N_ood,) OOD scores (for paired comparisons).
+    """
     ev = _Evaluator(ws, spec, checkpoints, params)
     id_test = ev.split(ev.id_name, "test")
-    return {name: ev.compare(id_test, split) for name, split in _test_sets(ev, spec)}
+    out = {}
+    for name, split in _test_sets(ev, spec):
+        pair: list[tuple[Tensor, Tensor]] | None = [] if kept is not None else None
+        out[name] = ev.compare(id_test, split, pair)
+        if kept is not None and pair:
+            kept[name] = pair[0]
+    return out
 
 
 def test_score_arrays(

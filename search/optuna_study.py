@@ -121,7 +121,10 @@ class StudyMirror:
         dists: dict[str, Any] = {"score": Cat(list(self.spec.scores)),
                                  key: Cat(self.ensemble_groups if cls.ensemble else self.groups)}
         if p.density:
-            params["density"], dists["density"] = p.density, Cat(list(self.spec.densities))
+            # one choice list for every trial (Optuna refuses differing ones): the densities, then the
+            # fitted-score models (knn, rmd, vim), whose trials record the model's name as their density
+            own = [n for sc in self.spec.scores if (n := score_class(sc).density_name) is not None]
+            params["density"], dists["density"] = p.density, Cat(list(dict.fromkeys([*self.spec.densities, *own])))
             grid = self.spec.density_params.get(p.density, {})
             for k, v in sorted(p.params.items()):
                 params[f"{p.density}.{k}"], dists[f"{p.density}.{k}"] = v, Cat(list(grid.get(k, [v])))

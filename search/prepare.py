@@ -67,10 +67,10 @@ def prepare_search(values: dict[str, Any]) -> tuple[SearchSpec, list[ModelGroup]
     id_dataset = ids.pop()
     spec = build_spec(values, id_dataset)
     groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
-    if id_dataset in (spec.val_ood, *spec.test_ood):
+    if id_dataset in (*(spec.val_ood or ()), *spec.test_ood):
         raise ConfigError(f"the in-distribution data set {id_dataset!r} cannot also be an OOD set")
     models.check_checkpoints(groups)  # a corrupt model.pt fails here, before Ray starts
     id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
-    for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (spec.val_ood, *spec.test_ood) if n)):
+    for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (*(spec.val_ood or ()), *spec.test_ood))):
         check_data(name, root)
     return spec, groups

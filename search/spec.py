@@ -21,6 +21,9 @@ SAMPLERS = ("grid", "tpe")
 #: adv-proxy ID validation vs FGSM-perturbed ID validation inputs (no OOD data needed);
 #: id-only   held-out ID log-likelihood of the density (selects density parameters, ε = 0, one model group).
 PROTOCOLS = ("val-ood", "adv-proxy", "id-only")
+#: How several validation OOD sets make one objective: their mean, or the worst of them ("min": the
+#: lowest AUROC / AUPRC, the highest FPR95), so that a configuration failing one kind of OOD loses.
+VAL_AGGS = ("mean", "min")
 
 #: The ε grid of Lee et al. (2018, Mahalanobis), extended upwards because the
 #: embedded default's 8×8 digits need larger steps than CIFAR images.
@@ -127,10 +130,14 @@ class SearchSpec:
     """
 
     experiment: str = field(metadata=_key(STRING, "name of the search experiment (default: search)", "--experiment"))
-    val_ood: str | None = field(metadata=_key(
-        STRING, "OOD set used for selection (default: per ID data set)", "--val-ood", nullable=True))
+    val_ood: tuple[str, ...] | None = field(metadata=_key(  # a YAML string is one set
+        _STRS, "OOD set(s) used for selection, e.g. one near and one far (default: per ID data set)",
+        "--val-ood", nargs="+", nullable=True))
     test_ood: tuple[str, ...] = field(metadata=_key(
         _STRS, "OOD sets reported, never used to select (default: per ID data set)", "--test-ood", nargs="+"))
+    val_agg: str = field(default="mean", metadata=_key(
+        STRING, "several validation OOD sets: the objective is their mean or their worst (min)", "--val-agg",
+        choices=VAL_AGGS))
     protocol: str = field(default="val-ood", metadata=_key(
         STRING, "selection protocol", "--protocol", choices=PROTOCOLS))
     proxy_attack: str = field(default="fgsm", metadata=_key(STRING, "adv-proxy: the attack on ID validation inputs"))
@@ -163,6 +170,9 @@ class SearchSpec:
     batch_size: int = field(default=256, metadata=_key(INTEGER, "inputs per scoring batch"))
     density_params: dict[str, dict[str, list[Any]]] = field(default_factory=dict, metadata=_key(
         MAPPING, "per density, each parameter's values to search, e.g. {kde: {bandwidth: [scott, 0.5]}}"))
+    keep_scores: str = field(default="none", metadata=_key(
+        STRING, "per-sample test scores kept for `densitune compare` (RUN/scores/): none or all trials", "--keep-scores",
+        choices=("none", "all")))
     #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
     attacks: tuple[str, ...] = field(default=(), metadata=_key(
         _STRS, "adversarial detection (rows adv-<name>)", "--attacks", nargs="*", choices=("fgsm", "bim", "pgd")))
@@ -171,6 +181,16 @@ class SearchSpec:
     attack_steps: int = field(default=10, metadata=_key(INTEGER, "BIM/PGD iterations", "--attack-steps", type=int))
 
     def __post_init__(self) -> None:
+        if isinstance(self.val_ood, str):  # one set, as a YAML string or an older stored spec gives it
+            object.__setattr__(self, "val_ood", (self.val_ood,))
+        elif self.val_ood is not None:
+            object.__setattr__(self, "val_ood", tuple(self.val_ood))
+        if self.keep_scores not in ("none", "all"):
+            raise ConfigError(f"keep_scores must be none or all, got {self.keep_scores!r}")
+        if self.val_agg not in VAL_AGGS:
+            raise ConfigError(f"unknown validation aggregation {self.val_agg!r}; known: {', '.join(VAL_AGGS)}")
+        if self.val_ood is not None and len(set(self.val_ood)) != len(self.val_ood):
+            raise ConfigError(f"validation OOD sets repeat a name: {list(self.val_ood)}")
         check_space(self.densities, self.scores, self.eps_grid, self.eps_range, self.dims)
         from densitune.trainables.train.config import check_experiment_name
 
@@ -208,9 +228,10 @@ class SearchSpec:
                 raise ConfigError("protocol id-only cannot select eps (ip raises every likelihood): use eps_grid [0]")
         if not self.test_ood:
             raise ConfigError("at least one test OOD set is needed")
-        if self.val_ood in self.test_ood:
-            # The selection set must be distinct from every reported set (no test leakage).
-            raise ConfigError(f"validation OOD set {self.val_ood!r} is also a test OOD set; choose a distinct one")
+        for name in self.val_ood or ():
+            if name in self.test_ood:
+                # The selection sets must be distinct from every reported set (no test leakage).
+                raise ConfigError(f"validation OOD set {name!r} is also a test OOD set; choose a distinct one")
         check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
                                    "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)
 
@@ -241,7 +262,8 @@ class SearchSpec:
     def protocol_label(self) -> str:
         """Recorded in every row: how hyperparameters were selected."""
         if self.protocol == "val-ood":
-            return f"val-ood:{self.val_ood}"
+            sets = "+".join(self.val_ood or ())
+            return f"val-ood:{sets}:{self.val_agg}" if len(self.val_ood or ()) > 1 else f"val-ood:{sets}"
         if self.protocol == "adv-proxy":
             return f"adv-proxy:{self.proxy_attack}@{self.proxy_eps:.4g}"
         return "id-only:val-loglik"

@@ -1,20 +1,22 @@
 """One search trial as a pure function: params in, objective and Parquet rows out.
 
 No Ray here; :mod:`densitune.search.tune` wraps it. A trial covers every seed of its
-model group: the objective is the mean validation metric over seeds, and each seed
-gets its own rows (one for the validation OOD set, one per test OOD set and attack).
+model group: the objective is the mean validation metric over seeds (with several validation OOD
+sets, each set's mean combined by ``spec.val_agg``), and each seed gets its own rows (one per
+validation OOD set, one per test OOD set and attack).
 Ensemble scores use all seeds at once and write rows with an empty ``seed``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from densitune.search.evaluate import Workspace, selection_metrics, test_metrics
+from torch import Tensor
+
+from densitune.search.evaluate import Workspace, aggregate_objective, selection_metrics, selection_sets, test_metrics
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
 from densitune.search.results.rows import provenance, result_row
@@ -40,11 +42,13 @@ def run_trial(
     params: TrialParams,
     trial_id: str,
     search_params: dict[str, Any] | None = None,
+    sample_scores: dict[int | None, dict[str, tuple[Tensor, Tensor]]] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Evaluate ``params`` on ``group``; returns (objective, rows).
 
     ``search_params`` (the sampler's view of the trial) is stored with the rows so that
-    an interrupted search can be resumed from the Parquet files alone.
+    an interrupted search can be resumed from the Parquet files alone. ``sample_scores``, when
+    given, receives per seed (None: an ensemble) and test set the (N_id,), (N_ood,) test scores.
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -60,18 +64,23 @@ def run_trial(
         members = [(None, list(group.checkpoints))]
     else:
         members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
-    per_member_val: list[float] = []
+    val_sets = selection_sets(spec)
+    per_set_val: list[list[float]] = [[] for _ in val_sets]  # sets x members
     rows: list[dict[str, Any]] = []
     for seed, ckpts in members:
-        val = selection_metrics(ws, spec, ckpts, params)
-        per_member_val.append(val.pop("objective"))
-        tests = test_metrics(ws, spec, ckpts, params)
-        for ood, split, m in [(val.pop("ood_dataset"), "val", val), *((o, "test", t) for o, t in tests.items())]:
+        vals = [selection_metrics(ws, spec, ckpts, params, val_ood) for val_ood in val_sets]
+        for figures, val in zip(per_set_val, vals):
+            figures.append(val.pop("objective"))
+        kept: dict[str, tuple[Tensor, Tensor]] | None = {} if sample_scores is not None else None
+        tests = test_metrics(ws, spec, ckpts, params, kept)
+        if sample_scores is not None and kept is not None:
+            sample_scores[seed] = kept
+        for ood, split, m in [*((v.pop("ood_dataset"), "val", v) for v in vals), *((o, "test", t) for o, t in tests.items())]:
             where = provenance(ws.device, data_checksums=m.pop("data_checksums"))
             rows.append(result_row(**trial_columns, provenance=where, seed=seed, checkpoints=ckpts, ood_dataset=ood,
                                    split=split, **m))
     duration = time.perf_counter() - t0
-    objective = math.fsum(per_member_val) / len(per_member_val)
+    objective = aggregate_objective(spec, per_set_val)
     for r in rows:
         r["duration_s"] = duration
         r["objective"] = objective

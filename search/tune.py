@@ -62,10 +62,17 @@ def search_trainable(
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()
     ws = workspace(run.cache_dir)
-    objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config))
+    kept: dict | None = {} if spec.keep_scores == "all" else None  # per-sample test scores (densitune compare)
+    objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config),
+                                sample_scores=kept)
     # A grid point's file is named by the point, so a point run again after a crash replaces it.
+    name = point_file_name(params) if "point" in config else trial_id
     with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
-        write_rows(run.results_dir, rows, name=point_file_name(params) if "point" in config else trial_id)
+        if kept is not None:  # before the rows: a trial with rows always has its scores
+            from densitune.search.results.sample_scores import write_sample_scores
+
+            write_sample_scores(run.results_dir, spec.experiment, name, trial_id, kept)
+        write_rows(run.results_dir, rows, name=name)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
     import ray
 

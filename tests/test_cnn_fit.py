@@ -68,35 +68,52 @@ def test_larger_inputs_get_more_layers() -> None:
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random small affine jitter of (N, C, H, W) images: shift up to 5 % of the side, rotation up to 0.15 rad,
+    scale 1 ± 8 % (zero padding), so the net learns the digits rather than the 1078 training images."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=gen) * 2 - 1  # noqa: E731 - uniform in [-1, 1)
+    ang, scale = 0.15 * u(n), 1 + 0.08 * u(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = scale * torch.cos(ang), -scale * torch.sin(ang)
+    theta[:, 1, 0], theta[:, 1, 1] = scale * torch.sin(ang), scale * torch.cos(ang)
+    theta[:, :, 2] = 0.1 * u(n, 2)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [28, 32])
 def test_upscaled_digits_accuracy(size) -> None:
-    """The demo's digits upscaled to size x size: the adapted cnn (spectral norm, D = 16) after 12 CPU epochs.
+    """The demo's digits upscaled to size x size: the adapted cnn (spectral norm, D = 16) reaches >= 99 % ID test
+    accuracy (at most 3 of 359 test digits wrong) after 16 CPU epochs.
 
-    Measured (seed 0, 2 cores): 28x28 and 32x32 both 98.89 % (355 of 359 test digits; 99.4 % at the best epoch of
-    one run), about 15-20 s each on a quiet machine; the 3-layer net (receptive field 9) on 28x28 reached 98.3 %
-    in 8 epochs. The issue's target is 99 % (at most 3 errors here); this guards 98.5 %.
+    Recipe: SGD (Nesterov) with a one-cycle learning rate (peak 0.1), label smoothing 0.1 and small random affine
+    jitter of the training images. Measured (seed 0, a loaded 2-core machine, ~10 min each): 28x28 100 % (0 errors),
+    32x32 99.16 % (3 errors); with 12 epochs both 99.16 %; the same net with plain SGD + cosine and no jitter stayed
+    at 98.89 % for both sizes, the 3-layer net (receptive field 9) on 28x28 at 98.3 %.
     """
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     x, y = load_split("digits", "train", shape=(1, size, size)).tensors
     xt, yt = load_split("digits", "test", shape=(1, size, size)).tensors
     model = create_model("cnn", in_channels=1, image_size=size, num_classes=10, feature_dim=16, mean=(0.3,),
                          std=(0.37,), spectral=SpectralConfig())
-    epochs = 12
+    epochs, batch = 16, 64
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * -(-len(x) // batch), pct_start=0.2)
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            b = perm[i : i + 64]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
+        for i in range(0, len(x), batch):
+            b = perm[i : i + batch]
+            loss = nn.functional.cross_entropy(model(_augment(x[b], gen)), y[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        sched.step()
+            sched.step()
     model.eval()
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).double().mean())
     print(f"cnn {size}x{size}: ID test accuracy {acc:.4f}")
-    assert acc >= 0.985, acc
+    assert acc >= 0.99, acc

@@ -32,7 +32,7 @@ from densitune.trainables.data import (
     sources,
 )
 
-EMBEDDED_OOD = ["digits-rot90", "digits-hflip", "digits-blend", "photo-patches", "noise-uniform"]
+EMBEDDED_OOD = ["digits-rot90", "digits-hflip", "digits-blend", "photo-patches", "noise-uniform", "noise-blobs"]
 
 
 def items(ds) -> tuple[torch.Tensor, torch.Tensor]:

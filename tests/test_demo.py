@@ -77,18 +77,23 @@ def test_demo_end_to_end(demo_run):
     p = subprocess.run([sys.executable, "-m", "densitune", "report", str(out / "results"), "--full", "--top", "5",
                         "--where", "experiment = 'demo-search'"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd"):
+    for text in ("| baseline (msp) |", "| ensemble |", "| ddu |", "| ddu+ip |", "adv-pgd",
+                 "| energy |", "| rmd |", "| knn", "| vim"):  # the field's baselines in the method table
         assert text in p.stdout, text
     files = sorted((out / "results").rglob("*.parquet"))
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     search = [r for r in rows if r["stage"] == "search"]
-    # every score but the fitted baselines, which the demo does not search (its golden ranking predates them)
-    assert {r["score"] for r in search} == set(SCORES.names()) - {"energy", "rmd", "knn", "vim"}
+    assert {r["score"] for r in search} == set(SCORES.names())  # every score, the four baselines included
+    # selection on the worst of a near and a far validation set
+    assert {r["protocol"] for r in search} == {"val-ood:digits-blend+noise-blobs:min"}
+    assert {r["ood_dataset"] for r in search if r["split"] == "val"} == {"digits-blend", "noise-blobs"}
+    assert len({r["trial_id"] for r in search}) == 228
+    assert len(list((out / "scores" / "experiment=demo-search").glob("p-*.parquet"))) == 228  # kept for compare
     assert {r["density"] for r in search} - {""} == set(DENSITIES.names())
     assert {"adv-fgsm", "adv-bim", "adv-pgd"} <= {r["ood_dataset"] for r in search}
     assert len([r for r in rows if r["stage"] == "train"]) == 8 * 15  # 8 networks x 15 epochs
-    # The ranked configurations and the best one, exactly as the demo printed them before the namespace
-    # move (recorded from main at d827435): same code path, same seeds, same numbers.
+    # The ranked configurations and the best one, exactly as recorded (re-recorded when the demo's search
+    # gained the four baselines and the near + far validation sets): same code path, same seeds, same numbers.
     b = subprocess.run([sys.executable, "-m", "densitune", "best", str(out / "results"), "--where", "experiment = 'demo-search'"],
                        capture_output=True, text=True, timeout=300)
     assert b.returncode == 0, b.stderr[-3000:]

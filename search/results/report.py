@@ -131,6 +131,14 @@ def trial_objectives(df: pd.DataFrame, metric: str) -> pd.DataFrame:
              val_ood=("ood_dataset", "first"))
         .reset_index()
     )
+    worst = out["protocol"].fillna("").str.endswith(":min")  # several validation sets, --val-agg min
+    if worst.any():  # as the search's objective: each set's mean over seeds, then the worst set
+        per_set = val.groupby([*keys, "ood_dataset"], dropna=False)["_v"].mean()
+        pick = per_set.groupby(level=list(range(len(keys))), dropna=False)
+        agg = (pick.max() if METRICS[metric].direction == "min" else pick.min()).rename("_worst").reset_index()
+        out = out.merge(agg, on=keys, how="left")
+        out["val"] = out["_worst"].where(worst, out["val"])
+        out = out.drop(columns="_worst")
     asc = _ascending(out, metric)
     return out.sort_values(["val", "eps", "trial_id"], ascending=[asc, True, True], kind="mergesort")
 
@@ -454,6 +462,9 @@ def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None
     tables = []
     if view in ("all", "methods"):
         tables += methods_tables(df, metric)
+        from densitune.search.results.diagnostics import diagnostics_tables
+
+        tables += diagnostics_tables(df)  # scores below chance on validation, with the reversed AUROC
     if view in ("all", "configs"):
         tables += configs_tables(df, metric, top)
     return tables

@@ -101,11 +101,11 @@ def _search_values(args: argparse.Namespace) -> dict:
     for key in ("models", "data_root"):
         if values.get(key):
             values[key] = _abs(values[key])
-    for key in ("val_ood",):
-        if values.get(key):
+    for key in ("val_ood", "test_ood"):  # a YAML val_ood may be one name
+        if isinstance(values.get(key), str):
             values[key] = _abs_dataset(values[key])
-    if values.get("test_ood"):
-        values["test_ood"] = [_abs_dataset(n) for n in values["test_ood"]]
+        elif values.get(key):
+            values[key] = [_abs_dataset(n) for n in values[key]]
     return values
 
 
@@ -166,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
+
+    p = sub.add_parser("compare", help="A vs B on the same networks: paired test AUROC difference with a 95 %% interval")
+    p.add_argument("results", metavar="RUN", help="the run folder (searched with --keep-scores all) or its results/ folder")
+    p.add_argument("--a", required=True, metavar="WHERE", help="SQL filter choosing A (its best trial on validation), e.g. \"score = 'density' AND eps > 0\" (no default: required)")
+    p.add_argument("--b", required=True, metavar="WHERE", help="SQL filter choosing B, e.g. \"score = 'rmd'\" (no default: required)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric that picks each side's best trial (default: %(default)s)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (several seeds) (default: %(default)s)")
+    p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
 
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
@@ -448,6 +456,9 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
                               "pass --resume to continue it, or choose another --experiment")
         return
     stored, current = read_spec(results_dir, spec.experiment), spec.to_dict()
+    if stored is not None:  # a spec stored by an older version: its keys' defaults and forms as today
+        with contextlib.suppress(DensituneError, TypeError):
+            stored = type(spec).from_dict(stored).to_dict()
     if stored is not None and stored != current:
         diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise ConfigError(f"--resume with a different search spec than the interrupted run (keys: {', '.join(diff)})")
@@ -480,6 +491,20 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(json.dumps(cfg, indent=1))
     else:
         print(best(table, args.metric, args.format))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from densitune.errors import ConfigError
+    from densitune.search.results.paired import compare_tables
+    from densitune.search.results.report import render
+    from densitune.search.results.store import read_results, results_dir_of
+
+    if args.n_boot < 1:
+        raise ConfigError(f"--n-boot must be >= 1, got {args.n_boot}")
+    results_dir = results_dir_of(args.results)
+    table = read_results(results_dir)
+    print(render(compare_tables(table, results_dir, args.a, args.b, args.metric, n_boot=args.n_boot), args.format))
     return 0
 
 
@@ -674,7 +699,10 @@ DEMO_TRAIN = ["--experiment", "demo", "--dataset", "digits", "--backbone", "cnn"
               "--loss", "ce", "contrastive", "--seeds", "0", "1", "--epochs", "15"]
 DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
                "--score", "density", "diff", "msp", "entropy", "gradnorm", "ensemble_msp", "ensemble_entropy",
-               "--density", "gmm_sum", "gmm_max", "kde", "--eps-grid", "0", "0.005", "0.01", "0.02", "0.05",
+               "energy", "rmd", "knn", "vim",  # the field's simple baselines, in the method table beside DDU
+               "--density", "gmm_sum", "gmm_max", "kde", "--eps-grid", "0", "0.005", "0.01", "0.05",
+               "--val-ood", "digits-blend", "noise-blobs", "--val-agg", "min",  # one near, one far; the worst decides
+               "--keep-scores", "all",  # per-sample test scores: `densitune compare` works on the demo
                "--attacks", "fgsm", "bim", "pgd", "--attack-eps", "0.1"]
 
 
@@ -710,8 +738,8 @@ STAGE_SECONDS: dict[str, float] = {}
 
 
 COMMANDS = {"train": cmd_train, "search": cmd_search, "report": cmd_report, "best": cmd_best, "list": cmd_list, "plot": cmd_plot,
-            "query": cmd_query, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact, "list-models": cmd_list_models,
-            "clean": cmd_clean, "run": cmd_run}
+            "query": cmd_query, "compare": cmd_compare, "demo": cmd_demo, "export": cmd_export, "compact": cmd_compact,
+            "list-models": cmd_list_models, "clean": cmd_clean, "run": cmd_run}
 
 
 #: Context managers a command holds until :func:`main` returns (the writer locks).

@@ -22,7 +22,8 @@ class DatasetInfo:
             model's Normalize layer.
         source: "embedded" (shipped with scikit-learn), "torchvision" or "folder".
         default_ood: for an in-distribution set, the OOD sets a search uses when none are given:
-            (validation OOD set used for selection, test OOD sets); None where there is no default.
+            (validation OOD set(s) used for selection, e.g. one near and one far; test OOD sets); None where
+            there is no default.
         ood_groups: for an in-distribution set, ``(OOD set, "near" | "far")`` pairs: how far each known OOD
             set lies from it (OpenOOD's near / far split; semantic shift with similar images vs a different
             kind of image). Reports group their OOD columns by it; a set not listed has no group.
@@ -34,7 +35,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
-    default_ood: tuple[str, tuple[str, ...]] | None = None
+    default_ood: tuple[str | tuple[str, ...], tuple[str, ...]] | None = None
     ood_groups: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ others are out-of-distribution probes at the same (1, 8, 8):
 
 - near-OOD, made from the digits of the same split: ``digits-rot90``, ``digits-hflip``,
   ``digits-blend`` (mean of two digits of different classes);
-- far-OOD: ``photo-patches`` (natural-image patches) and ``noise-uniform``.
+- far-OOD: ``photo-patches`` (natural-image patches), ``noise-uniform`` and ``noise-blobs`` (smooth
+  random blobs: a far set for validation, distinct from every default test set).
 
 Nothing here ever touches the network.
 """
@@ -211,5 +212,28 @@ class UniformNoise(DatasetFactory):
         return _unlabelled(torch.from_numpy(noise))
 
 
+def noise_blobs(split: str, seed: int, n: int = OOD_SIZE) -> torch.Tensor:
+    """``n`` smooth random images: 4x4 uniform noise upsampled bilinearly to 8x8, min-max stretched per image.
+
+    Returns:
+        (n, 1, 8, 8) float32 in [0, 1].
+    """
+    coarse = torch.from_numpy(rng_for(seed, "noise-blobs", split).random((n, 1, 4, 4), dtype=np.float32))
+    x = torch.nn.functional.interpolate(coarse, size=DIGITS_SHAPE[1:], mode="bilinear", align_corners=False)
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    return ((x - lo) / (x.amax(dim=(2, 3), keepdim=True) - lo).clamp_min(1e-6)).clamp_(0.0, 1.0)
+
+
+class NoiseBlobs(DatasetFactory):
+    """Far-OOD smooth random blobs, 400 per split, grey 8x8, label -1 (the demo's far validation set)."""
+
+    def info(self, root: Path | None) -> DatasetInfo:
+        return _ood_info("noise-blobs")
+
+    def source(self, split: str, *, root: Path | None, seed: int, download: bool) -> ImageSource:
+        return _unlabelled(noise_blobs(split, seed))
+
+
 DATASETS.add("photo-patches", PhotoPatches())
 DATASETS.add("noise-uniform", UniformNoise())
+DATASETS.add("noise-blobs", NoiseBlobs())
