@@ -55,7 +55,7 @@ for argv, frag in [
     (f"{S} --test-ood nosuchset", "unknown dataset 'nosuchset'"),
     (f"{S} --val-ood digits-rot90 --test-ood digits-rot90", "also a test OOD set"),
     (f"{S} --test-ood digits", "cannot also be an OOD set"),
-    (f"{R} --view summary", "argument --view: invalid choice: 'summary'"),
+    (f"{R} --view summry", "argument --view: invalid choice: 'summry'"),
     (f"{R} --format yaml", "argument --format: invalid choice: 'yaml'"),
     (f"{R} --metric accuracy", "argument --metric: invalid choice: 'accuracy'"),
     (f"{R} --by colour", "unknown --by column"),

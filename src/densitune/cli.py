@@ -240,7 +240,9 @@ def _abs(path: str) -> str: ...
 def _abs(path: None) -> None: ...
 def _abs(path: str | None) -> str | None:
     """An absolute path: Ray Tune runs each trial in its own working folder, so relative paths break there."""
-    return None if path is None else str(Path(path).expanduser().resolve())
+    if path is None or "://" in path:  # a bucket (s3://...) is already absolute; file:// is resolved by the run store
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _abs_dataset(name: str | None) -> str | None:
