@@ -357,8 +357,9 @@ def search_values(study: Study, part: Part, *, data_root: str | None, models: st
     s["experiment"] = f"{study.label}-{part.name}"
     if s.get("test_ood"):
         s["test_ood"] = [ood_name(study, n) for n in s["test_ood"]]
-    if s.get("val_ood"):
-        s["val_ood"] = ood_name(study, s["val_ood"])
+    if s.get("val_ood"):  # one set or several (`--val-ood A B`)
+        vals = [s["val_ood"]] if isinstance(s["val_ood"], str) else list(s["val_ood"])
+        s["val_ood"] = [ood_name(study, n) for n in vals]
     if data_root is not None:
         s["data_root"] = data_root
     if models is not None:
@@ -423,7 +424,7 @@ def check_study_data(study: Study, data_root: str | None) -> None:
     for part in study.parts:
         names[part.dataset] = part.dataset
         spec = search_spec(study, part, data_root)
-        for n in (spec.val_ood, *spec.test_ood):
+        for n in (*(spec.val_ood or ()), *spec.test_ood):
             if n and not n.startswith("adv-"):
                 names[n] = n
     layouts = {v[0]: (k, v[1]) for k, v in NOTE_SETS.items()}
@@ -487,7 +488,7 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
         n_train, n_id_test = _sizes(part.dataset, spec.eval_limit)
         n_id_val = min(n_train // 10, spec.eval_limit or n_train)
         attacks = len(spec.attacks)
-        eval_images = (n_id_val + _sizes(spec.val_ood or "", spec.eval_limit)[1] + n_id_test * (1 + attacks)
+        eval_images = (n_id_val + sum(_sizes(v, spec.eval_limit)[1] for v in spec.val_ood or ()) + n_id_test * (1 + attacks)
                        + sum(_sizes(n, spec.eval_limit)[1] for n in spec.test_ood))
         by_group = {g.key: g for g in groups}
         for g in groups:  # once per network: features at ε = 0 (train + evaluation sets), the attacks
