@@ -43,7 +43,8 @@ def ray_session():
     """A real local Ray (2 CPUs, no dashboard), started once for the session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    # address="local": always a fresh instance of our own, never a Ray some other process started on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     yield ray
     ray.shutdown()
 
