@@ -28,8 +28,9 @@ def test_six_trial_eps_search_extracts_and_fits_once(ray_session, trained_models
     assert len(grid) == 6 and all(r.error is None for r in grid)
     events = DiskCache(run.cache_dir).events()
     kinds = collections.Counter(kind for kind, _ in events)
-    # train, ID val, validation OOD, ID test, test OOD: one extraction each; one density fit; not 6
-    assert kinds == {"extract": 5, "fit": 1}
+    # train, ID val, validation OOD, ID test, test OOD: one extraction each; one density fit; not 6; and the
+    # input-gradient sign of each evaluated split once for the 5 trials with ε > 0 (the ε cache)
+    assert kinds == {"extract": 5, "fit": 1, "ipsign": 4}
     assert len({key for _, key in events}) == len(events)  # nothing computed twice
     # two actors ran trials (2 CPUs): the second found the first one's work on disk
     assert read_results(run.results_dir).num_rows == 6 * 2
