@@ -68,7 +68,7 @@ def test_demo_end_to_end(demo_run):
     assert not any("snapshotting" in ln or "Tuner.restore" in ln or "tensorboard" in ln.lower() for ln in lines)
     summary = "\n".join(lines[-16:])  # it ends with the best configuration and where things are
     assert "best configuration by validation auroc" in summary
-    assert f"densitune report {out / 'results'}" in summary and f"densitune plot {out / 'results'}" in summary
+    assert f"densitune report {out}  (every table: --full)" in summary and f"densitune plot {out}\n" in summary
     assert any(re.fullmatch(r"demo finished in \d+ s \(training \d+ s, search \d+ s, report \d+ s\)", ln.strip())
                for ln in lines[-3:]), lines[-3:]
     assert "epoch 15/15" in (out / "densitune.log").read_text()  # the detail is in the run's log
@@ -162,7 +162,7 @@ def test_demo_exports_reproduce_the_search(demo_run, tmp_path, where, n_members)
 
 @pytest.mark.slow
 def test_optuna_load_study_opens_the_demos_study(demo_run):
-    """The README's snippet: optuna.load_study on RUN/optuna/journal.log sees all 208 trials with their parameters."""
+    """The README's snippet: optuna.load_study on RUN/optuna/journal.log sees all 228 trials with their parameters."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -175,7 +175,7 @@ def test_optuna_load_study_opens_the_demos_study(demo_run):
             for r in pq.read_table(f).to_pylist()]
     record = {r["trial_id"]: r for r in rows}
     trials = study.get_trials()
-    assert len(trials) == len(record) == 208
+    assert len(trials) == len(record) == 228
     assert {t.user_attrs["trial_id"] for t in trials} == set(record)
     for t in trials:
         row = record[t.user_attrs["trial_id"]]

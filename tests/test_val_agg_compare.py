@@ -77,8 +77,8 @@ def _best(run: Path) -> dict:
 @slow
 def test_selecting_on_the_worst_of_a_near_and_a_far_set_avoids_a_failing_config(runs) -> None:
     near, worst = _best(runs["near"]), _best(runs["worst"])
-    assert json.loads(near["density_params"]) == {"dim": 2}
-    assert json.loads(worst["density_params"]) == {"dim": 6}
+    assert near["density_params"] == {"dim": 2}  # `best --json`: parameters as a nested object
+    assert worst["density_params"] == {"dim": 6}
     # what selection on one validation set picked fails on a second kind of OOD (far: the noise blobs)
     picked = [r for r in _rows(runs["near"]) if r["trial_id"] == near["trial_id"] and r["split"] == "test"]
     assert {r["ood_dataset"]: r["auroc"] for r in picked}["noise-blobs"] < 0.5
@@ -131,26 +131,26 @@ def _table(stdout: str) -> dict[str, list[str]]:
 @slow
 def test_compare_two_seeds_paired_bootstrap(runs) -> None:
     p = _cli("compare", str(runs["seeds"]), "--a", "score = 'rmd'", "--b", "score = 'density'", "--format", "json")
-    (table,) = json.loads(p.stdout)
+    records = json.loads(p.stdout)  # tidy JSON: one record per OOD set
     rows = [r for r in _rows(runs["seeds"]) if r["split"] == "test"]
-    for r in table["rows"]:
+    for r in records:
         per_seed = [np.mean([x["auroc"] for x in rows if x["score"] == s and x["ood_dataset"] == r["ood_dataset"]])
                     for s in ("rmd", "density")]
         assert r["diff"] == pytest.approx(per_seed[0] - per_seed[1], abs=1e-9)  # mean over the two seeds (JSON: 10 digits)
         assert r["method"] == "bootstrap" and r["seeds"] == 2 and r["ci_low"] <= r["diff"] <= r["ci_high"]
         assert r["contains_0"] == ("yes (not established)" if r["ci_low"] <= 0 <= r["ci_high"] else "no")
-    assert {r["ood_dataset"] for r in table["rows"]} == {"noise-uniform", "digits-rot90"}
+    assert {r["ood_dataset"] for r in records} == {"noise-uniform", "digits-rot90"}
 
 
 @slow
 def test_compare_one_seed_is_delong_and_marks_a_zero_difference(runs) -> None:
     run = runs["worst"]
     a, b = "density_params = '{\"dim\": 6}'", "density_params = '{\"dim\": 2}'"
-    (table,) = json.loads(_cli("compare", str(run), "--a", a, "--b", b, "--format", "json").stdout)
+    records = json.loads(_cli("compare", str(run), "--a", a, "--b", b, "--format", "json").stdout)
     rows = [r for r in _rows(run) if r["split"] == "test"]
     kept = read_sample_scores(run / "results", "search", {r["trial_id"] for r in rows}).to_pandas()
     dim = {r["trial_id"]: json.loads(r["density_params"])["dim"] for r in rows}
-    for r in table["rows"]:
+    for r in records:
         k = kept[kept["ood_dataset"] == r["ood_dataset"]]
         arrays = {dim[t]: [g[g["side"] == s].sort_values("index")["score"].to_numpy() for s in ("id", "ood")]
                   for t, g in k.groupby("trial_id")}

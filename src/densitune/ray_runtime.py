@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 def _session_token() -> None:
     """Keep Ray's token authentication without writing ``~/.ray/auth_token``: a local Ray that densitune starts
     gets a fresh random token in this process's environment (inherited by every Ray process it starts), unless
-    the user chose a token or a mode, or already has a token file."""
+    the user chose a token, disabled token authentication, or already has a token file."""
     import secrets
     from pathlib import Path
 
-    if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+    if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return
     if (Path.home() / ".ray" / "auth_token").exists():
         return
