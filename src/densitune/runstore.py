@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 from densitune.errors import ConfigError
 
-__all__ = ["ObjectPath", "RunPath", "RunStore", "is_remote", "location", "publish", "read_bytes", "arrow_files", "arrow_file",
+__all__ = ["ObjectPath", "RunPath", "RunStore", "is_remote", "location", "publish", "arrow_files", "arrow_file",
            "files_under"]
 
 #: Attempts per S3 request (throttling, dropped connections) before an error is raised.
@@ -209,7 +209,7 @@ class ObjectPath:
         except OSError as e:
             if not self.is_file():
                 raise FileNotFoundError(str(self)) from None
-            raise OSError(f"cannot read {self}: {_short(e)}") from None
+            raise OSError(f"cannot read {self}: {redact(e)}") from None
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -244,7 +244,7 @@ class ObjectPath:
 RunPath = Path | ObjectPath
 
 
-def _short(e: BaseException) -> str:
+def redact(e: BaseException) -> str:
     """An error's first line, without anything that looks like a credential."""
     import re
 
@@ -285,12 +285,6 @@ def publish(path: RunPath | str, content: bytes | str | Callable[[BinaryIO], obj
         data = content.encode("utf-8") if isinstance(content, str) else content
     p.write_bytes(data)
     return p
-
-
-def read_bytes(path: RunPath | str) -> bytes:
-    """The whole content of a run file (local or object)."""
-    p = location(path) if isinstance(path, str) else path
-    return p.read_bytes()
 
 
 def files_under(root: RunPath) -> list[RunPath]:
@@ -365,7 +359,7 @@ def create_object(path: ObjectPath, body: bytes, *, replacing: str | None = None
     except Exception as e:  # botocore.exceptions.ClientError
         if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
-        raise OSError(f"cannot write {path}: {_short(e)}") from None
+        raise OSError(f"cannot write {path}: {redact(e)}") from None
     return ObjectLock(path, r["ETag"])
 
 
@@ -379,7 +373,7 @@ def read_object(path: ObjectPath) -> tuple[bytes, str, float] | None:
     except Exception as e:
         if getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
-        raise OSError(f"cannot read {path}: {_short(e)}") from None
+        raise OSError(f"cannot read {path}: {redact(e)}") from None
     now = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     age = (parsedate_to_datetime(now) - r["LastModified"]).total_seconds() if now else 0.0
     return r["Body"].read(), r["ETag"], max(0.0, age)
@@ -393,7 +387,7 @@ def delete_object(lock: ObjectLock) -> bool:
     except Exception as e:
         if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return False
-        raise OSError(f"cannot delete {lock.path}: {_short(e)}") from None
+        raise OSError(f"cannot delete {lock.path}: {redact(e)}") from None
     return True
 
 
@@ -415,10 +409,6 @@ class RunStore:
         return str(self.root)
 
     @property
-    def uri(self) -> str:
-        return str(self.root)
-
-    @property
     def models(self) -> RunPath:
         return self.root / "models"
 
@@ -430,14 +420,6 @@ class RunStore:
     def tune(self) -> str:
         """Ray Tune's ``storage_path`` (a local folder or the bucket URI: Tune writes through pyarrow.fs too)."""
         return str(self.root / "tune")
-
-    @property
-    def locks(self) -> RunPath:
-        return self.root / "locks"
-
-    @property
-    def plots(self) -> RunPath:
-        return self.root / "plots"
 
     def local(self) -> Path:
         """Node-local files of this run (cache, log, Ray session): the run folder itself when it is local."""

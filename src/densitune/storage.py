@@ -69,9 +69,9 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
             marker.write_bytes(b"")
             marker.unlink(missing_ok=True)
         except OSError as e:
-            from densitune.runstore import _short
+            from densitune.runstore import redact
 
-            raise StorageError(f"{PREFIX} {loc}: {_short(e)} ({flag})") from None
+            raise StorageError(f"{PREFIX} {loc}: {redact(e)} ({flag})") from None
         return
     local = Path(os.path.abspath(os.path.expanduser(path)))
     probe = local
