@@ -43,10 +43,30 @@ def ray_session():
     """A real local Ray (2 CPUs, no dashboard), started once for the session."""
     import ray
 
-    # address="local": always a fresh instance of our own, never a Ray some other process started on the machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    _start_session_ray()
     yield ray
     ray.shutdown()
+
+
+def _start_session_ray() -> None:
+    import ray
+
+    # address="local": always a fresh instance of our own, never a Ray some other process started on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+
+
+@pytest.fixture
+def no_other_ray():
+    """No Ray of this test process runs during the test (``--address auto`` could find it): the session's Ray,
+    if started, is stopped for the test and started again after it."""
+    import ray
+
+    running = ray.is_initialized()
+    if running:
+        ray.shutdown()
+    yield
+    if running:
+        _start_session_ray()
 
 
 # ------------------------------------------------------------------------------------------ an S3 server on loopback

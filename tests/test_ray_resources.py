@@ -119,7 +119,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_running_ray_is_joined_only_with_address_auto(tmp_path, short_tmp):
+def test_a_running_ray_is_joined_only_with_address_auto(tmp_path, short_tmp, no_other_ray):
     """`ray start --head` on the machine: without --address densitune starts its own Ray; --address auto joins."""
     env = {"RAY_TMPDIR": short_tmp}
     start = subprocess.run(
