@@ -6,6 +6,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -101,3 +102,43 @@ def test_report_rows_hold_only_the_needed_columns(tmp_path):
     t = read_search_rows(root, "n_id IS NULL", by=["search_seed", "unknown"])
     assert set(t.column_names) == set(READ_COLUMNS) | {"n_id", "search_seed"}
     assert set(t.column("stage").to_pylist()) == {"search"}
+
+
+def _v4_only(tmp_path: Path, trials: int = 40) -> Path:
+    root = _results(tmp_path, trials)
+    shutil.rmtree(root / "experiment=v3")
+    return root
+
+
+@pytest.mark.parametrize("stage,cols", [(None, list(COLUMNS)), ("search", ["schema_version", "stage", "trial_id", "auroc"]),
+                                        ("train", ["schema_version", "stage", "epoch"])])
+def test_the_one_pass_read_equals_the_file_by_file_read(tmp_path, stage, cols):
+    root = _v4_only(tmp_path)
+    files = store.result_files(root)
+    one_pass = store._read_current(files, cols, stage)
+    assert one_pass is not None  # every file is current: DuckDB's multi-file scan reads them
+    each = store._read_each(files, cols, stage)
+    assert one_pass.schema.equals(each.schema) and one_pass.equals(each)  # same rows, types and order
+    assert one_pass.num_rows == {None: 40 * 6 + 3, "search": 240, "train": 3}[stage]
+
+
+@pytest.mark.parametrize("damage", ["drop-node", "extra-column", "truncated", "v3-rows"])
+def test_the_one_pass_read_refuses_any_file_that_is_not_current(tmp_path, damage):
+    root = _v4_only(tmp_path, trials=5)
+    good = sorted((root / "experiment=s").glob("*.parquet"))[2]
+    table = pq.read_table(good)
+    bad = root / "experiment=s" / "search-zz.parquet"
+    if damage == "drop-node":
+        pq.write_table(table.drop_columns(["node"]), bad)
+    elif damage == "extra-column":
+        pq.write_table(table.append_column("extra", table.column("auroc")), bad)
+    elif damage == "truncated":
+        bad.write_bytes(good.read_bytes()[:-100])
+    else:  # the current columns, but rows that say another schema version wrote them
+        pq.write_table(table.set_column(0, "schema_version", pa.array([3] * table.num_rows, pa.int32())), bad)
+    assert store._read_current(store.result_files(root), ["schema_version", "auroc"], None) is None
+    if damage == "v3-rows":  # the file-by-file read takes the current columns at their word, as before
+        assert read_results(root, columns=["auroc"]).num_rows == 5 * 6 + 3 + 6
+        return
+    with pytest.raises(ResultsError, match="search-zz.parquet"):  # the file-by-file read names it
+        read_results(root, columns=["auroc"])

@@ -320,10 +320,8 @@ def ood_group_of(id_dataset: str | None, ood_dataset: str) -> str:
     """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``other``."""
     if ood_dataset.startswith("adv-"):
         return "attack"
-    try:
-        from densitune.trainables.data import ood_group
-    except ImportError:  # pragma: no cover - the results layer can be used without the data code
-        return "other"
+    from densitune.ood_groups import ood_group  # the declaration, not the data code: no torch import
+
     return ood_group(id_dataset or "", ood_dataset) or "other"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densitune.ood_groups import OOD_GROUPS
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.sources import ArraySource, ImageSource
 from densitune.trainables.data.splits import SPLITS, rng_for, stratified_split
@@ -70,9 +71,8 @@ def _digits_info() -> DatasetInfo:
     x, _ = digits_split("train", 0)
     mean, std = float(x.mean()), float(x.std())
     ood = ("digits-blend", ("digits-rot90", "digits-hflip", "photo-patches", "noise-uniform"))
-    groups = (("digits-rot90", "near"), ("digits-hflip", "near"), ("digits-blend", "near"),
-              ("photo-patches", "far"), ("noise-uniform", "far"))
-    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded", default_ood=ood, ood_groups=groups)
+    return DatasetInfo("digits", DIGITS_SHAPE, 10, (mean,), (std,), "embedded", default_ood=ood,
+                       ood_groups=OOD_GROUPS["digits"])
 
 
 def _ood_info(name: str) -> DatasetInfo:

@@ -25,6 +25,7 @@ import torch
 from torchvision import datasets as tvd
 
 from densitune.errors import DataError
+from densitune.ood_groups import OOD_GROUPS
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.sources import ArraySource, ImageSource
 from densitune.trainables.data.splits import rng_for, stratified_split
@@ -259,14 +260,12 @@ def _info(
 DATASETS.add("cifar10", CifarSet(
     _info("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
           default_ood=(("folder:tiny-imagenet-val", "noise-blobs"), ("svhn", "cifar100", "mnist")),
-          ood_groups=(("cifar100", "near"), ("folder:tiny-imagenet-val", "near"), ("svhn", "far"), ("mnist", "far"),
-                      ("fashionmnist", "far"), ("noise-blobs", "far"))), _CIFAR10))
+          ood_groups=OOD_GROUPS["cifar10"]), _CIFAR10))
 DATASETS.add("cifar100", CifarSet(
     _info("cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), _CIFAR100))
 DATASETS.add("svhn", SvhnSet(
     _info("svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))))
 DATASETS.add("mnist", MnistSet(_info("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,),
                                      default_ood=(("folder:ood-val", "noise-blobs"), ("fashionmnist", "cifar10", "svhn")),
-                                     ood_groups=(("fashionmnist", "near"), ("cifar10", "far"), ("cifar100", "far"),
-                                                 ("svhn", "far"), ("noise-blobs", "far"))), _MNIST))
+                                     ood_groups=OOD_GROUPS["mnist"]), _MNIST))
 DATASETS.add("fashionmnist", MnistSet(_info("fashionmnist", (1, 28, 28), 10, (0.2860,), (0.3530,)), _FashionMNIST))
