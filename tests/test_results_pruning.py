@@ -142,3 +142,20 @@ def test_the_one_pass_read_refuses_any_file_that_is_not_current(tmp_path, damage
         return
     with pytest.raises(ResultsError, match="search-zz.parquet"):  # the file-by-file read names it
         read_results(root, columns=["auroc"])
+
+
+@pytest.mark.parametrize("argv", [["report"], ["best"], ["query", "SELECT count(*) AS n FROM results"]])
+def test_reading_commands_import_no_torch_and_print_nothing_on_stderr(tmp_path, argv):
+    """report / best / query read Parquet and render tables: torch (650 MB, seconds to import) and Ray stay
+    out of the process, and DuckDB's own progress bar stays off (the console has one progress display)."""
+    import subprocess
+    import sys
+
+    root = _v4_only(tmp_path, trials=3)
+    args = [argv[0], str(root), *argv[1:]]
+    code = ("import sys; from densitune.cli import main; rc = main(" + repr(args) + "); "
+            "print('IMPORTED', sorted(m for m in ('torch', 'ray', 'torchvision') if m in sys.modules)); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "IMPORTED []"
+    assert p.stderr == ""

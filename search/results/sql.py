@@ -54,12 +54,14 @@ def connect(*, allow_files: bool = False) -> Any:
     """An in-memory DuckDB connection; without ``allow_files`` it cannot touch files, extensions or the network."""
     import duckdb
 
-    return duckdb.connect(config={
+    con = duckdb.connect(config={
         "enable_external_access": bool(allow_files),
         "autoload_known_extensions": False,
         "autoinstall_known_extensions": False,
-        "lock_configuration": True,
     })
+    con.execute("SET enable_progress_bar = false")  # a reading command shows no progress display
+    con.execute("SET lock_configuration = true")  # the user's SQL cannot change any of this
+    return con
 
 
 def _nodes(tree: Any) -> Iterator[dict[str, Any]]:

@@ -438,6 +438,7 @@ def _read_current(files: list[RunPath], columns: list[str], stage: str | None) -
     con = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False,
                                  "preserve_insertion_order": False})
     try:
+        con.execute("SET enable_progress_bar = false")  # a reading command shows no progress display
         same = con.execute("SELECT count(*) FROM parquet_kv_metadata($files) WHERE key = 'ARROW:schema' AND value = $footer",
                            {**params, "footer": _schema_footer()}).fetchall()
         if same != [(len(files),)]:
