@@ -112,8 +112,9 @@ def _v4_only(tmp_path: Path, trials: int = 40) -> Path:
 
 @pytest.mark.parametrize("stage,cols", [(None, list(COLUMNS)), ("search", ["schema_version", "stage", "trial_id", "auroc"]),
                                         ("train", ["schema_version", "stage", "epoch"])])
-def test_the_one_pass_read_equals_the_file_by_file_read(tmp_path, stage, cols):
+def test_the_one_pass_read_equals_the_file_by_file_read(tmp_path, monkeypatch, stage, cols):
     root = _v4_only(tmp_path)
+    monkeypatch.setattr(store, "_SCAN_GROUP", 7)  # several scans, each with its own footer cache
     files = store.result_files(root)
     one_pass = store._read_current(files, cols, stage)
     assert one_pass is not None  # every file is current: DuckDB's multi-file scan reads them
@@ -123,8 +124,9 @@ def test_the_one_pass_read_equals_the_file_by_file_read(tmp_path, stage, cols):
 
 
 @pytest.mark.parametrize("damage", ["drop-node", "extra-column", "truncated", "v3-rows"])
-def test_the_one_pass_read_refuses_any_file_that_is_not_current(tmp_path, damage):
+def test_the_one_pass_read_refuses_any_file_that_is_not_current(tmp_path, monkeypatch, damage):
     root = _v4_only(tmp_path, trials=5)
+    monkeypatch.setattr(store, "_SCAN_GROUP", 3)  # the bad file in a later scan than the first
     good = sorted((root / "experiment=s").glob("*.parquet"))[2]
     table = pq.read_table(good)
     bad = root / "experiment=s" / "search-zz.parquet"
