@@ -66,6 +66,11 @@ JITTERS: tuple[float, ...] = (0.0, torch.finfo(torch.float64).tiny) + tuple(10.0
 # 2**23 float64 elements = 64 MiB per intermediate.
 _ELEMENT_BUDGET = 2**23
 
+# KDE blocks without autograd: query rows x training rows of one reused float64 GEMM buffer (8 MiB). Measured
+# at N = 10,000, D = 512, 1,000 queries, one thread: blocks from 128 x 2048 to 2896 x 2896 all took 0.15-0.17 s
+# (the bare GEMM 0.14 s), 64 x 4096 0.21 s; this size keeps the buffer small at no cost in speed.
+_KDE_QUERY_ROWS, _KDE_TRAIN_ROWS = 512, 2048
+
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -554,14 +559,20 @@ class GaussianKDE(Density):
 
     Distances are computed block by block (query rows x train rows, both chunked) and the blocks are combined
     with a logsumexp, so memory is O(chunk^2), never O(M x N); features are centred on the training mean first
-    to limit cancellation in ||z||^2 + ||z_i||^2 - 2 z.z_i.
+    to limit cancellation in ||z||^2 + ||z_i||^2 - 2 z.z_i. Without autograd (the usual scoring call) each block
+    is one GEMM written into a reused buffer, -||z - z_i||^2 / (2 h^2) = z.z_i / h^2 - ||z_i||^2 / (2 h^2)
+    - ||z||^2 / (2 h^2) with the last term added once per row, and an in-place exp-sum: no temporaries, and by
+    default blocks of 512 x 2048 (8 MiB, near the cache) rather than 2896 x 2896; the differentiable call (a
+    query that requires grad, for input perturbation) keeps the out-of-place path autograd can follow. Both are
+    float64 throughout and equal the exact kernel sum to ~1e-12 nats.
 
     Args:
         bandwidth: positive float, ``"scott"`` or ``"silverman"``.
         max_train: keep at most this many training rows (uniform subsample without replacement, seeded by
             ``random_state``); ``None`` keeps all. Scoring cost is O(M x N x D).
         random_state: seed of the subsample.
-        chunk_size: rows per block for both query and training rows; ``None`` uses sqrt(2**23) = 2896.
+        chunk_size: rows per block for both query and training rows; ``None`` uses 512 query x 2048 training
+            rows without autograd and sqrt(2**23) = 2896 for both with it.
 
     Fitted attributes:
         train_ (N, D) float64 training features (centred), mean_ (D,), bandwidth_ (float), n_train_ (int),
@@ -637,9 +648,11 @@ class GaussianKDE(Density):
     def score_samples(self, z: Tensor) -> Tensor:
         """(M, D) -> (M,) float64 log q(z); differentiable w.r.t. ``z``."""
         z64 = self._check_query(z) - self.mean_
+        log_norm = -math.log(self.n_train_) - 0.5 * self.n_features_in_ * (_LOG_2PI + 2.0 * math.log(self.bandwidth_))
+        if not (z64.requires_grad and torch.is_grad_enabled()):
+            return self._score_no_grad(z64, log_norm)
         rows = self.chunk_size or math.isqrt(_ELEMENT_BUDGET)
         inv_two_h2 = 1.0 / (2.0 * self.bandwidth_**2)
-        log_norm = -math.log(self.n_train_) - 0.5 * self.n_features_in_ * (_LOG_2PI + 2.0 * math.log(self.bandwidth_))
         out = []
         for qs in range(0, z64.shape[0], rows):
             q = z64[qs : qs + rows]  # (m, D)
@@ -654,6 +667,36 @@ class GaussianKDE(Density):
         if not out:
             return z64.new_empty(0)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def _score_no_grad(self, z64: Tensor, log_norm: float) -> Tensor:
+        """(M, D) centred float64 queries -> (M,) log q(z): GEMM blocks in one reused (m, n) buffer, exp in place.
+
+        Per block: S = z t^T / h^2 - ||t||^2 / (2 h^2) (one ``addmm`` into the buffer), then the block's
+        logsumexp as amax, ``sub_``, ``exp_``, ``sum``; the blocks' (M, blocks) partial sums are combined at the
+        end and -||z||^2 / (2 h^2) + log_norm is added per row. Memory: the buffer, m x n float64.
+        """
+        m_all, n_all = z64.shape[0], self.n_train_
+        q_rows = self.chunk_size or _KDE_QUERY_ROWS
+        t_rows = self.chunk_size or _KDE_TRAIN_ROWS
+        h2 = self.bandwidth_**2
+        bias = self.train_sq_ * (-0.5 / h2)  # (N,)
+        n_blocks = -(-n_all // t_rows)
+        buf = z64.new_empty(min(q_rows, m_all) * min(t_rows, n_all))
+        out = z64.new_empty(m_all)
+        for qs in range(0, m_all, q_rows):
+            q = z64[qs : qs + q_rows]  # (m, D)
+            m = q.shape[0]
+            partial = z64.new_empty(n_blocks, m)  # (blocks, m): one contiguous row per block
+            for j, ts in enumerate(range(0, n_all, t_rows)):
+                t = self.train_[ts : ts + t_rows]  # (n, D)
+                n = t.shape[0]
+                s = torch.addmm(bias[ts : ts + n], q, t.mT, alpha=1.0 / h2, out=buf[: m * n].view(m, n))  # (m, n)
+                mx = s.amax(dim=1, keepdim=True)  # (m, 1), finite: every entry is
+                torch.sum(s.sub_(mx).exp_(), dim=1, out=partial[j])
+                partial[j].log_().add_(mx.squeeze(1))
+            out[qs : qs + m] = torch.logsumexp(partial, dim=0) - q.square().sum(dim=1) * (0.5 / h2)
+        return out.add_(log_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
