@@ -84,3 +84,35 @@ def test_fast_kde_handles_empty_and_single_row_queries(hard_kde_inputs) -> None:
     assert dens.score_samples(query[:0]).shape == (0,)
     np.testing.assert_allclose(dens.score_samples(query[4:5]).numpy(), _exact(train[:11], query[4:5], 3.0),
                                rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_fast_kde_when_a_later_training_block_lies_far_above_the_first(chunk_size) -> None:
+    """The no-autograd path offsets each query row by its max over the first training block; a later block whose
+    kernel values lie > 709 nats above that (its exp-sum would overflow) must still give the exact sum."""
+    g = torch.Generator().manual_seed(11)
+    d = 512
+    far = 60.0 + torch.randn(3000, d, generator=g, dtype=torch.float64)  # the first block(s): far from the query
+    near = torch.randn(40, d, generator=g, dtype=torch.float64)
+    train = torch.cat([far, near])
+    query = near[:5] + 0.3 * torch.randn(5, d, generator=g, dtype=torch.float64)
+    dens = create_density("kde", bandwidth=1.0, chunk_size=chunk_size).fit(train)
+    ref = _exact(train, query, 1.0)
+    d2 = cdist(query.numpy(), train.numpy(), "sqeuclidean") / 2
+    assert (d2[:, :16].min(axis=1) - d2[:, 3000:].min(axis=1) > 1000).all()  # the near rows: > 1000 nats higher
+    np.testing.assert_allclose(dens.score_samples(query).numpy(), ref, rtol=0, atol=1e-6)
+
+
+def test_fast_kde_operand_follows_a_refit_and_a_loaded_state(hard_kde_inputs) -> None:
+    """The cached (N, D + 2) GEMM operand is rebuilt when the fitted state changes, and is never saved."""
+    from densitune.search.ood.densities import density_from_state
+
+    train, query = hard_kde_inputs
+    dens = create_density("kde", bandwidth=3.0)
+    a, b = train[:900], train[900:1500]
+    dens.fit(a).score_samples(query)
+    refit = dens.fit(b).score_samples(query)
+    np.testing.assert_allclose(refit.numpy(), _exact(b, query, 3.0), rtol=0, atol=1e-6)
+    state = dens.state_dict()
+    assert set(state["fitted"]) == {"mean_", "train_", "train_sq_", "bandwidth_", "n_train_", "n_features_in_"}
+    torch.testing.assert_close(density_from_state(state).score_samples(query), refit, rtol=0, atol=0)

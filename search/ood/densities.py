@@ -561,7 +561,8 @@ class GaussianKDE(Density):
     with a logsumexp, so memory is O(chunk^2), never O(M x N); features are centred on the training mean first
     to limit cancellation in ||z||^2 + ||z_i||^2 - 2 z.z_i. Without autograd (the usual scoring call) each block
     is one GEMM written into a reused buffer, -||z - z_i||^2 / (2 h^2) = z.z_i / h^2 - ||z_i||^2 / (2 h^2)
-    - ||z||^2 / (2 h^2) with the last term added once per row, and an in-place exp-sum: no temporaries, and by
+    - ||z||^2 / (2 h^2) with the bias and the max-offset folded into the GEMM's operands and the last term added
+    once per row, and an in-place exp-sum: no temporaries, and by
     default blocks of 512 x 2048 (8 MiB, near the cache) rather than 2896 x 2896; the differentiable call (a
     query that requires grad, for input perturbation) keeps the out-of-place path autograd can follow. Both are
     float64 throughout and equal the exact kernel sum to ~1e-12 nats.
@@ -668,34 +669,68 @@ class GaussianKDE(Density):
             return z64.new_empty(0)
         return torch.cat(out)
 
+    #: (train_, bandwidth_, their (N, D + 2) GEMM operand): built on the first no-autograd score, never saved
+    _gemm_cache: tuple[Tensor, float, Tensor] | None = None
+
+    def _gemm_operand(self) -> Tensor:
+        """(N, D + 2) float64 [t_i, -||t_i||^2 / (2 h^2), 1]: the training rows with the kernel's per-row bias and a
+        column of ones, so one GEMM with a query block [z / h^2, 1, -offset] gives S - offset with no further pass.
+        Kept for the fitted state it was built from (a refit or a loaded state builds it again)."""
+        cached = self._gemm_cache
+        if cached is None or cached[0] is not self.train_ or cached[1] != self.bandwidth_:
+            t = self.train_
+            op = t.new_empty(t.shape[0], t.shape[1] + 2)
+            op[:, :-2] = t
+            op[:, -2] = self.train_sq_ * (-0.5 / self.bandwidth_**2)
+            op[:, -1] = 1.0
+            self._gemm_cache = cached = (t, self.bandwidth_, op)
+        return cached[2]
+
     @torch.no_grad()
     def _score_no_grad(self, z64: Tensor, log_norm: float) -> Tensor:
         """(M, D) centred float64 queries -> (M,) log q(z): GEMM blocks in one reused (m, n) buffer, exp in place.
 
-        Per block: S = z t^T / h^2 - ||t||^2 / (2 h^2) (one ``addmm`` into the buffer), then the block's
-        logsumexp as amax, ``sub_``, ``exp_``, ``sum``; the blocks' (M, blocks) partial sums are combined at the
-        end and -||z||^2 / (2 h^2) + log_norm is added per row. Memory: the buffer, m x n float64.
+        With S_i = z.t_i / h^2 - ||t_i||^2 / (2 h^2), log q = logsumexp_i S_i - ||z||^2 / (2 h^2) + log_norm. Per
+        query block, the first training block's S gives each row's offset M (its max there: the largest term is
+        exp(0) = 1); every later block's S - M comes out of one GEMM (the offset rides in the operands' extra
+        columns) and is exponentiated and summed in place. Terms far below M underflow harmlessly (they are
+        < e^-700 of a term already counted); a row whose later block rises so far above M that its sum overflows is
+        redone for that block with its own max. Memory: the buffer, m x n float64, and the (N, D + 2) operand.
         """
-        m_all, n_all = z64.shape[0], self.n_train_
+        m_all, (n_all, d) = z64.shape[0], self.train_.shape
         q_rows = self.chunk_size or _KDE_QUERY_ROWS
         t_rows = self.chunk_size or _KDE_TRAIN_ROWS
         h2 = self.bandwidth_**2
-        bias = self.train_sq_ * (-0.5 / h2)  # (N,)
+        train = self._gemm_operand()  # (N, D + 2)
         n_blocks = -(-n_all // t_rows)
         buf = z64.new_empty(min(q_rows, m_all) * min(t_rows, n_all))
         out = z64.new_empty(m_all)
         for qs in range(0, m_all, q_rows):
             q = z64[qs : qs + q_rows]  # (m, D)
             m = q.shape[0]
-            partial = z64.new_empty(n_blocks, m)  # (blocks, m): one contiguous row per block
+            qa = q.new_empty(m, d + 2)  # [z / h^2, 1, -M]
+            torch.mul(q, 1.0 / h2, out=qa[:, :d])
+            qa[:, d] = 1.0
+            qa[:, d + 1] = 0.0
+            partial = z64.new_empty(n_blocks, m)  # (blocks, m): log sum_i exp(S_i - M) of each block
+            offset = z64.new_zeros(m)
             for j, ts in enumerate(range(0, n_all, t_rows)):
-                t = self.train_[ts : ts + t_rows]  # (n, D)
+                t = train[ts : ts + t_rows]  # (n, D + 2)
                 n = t.shape[0]
-                s = torch.addmm(bias[ts : ts + n], q, t.mT, alpha=1.0 / h2, out=buf[: m * n].view(m, n))  # (m, n)
-                mx = s.amax(dim=1, keepdim=True)  # (m, 1), finite: every entry is
-                torch.sum(s.sub_(mx).exp_(), dim=1, out=partial[j])
-                partial[j].log_().add_(mx.squeeze(1))
-            out[qs : qs + m] = torch.logsumexp(partial, dim=0) - q.square().sum(dim=1) * (0.5 / h2)
+                s = torch.mm(qa, t.mT, out=buf[: m * n].view(m, n))  # (m, n): S - M
+                if j == 0:
+                    offset = s.amax(dim=1)  # (m,)
+                    s.sub_(offset.unsqueeze(1))
+                    qa[:, d + 1] = -offset
+                torch.sum(s.exp_(), dim=1, out=partial[j])
+                partial[j].log_()
+                over = torch.isinf(partial[j]) & (partial[j] > 0)
+                if bool(over.any()):  # rare: this block lies > ~700 nats above the first one for these rows
+                    rows = over.nonzero().squeeze(1)
+                    s_over = torch.mm(qa[rows], t.mT)  # (r, n)
+                    top = s_over.amax(dim=1, keepdim=True)
+                    partial[j, rows] = (s_over - top).exp_().sum(dim=1).log_() + top.squeeze(1)
+            out[qs : qs + m] = torch.logsumexp(partial, dim=0) + offset - q.square().sum(dim=1) * (0.5 / h2)
         return out.add_(log_norm)
 
 
