@@ -8,9 +8,14 @@ On the same features, measured in one run:
    (target >= 70 %); the float32 path's speed-up there.
 3. float32 scoring on class covariances with condition numbers ~1e8: AUROC change (gate < 1e-3).
 4. KDE vs scikit-learn's KernelDensity at N = 10,000, D = 512: both against an exact scipy ``logsumexp``
-   reference (ours: gate 1e-6), speed ratio (target >= 40x), peak memory at two query counts (bounded by chunks).
+   reference (ours: gate 1e-6), speed ratio per core (target >= 40x) and against the bare distance GEMM, peak memory
+   at two query counts (bounded by the block buffer, not M x N).
 5. ip scoring (x + eps·sign(grad log q), then scoring) vs our own forward pass (target <= 3.5x) and vs pytorch-ood's
-   ``MahalanobisODIN`` on the same model (target: faster).
+   ``MahalanobisODIN`` on the same model (target: faster): counted flops, per-core CPU-time ratios, and each
+   convolution's forward vs its input-gradient kernel.
+
+Speed targets are measured as thread CPU time on one torch thread, best of interleaved rounds (``cpu_timed``): other
+processes on the machine then change neither side; wall-clock ratios on all threads are printed for information.
 
     pip install -e ".[bench]" --config-settings editable_mode=strict && python bench/peers.py
 """
@@ -26,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densitune.search.ood.densities import create_density, density_from_state
 from densitune.search.ood.metrics import auroc
@@ -182,11 +188,48 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory, MB, since the last :func:`_reset_peak` (Linux VmHWM; the lifetime
+    peak where it cannot be reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Reset the peak resident memory to the current one (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def cpu_timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Best thread CPU time (s) of each function over ``rounds`` interleaved rounds, at one torch thread.
+
+    CPU time of the calling thread does not count the time another process holds the core, so on a shared machine
+    this ratio is stable where wall-clock ratios drift with the load (all work runs on the calling thread: one
+    torch/MKL/oneDNN thread, and scikit-learn's tree KDE is single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = dict.fromkeys(fns, math.inf)
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.thread_time()
+                fn()
+                best[name] = min(best[name], time.thread_time() - t0)
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 def kde() -> None:
     from sklearn.neighbors import KernelDensity
+
+    from densitune.search.ood import densities
 
     print("4. KDE vs scikit-learn KernelDensity (N=10,000 training rows, D=512)")
     n, d = 10_000, 512
@@ -195,39 +238,73 @@ def kde() -> None:
                    class_features(50, d, 10, seed=2, shift=0.3, full=False)[0]]).double()
     dens = create_density("kde").fit(train)  # Scott's rule
     h = dens.bandwidth_
-    # peak memory above the resident size before scoring, at two query counts (this step runs first, so the
-    # process's high-water mark is not set by another step; the second figure is an upper bound)
+    # peak memory above the resident size before scoring, at two query counts (the peak is reset before each; the
+    # first call also builds the kept (N, D + 2) training operand)
     peaks = []
     for m in (500, 4000):
         qm = class_features(m // 10, d, 10, seed=3, full=False)[0].double()
+        _reset_peak()
         before = _rss_mb()
         dens.score_samples(qm)
         peaks.append(_peak_mb() - before)
-    t_ours, ours = timed(lambda: dens.score_samples(q))
+    ours = dens.score_samples(q)
     ref = _exact_kde(train.numpy(), q.numpy(), h)
     err = float(np.abs(ours.numpy() - ref).max())
     record("KDE ours vs exact scipy logsumexp: max |diff|", "<= 1e-6", f"{err:.1e} nats", err <= 1e-6, "rounding")
     m_sk = 100
     sk = KernelDensity(kernel="gaussian", bandwidth=h).fit(train.numpy())
-    t_sk, sk_out = timed(lambda: sk.score_samples(q[:m_sk].numpy()), repeat=1)
+    sk_out = sk.score_samples(q[:m_sk].numpy())
     sk_err = float(np.abs(sk_out - ref[:m_sk]).max())
-    ratio = (t_sk / m_sk) / (t_ours / len(q))
     record("KDE scikit-learn vs exact: max |diff| (information)", "-", f"{sk_err:.1e} nats", None)
-    a, b = torch.randn(2048, d, dtype=torch.float64), torch.randn(d, 2896, dtype=torch.float64)
-    t_gemm, _ = timed(lambda: a @ b, repeat=5)
-    roof = (2 * n * d) / (2 * 2048 * d * 2896 / t_gemm)  # s per query row at the float64 GEMM rate
-    record("KDE speed vs scikit-learn (per query row)", ">= 40x",
-           f"{ratio:.0f}x (ours {1e3 * t_ours / len(q):.2f} ms/row, sklearn {1e3 * t_sk / m_sk:.1f} ms/row)", ratio >= 40,
-           f"float64 distances need 2*N*D flops a row: at this machine's GEMM rate that alone is {1e3 * roof:.2f} ms/row, "
-           f"so at most {(t_sk / m_sk) / roof:.0f}x; ours runs at {100 * roof / (t_ours / len(q)):.0f} % of that bound "
-           "(the rest: exp and logsumexp over the N kernel values); float32 distances would lose the 1e-6 agreement")
-    chunk = math.isqrt(2**23)
-    bound = 3 * chunk * chunk * 8 / 2**20  # a block's distances, its exponentials and a partial result
-    record("KDE scoring peak memory growth, 500 vs 4,000 query rows", f"bounded by the chunk (~{bound:.0f} MB), not M",
-           f"{peaks[0]:.0f} MB vs {peaks[1]:.0f} MB", max(peaks) <= bound + 64, "memory grows with the query count")
+    # the GEMM our blocks run (queries x 512 features x 2048 training rows), alone, to bound ours from below
+    qb, tb = q[: densities._KDE_QUERY_ROWS], dens.train_[: densities._KDE_TRAIN_ROWS]
+    cpu = cpu_timed({"ours": lambda: dens.score_samples(q), "sklearn": lambda: sk.score_samples(q[:m_sk].numpy()),
+                     "gemm": lambda: qb @ tb.mT}, rounds=3)
+    per_ours, per_sk = cpu["ours"] / len(q), cpu["sklearn"] / m_sk
+    roof = cpu["gemm"] / len(qb) * n / len(tb)  # s per query row at the GEMM's own rate, one thread
+    record("KDE speed vs scikit-learn (per query row, one core each: thread CPU time)", ">= 40x",
+           f"{per_sk / per_ours:.0f}x (ours {1e3 * per_ours:.3f} ms/row, sklearn {1e3 * per_sk:.1f} ms/row)",
+           per_sk / per_ours >= 40,
+           f"float64 distances need 2*N*D flops a row: the GEMM alone takes {1e3 * roof:.3f} ms/row here, "
+           f"so at most {per_sk / roof:.0f}x")
+    record("KDE time / the bare distance GEMM (one thread)", "report (1.0 = GEMM-bound)",
+           f"{per_ours / roof:.2f} (GEMM {2 * n * d / roof / 1e9:.0f} GFLOP/s)", None)
+    t_wall, _ = timed(lambda: dens.score_samples(q))
+    t_sk_wall, _ = timed(lambda: sk.score_samples(q[:m_sk].numpy()), repeat=1)
+    record(f"KDE speed vs scikit-learn, wall clock, ours on {torch.get_num_threads()} threads (information)", "-",
+           f"{(t_sk_wall / m_sk) / (t_wall / len(q)):.0f}x (ours {1e3 * t_wall / len(q):.3f} ms/row, "
+           f"sklearn {1e3 * t_sk_wall / m_sk:.1f} ms/row; load-dependent)", None)
+    buf = densities._KDE_QUERY_ROWS * densities._KDE_TRAIN_ROWS * 8 / 2**20
+    operand = n * (d + 2) * 8 / 2**20  # the (N, D + 2) GEMM operand, built by the first call and kept
+    bound = buf + operand + 3 * 4000 * d * 8 / 2**20  # ... and a few float64 copies of the 4,000 x D queries
+    record("KDE scoring peak memory growth, 500 vs 4,000 query rows",
+           f"the {buf:.0f} MB block buffer + the {operand:.0f} MB training operand + float64 copies of the queries "
+           f"(<= {bound:.0f} MB at 4,000), not M x N",
+           f"{peaks[0]:.0f} MB vs {peaks[1]:.0f} MB", max(peaks) <= bound + 16, "memory grows with M x N")
 
 
 # ------------------------------------------------------------------------------------------------ 5. ip
+
+
+class FlopCount(TorchDispatchMode):
+    """Floating-point operations of every aten op with a formula in ``torch.utils.flop_counter`` (convolutions,
+    their backward, matmuls), forward and backward, by op name: a count that does not depend on the machine's load.
+    (``FlopCounterMode`` itself cannot follow ``torch.autograd.grad``, which our ip calls.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            name = str(func._overloadpacket).removeprefix("aten.")
+            self.by_op[name] = self.by_op.get(name, 0) + formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def ip_scoring() -> None:
@@ -263,14 +340,63 @@ def ip_scoring() -> None:
         for b in batches:
             det.predict(b)
 
+    # the arithmetic each does, counted (one batch)
+    flops = {}
+    for name, fn in (("forward", lambda: model.features(batches[0])), ("ours", lambda: score.evaluate(batches[0], 0.002)),
+                     ("pood", lambda: det.predict(batches[0]))):
+        with FlopCount() as fc:
+            fn()
+        flops[name] = fc.by_op
+        print(f"  GFLOP per batch, {name}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in sorted(fc.by_op.items())))
+    model.zero_grad(set_to_none=True)  # MahalanobisODIN's loss.backward() left weight gradients behind
+    total = {k: sum(v.values()) for k, v in flops.items()}
+    record("ip flops / forward flops (counted)", "report (floor: forward + input-gradient backward + forward = 3)",
+           f"ours {total['ours'] / total['forward']:.2f}, MahalanobisODIN {total['pood'] / total['forward']:.2f} "
+           "(it also computes the weights' gradients)", None)
+
+    # one core each, thread CPU time, interleaved rounds: independent of what else runs on the machine
+    cpu = cpu_timed({"forward": forward, "ip": ours_ip, "pood": pood}, rounds=4)
+    model.zero_grad(set_to_none=True)
+    # per convolution: forward vs the input-gradient (backward-data) kernel the ip backward runs, same flops
+    layers, h = [], model.normalize(batches[0])
+    with torch.no_grad():
+        for m in model.body:
+            if isinstance(m, torch.nn.Conv2d):
+                g = torch.randn_like(m(h))
+                layers.append((m, h, g))
+            h = m(h)
+
+    def bwd_data(m: torch.nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> Callable[[], Any]:
+        return lambda: torch.ops.aten.convolution_backward(g, a, m.weight, None, m.stride, m.padding, m.dilation,
+                                                           False, [0, 0], 1, [True, False, False])
+
+    conv_fns: dict[str, Callable[[], Any]] = {}
+    for k, (m, a, g) in enumerate(layers):
+        conv_fns[f"fwd{k}"] = lambda m=m, a=a: m(a)
+        conv_fns[f"bwd{k}"] = bwd_data(m, a, g)
+    with torch.no_grad():
+        conv = cpu_timed(conv_fns, rounds=5)
+    sum_f = sum(conv[f"fwd{k}"] for k in range(len(layers)))
+    sum_b = sum(conv[f"bwd{k}"] for k in range(len(layers)))
+    for k, (_, a, g) in enumerate(layers):
+        print(f"  conv {tuple(a.shape)} -> {tuple(g.shape)}: forward {1e3 * conv[f'fwd{k}']:.2f} ms, "
+              f"input-gradient backward {1e3 * conv[f'bwd{k}']:.2f} ms ({conv[f'bwd{k}'] / conv[f'fwd{k}']:.1f}x, same flops)")
+    bwd = cpu["ip"] - 2 * cpu["forward"]
+    record("ip scoring / our forward pass (one core, thread CPU time)", "<= 3.5x",
+           f"{cpu['ip'] / cpu['forward']:.2f}x ({len(x) / cpu['ip']:.0f} img/s vs {len(x) / cpu['forward']:.0f})",
+           cpu["ip"] / cpu["forward"] <= 3.5,
+           f"ip = forward + input-gradient backward + forward, 3.0x the forward's flops; the backward takes "
+           f"{bwd / cpu['forward']:.1f} forwards, because oneDNN's backward-data convolutions run "
+           f"{sum_b / sum_f:.1f}x slower than the forward ones at equal flops ({1e3 * sum_b:.1f} vs {1e3 * sum_f:.1f} ms "
+           "a batch, per layer above), plus batch-norm/ReLU backward")
+    record("ip scoring / pytorch-ood MahalanobisODIN (one core, thread CPU time)", "< 1 (faster)",
+           f"{cpu['ip'] / cpu['pood']:.2f}x ({len(x) / cpu['pood']:.0f} img/s)", cpu["ip"] < cpu["pood"],
+           "see the counted flops")
     t_fwd = t_ip = t_pood = math.inf
-    for _ in range(4):  # interleaved rounds, best of each: a busy machine's load drifts between them
+    for _ in range(2):  # the same on all threads, wall clock: moves with the machine's load
         t_fwd, t_ip, t_pood = min(t_fwd, timed(forward, 1)[0]), min(t_ip, timed(ours_ip, 1)[0]), min(t_pood, timed(pood, 1)[0])
-    record("ip scoring / our forward pass", "<= 3.5x", f"{t_ip / t_fwd:.2f}x ({len(x) / t_ip:.0f} img/s vs {len(x) / t_fwd:.0f})",
-           t_ip / t_fwd <= 3.5, "ip is forward with autograd + input-gradient backward + forward; cause of the excess "
-           "over that not yet established (see RESULTS.md)")
-    record("ip scoring / pytorch-ood MahalanobisODIN", "< 1 (faster)", f"{t_ip / t_pood:.2f}x ({len(x) / t_pood:.0f} img/s)",
-           t_ip < t_pood, "same passes (forward, backward, forward); cause not yet established (see RESULTS.md)")
+    record(f"ip / forward and ip / MahalanobisODIN, wall clock on {torch.get_num_threads()} threads (information)", "-",
+           f"{t_ip / t_fwd:.2f}x and {t_ip / t_pood:.2f}x (load-dependent)", None)
 
 
 def main() -> None:
