@@ -123,26 +123,44 @@ def test_the_one_pass_read_equals_the_file_by_file_read(tmp_path, monkeypatch, s
     assert one_pass.num_rows == {None: 40 * 6 + 3, "search": 240, "train": 3}[stage]
 
 
-@pytest.mark.parametrize("damage", ["drop-node", "extra-column", "truncated", "v3-rows"])
+@pytest.mark.parametrize("damage", ["drop-node", "string-auroc", "truncated", "v3-rows", "extra-column"])
 def test_the_one_pass_read_refuses_any_file_that_is_not_current(tmp_path, monkeypatch, damage):
     root = _v4_only(tmp_path, trials=5)
     monkeypatch.setattr(store, "_SCAN_GROUP", 3)  # the bad file in a later scan than the first
     good = sorted((root / "experiment=s").glob("*.parquet"))[2]
     table = pq.read_table(good)
     bad = root / "experiment=s" / "search-zz.parquet"
+    read = ["schema_version", "node", "auroc"]
     if damage == "drop-node":
         pq.write_table(table.drop_columns(["node"]), bad)
-    elif damage == "extra-column":
-        pq.write_table(table.append_column("extra", table.column("auroc")), bad)
+    elif damage == "string-auroc":
+        i = table.schema.get_field_index("auroc")
+        pq.write_table(table.set_column(i, "auroc", pa.array(["high"] * table.num_rows)), bad)
     elif damage == "truncated":
         bad.write_bytes(good.read_bytes()[:-100])
-    else:  # the current columns, but rows that say another schema version wrote them
+    elif damage == "v3-rows":  # the current columns, but rows that say another schema version wrote them
         pq.write_table(table.set_column(0, "schema_version", pa.array([3] * table.num_rows, pa.int32())), bad)
-    assert store._read_current(store.result_files(root), ["schema_version", "auroc"], None) is None
+    else:  # a column no reader asks for: read as the file's other columns say
+        pq.write_table(table.append_column("extra", table.column("auroc")), bad)
+        assert store._read_current(store.result_files(root), read, None).num_rows == 5 * 6 + 3 + 6
+        with pytest.raises(ResultsError, match="search-zz.parquet"):  # the full check of the file-by-file read
+            store._read_each(store.result_files(root), read, None)
+        return
+    assert store._read_current(store.result_files(root), read, None) is None
     if damage == "v3-rows":  # the file-by-file read takes the current columns at their word, as before
         assert read_results(root, columns=["auroc"]).num_rows == 5 * 6 + 3 + 6
         return
     with pytest.raises(ResultsError, match="search-zz.parquet"):  # the file-by-file read names it
+        read_results(root, columns=["node", "auroc"])
+
+
+def test_the_first_file_is_checked_whole(tmp_path):
+    """DuckDB binds the columns from the first file: a foreign first file sends the read file by file."""
+    root = _v4_only(tmp_path, trials=3)
+    first = store.result_files(root)[0]
+    pq.write_table(pq.read_table(first).append_column("extra", pa.array([1] * pq.read_metadata(first).num_rows)), first)
+    assert store._read_current(store.result_files(root), ["schema_version", "auroc"], None) is None
+    with pytest.raises(ResultsError, match=f"foreign Parquet file .*{first.name}"):
         read_results(root, columns=["auroc"])
 
 
