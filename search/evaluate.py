@@ -49,7 +49,7 @@ class _Evaluator:
         density = None
         self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
         self.train_key: tuple = ()  # names the density's training split (part of the gradient-sign keys)
-        self._scored: dict[tuple, tuple[Tensor, list[Features]]] = {}  # each split scored once per trial
+        self._scored: dict[tuple, Tensor] = {}  # each split scored once per trial
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
             train_key, train_data = self.split(self.id_name, "train", limit=None)
@@ -104,13 +104,15 @@ class _Evaluator:
     def features(self, key: tuple, data: Dataset) -> list[Features]:
         return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
 
-    def scores(self, key: tuple, data: Dataset) -> tuple[Tensor, list[Features]]:
-        """(N,) float64 scores of a data set with this trial's ε, and its clean features per model.
+    def scores(self, key: tuple, data: Dataset) -> Tensor:
+        """(N,) float64 scores of a data set with this trial's ε.
 
-        Scored once per trial: the ID test side is reused by every test OOD set and attack."""
+        Scored once per trial: the ID test side is reused by every test OOD set and attack. The clean features
+        are extracted only where they are used: for ε = 0 (scores from features) and, by the callers, on the
+        ID side (its accuracy); an OOD split scored with ε > 0 never needs them."""
         if key not in self._scored:
-            feats = self.features(key, data)
-            self._scored[key] = (self._score_split(key, data, feats), feats)
+            feats = self.features(key, data) if self.params.eps == 0 else []
+            self._scored[key] = self._score_split(key, data, feats)
         return self._scored[key]
 
     def _score_split(self, key: tuple, data: Dataset, feats: list[Features]) -> Tensor:
@@ -137,8 +139,8 @@ class _Evaluator:
 
         ``kept``, when given, receives the (N_id,) and (N_ood,) scores the figures come from.
         """
-        s_id, f_id = self.scores(*id_split)
-        s_ood, _ = self.scores(*ood_split)
+        s_id, f_id = self.scores(*id_split), self.features(*id_split)
+        s_ood = self.scores(*ood_split)
         if kept is not None:
             kept.append((s_id, s_ood))
         return {**detection_metrics(s_id, s_ood, f_id), "density_fit": self.density_fit,
@@ -201,7 +203,7 @@ def selection_metrics(
     ev = _Evaluator(ws, spec, checkpoints, params)
     id_val = ev.split(ev.id_name, "val")
     if spec.protocol == "id-only":
-        s_id, feats = ev.scores(*id_val)
+        s_id, feats = ev.scores(*id_val), ev.features(*id_val)
         return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": id_accuracy(feats),
                 "density_fit": ev.density_fit, "data_checksums": {**ev.fit_checksums, **ev.checksums(id_val[0])}}
     if spec.protocol == "adv-proxy":
@@ -266,6 +268,6 @@ def test_score_arrays(
     """Raw (N,) float64 scores of the ID test split (key ``"id"``) and of every test OOD set and
     attack (keyed by its ``ood_dataset`` name), for plots. Higher = more in-distribution."""
     ev = _Evaluator(ws, spec, checkpoints, params)
-    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))[0]}
-    out.update({name: ev.scores(*split)[0] for name, split in _test_sets(ev, spec)})
+    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))}
+    out.update({name: ev.scores(*split) for name, split in _test_sets(ev, spec)})
     return out
