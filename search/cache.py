@@ -77,15 +77,47 @@ class DiskCache:
         ``encode(obj)`` must give tensors, scalars and containers of them (what ``weights_only=True``
         loads); ``decode`` rebuilds the object. A file that does not load that way (corrupt, stale,
         or a planted pickle) is reported in one warning line and recomputed; it is never executed.
+        While another process computes the object, this call waits for it and then loads it.
         """
+        got = self._get_or_create(kind, key, make, map_location, encode, decode, wait=True)
+        if got is None:  # cannot happen: waiting for the lock always ends with the object
+            raise RuntimeError(f"cache entry {kind} {key} not obtained")
+        return got[0]
+
+    def claim(
+        self,
+        kind: str,
+        key: str,
+        make: Callable[[], T],
+        map_location: Any = "cpu",
+        encode: Callable[[T], Any] = lambda obj: obj,
+        decode: Callable[[Any], T] = lambda state: state,
+    ) -> tuple[T] | None:
+        """:meth:`get_or_create` without waiting: ``None`` when another process holds the entry (is computing
+        it), so that concurrent processes can share a list of work, each computing what nobody has claimed yet."""
+        return self._get_or_create(kind, key, make, map_location, encode, decode, wait=False)
+
+    def _get_or_create(
+        self,
+        kind: str,
+        key: str,
+        make: Callable[[], T],
+        map_location: Any,
+        encode: Callable[[T], Any],
+        decode: Callable[[Any], T],
+        wait: bool,
+    ) -> tuple[T] | None:
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
             try:
                 if path.exists():
                     try:
-                        return decode(load_tensors(path, map_location))
+                        return (decode(load_tensors(path, map_location)),)
                     except Exception as e:  # noqa: BLE001 - any unreadable or stale cache file is recomputed
                         log.warning("cache file %s rejected (%s: %s); recomputing", path, type(e).__name__,
                                     error_summary(e))
@@ -93,7 +125,7 @@ class DiskCache:
                 state = encode(obj)
                 atomic_write(path, lambda f: torch.save(state, f))
                 self._log_event(kind, key)
-                return obj
+                return (obj,)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from torch import Tensor
@@ -32,7 +32,7 @@ from densitune.trainables.data import load_split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Features", "TrialParams", "Workspace", "workspace", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
+__all__ = ["Features", "TrialParams", "Workspace", "workspace", "claim_gradient_signs", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
 
 
 class _Evaluator:
@@ -49,7 +49,7 @@ class _Evaluator:
         density = None
         self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
         self.train_key: tuple = ()  # names the density's training split (part of the gradient-sign keys)
-        self._scored: dict[tuple, tuple[Tensor, list[Features]]] = {}  # each split scored once per trial
+        self._scored: dict[tuple, Tensor] = {}  # each split scored once per trial
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
             train_key, train_data = self.split(self.id_name, "train", limit=None)
@@ -68,20 +68,32 @@ class _Evaluator:
             out[f"{key[0]}/{key[1]}"] = self.ws.checksum(key)
         return out
 
-    def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
+    def split_key(self, name: str, split: str, limit: int | None = -1) -> tuple:
+        """The data key of a split (what :meth:`split` caches it under), without loading it."""
         limit = self.spec.eval_limit if limit == -1 else limit
-        key = (name, split, self.shape, self.data_root, self.data_seed, limit)
+        return (name, split, self.shape, self.data_root, self.data_seed, limit)
+
+    def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
+        key = self.split_key(name, split, limit)
+        limit = key[-1]
         make = lambda: load_split(name, split, root=self.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
         return key, self.ws.data(key, make)
 
+    def adversarial_key(self, attack: str, split: str = "test", eps: float | None = None) -> tuple:
+        """The data key of an attacked split (what :meth:`adversarial` caches it under), without attacking."""
+        from densitune.search.ood.attacks import AttackConfig
+
+        cfg = AttackConfig(eps=self.spec.attack_eps if eps is None else eps, steps=self.spec.attack_steps)
+        return ("adv", attack, cfg, *self.split_key(self.id_name, split))
+
     def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[tuple, Dataset]:
         """An ID split attacked (L∞, budget ``eps``, default the spec's) against this trial's single model."""
-        from densitune.search.ood.attacks import AttackConfig, attack_dataset
+        from densitune.search.ood.attacks import attack_dataset
 
         (ckpt,) = self.checkpoints
         id_key, id_data = self.split(self.id_name, split)
-        cfg = AttackConfig(eps=self.spec.attack_eps if eps is None else eps, steps=self.spec.attack_steps)
-        key = ("adv", attack, cfg, *id_key)
+        key = self.adversarial_key(attack, split, eps)
+        cfg = key[2]
 
         def make() -> tuple[Tensor, Tensor]:
             model = self.ws.model(ckpt).model
@@ -92,13 +104,15 @@ class _Evaluator:
     def features(self, key: tuple, data: Dataset) -> list[Features]:
         return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
 
-    def scores(self, key: tuple, data: Dataset) -> tuple[Tensor, list[Features]]:
-        """(N,) float64 scores of a data set with this trial's ε, and its clean features per model.
+    def scores(self, key: tuple, data: Dataset) -> Tensor:
+        """(N,) float64 scores of a data set with this trial's ε.
 
-        Scored once per trial: the ID test side is reused by every test OOD set and attack."""
+        Scored once per trial: the ID test side is reused by every test OOD set and attack. The clean features
+        are extracted only where they are used: for ε = 0 (scores from features) and, by the callers, on the
+        ID side (its accuracy); an OOD split scored with ε > 0 never needs them."""
         if key not in self._scored:
-            feats = self.features(key, data)
-            self._scored[key] = (self._score_split(key, data, feats), feats)
+            feats = self.features(key, data) if self.params.eps == 0 else []
+            self._scored[key] = self._score_split(key, data, feats)
         return self._scored[key]
 
     def _score_split(self, key: tuple, data: Dataset, feats: list[Features]) -> Tensor:
@@ -125,12 +139,56 @@ class _Evaluator:
 
         ``kept``, when given, receives the (N_id,) and (N_ood,) scores the figures come from.
         """
-        s_id, f_id = self.scores(*id_split)
-        s_ood, _ = self.scores(*ood_split)
+        s_id, f_id = self.scores(*id_split), self.features(*id_split)
+        s_ood = self.scores(*ood_split)
         if kept is not None:
             kept.append((s_id, s_ood))
         return {**detection_metrics(s_id, s_ood, f_id), "density_fit": self.density_fit,
                 "data_checksums": {**self.fit_checksums, **self.checksums(id_split[0], ood_split[0])}}
+
+
+def _trial_splits(ev: _Evaluator, spec: SearchSpec) -> list[tuple[tuple, Callable[[], Dataset]]]:
+    """(data key, loader) of every split a trial scores, in the order it scores them: ID val and the selection
+    side (:func:`selection_metrics`), then ID test, the test OOD sets and the attacks (:func:`test_metrics`)."""
+    def plain(name: str, split: str) -> tuple[tuple, Callable[[], Dataset]]:
+        return ev.split_key(name, split), lambda: ev.split(name, split)[1]
+
+    def attacked(attack: str, split: str, eps: float | None = None) -> tuple[tuple, Callable[[], Dataset]]:
+        return ev.adversarial_key(attack, split, eps), lambda: ev.adversarial(attack, split, eps)[1]
+
+    out = [plain(ev.id_name, "val")]
+    if spec.protocol == "val-ood":
+        out += [plain(cast(str, ood), "val") for ood in selection_sets(spec)]
+    elif spec.protocol == "adv-proxy" and not ev.score.ensemble:
+        out.append(attacked(spec.proxy_attack, "val", spec.proxy_eps))
+    out.append(plain(ev.id_name, "test"))
+    out += [plain(ood, "test") for ood in spec.test_ood]
+    if not ev.score.ensemble:
+        out += [attacked(attack, "test") for attack in spec.attacks]
+    return out
+
+
+def claim_gradient_signs(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> int:
+    """Share the gradient-sign work of concurrent trials: compute the (N, C, H, W) signs of every split this trial
+    will score that no other process is computing right now, skipping the ones another process holds.
+
+    Trials that start together (the first wave of a search, one per CPU) would otherwise queue on the first
+    split's lock, one computing while the others wait idle; this way they split the splits between them, and
+    the scoring that follows waits only for what another process is still finishing. Only with the ip cache on,
+    ε > 0 and a disk cache shared between processes; the numbers are those of the reference path either way.
+    Returns the number of splits whose signs this call computed.
+    """
+    if not (params.eps > 0 and ws.ip_cache and ws.disk is not None):
+        return 0
+    ev = _Evaluator(ws, spec, checkpoints, params)
+    before = ws.counts["ipsign"]
+    for key, load in _trial_splits(ev, spec):
+        ws.claim_gradient_signs(*ev._sign_keys(key), _sign_maker(ev, load))
+    return ws.counts["ipsign"] - before
+
+
+def _sign_maker(ev: _Evaluator, load: Callable[[], Dataset]) -> Callable[[], Tensor]:
+    return lambda: gradient_signs(ev.score, load(), ev.spec.batch_size, ev.ws.device)
 
 
 def selection_metrics(
@@ -145,7 +203,7 @@ def selection_metrics(
     ev = _Evaluator(ws, spec, checkpoints, params)
     id_val = ev.split(ev.id_name, "val")
     if spec.protocol == "id-only":
-        s_id, feats = ev.scores(*id_val)
+        s_id, feats = ev.scores(*id_val), ev.features(*id_val)
         return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": id_accuracy(feats),
                 "density_fit": ev.density_fit, "data_checksums": {**ev.fit_checksums, **ev.checksums(id_val[0])}}
     if spec.protocol == "adv-proxy":
@@ -210,6 +268,6 @@ def test_score_arrays(
     """Raw (N,) float64 scores of the ID test split (key ``"id"``) and of every test OOD set and
     attack (keyed by its ``ood_dataset`` name), for plots. Higher = more in-distribution."""
     ev = _Evaluator(ws, spec, checkpoints, params)
-    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))[0]}
-    out.update({name: ev.scores(*split)[0] for name, split in _test_sets(ev, spec)})
+    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))}
+    out.update({name: ev.scores(*split) for name, split in _test_sets(ev, spec)})
     return out

@@ -16,7 +16,14 @@ from typing import Any
 
 from torch import Tensor
 
-from densitune.search.evaluate import Workspace, aggregate_objective, selection_metrics, selection_sets, test_metrics
+from densitune.search.evaluate import (
+    Workspace,
+    aggregate_objective,
+    claim_gradient_signs,
+    selection_metrics,
+    selection_sets,
+    test_metrics,
+)
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
 from densitune.search.results.rows import provenance, result_row
@@ -64,6 +71,8 @@ def run_trial(
         members = [(None, list(group.checkpoints))]
     else:
         members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
+    for _, ckpts in members:  # concurrent first trials share the gradient signs' work (ip cache, ε > 0)
+        claim_gradient_signs(ws, spec, ckpts, params)
     val_sets = selection_sets(spec)
     per_set_val: list[list[float]] = [[] for _ in val_sets]  # sets x members
     rows: list[dict[str, Any]] = []

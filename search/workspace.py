@@ -143,7 +143,19 @@ class Workspace:
         return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
 
     def gradient_signs(self, key: tuple, disk_key: str, make: Callable[[], Tensor]) -> Tensor:
-        """(N, C, H, W) int8 gradient signs cached under ``key`` (in memory, LRU) and ``disk_key`` (on disk)."""
+        """(N, C, H, W) int8 gradient signs cached under ``key`` (in memory, LRU) and ``disk_key`` (on disk);
+        while another process computes them, waits for its result."""
+        signs = self._gradient_signs(key, disk_key, make, wait=True)
+        if signs is None:  # cannot happen: waiting always ends with the signs
+            raise RuntimeError(f"gradient signs {disk_key} not obtained")
+        return signs
+
+    def claim_gradient_signs(self, key: tuple, disk_key: str, make: Callable[[], Tensor]) -> bool:
+        """:meth:`gradient_signs` unless another process is computing them right now (then nothing, and
+        ``False``): concurrent trials each compute the splits nobody has claimed yet instead of waiting."""
+        return self._gradient_signs(key, disk_key, make, wait=False) is not None
+
+    def _gradient_signs(self, key: tuple, disk_key: str, make: Callable[[], Tensor], wait: bool) -> Tensor | None:
         if key in self._signs:
             self._signs.move_to_end(key)
             return self._signs[key]
@@ -153,8 +165,14 @@ class Workspace:
             return make()
 
         if self.disk is not None:
-            signs = self.disk.get_or_create("ipsign", disk_key, compute, encode=lambda t: {"sign": t},
-                                            decode=_decode_signs)
+            codec: dict[str, Any] = dict(encode=lambda t: {"sign": t}, decode=_decode_signs)
+            if wait:
+                signs = self.disk.get_or_create("ipsign", disk_key, compute, **codec)
+            else:
+                got = self.disk.claim("ipsign", disk_key, compute, **codec)
+                if got is None:
+                    return None
+                signs = got[0]
         else:
             signs = compute()
         self._signs[key] = signs

@@ -140,7 +140,10 @@ def load_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as (C, H, W) float32 in [0, 1] at ``shape`` (mode conversion, then resize)."""
     try:
         with Image.open(path) as img:
-            if img.mode.startswith("I"):  # 16/32-bit grey (e.g. 16-bit PNG): 0..65535, not 0..255
+            eight_bit = img.mode in ("RGB", "L")  # the usual case: no conversion copy, already in [0, 1] after / 255
+            if eight_bit:
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+            elif img.mode.startswith("I"):  # 16/32-bit grey (e.g. 16-bit PNG): 0..65535, not 0..255
                 arr = np.asarray(img, dtype=np.float32) / 65535.0
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float32)
@@ -149,7 +152,7 @@ def load_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
                 arr = np.asarray(converted, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
-    x = torch.from_numpy(np.clip(arr, 0.0, 1.0))
+    x = torch.from_numpy(arr if eight_bit else np.clip(arr, 0.0, 1.0))
     x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
     return convert_images(x.unsqueeze(0), shape)[0]
 

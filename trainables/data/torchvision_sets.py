@@ -14,21 +14,24 @@ just SVHN's test_32x32.mat, for OOD evaluation) be loaded.
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from torchvision import datasets as tvd
 
 from densitune.errors import DataError
 from densitune.ood_groups import OOD_GROUPS
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.sources import ArraySource, ImageSource
 from densitune.trainables.data.splits import rng_for, stratified_split
+
+if TYPE_CHECKING:
+    from torchvision import datasets as tvd
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class _CifarFromDisk:
     def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
         # torchvision's own __init__ unpickles the batches with plain pickle.load; this one
         # reads the same files through _load_batch, which builds nothing but numpy arrays.
+        from torchvision import datasets as tvd
+
         tvd.VisionDataset.__init__(self, str(root))
         self.train = train
         if download:
@@ -104,25 +109,6 @@ def _load_batch(path: str) -> dict[str, Any]:
     return out
 
 
-class _CIFAR10(_CifarFromDisk, tvd.CIFAR10):
-    pass
-
-
-class _CIFAR100(_CifarFromDisk, tvd.CIFAR100):
-    pass
-
-
-class _SVHN(tvd.SVHN):
-    """torchvision's SVHN with a presence check instead of md5 (see module doc)."""
-
-    def _check_integrity(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, self.filename))
-
-    def download(self) -> None:
-        if not self._check_integrity():
-            super().download()
-
-
 class _MnistSplitFiles:
     """Mixin for torchvision's MNIST family: need only the two raw files of the split in use.
 
@@ -145,12 +131,36 @@ class _MnistSplitFiles:
         return all(os.path.isfile(p) for p in mnist_files(Path(self.root), self._folder, self.train))
 
 
-class _MNIST(_MnistSplitFiles, tvd.MNIST):
-    _folder = "MNIST"
+@functools.cache
+def _torchvision_classes() -> dict[str, Any]:
+    """torchvision's data set classes with this module's checks, by name: made on first use, because importing
+    torchvision costs seconds (it imports its detection ops and torch._dynamo) that a process which reads only
+    image folders or the embedded sets should not pay."""
+    from torchvision import datasets as tvd
 
+    class _CIFAR10(_CifarFromDisk, tvd.CIFAR10):
+        pass
 
-class _FashionMNIST(_MnistSplitFiles, tvd.FashionMNIST):
-    _folder = "FashionMNIST"
+    class _CIFAR100(_CifarFromDisk, tvd.CIFAR100):
+        pass
+
+    class _SVHN(tvd.SVHN):
+        """torchvision's SVHN with a presence check instead of md5 (see module doc)."""
+
+        def _check_integrity(self) -> bool:
+            return os.path.isfile(os.path.join(self.root, self.filename))
+
+        def download(self) -> None:
+            if not self._check_integrity():
+                super().download()
+
+    class _MNIST(_MnistSplitFiles, tvd.MNIST):
+        _folder = "MNIST"
+
+    class _FashionMNIST(_MnistSplitFiles, tvd.FashionMNIST):
+        _folder = "FashionMNIST"
+
+    return {"cifar10": _CIFAR10, "cifar100": _CIFAR100, "svhn": _SVHN, "mnist": _MNIST, "fashionmnist": _FashionMNIST}
 
 
 def mnist_files(root: Path, folder: str, train: bool) -> list[Path]:
@@ -211,9 +221,9 @@ class TorchvisionSet(DatasetFactory):
 
 
 class CifarSet(TorchvisionSet):
-    def __init__(self, info: DatasetInfo, cls: type[tvd.CIFAR10]) -> None:
-        super().__init__(info)
-        self.cls = cls
+    @property
+    def cls(self) -> type[tvd.CIFAR10]:
+        return cast("type[tvd.CIFAR10]", _torchvision_classes()[self.name])
 
     def required(self, root: Path, train: bool) -> list[Path]:
         folder = root / self.cls.base_folder
@@ -228,25 +238,26 @@ class CifarSet(TorchvisionSet):
 
 class SvhnSet(TorchvisionSet):
     def required(self, root: Path, train: bool) -> list[Path]:
-        return [root / tvd.SVHN.split_list["train" if train else "test"][1]]  # torchvision reads root/<file>
+        cls = _torchvision_classes()["svhn"]
+        return [root / cls.split_list["train" if train else "test"][1]]  # torchvision reads root/<file>
 
     def read(self, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = _SVHN(str(root), split="train" if train else "test", download=download)
+        ds = _torchvision_classes()["svhn"](str(root), split="train" if train else "test", download=download)
         # torchvision already maps the label 10 of digit 0 to 0, and the data to (N, C, H, W).
         images = torch.from_numpy(np.ascontiguousarray(ds.data, dtype=np.uint8))
         return images, torch.as_tensor(ds.labels, dtype=torch.int64).reshape(-1)
 
 
 class MnistSet(TorchvisionSet):
-    def __init__(self, info: DatasetInfo, cls: type[_MNIST] | type[_FashionMNIST]) -> None:
+    def __init__(self, info: DatasetInfo, folder: str) -> None:
         super().__init__(info)
-        self.cls = cls
+        self.folder = folder  # torchvision's folder name: its class's name
 
     def required(self, root: Path, train: bool) -> list[Path]:
-        return [root / self.cls._folder / "raw", *mnist_files(root, self.cls._folder, train)]
+        return [root / self.folder / "raw", *mnist_files(root, self.folder, train)]
 
     def read(self, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = self.cls(str(root), train=train, download=download)
+        ds = _torchvision_classes()[self.name](str(root), train=train, download=download)
         return ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64)
 
 
@@ -260,12 +271,12 @@ def _info(
 DATASETS.add("cifar10", CifarSet(
     _info("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
           default_ood=(("folder:tiny-imagenet-val", "noise-blobs"), ("svhn", "cifar100", "mnist")),
-          ood_groups=OOD_GROUPS["cifar10"]), _CIFAR10))
+          ood_groups=OOD_GROUPS["cifar10"])))
 DATASETS.add("cifar100", CifarSet(
-    _info("cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), _CIFAR100))
+    _info("cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))))
 DATASETS.add("svhn", SvhnSet(
     _info("svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))))
 DATASETS.add("mnist", MnistSet(_info("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,),
                                      default_ood=(("folder:ood-val", "noise-blobs"), ("fashionmnist", "cifar10", "svhn")),
-                                     ood_groups=OOD_GROUPS["mnist"]), _MNIST))
-DATASETS.add("fashionmnist", MnistSet(_info("fashionmnist", (1, 28, 28), 10, (0.2860,), (0.3530,)), _FashionMNIST))
+                                     ood_groups=OOD_GROUPS["mnist"]), "MNIST"))
+DATASETS.add("fashionmnist", MnistSet(_info("fashionmnist", (1, 28, 28), 10, (0.2860,), (0.3530,)), "FashionMNIST"))

@@ -32,16 +32,18 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tvm
 
 from densitune.errors import ConfigError
 from densitune.registry import Registry
 from densitune.trainables.nets.spectral import SpectralConfig, apply_spectral_norm, effective_weight, spectral_layers
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 __all__ = [
     "BACKBONES",
@@ -261,12 +263,16 @@ def _small_input_resnet(resnet: tvm.ResNet, in_channels: int) -> tuple[nn.Module
 @BACKBONES.register("resnet18")
 def make_resnet18(in_channels: int, image_size: int, spectral: SpectralConfig | None) -> tuple[nn.Module, int]:
     """torchvision ResNet-18 (He et al., 2016) with the small-input stem; body_dim 512."""
+    from torchvision import models as tvm  # here, not at the top: importing torchvision costs seconds
+
     return _finish(*_small_input_resnet(tvm.resnet18(weights=None), in_channels), spectral)
 
 
 @BACKBONES.register("resnet50")
 def make_resnet50(in_channels: int, image_size: int, spectral: SpectralConfig | None) -> tuple[nn.Module, int]:
     """torchvision ResNet-50 with the small-input stem; body_dim 2048."""
+    from torchvision import models as tvm
+
     return _finish(*_small_input_resnet(tvm.resnet50(weights=None), in_channels), spectral)
 
 
@@ -442,6 +448,8 @@ def make_vit(in_channels: int, image_size: int, spectral: SpectralConfig | None)
     ``conv_proj`` is rebuilt for ``in_channels`` with torchvision's init; ``heads`` is removed. The body accepts only
     ``image_size`` x ``image_size`` inputs (fixed position embeddings).
     """
+    from torchvision import models as tvm
+
     hidden = 256
     patch = vit_patch_size(image_size)
     vit = tvm.VisionTransformer(
