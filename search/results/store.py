@@ -441,20 +441,25 @@ def _read_current(files: list[RunPath], columns: list[str], stage: str | None) -
     if stage is not None:
         sql += " WHERE stage = $stage"
     sql += " ORDER BY file_index, file_row_number"
-    parts = []
-    for start in range(0, len(files), _SCAN_GROUP):
-        group = [str(f) for f in files[start:start + _SCAN_GROUP]]
-        # Unordered scan threads and one sort: keeping insertion order across threads costs twice the memory.
+    def scan(group: list[str]) -> pa.Table | None:
+        # One thread per connection, a connection per group of files, groups in parallel: on small files
+        # DuckDB's own threads wait on each other; unordered scans and one sort keep memory low.
         con = duckdb.connect(config={"autoload_known_extensions": False, "autoinstall_known_extensions": False,
-                                     "preserve_insertion_order": False})
+                                     "preserve_insertion_order": False, "threads": 1})
         try:
             con.execute("SET enable_progress_bar = false")  # a reading command shows no progress display
-            parts.append(_arrow(con.sql(sql, params={"files": group, **({"stage": stage} if stage is not None else {})})))
+            return _arrow(con.sql(sql, params={"files": group, **({"stage": stage} if stage is not None else {})}))
         except duckdb.Error:  # a corrupt file, a column missing or of another type: the file-by-file read names it
             return None
         finally:
             con.close()
-    table = pa.concat_tables(parts).combine_chunks()
+
+    groups = [[str(f) for f in files[i:i + _SCAN_GROUP]] for i in range(0, len(files), _SCAN_GROUP)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(scan, groups))
+    if any(t is None for t in parts):
+        return None
+    table = pa.concat_tables([t for t in parts if t is not None]).combine_chunks()
     versions = pa.compute.unique(table.column("schema_version")).to_pylist() if table.num_rows else []
     if versions and versions != [SCHEMA_VERSION]:
         return None
