@@ -179,3 +179,17 @@ def test_reading_commands_import_no_torch_and_print_nothing_on_stderr(tmp_path, 
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "IMPORTED []"
     assert p.stderr == ""
+
+
+def test_query_markdown_without_pandas_equals_the_report_renderer():
+    """``query``'s markdown (pyarrow only) is what the pandas renderer of the report prints for the same table."""
+    from densitune.search.results.markdown import arrow_markdown
+    from densitune.search.results.report import Table, _markdown
+
+    t = pa.table({"density": ["kde", None, "gmm_sum"], "D": pa.array([8, 32, 8], pa.int32()), "eps": [0.0, 0.0125, None],
+                  "auroc": [0.91234567, None, 0.5], "auroc_std": [0.01, 0.002, None], "n": pa.array([3, 4, 5], pa.int64()),
+                  "spectral": [True, False, True]})
+    assert arrow_markdown("SELECT x", t) == _markdown(Table("SELECT x", t.to_pandas()))
+    assert arrow_markdown("SELECT x", t).splitlines()[4] == "| kde | 8 | 0 | 0.9123 ± 0.0100 | 3 | True |"
+    empty = t.slice(0, 0)
+    assert arrow_markdown("e", empty) == _markdown(Table("e", empty.to_pandas()))

@@ -511,10 +511,10 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(t: Table) -> str:
+    from densitune.search.results.markdown import markdown
+
     d = _display(t.frame)
-    lines = [f"### {t.title}", "", "| " + " | ".join(d.columns) + " |", "|" + "---|" * len(d.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in d.astype(str).itertuples(index=False)]
-    return "\n".join(lines)
+    return markdown(t.title, list(d.columns), d.astype(str).itertuples(index=False))
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
