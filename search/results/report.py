@@ -494,19 +494,19 @@ def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
 
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
-    """Merge ``x`` / ``x_std`` columns into "mean ± std" strings; format floats."""
+    """Merge ``x`` / ``x_std`` columns into "mean ± std" strings; format floats (:mod:`.markdown`'s cell rules)."""
+    from densitune.search.results.markdown import cell, mean_std
+
     out = {}
     for c in frame.columns:
         if c.endswith("_std"):
             continue
         col = frame[c]
         if f"{c}_std" in frame.columns:
-            std = frame[f"{c}_std"]
-            out[c] = [("-" if pd.isna(m) else f"{m:.4f}" + ("" if pd.isna(s) else f" ± {s:.4f}")) for m, s in zip(col, std)]
-        elif pd.api.types.is_float_dtype(col):
-            out[c] = [("-" if pd.isna(v) else f"{v:.4g}" if c == "eps" else f"{v:.4f}") for v in col]
+            out[c] = [mean_std(m, s) for m, s in zip(col, frame[f"{c}_std"])]
         else:
-            out[c] = ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in col]
+            floating = pd.api.types.is_float_dtype(col)
+            out[c] = [cell(v, c, floating) for v in col]
     return pd.DataFrame(out, columns=list(out))
 
 
