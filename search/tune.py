@@ -24,6 +24,7 @@ from densitune.runstore import tune_storage
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
 from densitune.search.optuna_study import _Replay
+from densitune.search.results.store import COMPACT_EVERY
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
 
@@ -43,6 +44,7 @@ class SearchRun:
     max_concurrent: int | None = None
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
     log_file: str | None = None  # per-trial lines of every worker (densitune.console.log_to_file)
+    compact_every: int = COMPACT_EVERY  # the driver merges finished trials' files in groups of this many (0: off)
 
 
 def search_trainable(
@@ -65,8 +67,7 @@ def search_trainable(
     kept: dict | None = {} if spec.keep_scores == "all" else None  # per-sample test scores (densitune compare)
     objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config),
                                 sample_scores=kept)
-    # A grid point's file is named by the point, so a point run again after a crash replaces it.
-    name = point_file_name(params) if "point" in config else trial_id
+    name = trial_file_name(config, points, trial_id)
     with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
         if kept is not None:  # before the rows: a trial with rows always has its scores
             from densitune.search.results.sample_scores import write_sample_scores
@@ -83,6 +84,36 @@ def search_trainable(
 
 def point_file_name(params: TrialParams) -> str:
     return "p-" + hashlib.sha1(params.label.encode()).hexdigest()[:16]
+
+
+def trial_file_name(config: dict[str, Any], points: dict[str, TrialParams], trial_id: str) -> str:
+    """The name a trial's rows are written under: a grid point's is the point's, so a point run again after a
+    crash replaces its file; a TPE trial's is its Tune trial id."""
+    return point_file_name(points[config["point"]]) if "point" in config else trial_id
+
+
+def compaction_callback(run: SearchRun, experiment: str, points: dict[str, TrialParams]):
+    """A Tune callback handing each finished trial's file to a :class:`RollingCompaction` of the experiment (the
+    driver holds the writer lock); a failed merge is a warning, after which the trial files stay as they are."""
+    from ray.tune import Callback
+
+    from densitune.failures import FATAL_KEY
+    from densitune.search.results.store import RollingCompaction
+
+    rolling = RollingCompaction(run.results_dir, experiment, run.compact_every)
+
+    class _Compact(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if rolling.every <= 0 or (trial.last_result or {}).get(FATAL_KEY):
+                return
+            try:
+                rolling.finished(trial_file_name(trial.config, points, trial.trial_id))
+            except Exception as e:  # noqa: BLE001 - merging is housekeeping: it must never stop a search
+                log.warning("search %s: merging finished trials' files failed, they stay one file per trial: %s",
+                            experiment, error_summary(e))
+                rolling.every = 0
+
+    return _Compact()
 
 
 def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
@@ -182,7 +213,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             storage_path=tune_storage(run.storage_path),
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
-                       mirror_callback(mirror)],
+                       mirror_callback(mirror), compaction_callback(run, spec.experiment, points)],
             stop=stopper,
             verbose=verbose,
         ),

@@ -9,7 +9,8 @@ grid point's hash (``search-p-<sha1>``) or the TPE trial id; the experiment's se
 is stored beside its rows as ``_spec.json``.
 
 Every training epoch and every search trial writes its own small file, so a crash
-can lose at most the file being written, and never leaves a partial one: files are
+can lose at most the file being written (a running search merges its finished trials'
+files as it goes, :class:`RollingCompaction`), and never leaves a partial one: files are
 written under a hidden temporary name (``.tmp-*``, ignored by readers) and renamed
 into place. The schema below is the only declaration of the columns; every write is
 checked against it.
@@ -166,8 +167,12 @@ def write_rows(results_dir: str | RunPath, rows: Iterable[Mapping[str, Any]], *,
         name = f"{trial}-{uuid.uuid4().hex[:12]}"
     part = experiment_dir(results_dir, exp)
     part.mkdir(parents=True, exist_ok=True)
-    final = part / f"{stage}-{_safe(name)}.parquet"
-    return publish(final, lambda f: pq.write_table(table, f))
+    return publish(part / file_name(stage, name), lambda f: pq.write_table(table, f))
+
+
+def file_name(stage: str, name: str) -> str:
+    """The file :func:`write_rows` writes the rows of ``stage`` under ``name`` to, in their experiment's folder."""
+    return f"{stage}-{_safe(name)}.parquet"
 
 
 SPEC_FILE = "_spec.json"
@@ -280,22 +285,31 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def compact_experiment(results_dir: str | RunPath, experiment: str) -> tuple[int, int]:
+def compact_experiment(results_dir: str | RunPath, experiment: str, *, names: Iterable[str] | None = None) -> tuple[int, int]:
     """Merge one experiment's per-trial/per-epoch files into one file; returns (files merged, rows).
 
     Crash-safe at every step, for every reader: (1) the manifest ``_compact-<id>.json`` names
     the merged file and the files it replaces; while the merged file does not exist readers
     ignore the manifest; (2) the merged file is published atomically (temp + fsync + rename),
     from then on readers skip the replaced files; (3) the replaced files are deleted; (4) the
-    manifest is removed. A reader therefore never sees a row twice or misses one. The caller
-    must hold the experiment's writer lock (no trial may be writing).
+    manifest is removed. A reader therefore never sees a row twice or misses one.
+
+    Without ``names`` every file of the experiment is merged, and the caller must hold the experiment's
+    writer lock with no trial writing (``densitune compact``). ``names`` (file names in the experiment's
+    folder) merges only those, e.g. the files of the trials a running search has seen finish
+    (:class:`RollingCompaction`): files being written, and temporary files, are left alone; a name with no
+    file is skipped. Only one compaction of an experiment may run at a time (its writer lock's holder).
     """
     import json
 
     folder = experiment_dir(results_dir, experiment)
     _finish_interrupted(folder)
-    remove_stale_temp_files(results_dir, experiment)
-    files = result_files(results_dir, experiment)
+    if names is None:
+        remove_stale_temp_files(results_dir, experiment)
+        files = result_files(results_dir, experiment)
+    else:
+        wanted = set(names)
+        files = [f for f in result_files(results_dir, experiment) if f.name in wanted]
     if len(files) < 2:
         return 0, 0
     table = _read_current(files, list(COLUMNS), None)
@@ -324,6 +338,37 @@ def compact_experiment(results_dir: str | RunPath, experiment: str) -> tuple[int
         fsync_dir(folder)
     manifest.unlink()
     return len(files), table.num_rows
+
+
+#: A running search merges its finished trials' files each time this many have finished (:class:`RollingCompaction`).
+COMPACT_EVERY = 256
+
+
+class RollingCompaction:
+    """Compaction as a search runs: every ``every`` finished trials, their files are merged into one.
+
+    Each trial still publishes its own file (a crash loses at most the trial being written), and the
+    search's driver, the one writer of the experiment, merges them in groups (:func:`compact_experiment`
+    with ``names``), so a search of N trials leaves about N / ``every`` merged files plus fewer than
+    ``every`` trial files, and readers open hundreds of files, not tens of thousands. The files of running
+    trials are never touched. ``every`` <= 0: off (every trial keeps its own file).
+    """
+
+    def __init__(self, results_dir: str | RunPath, experiment: str, every: int = COMPACT_EVERY) -> None:
+        self.results_dir, self.experiment, self.every = results_dir, experiment, every
+        self.pending: list[str] = []  # file names of finished trials not merged yet
+        self.merged = 0  # trial files merged so far
+
+    def finished(self, name: str, stage: str = "search") -> None:
+        """The trial that wrote ``write_rows(..., name=name)`` has finished: its file no longer changes.
+        Merges the pending files when there are ``every`` of them (raises what :func:`compact_experiment`
+        raises; the files stand then, and readers see every row once)."""
+        if self.every <= 0:
+            return
+        self.pending.append(file_name(stage, name))
+        if len(self.pending) >= self.every:
+            names, self.pending = self.pending, []
+            self.merged += compact_experiment(self.results_dir, self.experiment, names=names)[0]
 
 
 def _finish_interrupted(folder: RunPath) -> None:
