@@ -24,7 +24,7 @@ from densitune.runstore import tune_storage
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
 from densitune.search.optuna_study import _Replay
-from densitune.search.results.store import COMPACT_EVERY
+from densitune.search.results.store import COMPACT_EVERY, RollingCompaction
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
 
@@ -92,30 +92,6 @@ def trial_file_name(config: dict[str, Any], points: dict[str, TrialParams], tria
     return point_file_name(points[config["point"]]) if "point" in config else trial_id
 
 
-def compaction_callback(run: SearchRun, experiment: str, points: dict[str, TrialParams]):
-    """A Tune callback handing each finished trial's file to a :class:`RollingCompaction` of the experiment (the
-    driver holds the writer lock); a failed merge is a warning, after which the trial files stay as they are."""
-    from ray.tune import Callback
-
-    from densitune.failures import FATAL_KEY
-    from densitune.search.results.store import RollingCompaction
-
-    rolling = RollingCompaction(run.results_dir, experiment, run.compact_every)
-
-    class _Compact(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if rolling.every <= 0 or (trial.last_result or {}).get(FATAL_KEY):
-                return
-            try:
-                rolling.finished(trial_file_name(trial.config, points, trial.trial_id))
-            except Exception as e:  # noqa: BLE001 - merging is housekeeping: it must never stop a search
-                log.warning("search %s: merging finished trials' files failed, they stay one file per trial: %s",
-                            experiment, error_summary(e))
-                rolling.every = 0
-
-    return _Compact()
-
-
 def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
     if spec.sampler == "grid":
         return len(grid_points(spec, groups))
@@ -170,7 +146,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from densitune.ray_runtime import progress_callback, trial_resources, trial_slots
+    from densitune.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
     from densitune.search.optuna_study import StudyMirror, journal_path, mirror_callback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -213,7 +189,9 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             storage_path=tune_storage(run.storage_path),
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
-                       mirror_callback(mirror), compaction_callback(run, spec.experiment, points)],
+                       mirror_callback(mirror),
+                       compaction_callback(RollingCompaction(run.results_dir, spec.experiment, run.compact_every),
+                                           lambda trial: [trial_file_name(trial.config, points, trial.trial_id)])],
             stop=stopper,
             verbose=verbose,
         ),

@@ -32,3 +32,20 @@ def test_train_grid_with_ray(ray_session, tmp_path):
                                     if r["epoch"] == 2 else None)
     # already-trained configs are skipped; only the new ones run
     assert run_training(configs[:2], run, verbose=0) == []
+
+
+def test_training_merges_finished_networks_epoch_files(ray_session, tmp_path):
+    """Merged every 4 epoch files: the first two finished networks' 4 files become one, the third's 2 stay."""
+    from densitune.search.results.store import result_files
+
+    base = TrainConfig(backbone="cnn", feature_dim=4, epochs=2, experiment="m")
+    configs = expand_grid(base, {"feature_dim": [4, 6, 8]})
+    run = TrainRun(experiment="m", models_dir=str(tmp_path / "models"), results_dir=str(tmp_path / "results"),
+                   storage_path=str(tmp_path / "tune"), compact_every=4)
+    assert len(run_training(configs, run, verbose=0, progress=False)) == 3
+    files = sorted(f.name for f in result_files(run.results_dir, "m"))
+    assert [f.split("-")[0] for f in files] == ["compact", "train", "train"]
+    assert files[1].removesuffix("-e0001.parquet") == files[2].removesuffix("-e0002.parquet")  # one network's epochs
+    table = read_results(run.results_dir, stage="train")
+    assert sorted(zip(table.column("trial_id").to_pylist(), table.column("epoch").to_pylist())) == sorted(
+        (c.key, e) for c in configs for e in (1, 2))

@@ -345,27 +345,29 @@ COMPACT_EVERY = 256
 
 
 class RollingCompaction:
-    """Compaction as a search runs: every ``every`` finished trials, their files are merged into one.
+    """Compaction as a search (or training) runs: every ``every`` finished trials' files are merged into one.
 
     Each trial still publishes its own file (a crash loses at most the trial being written), and the
     search's driver, the one writer of the experiment, merges them in groups (:func:`compact_experiment`
     with ``names``), so a search of N trials leaves about N / ``every`` merged files plus fewer than
     ``every`` trial files, and readers open hundreds of files, not tens of thousands. The files of running
-    trials are never touched. ``every`` <= 0: off (every trial keeps its own file).
+    trials are never touched. ``every`` <= 0: off (every trial keeps its own file). Training hands over a
+    finished network's epoch files (``stage="train"``).
     """
 
-    def __init__(self, results_dir: str | RunPath, experiment: str, every: int = COMPACT_EVERY) -> None:
-        self.results_dir, self.experiment, self.every = results_dir, experiment, every
+    def __init__(self, results_dir: str | RunPath, experiment: str, every: int = COMPACT_EVERY,
+                 stage: str = "search") -> None:
+        self.results_dir, self.experiment, self.every, self.stage = results_dir, experiment, every, stage
         self.pending: list[str] = []  # file names of finished trials not merged yet
         self.merged = 0  # trial files merged so far
 
-    def finished(self, name: str, stage: str = "search") -> None:
+    def finished(self, name: str) -> None:
         """The trial that wrote ``write_rows(..., name=name)`` has finished: its file no longer changes.
         Merges the pending files when there are ``every`` of them (raises what :func:`compact_experiment`
         raises; the files stand then, and readers see every row once)."""
         if self.every <= 0:
             return
-        self.pending.append(file_name(stage, name))
+        self.pending.append(file_name(self.stage, name))
         if len(self.pending) >= self.every:
             names, self.pending = self.pending, []
             self.merged += compact_experiment(self.results_dir, self.experiment, names=names)[0]

@@ -141,6 +141,30 @@ def trial_slots(resources: dict[str, float]) -> int:
     return max(1, min(slots)) if slots else 1
 
 
+def compaction_callback(rolling: Any, files_of: Any):
+    """A Tune callback handing the files of each trial that finished (``files_of(trial)``: the names it wrote
+    them under) to ``rolling``, a :class:`densitune.search.results.store.RollingCompaction` of the experiment
+    the driver holds the writer lock of. A failed merge is a warning; the trial files then stay as they are."""
+    from ray.tune import Callback
+
+    from densitune.checks import error_summary
+    from densitune.failures import FATAL_KEY
+
+    class _Compact(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if rolling.every <= 0 or (trial.last_result or {}).get(FATAL_KEY):
+                return
+            try:
+                for name in files_of(trial):
+                    rolling.finished(name)
+            except Exception as e:  # noqa: BLE001 - merging is housekeeping: it must never stop a run
+                log.warning("%s: merging finished trials' result files failed, they stay one file per trial: %s",
+                            rolling.experiment, error_summary(e))
+                rolling.every = 0
+
+    return _Compact()
+
+
 def progress_callback(total: int, metric: str, mode: str, what: str = "trial", show: bool = True):
     """A Tune callback showing one live progress bar (done / running / failed, best, ETA) and
     logging one line per finished trial to the run's log (see :mod:`densitune.console`)."""

@@ -21,6 +21,7 @@ from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
 from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
 from densitune.runstore import RunPath, location, tune_storage
+from densitune.search.results.store import COMPACT_EVERY
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
 from densitune.trainables.train.loop import fit
@@ -40,6 +41,7 @@ class TrainRun:
     resume: bool = False  # continue unfinished networks from their last epoch
     log_file: str | None = None  # per-epoch lines of every worker (densitune.console.log_to_file)
     compile: str = "auto"  # torch.compile the training step: auto | on | off (loop.resolve_compile)
+    compact_every: int = COMPACT_EVERY  # the driver merges finished networks' epoch files in groups of this many (0: off)
 
     def __post_init__(self) -> None:
         check_experiment_name(self.experiment)
@@ -136,7 +138,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
                  st.train_loss, st.val_accuracy, row["duration_s"])
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
         with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
-            write_rows(run.results_dir, [row], name=f"{cfg.key}-e{st.epoch:04d}")
+            write_rows(run.results_dir, [row], name=epoch_file_name(cfg.key, st.epoch))
             if final:  # the model store keeps weights only: no optimiser state
                 save_checkpoint(run.model_dir(cfg), **ckpt_args)
             # After the final model (a crash in between leaves the state one epoch behind,
@@ -145,6 +147,11 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
             tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def epoch_file_name(key: str, epoch: int) -> str:
+    """The name one epoch's row of network ``key`` is written under (a resumed network rewrites its epoch's file)."""
+    return f"{key}-e{epoch:04d}"
 
 
 def expand_grid(base: TrainConfig, grid: dict[str, Sequence[Any]]) -> list[TrainConfig]:
@@ -182,7 +189,8 @@ def run_training(
     """
     from ray import tune
 
-    from densitune.ray_runtime import progress_callback, trial_resources
+    from densitune.ray_runtime import compaction_callback, progress_callback, trial_resources
+    from densitune.search.results.store import RollingCompaction
     from densitune.storage import storage_failure
 
     by_key = {c.key: c.to_dict() for c in configs}
@@ -208,7 +216,10 @@ def run_training(
             storage_path=tune_storage(run.storage_path),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train", show=progress)],
+            callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train", show=progress),
+                       compaction_callback(RollingCompaction(run.results_dir, run.experiment, run.compact_every, "train"),
+                                           lambda trial: [epoch_file_name(trial.config["key"], e)
+                                                          for e in range(1, by_key[trial.config["key"]]["epochs"] + 1)])],
             stop=stopper,
             verbose=verbose,
         ),
