@@ -228,6 +228,19 @@ class FolderSet(DatasetFactory):
         mean, std = _stats(layout)
         return DatasetInfo(self.name, layout.shape, len(layout.classes) or None, mean, std, "folder")
 
+    def identity(self, split: str, *, root: Path | None, seed: int) -> str:
+        """What names the files of ``split`` now: a SHA-1 of each image's path, size and modification time, in
+        order. A file replaced, touched, added or removed (a fresh scan) changes it; reading no pixels, it costs
+        one ``stat`` per image."""
+        import hashlib
+
+        paths, _ = split_items(scan(resolve(self.path, root), self.name), split, seed)
+        h = hashlib.sha1()
+        for path in paths:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def source(self, split: str, *, root: Path | None, seed: int, download: bool) -> ImageSource:
         layout = scan(resolve(self.path, root), self.name)
         paths, labels = split_items(layout, split, seed)
