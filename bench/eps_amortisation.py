@@ -108,7 +108,7 @@ def write_data(root: Path) -> None:
 def search(work: Path, name: str, cpus: int) -> dict:
     """One search through Ray Tune on the running Ray (this process is its driver: a Ray job); returns its wall
     time in seconds (``prepare_search`` + ``run_search``) and where they went."""
-    t0, start = time.perf_counter(), datetime.now(UTC)
+    t0, start, cpu0, machine0 = time.perf_counter(), datetime.now(UTC), time.process_time(), machine_cpu()
     marks = {}
     spec, groups = prepare_search(dict(
         experiment=name, models=str(work / "models"), data_root=str(work / "data"), val_ood=VAL_OOD.format(work=work),
@@ -119,6 +119,7 @@ def search(work: Path, name: str, cpus: int) -> dict:
     run_search(spec, groups, run, progress=False)
     marks["run_search"] = time.perf_counter()
     total = time.perf_counter() - t0
+    driver_cpu, busy = time.process_time() - cpu0, machine_cpu() - machine0
     # the trials' own spans (each row's started_at and duration_s), on the same clock as the marks
     spans = sorted({r["trial_id"]: (r["started_at"], r["duration_s"]) for r in
                     read_results(work / name / "results", stage="search").to_pylist()}.values())
@@ -132,8 +133,16 @@ def search(work: Path, name: str, cpus: int) -> dict:
         "first wave (data, features, fit, signs)": first_wave_end - body[0][0],
         "later trials": last_end - first_wave_end,
         "last trial -> Tuner.fit returns": marks["run_search"] - t0 - last_end,
+        "(information) CPU seconds of this driver process (Tune's loop, Optuna)": driver_cpu,
+        "(information) CPU seconds of the whole machine (every process, other users' too)": busy,
     }
     return {"seconds": total, "parts": parts}
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def search_child(args: argparse.Namespace) -> None:
