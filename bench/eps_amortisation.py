@@ -134,15 +134,17 @@ def search(work: Path, name: str, cpus: int) -> dict:
         "later trials": last_end - first_wave_end,
         "last trial -> Tuner.fit returns": marks["run_search"] - t0 - last_end,
         "(information) CPU seconds of this driver process (Tune's loop, Optuna)": driver_cpu,
-        "(information) CPU seconds of the whole machine (every process, other users' too)": busy,
+        "(information) CPU seconds of the whole machine (every process here)": float(busy[0]),
+        "(information) CPU seconds stolen by the hypervisor (other machines on these cores)": float(busy[1]),
     }
     return {"seconds": total, "parts": parts}
 
 
-def machine_cpu() -> float:
-    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: all but idle and iowait)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+def machine_cpu() -> np.ndarray:
+    """(busy, steal) CPU seconds of this machine since boot (``/proc/stat``): busy = user + nice + system + irq +
+    softirq (every process here); steal = what the hypervisor gave other machines while this one wanted to run."""
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return np.array([f[0] + f[1] + f[2] + f[5] + f[6], f[7]]) / os.sysconf("SC_CLK_TCK")
 
 
 def search_child(args: argparse.Namespace) -> None:
