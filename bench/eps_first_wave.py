@@ -34,7 +34,7 @@ STEPS = {  # (module, function) -> label
     ("densitune.search.evaluate", "gradient_signs"): "gradient signs (fwd + bwd)",
     ("densitune.search.evaluate", "score_signed"): "scoring from signs (fwd)",
     ("densitune.search.evaluate", "score_inputs"): "uncached scoring (fwd + bwd + fwd)",
-    ("densitune.search.evaluate", "detection_metrics"): "metrics (first: imports sklearn, scipy)",
+    ("densitune.search.evaluate", "detection_metrics"): "metrics (numpy: no scikit-learn or scipy import)",
     ("fcntl", "flock"): "waiting on cache locks",
 }
 

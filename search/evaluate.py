@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -28,18 +28,32 @@ from densitune.search.scoring import Features, detection_metrics, gradient_signs
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.workspace import Workspace, workspace
-from densitune.trainables.data import load_split
+from densitune.trainables.data import load_split, split_identity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Features", "TrialParams", "Workspace", "workspace", "claim_gradient_signs", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
+__all__ = ["Features", "TrialParams", "Workspace", "workspace", "claim_gradient_signs", "claim_splits", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
+
+
+class _Split(NamedTuple):
+    """One split a trial scores: its data key, how to load it (``load() -> (key, data)``), and, for an OOD side,
+    the ``ood_dataset`` its row names (a data set, ``proxy-<attack>`` or ``adv-<attack>``; None: the ID side)."""
+
+    key: tuple
+    load: Callable[[], tuple[tuple, Dataset]]
+    name: str | None = None
 
 
 class _Evaluator:
-    """Scores data for one trial on one model (or, for ensembles, on every seed of a group)."""
+    """Scores data for one trial on one model (or, for ensembles, on every seed of a group).
 
-    def __init__(self, ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> None:
+    With ``fit=False`` only the data side is set up (keys and loaders of the splits, no density, no ``score``):
+    what the claim passes need before any work starts."""
+
+    def __init__(self, ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams,
+                 fit: bool = True) -> None:
         self.ws, self.spec, self.checkpoints, self.params = ws, spec, list(checkpoints), params
+        self.ensemble = score_class(params.score).ensemble
         first = ws.model(self.checkpoints[0])
         # Data sets come from the search's data root, else the one the network was trained from.
         self.data_root = spec.data_root or first.config.data_root
@@ -50,6 +64,8 @@ class _Evaluator:
         self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
         self.train_key: tuple = ()  # names the density's training split (part of the gradient-sign keys)
         self._scored: dict[tuple, Tensor] = {}  # each split scored once per trial
+        if not fit:
+            return
         if score_class(params.score).uses_density:
             (ckpt,) = self.checkpoints
             train_key, train_data = self.split(self.id_name, "train", limit=None)
@@ -75,9 +91,22 @@ class _Evaluator:
 
     def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
         key = self.split_key(name, split, limit)
-        limit = key[-1]
-        make = lambda: load_split(name, split, root=self.data_root, seed=self.data_seed, shape=self.shape, limit=limit)  # noqa: E731
-        return key, self.ws.data(key, make)
+        return key, self.ws.data(key, *self.split_loaders(key))
+
+    @staticmethod
+    def split_loaders(key: tuple) -> tuple[Callable[[], Dataset], Callable[[], str | None]]:
+        """(load, identity) of the split a data key names: :func:`load_split` and :func:`split_identity` on it."""
+        name, split, shape, root, seed, limit = key
+        return (lambda: load_split(name, split, root=root, seed=seed, shape=shape, limit=limit),
+                lambda: split_identity(name, split, root=root, seed=seed, shape=shape, limit=limit))
+
+    def plain(self, name: str, split: str, ood_name: str | None = None) -> _Split:
+        """A split of a data set, not loaded yet."""
+        return _Split(self.split_key(name, split), lambda: self.split(name, split), ood_name)
+
+    def attacked(self, attack: str, split: str, ood_name: str, eps: float | None = None) -> _Split:
+        """An ID split under an attack, not attacked yet."""
+        return _Split(self.adversarial_key(attack, split, eps), lambda: self.adversarial(attack, split, eps), ood_name)
 
     def adversarial_key(self, attack: str, split: str = "test", eps: float | None = None) -> tuple:
         """The data key of an attacked split (what :meth:`adversarial` caches it under), without attacking."""
@@ -147,25 +176,49 @@ class _Evaluator:
                 "data_checksums": {**self.fit_checksums, **self.checksums(id_split[0], ood_split[0])}}
 
 
-def _trial_splits(ev: _Evaluator, spec: SearchSpec) -> list[tuple[tuple, Callable[[], Dataset]]]:
-    """(data key, loader) of every split a trial scores, in the order it scores them: ID val and the selection
-    side (:func:`selection_metrics`), then ID test, the test OOD sets and the attacks (:func:`test_metrics`)."""
-    def plain(name: str, split: str) -> tuple[tuple, Callable[[], Dataset]]:
-        return ev.split_key(name, split), lambda: ev.split(name, split)[1]
-
-    def attacked(attack: str, split: str, eps: float | None = None) -> tuple[tuple, Callable[[], Dataset]]:
-        return ev.adversarial_key(attack, split, eps), lambda: ev.adversarial(attack, split, eps)[1]
-
-    out = [plain(ev.id_name, "val")]
+def _selection_splits(ev: _Evaluator, spec: SearchSpec) -> list[_Split]:
+    """What selects, in scoring order: ID val, then the validation OOD side of ``spec.protocol`` (every validation
+    OOD set; the proxy attack on ID val, single models only; nothing for id-only). Never a test split."""
+    out = [ev.plain(ev.id_name, "val")]
     if spec.protocol == "val-ood":
-        out += [plain(cast(str, ood), "val") for ood in selection_sets(spec)]
-    elif spec.protocol == "adv-proxy" and not ev.score.ensemble:
-        out.append(attacked(spec.proxy_attack, "val", spec.proxy_eps))
-    out.append(plain(ev.id_name, "test"))
-    out += [plain(ood, "test") for ood in spec.test_ood]
-    if not ev.score.ensemble:
-        out += [attacked(attack, "test") for attack in spec.attacks]
+        out += [ev.plain(cast(str, ood), "val", cast(str, ood)) for ood in selection_sets(spec)]
+    elif spec.protocol == "adv-proxy" and not ev.ensemble:
+        out.append(ev.attacked(spec.proxy_attack, "val", f"proxy-{spec.proxy_attack}", spec.proxy_eps))
     return out
+
+
+def _test_splits(ev: _Evaluator, spec: SearchSpec) -> list[_Split]:
+    """What only reports, in scoring order: ID test, each test OOD set, and each attack (``adv-<attack>``) for
+    single-model scores (an ensemble has no one model to attack)."""
+    out = [ev.plain(ev.id_name, "test"), *(ev.plain(ood, "test", ood) for ood in spec.test_ood)]
+    if not ev.ensemble:
+        out += [ev.attacked(attack, "test", f"adv-{attack}") for attack in spec.attacks]
+    return out
+
+
+def _trial_splits(ev: _Evaluator, spec: SearchSpec) -> list[_Split]:
+    """Every split a trial scores, in the order it scores them: :func:`selection_metrics`'s, then
+    :func:`test_metrics`'s (the same lists those two read)."""
+    return [*_selection_splits(ev, spec), *_test_splits(ev, spec)]
+
+
+def claim_splits(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> int:
+    """Share the decoding of image-file splits between concurrent trials: load every split this trial will read
+    (the density's training split first) that no other process is decoding right now, through the workspace's
+    disk cache, skipping the ones another process holds (the trial then waits for those and reads them).
+
+    Only with a disk cache and for the splits that have a :func:`split_identity` (``folder:`` sets held in
+    memory); the data are bit for bit those of :func:`load_split` either way. Returns the number of splits this
+    call decoded.
+    """
+    if ws.disk is None:
+        return 0
+    ev = _Evaluator(ws, spec, checkpoints, params, fit=False)
+    train = [ev.split_key(ev.id_name, "train", None)] if score_class(params.score).uses_density else []
+    before = ws.counts["load_data"]
+    for key in [*train, *(s.key for s in _trial_splits(ev, spec) if s.key[0] != "adv")]:  # attacks: not files
+        ws.claim_data(key, *ev.split_loaders(key))
+    return ws.counts["load_data"] - before
 
 
 def claim_gradient_signs(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams) -> int:
@@ -182,13 +235,13 @@ def claim_gradient_signs(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[
         return 0
     ev = _Evaluator(ws, spec, checkpoints, params)
     before = ws.counts["ipsign"]
-    for key, load in _trial_splits(ev, spec):
-        ws.claim_gradient_signs(*ev._sign_keys(key), _sign_maker(ev, load))
+    for split in _trial_splits(ev, spec):
+        ws.claim_gradient_signs(*ev._sign_keys(split.key), _sign_maker(ev, split.load))
     return ws.counts["ipsign"] - before
 
 
-def _sign_maker(ev: _Evaluator, load: Callable[[], Dataset]) -> Callable[[], Tensor]:
-    return lambda: gradient_signs(ev.score, load(), ev.spec.batch_size, ev.ws.device)
+def _sign_maker(ev: _Evaluator, load: Callable[[], tuple[tuple, Dataset]]) -> Callable[[], Tensor]:
+    return lambda: gradient_signs(ev.score, load()[1], ev.spec.batch_size, ev.ws.device)
 
 
 def selection_metrics(
@@ -201,20 +254,21 @@ def selection_metrics(
     picks one of several validation OOD sets, default the first).
     """
     ev = _Evaluator(ws, spec, checkpoints, params)
-    id_val = ev.split(ev.id_name, "val")
+    id_side, *ood_sides = _selection_splits(ev, spec)
+    id_val = id_side.load()
     if spec.protocol == "id-only":
         s_id, feats = ev.scores(*id_val), ev.features(*id_val)
         return {"objective": float(s_id.mean()), "ood_dataset": None, "n_id": len(s_id), "id_accuracy": id_accuracy(feats),
                 "density_fit": ev.density_fit, "data_checksums": {**ev.fit_checksums, **ev.checksums(id_val[0])}}
     if spec.protocol == "adv-proxy":
-        if ev.score.ensemble:
+        if ev.ensemble:
             raise ConfigError("protocol adv-proxy attacks one model: it cannot select ensemble scores")
-        m = ev.compare(id_val, ev.adversarial(spec.proxy_attack, "val", spec.proxy_eps))
-        ood = f"proxy-{spec.proxy_attack}"
+        (side,) = ood_sides
     else:
         ood = val_ood or cast(tuple[str, ...], spec.val_ood)[0]  # protocol val-ood: SearchSpec requires val_ood
-        m = ev.compare(id_val, ev.split(ood, "val"))
-    return {**m, "objective": m[spec.metric], "ood_dataset": ood}
+        side = next((s for s in ood_sides if s.name == ood), None) or ev.plain(ood, "val", ood)
+    m = ev.compare(id_val, side.load())
+    return {**m, "objective": m[spec.metric], "ood_dataset": side.name}
 
 
 def selection_sets(spec: SearchSpec) -> list[str | None]:
@@ -235,14 +289,6 @@ def aggregate_objective(spec: SearchSpec, per_set: Sequence[Sequence[float]]) ->
     return max(means) if spec.mode == "min" else min(means)
 
 
-def _test_sets(ev: _Evaluator, spec: SearchSpec) -> list[tuple[str, tuple[tuple, Dataset]]]:
-    """(name, split) of every test OOD set, and of every attack (``adv-<attack>``) for single-model scores."""
-    sets = [(ood, ev.split(ood, "test")) for ood in spec.test_ood]
-    if not ev.score.ensemble:  # an ensemble has no one model to attack
-        sets += [(f"adv-{attack}", ev.adversarial(attack)) for attack in spec.attacks]
-    return sets
-
-
 def test_metrics(
     ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], params: TrialParams,
     kept: dict[str, tuple[Tensor, Tensor]] | None = None,
@@ -252,11 +298,13 @@ def test_metrics(
     ``kept``, when given, receives per set the (N_id,) ID test and (N_ood,) OOD scores (for paired comparisons).
     """
     ev = _Evaluator(ws, spec, checkpoints, params)
-    id_test = ev.split(ev.id_name, "test")
+    id_side, *ood_sides = _test_splits(ev, spec)
+    id_test = id_side.load()
     out = {}
-    for name, split in _test_sets(ev, spec):
+    for side in ood_sides:
+        name = cast(str, side.name)
         pair: list[tuple[Tensor, Tensor]] | None = [] if kept is not None else None
-        out[name] = ev.compare(id_test, split, pair)
+        out[name] = ev.compare(id_test, side.load(), pair)
         if kept is not None and pair:
             kept[name] = pair[0]
     return out
@@ -268,6 +316,7 @@ def test_score_arrays(
     """Raw (N,) float64 scores of the ID test split (key ``"id"``) and of every test OOD set and
     attack (keyed by its ``ood_dataset`` name), for plots. Higher = more in-distribution."""
     ev = _Evaluator(ws, spec, checkpoints, params)
-    out = {"id": ev.scores(*ev.split(ev.id_name, "test"))}
-    out.update({name: ev.scores(*split) for name, split in _test_sets(ev, spec)})
+    id_side, *ood_sides = _test_splits(ev, spec)
+    out = {"id": ev.scores(*id_side.load())}
+    out.update({cast(str, side.name): ev.scores(*side.load()) for side in ood_sides})
     return out

@@ -44,7 +44,8 @@ class Workspace:
     :class:`~densitune.search.cache.DiskCache` shared by every process (Ray actors, nodes on
     shared storage), so each is computed once per search, not once per process.
     ``counts`` records what this process computed ("load_model", "load_data",
-    "extract", "fit", "attack", "ipsign").
+    "extract", "fit", "attack", "ipsign"); with a cache folder, a ``folder:`` split decoded by another
+    process is read from disk and not counted as "load_data".
 
     ``ip_cache`` (default: on unless the environment sets ``DENSITUNE_IP_CACHE=0``) keeps the
     int8 sign of each input-perturbation gradient per (models, density, score, data split), so
@@ -99,9 +100,36 @@ class Workspace:
             self._models[checkpoint] = load_model(checkpoint, device=self.device)
         return self._models[checkpoint]
 
-    def data(self, key: tuple, make: Callable[[], Dataset]) -> Dataset:
-        """The data set cached under ``key`` (in memory: loading is cheap), made by ``make()`` once."""
-        return self._cached("load_data", key, make)
+    def data(self, key: tuple, make: Callable[[], Dataset], identity: Callable[[], str | None] | None = None) -> Dataset:
+        """The data set cached under ``key``, made by ``make()`` once.
+
+        In memory; and, with a cache folder and an ``identity()`` (called once, on a miss: e.g.
+        :func:`~densitune.trainables.data.split_identity`, which changes with the files), on disk too, so that
+        processes decode a split of image files once between them (:meth:`claim_data`).
+        """
+        mem_key = ("load_data", *key)
+        if mem_key in self._memo or self.disk is None or identity is None or (ident := identity()) is None:
+            return cast(Dataset, self._cached("load_data", key, make))
+        return cast(Dataset, self._cached("load_data", key, make, f"{key!r}|{ident}", _DATA_CODEC))
+
+    def claim_data(self, key: tuple, make: Callable[[], Dataset], identity: Callable[[], str | None]) -> bool:
+        """:meth:`data` unless another process is decoding that split right now (then nothing, and ``False``),
+        or it has no disk entry to share (no cache folder, or ``identity()`` is None: ``False``, nothing loaded)."""
+        mem_key = ("load_data", *key)
+        if mem_key in self._memo:
+            return True
+        if self.disk is None or (ident := identity()) is None:
+            return False
+
+        def compute() -> Dataset:
+            self.counts["load_data"] += 1
+            return make()
+
+        got = self.disk.claim("load_data", f"{key!r}|{ident}", compute, encode=_DATA_CODEC[0], decode=_DATA_CODEC[1])
+        if got is None:
+            return False
+        self._memo[mem_key] = got[0]
+        return True
 
     def checksum(self, key: tuple) -> str:
         """:func:`~densitune.trainables.data.split_checksum` of the data set loaded under ``key``, computed once."""
@@ -179,6 +207,32 @@ class Workspace:
         while sum(t.numel() for t in self._signs.values()) > self.SIGN_MEMORY_BYTES and len(self._signs) > 1:
             self._signs.popitem(last=False)
         return signs
+
+
+def _encode_data(data: Dataset) -> dict[str, Tensor]:
+    """An in-memory split (x (N, C, H, W) float32 in [0, 1], y (N,)) as tensors: x as uint8 when ``x_u8 / 255``
+    gives back every value bit for bit (8-bit images at their native size: a quarter of the bytes), else as is."""
+    if not isinstance(data, TensorDataset) or len(data.tensors) != 2:
+        raise TypeError(f"only an in-memory (x, y) TensorDataset is cached on disk, got {type(data).__name__}")
+    x, y = data.tensors
+    u8 = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return {"x_u8": u8, "y": y} if torch.equal(_from_u8(u8), x) else {"x": x, "y": y}
+
+
+def _from_u8(u8: Tensor) -> Tensor:
+    return u8.float().div_(255.0)
+
+
+def _decode_data(state: dict[str, Any]) -> Dataset:
+    x = _from_u8(state["x_u8"]) if "x_u8" in state else state["x"]
+    y = state["y"]
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.dtype == torch.float32 and x.dim() == 4
+            and y.shape == (len(x),)):
+        raise TypeError("expected x (N, C, H, W) float32 and y (N,)")
+    return TensorDataset(x, y)
+
+
+_DATA_CODEC = (_encode_data, _decode_data)
 
 
 def _decode_signs(state: dict[str, Any]) -> Tensor:

@@ -433,6 +433,33 @@ def test_folder_converts_colour_exactly(tmp_path: Path) -> None:
     assert torch.allclose(rgb[0], torch.full((3, 32, 32), 128 / 255), atol=1e-6)
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("shape", [(3, 9, 9), (1, 5, 7), (3, 16, 16)])
+def test_folder_batched_read_is_load_image_bit_for_bit(tmp_path: Path, mixed: bool, shape: tuple) -> None:
+    """FolderSource.read converts a run of 8-bit images of one size together: the same float32 values as
+    load_image on each file (native size, luma + shrink, enlarge); a run with another mode or size (a 16-bit
+    grey, a palette image, a larger photo) falls back to load_image one by one, with the same result."""
+    from densitune.trainables.data.folder import FolderSource, load_image
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "flat"
+    d.mkdir()
+    for i in range(300):  # more than one read batch
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    if mixed:
+        Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(d / "050g.png")
+        Image.fromarray(rng.integers(0, 65536, (9, 9), dtype=np.uint16)).save(d / "120w.png")
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).convert("P").save(d / "121p.png")
+        Image.fromarray(rng.integers(0, 256, (13, 11, 3), dtype=np.uint8)).save(d / "260big.png")
+    paths = tuple(str(f) for f in sorted(d.glob("*.png")))
+    src = FolderSource(paths, torch.full((len(paths),), -1), (3, 9, 9))
+    pick = np.r_[np.arange(len(paths))[::-1][:40], np.arange(len(paths))]  # any order, repeats allowed
+    got = src.read(pick, shape)
+    ref = torch.stack([load_image(paths[i], shape) for i in pick])
+    assert got.dtype == torch.float32 and got.shape == (len(pick), *shape)
+    assert torch.equal(got, ref)
+
+
 def test_folder_reads_16_bit_grey(tmp_path: Path) -> None:
     d = tmp_path / "deep"
     d.mkdir()

@@ -4,9 +4,11 @@ Conventions (the research note, DDU, OpenOOD): AUROC and AUPRC treat in-distribu
 (label 1) and OOD samples as negatives (label 0); "FPR at 95% TPR" is the fraction of OOD samples accepted
 by the threshold that accepts 95% of the in-distribution samples (lower is better).
 
-All three metrics depend only on the order of the scores, so they are computed on ranks: this gives the same
-values as ``sklearn.metrics`` on the raw scores and also accepts +/-inf (a density can underflow to -inf
-far from the data). NaN scores raise :class:`DensituneError`.
+All three metrics depend only on the order of the scores, so they are computed in numpy from one sort of the
+pooled scores (tied values form one group): the same definitions as ``sklearn.metrics.roc_auc_score`` and
+``average_precision_score`` (tests/test_metrics.py checks them against scikit-learn), without importing
+scikit-learn or scipy into every search trial, and accepting +/-inf (a density can underflow to -inf far from
+the data). NaN scores raise :class:`DensituneError`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from densitune.checks import Interval, check_params
 from densitune.errors import ConfigError, DensituneError
 
-if TYPE_CHECKING:  # numpy, torch, scipy and sklearn load when a metric is computed: the table below is light
+if TYPE_CHECKING:  # numpy and torch load when a metric is computed: the table below is light
     import numpy as np
     import torch
 
@@ -73,16 +75,38 @@ def _as_scores(scores: ArrayLike, what: str) -> np.ndarray:
     return arr
 
 
-def _labels_and_ranks(score_id: ArrayLike, score_ood: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (ID = 1, OOD = 0) and average ranks of the concatenated scores (ties share a rank)."""
-    import numpy as np
-    from scipy.stats import rankdata
+def _tie_groups(s_id: np.ndarray, s_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct score value, from the highest down: (ID count, OOD count), each (G,) float64.
 
-    s_id = _as_scores(score_id, "in-distribution")
-    s_ood = _as_scores(score_ood, "OOD")
-    labels = np.concatenate([np.ones(s_id.size), np.zeros(s_ood.size)])
-    ranks = rankdata(np.concatenate([s_id, s_ood]), method="average")
-    return labels, ranks
+    Equal scores (``-inf``, ``+inf`` included) form one group, as one threshold of a ROC curve does.
+    """
+    import numpy as np
+
+    pooled = np.concatenate([s_id, s_ood])
+    order = np.argsort(-pooled, kind="stable")
+    ranked = pooled[order]
+    is_id = (order < s_id.size).astype(np.float64)
+    # group starts: the first element and every place where the value changes (== is exact for +/-inf, unlike diff)
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    pos = np.add.reduceat(is_id, starts)
+    return pos, np.diff(np.r_[starts, pooled.size]).astype(np.float64) - pos
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney: P(ID > OOD) + 0.5 P(tie) from the tie groups (highest first); exact integer sums."""
+    import numpy as np
+
+    n_pos, n_neg = pos.sum(), neg.sum()
+    below = n_neg - np.cumsum(neg)  # OOD samples strictly below each group
+    return float(np.dot(pos, below + 0.5 * neg) / (n_pos * n_neg))
+
+
+def _auprc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Average precision, sum over thresholds of (recall step) x precision, as scikit-learn's step integral."""
+    import numpy as np
+
+    tps, fps = np.cumsum(pos), np.cumsum(neg)
+    return float(np.dot(pos / pos.sum(), tps / (tps + fps)))
 
 
 def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
@@ -95,21 +119,16 @@ def auroc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
     Returns:
         P(score_id > score_ood) + 0.5 P(tie): 1.0 = perfect separation, 0.5 = chance, 0.0 = reversed.
     """
-    from sklearn.metrics import roc_auc_score
-
-    labels, ranks = _labels_and_ranks(score_id, score_ood)
-    return float(roc_auc_score(labels, ranks))
+    return _auroc(*_tie_groups(_as_scores(score_id, "in-distribution"), _as_scores(score_ood, "OOD")))
 
 
 def auprc(score_id: ArrayLike, score_ood: ArrayLike) -> float:
-    """Area under the precision-recall curve with ID positive (``sklearn.metrics.average_precision_score``).
+    """Area under the precision-recall curve with ID positive (``sklearn.metrics.average_precision_score``):
+    sum over the distinct thresholds t, highest first, of (recall(t) - recall(previous t)) x precision(t).
 
     Its chance level is N_id / (N_id + N_ood), not 0.5.
     """
-    from sklearn.metrics import average_precision_score
-
-    labels, ranks = _labels_and_ranks(score_id, score_ood)
-    return float(average_precision_score(labels, ranks))
+    return _auprc(*_tie_groups(_as_scores(score_id, "in-distribution"), _as_scores(score_ood, "OOD")))
 
 
 def fpr_at_tpr(score_id: ArrayLike, score_ood: ArrayLike, tpr: float = 0.95) -> float:
@@ -146,8 +165,6 @@ def ood_metrics(score_id: ArrayLike, score_ood: ArrayLike) -> dict[str, float]:
         score_id: (N_id,) in-distribution scores, higher = more ID.
         score_ood: (N_ood,) OOD scores.
     """
-    return {
-        "auroc": auroc(score_id, score_ood),
-        "auprc": auprc(score_id, score_ood),
-        "fpr95": fpr_at_tpr(score_id, score_ood, 0.95),
-    }
+    s_id, s_ood = _as_scores(score_id, "in-distribution"), _as_scores(score_ood, "OOD")
+    groups = _tie_groups(s_id, s_ood)  # one sort serves both areas
+    return {"auroc": _auroc(*groups), "auprc": _auprc(*groups), "fpr95": fpr_at_tpr(s_id, s_ood, 0.95)}

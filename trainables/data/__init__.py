@@ -17,6 +17,7 @@ from densitune.trainables.data.api import (
     load_split,
     ood_group,
     split_checksum,
+    split_identity,
 )
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.splits import SPLITS
@@ -34,4 +35,5 @@ __all__ = [
     "load_split",
     "ood_group",
     "split_checksum",
+    "split_identity",
 ]

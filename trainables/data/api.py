@@ -12,8 +12,8 @@ from densitune.errors import ConfigError, UnknownNameError
 from densitune.trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.folder import PREFIX as FOLDER_PREFIX
-from densitune.trainables.data.folder import FolderSet
-from densitune.trainables.data.sources import materialize
+from densitune.trainables.data.folder import FolderSet, resolve, scan, split_items
+from densitune.trainables.data.sources import EAGER_MAX_ELEMENTS, materialize
 from densitune.trainables.data.splits import check_split, limit_positions, rng_for
 from densitune.trainables.data.transforms import check_shape
 
@@ -108,6 +108,30 @@ def load_split(
     logger.debug("%s/%s (seed %d): %d of %d items at %s, %s", name, split, seed, len(source), full, target,
                  type(data).__name__)
     return data
+
+
+def split_identity(
+    name: str, split: str, *, root: str | Path | None = None, seed: int = 0, shape: tuple[int, int, int] | None = None,
+    limit: int | None = None,
+) -> str | None:
+    """A string that changes whenever the files behind :func:`load_split` ``(name, split, ...)`` do, for caches of
+    decoded splits shared between processes; None where no such cache pays or applies.
+
+    Only ``folder:`` sets have one (decoding their image files is what a cache saves; see
+    :meth:`~densitune.trainables.data.folder.FolderSet.identity`), and only for splits that ``load_split`` reads
+    into memory whole (a split converted batch by batch is never held whole, so never cached). The other
+    arguments are those of :func:`load_split`; a cache key holds them beside this identity.
+    """
+    if not name.startswith(FOLDER_PREFIX):
+        return None
+    factory = get_dataset(name)
+    assert isinstance(factory, FolderSet)
+    layout = scan(resolve(factory.path, _root(root)), factory.name)  # cached per folder: no pixels read
+    c, h, w = layout.shape if shape is None else check_shape(shape)
+    n = len(split_items(layout, split, seed)[0])
+    if min(n, limit or n) * c * h * w > EAGER_MAX_ELEMENTS:
+        return None
+    return factory.identity(split, root=_root(root), seed=seed)
 
 
 def split_checksum(data: Dataset, batch_size: int = 1024) -> str:
