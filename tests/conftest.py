@@ -19,6 +19,26 @@ torch.set_num_threads(1)
 TINY = dict(backbone="cnn", feature_dim=8, epochs=3, batch_size=64, lr=0.05, dataset="digits")
 
 
+def claim_while_held(lock_path: Path, claim) -> tuple[bool, list[int]]:
+    """Run ``claim()`` (a claim pass) in a thread while this test holds the disk-cache entry lock ``lock_path``
+    (as another process computing that entry would); returns (whether the claim was still waiting on the held
+    entry after 120 s, [its result] once it returned)."""
+    import fcntl
+    import threading
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    out: list[int] = []
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        claimer = threading.Thread(target=lambda: out.append(claim()))
+        claimer.start()
+        claimer.join(timeout=120)
+        waited = claimer.is_alive()  # still inside: it waits for the held entry instead of skipping it
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    claimer.join()
+    return waited, out
+
+
 def train_to(models_dir: Path, experiment: str, **overrides) -> Path:
     """Train one config with the pure loop (no Ray) and store it like the trainable does."""
     cfg = TrainConfig(**{**TINY, "experiment": experiment, **overrides})

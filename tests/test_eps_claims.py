@@ -9,17 +9,16 @@ checking that every split's signs are computed exactly once and the rows equal t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import claim_while_held
 
 from densitune.search.cache import DiskCache
 from densitune.search.evaluate import Workspace, _Evaluator, _trial_splits, claim_gradient_signs
@@ -60,16 +59,7 @@ def test_a_held_split_is_skipped_not_waited_for(group, tmp_path):
     _, held_key = ev._sign_keys(splits[2][0])  # ID test: the split the other process is computing
     assert isinstance(ws.disk, DiskCache)
     lock_path = ws.disk._path("ipsign", held_key).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    computed: list[int] = []
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        claimer = threading.Thread(target=lambda: computed.append(claim_gradient_signs(ws, sp, ckpt, params)))
-        claimer.start()
-        claimer.join(timeout=120)
-        waited = claimer.is_alive()  # still inside: it waits for the held split instead of skipping it
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    claimer.join()
+    waited, computed = claim_while_held(lock_path, lambda: claim_gradient_signs(ws, sp, ckpt, params))
     assert not waited and computed == [len(splits) - 1]
     assert held_key not in [key for kind, key in ws.disk.events() if kind == "ipsign"]
     # a second claim pass finds the other splits in memory and now takes the released one

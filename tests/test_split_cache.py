@@ -10,14 +10,13 @@ that a held split is skipped, not waited for, and that a trial's rows equal thos
 
 from __future__ import annotations
 
-import fcntl
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import claim_while_held
 from PIL import Image
 
 from densitune.search.evaluate import Workspace, _Evaluator, _trial_splits, claim_splits
@@ -129,16 +128,7 @@ def test_claim_skips_a_held_split_and_the_rows_are_the_reference(group, tmp_path
     held = folder_keys[1]
     assert ws.disk is not None
     lock_path = ws.disk._path("load_data", f"{held!r}|{_Evaluator.split_loaders(held)[1]()}").with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    decoded: list[int] = []
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        claimer = threading.Thread(target=lambda: decoded.append(claim_splits(ws, sp, ckpt, params)))
-        claimer.start()
-        claimer.join(timeout=120)
-        waited = claimer.is_alive()
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    claimer.join()
+    waited, decoded = claim_while_held(lock_path, lambda: claim_splits(ws, sp, ckpt, params))
     assert not waited and decoded == [2]  # the two folder splits nobody held; digits has no disk entry
     assert ("load_data", *held) not in ws._memo
     rows = run_trial(ws, sp, group, params, "t")[1]  # takes the released split itself, and seed 1's from memory
