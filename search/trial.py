@@ -72,8 +72,8 @@ def run_trial(
         members = [(None, list(group.checkpoints))]
     else:
         members = [(seed, [ckpt]) for seed, ckpt in zip(group.seeds, group.checkpoints)]
-    for _, ckpts in members:  # concurrent first trials share the decoding of image files and (ip cache, ε > 0)
-        claim_splits(ws, spec, ckpts, params)  # the gradient signs' work
+    for _, ckpts in members:  # concurrent first trials share the work: decoding image files, and (ε > 0) the signs
+        claim_splits(ws, spec, ckpts, params)
         claim_gradient_signs(ws, spec, ckpts, params)
     val_sets = selection_sets(spec)
     per_set_val: list[list[float]] = [[] for _ in val_sets]  # sets x members

@@ -152,7 +152,7 @@ def compaction_callback(rolling: Any, files_of: Any):
 
     class _Compact(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if rolling.every <= 0 or (trial.last_result or {}).get(FATAL_KEY):
+            if (trial.last_result or {}).get(FATAL_KEY):  # a fatal trial wrote no rows
                 return
             try:
                 for name in files_of(trial):
