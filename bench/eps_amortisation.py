@@ -7,8 +7,8 @@ its sample photo, written as PNG image folders (``folder:`` data sets; nothing i
 is trained (Ray-free loop). Then Ray starts once, and the same search (``prepare_search`` + ``run_search``,
 what ``densitune search --address`` runs) goes through Ray Tune on it several times, each from its own driver
 process (a Ray job, as ``densitune search`` on a cluster whose Ray is already up) with its own run folder and
-cache: with the gradient-sign cache off (``DENSITUNE_IP_CACHE=0`` in the job's runtime environment, every ε pays
-forward + backward + forward) and on (the default), in the order uncached, cached, cached, uncached, uncached,
+cache: with the gradient-sign cache off (``SearchRun(ip_cache=False)``, what ``DENSITUNE_IP_CACHE=0`` gives
+``densitune search``: every ε pays forward + backward + forward) and on (the default), in the order uncached, cached, cached, uncached, uncached,
 cached (``--repeat 3``, the default: each pair reverses the order of the one before), so neither mode always goes
 first. Prints each search's wall time (from its ``prepare_search`` to ``run_search``'s return, on the running
 Ray), the ratio of the modes' medians (the gate), of their fastest runs (information: the runs other processes
@@ -48,7 +48,6 @@ from densitune.ray_runtime import init_ray  # noqa: E402
 from densitune.search.prepare import prepare_search  # noqa: E402
 from densitune.search.results.store import read_results  # noqa: E402
 from densitune.search.tune import SearchRun, run_search  # noqa: E402
-from densitune.search.workspace import IP_CACHE_ENV  # noqa: E402
 from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
 from densitune.trainables.train.config import TrainConfig  # noqa: E402
 from densitune.trainables.train.loop import fit  # noqa: E402
@@ -105,7 +104,7 @@ def write_data(root: Path) -> None:
     write_images(root / "ood-photo", np.stack(crops))
 
 
-def search(work: Path, name: str, cpus: int) -> dict:
+def search(work: Path, name: str, cpus: int, cached: bool) -> dict:
     """One search through Ray Tune on the running Ray (this process is its driver: a Ray job); returns its wall
     time in seconds (``prepare_search`` + ``run_search``) and where they went."""
     t0, start, cpu0, machine0 = time.perf_counter(), datetime.now(UTC), time.process_time(), machine_cpu()
@@ -114,7 +113,7 @@ def search(work: Path, name: str, cpus: int) -> dict:
         experiment=name, models=str(work / "models"), data_root=str(work / "data"), val_ood=VAL_OOD.format(work=work),
         test_ood=[TEST_OOD.format(work=work)], densities=["gmm_sum"], scores=["density"], eps_grid=list(EPS)))
     run = SearchRun(results_dir=str(work / name / "results"), storage_path=str(work / name / "tune"),
-                    cache_dir=str(work / name / "cache"))
+                    cache_dir=str(work / name / "cache"), ip_cache=cached)
     marks["prepare_search"] = time.perf_counter()
     run_search(spec, groups, run, progress=False)
     marks["run_search"] = time.perf_counter()
@@ -148,8 +147,10 @@ def machine_cpu() -> np.ndarray:
 
 
 def search_child(args: argparse.Namespace) -> None:
-    """The driver of one search (a process of its own): joins the bench's Ray as a job whose workers get the
-    mode in their environment (a variable set in this process after Ray started would not reach them)."""
+    """The driver of one search (a process of its own): joins the bench's Ray as a job of its own, so each search
+    starts its own trial actors, as a ``densitune search --address`` on a running cluster does. The mode travels
+    with the search (``SearchRun.ip_cache``), not in a runtime environment (which would start every worker
+    through Ray's runtime-env setup, in both modes)."""
     import ray
 
     t0 = time.perf_counter()
@@ -161,10 +162,9 @@ def search_child(args: argparse.Namespace) -> None:
     from densitune.console import quiet_ray
 
     quiet_ray(False)
-    ray.init(address=args.address, runtime_env={"env_vars": {IP_CACHE_ENV: "1" if args.cached else "0"}},
-             log_to_driver=False, logging_level="ERROR")
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
     ready = time.perf_counter() - t0
-    got = search(Path(args.workdir), args.search_child, args.cpus)
+    got = search(Path(args.workdir), args.search_child, args.cpus, args.cached)
     got["driver_imports_connect"] = ready
     ray.shutdown()  # disconnects this job; the bench's Ray keeps running
     print("RESULT " + json.dumps(got), flush=True)
@@ -258,7 +258,7 @@ def main() -> None:
     got = {}
     for name, mode in runs:
         got[name] = run_child(work, name, mode == "cached", args.cpus, address)
-        print(f"{name:10s} ({IP_CACHE_ENV}={int(mode == 'cached')}): {got[name]['seconds']:.1f} s "
+        print(f"{name:10s} (ip_cache={mode == 'cached'}): {got[name]['seconds']:.1f} s "
               f"(its driver's imports and Ray connection before it, not timed: "
               f"{got[name]['driver_imports_connect']:.1f} s; load average {os.getloadavg()[0]:.2f})", flush=True)
     t0 = time.perf_counter()

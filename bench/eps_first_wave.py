@@ -8,6 +8,14 @@ disk cache, both released at once, with the cached path (the default, claims on)
 claim pass (``--no-claim``: the second trial waits on the first one's lock) and the uncached reference path.
 Each step is timed by wrapping the function that does it.
 
+Then, on one thread and in CPU time, the two per-input costs every ε search is made of: ``f``, one scoring forward
+pass (what a cached trial pays per input), and ``g``, the forward + input-gradient pass that gives the sign (what
+the cache pays once per split, and the reference path per trial on top of ``f``); and from them the compute of the
+bench's search (4 splits of 2,000 inputs, k = 8): uncached 8·4·(g + f), cached 4·g + 8·4·f, and the largest cost
+``F`` common to both modes (trial actors' start, decoding, driver, Ray) at which the ratio still reaches 2:
+``F = uncached − 2·cached``. Compare it with the machine's CPU seconds per search that eps_amortisation.py prints
+(``F`` measured = those minus the compute).
+
     python bench/eps_first_wave.py --workdir DIR   # DIR: a --workdir of bench/eps_amortisation.py (data, network)
 """
 
@@ -100,6 +108,54 @@ def wave(work: str, mode: str) -> list[tuple]:
     return results
 
 
+def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
+                    channels_last: bool = False) -> tuple[float, float]:
+    """(f, g): CPU seconds per input, one torch thread, median of ``rounds`` interleaved passes over ``n`` random
+    inputs, of the bench's score (gmm_sum density on the bench's network): f = ``score(x)`` under no_grad (one
+    scoring forward pass), g = ``score.gradient_sign(x)`` (forward + input gradient). ``channels_last``: network
+    and inputs in that memory format (information: what it would change; the search does not use it on the CPU)."""
+    import statistics
+
+    import torch
+    from torch.nn.utils import parametrize
+    from torch.utils.data import TensorDataset
+
+    from densitune.search.ood.scores import create_score
+    from densitune.search.scoring import extract_features, fit_density
+    from densitune.trainables.train.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    (ckpt,) = [p.parent for p in Path(work, "models").rglob("model.pt")]
+    model = load_model(ckpt).model
+    x = torch.rand(n, *load_model(ckpt).data["shape"], generator=torch.Generator().manual_seed(0))
+    feats = extract_features(model, TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch, torch.device("cpu"))
+    feats.y = feats.logits.argmax(1)  # a fit needs classes; any labelling times the same
+    score = create_score("density", [model], fit_density("gmm_sum", "{}", feats, torch.device("cpu")))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    batches = [x[i:i + batch] for i in range(0, n, batch)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            for b in batches:
+                score(b)
+
+    def gradient() -> None:
+        for b in batches:
+            score.gradient_sign(b)
+
+    times: dict[str, list[float]] = {"f": [], "g": []}
+    with parametrize.cached():
+        forward(), gradient()
+        for _ in range(rounds):
+            for key, run in (("f", forward), ("g", gradient)):
+                t = time.process_time()
+                run()
+                times[key].append(time.process_time() - t)
+    return statistics.median(times["f"]) / n, statistics.median(times["g"]) / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="the --workdir of a bench/eps_amortisation.py run")
@@ -121,6 +177,17 @@ def main() -> None:
         for label in labels:
             print(f"| {label} | {' / '.join(f'{r[3].get(label, 0.0):.2f}' for r in res)} |")
         print(f"| computed (counts) | {' / '.join(str(r[4]) for r in res)} |")
+    f, g = per_input_costs(args.workdir)
+    splits, n, k = 4, 2000, len(EPS)
+    uncached, cached = k * splits * n * (g + f), splits * n * g + k * splits * n * f
+    print(f"\n## per-input costs (one thread, CPU time, median of 7): scoring forward f = {f * 1e6:.0f} us, forward + "
+          f"input gradient g = {g * 1e6:.0f} us (g / f = {g / f:.2f})")
+    print(f"compute of the bench's search ({splits} splits of {n}, k = {k}): uncached {k}*{splits}*(g + f) = {uncached:.1f} "
+          f"CPU-s, cached {splits}*g + {k}*{splits}*f = {cached:.1f} CPU-s; ratio >= 2 while the cost common to both modes "
+          f"is at most uncached - 2*cached = {uncached - 2 * cached:.1f} CPU-s")
+    fc, gc = per_input_costs(args.workdir, channels_last=True)
+    print(f"(information) the same in channels-last: f = {fc * 1e6:.0f} us, g = {gc * 1e6:.0f} us; compute uncached "
+          f"{k * splits * n * (gc + fc):.1f}, cached {splits * n * gc + k * splits * n * fc:.1f} CPU-s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from densitune.checks import error_summary
@@ -27,6 +27,7 @@ from densitune.search.optuna_study import _Replay
 from densitune.search.results.store import COMPACT_EVERY, RollingCompaction
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
+from densitune.search.workspace import ip_cache_default
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class SearchRun:
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
     log_file: str | None = None  # per-trial lines of every worker (densitune.console.log_to_file)
     compact_every: int = COMPACT_EVERY  # the driver merges finished trials' files in groups of this many (0: off)
+    # the gradient-sign cache of ε > 0 trials, decided here on the driver (default: DENSITUNE_IP_CACHE, on) and
+    # handed to each trial with the run, so a worker on any node follows it whatever its own environment says
+    ip_cache: bool = field(default_factory=ip_cache_default)
 
 
 def search_trainable(
@@ -63,7 +67,7 @@ def search_trainable(
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()
-    ws = workspace(run.cache_dir)
+    ws = workspace(run.cache_dir, run.ip_cache)
     kept: dict | None = {} if spec.keep_scores == "all" else None  # per-sample test scores (densitune compare)
     objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config),
                                 sample_scores=kept)

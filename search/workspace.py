@@ -26,14 +26,16 @@ from densitune.search.scoring import Features, extract_features, fit_density
 from densitune.trainables.data import split_checksum
 from densitune.trainables.train.checkpoint import LoadedModel, load_model
 
-__all__ = ["IP_CACHE_ENV", "Workspace", "workspace"]
+__all__ = ["IP_CACHE_ENV", "Workspace", "ip_cache_default", "workspace"]
 
 #: Set to ``0`` to switch the cache of input-perturbation gradient signs off (every ε > 0 then pays
-#: forward + backward + forward, the reference path); read when a workspace is created, so also by Ray workers.
+#: forward + backward + forward, the reference path). Read by the search's driver (``SearchRun.ip_cache``), which
+#: hands the choice to every trial in the trial's own arguments, so it reaches Ray workers on every node.
 IP_CACHE_ENV = "DENSITUNE_IP_CACHE"
 
 
-def _ip_cache_default() -> bool:
+def ip_cache_default() -> bool:
+    """Whether the gradient-sign cache is on in this process: yes unless ``DENSITUNE_IP_CACHE`` is 0/off/false/no."""
     return os.environ.get(IP_CACHE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
@@ -61,7 +63,7 @@ class Workspace:
                  ip_cache: bool | None = None) -> None:
         self.device = device or default_device()
         self.disk = DiskCache(cache_dir) if cache_dir else None
-        self.ip_cache = _ip_cache_default() if ip_cache is None else ip_cache
+        self.ip_cache = ip_cache_default() if ip_cache is None else ip_cache
         self.counts: Counter[str] = Counter()
         self._models: dict[str, LoadedModel] = {}
         self._memo: dict[tuple, Any] = {}
@@ -246,9 +248,12 @@ def _decode_signs(state: dict[str, Any]) -> Tensor:
 _WORKSPACE: Workspace | None = None
 
 
-def workspace(cache_dir: str | Path | None = None) -> Workspace:
-    """The process-wide workspace (created on first use with ``cache_dir``)."""
+def workspace(cache_dir: str | Path | None = None, ip_cache: bool | None = None) -> Workspace:
+    """The process-wide workspace (created on first use with ``cache_dir``); ``ip_cache`` (None: this process's
+    :func:`ip_cache_default`) switches its gradient-sign cache for the trials that follow."""
     global _WORKSPACE
     if _WORKSPACE is None or (cache_dir and _WORKSPACE.disk is None):
         _WORKSPACE = Workspace(cache_dir=cache_dir)
+    if ip_cache is not None:
+        _WORKSPACE.ip_cache = ip_cache
     return _WORKSPACE

@@ -135,3 +135,29 @@ def test_environment_switches_the_cache_off(monkeypatch):
     monkeypatch.delenv(IP_CACHE_ENV)
     assert Workspace().ip_cache and not Workspace(ip_cache=False).ip_cache
 
+
+
+def test_search_hands_the_drivers_choice_to_every_trial(ray_session, group, tmp_path, monkeypatch):
+    """``DENSITUNE_IP_CACHE`` is read on the driver (``SearchRun.ip_cache``) and travels with the run to the Ray
+    workers, which started long before with their own environment (as on the other nodes of a cluster): with it
+    off no trial computes a gradient sign, with it on each split's sign is computed once; the rows are the same."""
+    from densitune.search.results.store import read_results
+    from densitune.search.tune import SearchRun, run_search
+
+    sp = SearchSpec(experiment="h", val_ood="digits-blend", test_ood=("noise-uniform",), eps_grid=(0.01, 0.02),
+                    eval_limit=60, batch_size=BATCH)
+    got = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(IP_CACHE_ENV, switch)
+        run = SearchRun(results_dir=str(tmp_path / switch / "results"), storage_path=str(tmp_path / switch / "tune"),
+                        cache_dir=str(tmp_path / switch / "cache"), max_concurrent=1)
+        assert run.ip_cache is (switch == "1")
+        grid = run_search(sp, [group], run, verbose=0, progress=False)
+        assert [r.error for r in grid] == [None, None]
+        log = tmp_path / switch / "cache" / "events.log"  # one line per object the cache computed
+        signs = sum(line.startswith("ipsign\t") for line in log.read_text().splitlines()) if log.exists() else 0
+        rows = sorted(read_results(run.results_dir).to_pylist(), key=lambda r: (r["eps"], r["seed"], r["split"]))
+        got[switch] = (signs, figures(rows))
+    # off: none; on: ID val, val OOD, ID test, test OOD of each of the 2 seeds' models, once for both ε values
+    assert got["0"][0] == 0 and got["1"][0] == 2 * 4
+    assert got["0"][1] == got["1"][1] and len(got["1"][1]) == 2 * 2 * 2
