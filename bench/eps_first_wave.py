@@ -126,8 +126,9 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
 
     torch.set_num_threads(1)
     (ckpt,) = [p.parent for p in Path(work, "models").rglob("model.pt")]
-    model = load_model(ckpt).model
-    x = torch.rand(n, *load_model(ckpt).data["shape"], generator=torch.Generator().manual_seed(0))
+    loaded = load_model(ckpt)
+    model = loaded.model
+    x = torch.rand(n, *loaded.data["shape"], generator=torch.Generator().manual_seed(0))
     feats = extract_features(model, TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch, torch.device("cpu"))
     feats.y = feats.logits.argmax(1)  # a fit needs classes; any labelling times the same
     score = create_score("density", [model], fit_density("gmm_sum", "{}", feats, torch.device("cpu")))
@@ -177,17 +178,23 @@ def main() -> None:
         for label in labels:
             print(f"| {label} | {' / '.join(f'{r[3].get(label, 0.0):.2f}' for r in res)} |")
         print(f"| computed (counts) | {' / '.join(str(r[4]) for r in res)} |")
-    f, g = per_input_costs(args.workdir)
     splits, n, k = 4, 2000, len(EPS)
-    uncached, cached = k * splits * n * (g + f), splits * n * g + k * splits * n * f
+
+    def compute(f: float, g: float) -> tuple[float, float]:
+        """CPU-s of the bench's search's compute: uncached k·splits·n·(g + f), cached splits·n·g + k·splits·n·f."""
+        return k * splits * n * (g + f), splits * n * g + k * splits * n * f
+
+    f, g = per_input_costs(args.workdir)
+    uncached, cached = compute(f, g)
     print(f"\n## per-input costs (one thread, CPU time, median of 7): scoring forward f = {f * 1e6:.0f} us, forward + "
           f"input gradient g = {g * 1e6:.0f} us (g / f = {g / f:.2f})")
     print(f"compute of the bench's search ({splits} splits of {n}, k = {k}): uncached {k}*{splits}*(g + f) = {uncached:.1f} "
           f"CPU-s, cached {splits}*g + {k}*{splits}*f = {cached:.1f} CPU-s; ratio >= 2 while the cost common to both modes "
           f"is at most uncached - 2*cached = {uncached - 2 * cached:.1f} CPU-s")
     fc, gc = per_input_costs(args.workdir, channels_last=True)
+    uncached_cl, cached_cl = compute(fc, gc)
     print(f"(information) the same in channels-last: f = {fc * 1e6:.0f} us, g = {gc * 1e6:.0f} us; compute uncached "
-          f"{k * splits * n * (gc + fc):.1f}, cached {splits * n * gc + k * splits * n * fc:.1f} CPU-s")
+          f"{uncached_cl:.1f}, cached {cached_cl:.1f} CPU-s")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def test_search_hands_the_drivers_choice_to_every_trial(ray_session, group, tmp_
     """``DENSITUNE_IP_CACHE`` is read on the driver (``SearchRun.ip_cache``) and travels with the run to the Ray
     workers, which started long before with their own environment (as on the other nodes of a cluster): with it
     off no trial computes a gradient sign, with it on each split's sign is computed once; the rows are the same."""
+    from densitune.search.cache import DiskCache
     from densitune.search.results.store import read_results
     from densitune.search.tune import SearchRun, run_search
 
@@ -154,8 +155,7 @@ def test_search_hands_the_drivers_choice_to_every_trial(ray_session, group, tmp_
         assert run.ip_cache is (switch == "1")
         grid = run_search(sp, [group], run, verbose=0, progress=False)
         assert [r.error for r in grid] == [None, None]
-        log = tmp_path / switch / "cache" / "events.log"  # one line per object the cache computed
-        signs = sum(line.startswith("ipsign\t") for line in log.read_text().splitlines()) if log.exists() else 0
+        signs = sum(kind == "ipsign" for kind, _ in DiskCache(run.cache_dir).events())
         rows = sorted(read_results(run.results_dir).to_pylist(), key=lambda r: (r["eps"], r["seed"], r["split"]))
         got[switch] = (signs, figures(rows))
     # off: none; on: ID val, val OOD, ID test, test OOD of each of the 2 seeds' models, once for both ε values
