@@ -48,6 +48,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from densitune.ray_runtime import init_ray  # noqa: E402
+from densitune.search.cache import DiskCache  # noqa: E402
 from densitune.search.prepare import prepare_search  # noqa: E402
 from densitune.search.results.store import read_results  # noqa: E402
 from densitune.search.tune import SearchRun, run_search  # noqa: E402
@@ -139,7 +140,7 @@ def search(work: Path, name: str, cpus: int, cached: bool) -> dict:
         "later trials": last_end - first_wave_end,
         "last trial -> Tuner.fit returns": marks["run_search"] - t0 - last_end,
         "(information) CPU seconds of this driver process (Tune's loop, Optuna)": driver_cpu,
-        "(information) CPU seconds of the whole machine (every process here)": float(busy[0]),
+        MACHINE_CPU: float(busy[0]),
         "(information) CPU seconds of Ray's own processes (GCS, raylet, agents, monitors)": ray_cpu,
         TRIAL_CPU: float(busy[0]) - driver_cpu - ray_cpu,
         "(information) CPU seconds stolen by the hypervisor (other machines on these cores)": float(busy[1]),
@@ -147,6 +148,7 @@ def search(work: Path, name: str, cpus: int, cached: bool) -> dict:
     return {"seconds": total, "parts": parts}
 
 
+MACHINE_CPU = "(information) CPU seconds of the whole machine (every process here)"
 #: the part whose ratio between the modes bounds the gate (see ``main``)
 TRIAL_CPU = "(information) CPU seconds of the trial actors (the machine less this driver and Ray's own processes)"
 #: what names a process of Ray's own (not a worker: workers are titled ``ray::...``) in its command line
@@ -163,11 +165,11 @@ def ray_system_pids(root: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
+                stat = proc_stat(int(entry))
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            parent[int(entry)] = int(stat[1])
             command[int(entry)] = cmd
 
     def under_root(pid: int) -> bool:
@@ -182,12 +184,17 @@ def ray_system_pids(root: int) -> list[int]:
             and under_root(pid)]
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: [0] state, [1] parent PID, [11] utime, [12] stime."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def processes_cpu(pids: list[int]) -> float:
     """User + system CPU seconds the processes ``pids`` have used so far (``/proc/PID/stat``; gone ones count 0)."""
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = proc_stat(pid)
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])
@@ -346,8 +353,7 @@ def main() -> None:
     # the trials after the first wave (one per CPU) find data, features, density and signs ready
     later = {mode: statistics.median(d for n, m in runs if m == mode for d in per_trial[n][args.cpus:])
              for mode in ("uncached", "cached")}
-    signs = [sum(line.startswith("ipsign\t") for line in (work / n / "cache" / "events.log").read_text().splitlines())
-             for n, m in runs if m == "cached"]
+    signs = [sum(kind == "ipsign" for kind, _ in DiskCache(work / n / "cache").events()) for n, m in runs if m == "cached"]
     print(f"\ngradient signs computed per cached search: {signs} (one per split: ID val, val OOD, ID test, test OOD)")
     med = {mode: statistics.median(got[n]["seconds"] for n, m in runs if m == mode) for mode in ("uncached", "cached")}
     ratio = med["uncached"] / med["cached"]
@@ -358,8 +364,7 @@ def main() -> None:
     # its actors' CPU / cpus, and the ratio would be theirs.
     trial_cpu = {mode: statistics.median(got[n]["parts"][TRIAL_CPU] for n, m in runs if m == mode)
                  for mode in ("uncached", "cached")}
-    machine = "(information) CPU seconds of the whole machine (every process here)"
-    busy = {mode: statistics.median(got[n]["parts"][machine] / (args.cpus * got[n]["seconds"]) for n, m in runs if m == mode)
+    busy = {mode: statistics.median(got[n]["parts"][MACHINE_CPU] / (args.cpus * got[n]["seconds"]) for n, m in runs if m == mode)
             for mode in ("uncached", "cached")}
     ceiling = trial_cpu["uncached"] / trial_cpu["cached"]
     result = {"uncached_s": [round(got[n]["seconds"], 1) for n, m in runs if m == "uncached"],
