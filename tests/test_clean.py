@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from densitune.cleanup import SESSION_FILE, _alive, session_processes
+from densitune.cleanup import SESSION_FILE, _alive, read_session, session_processes
 
 
 @pytest.mark.slow
@@ -31,15 +31,17 @@ def test_clean_stops_only_the_dead_drivers_ray_and_prunes(trained_models, ray_se
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     info = json.loads((out / SESSION_FILE).read_text())
-    assert info["driver_pid"] == driver.pid
+    assert info["driver"]["pid"] == driver.pid
     # our own Ray (the ray_session fixture) is another session: it must not be among the run's processes
     own_session = ray_session._private.worker._global_node.get_session_dir_path()
     assert own_session != info["session_dir"]
     time.sleep(1.0)
     # Ray's own processes may or may not outlive a SIGKILLed driver (the issue saw two agents stay);
     # whatever of that session is alive now must be gone after clean.
-    orphans = [p for p in session_processes(info["session_dir"], info["pids"]) if _alive(p)]
-    own = set(session_processes(own_session, []))
+    orphans = [p.pid for p in session_processes(read_session(out / SESSION_FILE)) if _alive(p.pid)]
+    node = ray_session._private.worker._global_node
+    own = {i.process.pid for infos in node.all_processes.values() for i in infos if i.process}
+    assert own
     assert not own & set(orphans) and os.getpid() not in orphans
 
     p = subprocess.run([sys.executable, "-m", "densitune", "clean", str(out)], capture_output=True, text=True, timeout=120)

@@ -271,7 +271,9 @@ def _start_ray(args: argparse.Namespace, store: RunStore) -> None:
     from densitune.cleanup import clean_run, record_session
     from densitune.ray_runtime import init_ray
 
-    clean_run(store.local(), prune=False)
+    done = clean_run(store.local(), prune=False)
+    if done.ignored:
+        log.warning("ignoring %s (it proves no process of a crashed driver); no process signalled", done.ignored)
     init_ray(args.address, args.num_cpus, verbose=args.verbose, quiet=args.quiet)
     if args.address is None:  # a Ray this process started (never a cluster's)
         record_session(store.local())
@@ -581,6 +583,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise ConfigError(f"run directory not found: {run}")
     done = clean_run(run)
+    if done.ignored:
+        raise ConfigError(f"ignored {done.ignored}; no process signalled, nothing removed")
     if done.driver_alive:
         raise ConfigError(f"{run} is in use by a running densitune; nothing cleaned")
     print(f"stopped {len(done.stopped)} orphaned Ray process(es); removed {len(done.removed)} Tune folder(s) and lock file(s)")

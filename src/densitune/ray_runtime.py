@@ -61,7 +61,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:
+        from densitune.cleanup import new_session_marker
+
         _session_token()
+        new_session_marker()  # every process of this Ray carries it: `densitune clean` signals only those
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count() or 1,
