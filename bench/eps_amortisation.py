@@ -47,10 +47,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from densitune.ray_runtime import init_ray  # noqa: E402
+from densitune.results.store import read_results  # noqa: E402
+from densitune.run.ray_runtime import init_ray  # noqa: E402
 from densitune.search.cache import DiskCache  # noqa: E402
 from densitune.search.prepare import prepare_search  # noqa: E402
-from densitune.search.results.store import read_results  # noqa: E402
 from densitune.search.tune import SearchRun, run_search  # noqa: E402
 from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
 from densitune.trainables.train.config import TrainConfig  # noqa: E402
@@ -221,7 +221,7 @@ def search_child(args: argparse.Namespace) -> None:
     from ray import tune  # noqa: F401
     from ray.tune.search.optuna import OptunaSearch  # noqa: F401
 
-    from densitune.console import quiet_ray
+    from densitune.run.console import quiet_ray
 
     quiet_ray(False)
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")

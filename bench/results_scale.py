@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from densitune.search.results.store import COMPACT_EVERY, RollingCompaction
+from densitune.results.store import COMPACT_EVERY, RollingCompaction
 
 GATE_S, GATE_MB = 3.0, 500.0
 SCORES = ["density", "diff", "msp", "entropy", "gradnorm"]
@@ -57,7 +57,7 @@ class Net:
 
 def trial_rows(i: int) -> list[dict]:
     """The 14 rows of search trial ``i`` (deterministic pseudo-random metrics)."""
-    from densitune.search.results.rows import provenance, result_row
+    from densitune.results.rows import provenance, result_row
 
     net = Net("cnn", "digits", ["ce", "contrastive"][i % 2], 0.1, True, 0, [8, 32][(i // 2) % 2])
     score = SCORES[(i // 4) % len(SCORES)]
@@ -84,7 +84,7 @@ def trial_rows(i: int) -> list[dict]:
 
 def train_rows(i: int) -> list[dict]:
     """One training epoch's row (network i // 15, epoch i % 15 + 1)."""
-    from densitune.search.results.rows import provenance, result_row
+    from densitune.results.rows import provenance, result_row
 
     n = i // 15
     net = Net("cnn", "digits", ["ce", "contrastive"][n % 2], 0.1, True, 0, [8, 32][(n // 2) % 2])
@@ -94,7 +94,7 @@ def train_rows(i: int) -> list[dict]:
 
 
 def _write(args: tuple[str, int, int]) -> int:
-    from densitune.search.results.store import write_rows
+    from densitune.results.store import write_rows
 
     results, start, stop = args
     for i in range(start, stop):
@@ -103,7 +103,7 @@ def _write(args: tuple[str, int, int]) -> int:
 
 
 def generate(run: Path, trials: int) -> None:
-    from densitune.search.results.store import write_rows
+    from densitune.results.store import write_rows
 
     results = run / "results"
     results.mkdir(parents=True)

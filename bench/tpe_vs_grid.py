@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from densitune.ray_runtime import init_ray  # noqa: E402
+from densitune.results.store import read_results  # noqa: E402
+from densitune.run.ray_runtime import init_ray  # noqa: E402
 from densitune.search.prepare import prepare_search  # noqa: E402
-from densitune.search.results.store import read_results  # noqa: E402
 from densitune.search.tune import SearchRun, run_search  # noqa: E402
 from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
 from densitune.trainables.train.config import TrainConfig  # noqa: E402

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from densitune.checks import error_summary
-from densitune.files import atomic_write, load_tensors
+from densitune.run.files import atomic_write, load_tensors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,7 +39,7 @@ CACHE_VERSION = 2
 def checkpoint_token(path: str) -> str:
     """Where the weights really are (a folder of links to them, as `densitune run` searches, shares their
     cache entries), plus their size and mtime: changes whenever the model does."""
-    from densitune.runstore import location
+    from densitune.run.runstore import location
 
     f = (location(path) / "model.pt").resolve()
     st = f.stat()

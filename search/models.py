@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from densitune.errors import CheckpointError, ConfigError
-from densitune.runstore import RunPath, glob, location
+from densitune.run.runstore import RunPath, glob, location
 from densitune.trainables.train.checkpoint import (
     CONFIG_FILE,
     FORMAT,

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from densitune.failures import FATAL_KEY
-from densitune.runstore import ObjectPath, RunPath, location, publish
+from densitune.run.failures import FATAL_KEY
+from densitune.run.runstore import ObjectPath, RunPath, location, publish
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
 from densitune.search.space import DefineByRun, TrialParams, params_from_config
@@ -168,7 +168,7 @@ def mirror_callback(mirror: StudyMirror):
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             value = result.get(objective)
-            if value is None or result.get(FATAL_KEY):  # a fatal trial reported no value (densitune.failures)
+            if value is None or result.get(FATAL_KEY):  # a fatal trial reported no value (densitune.run.failures)
                 return
             try:
                 mirror.add(trial.trial_id, dict(trial.config), value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from densitune.errors import ConfigError
-from densitune.runstore import location
+from densitune.run.runstore import location
 from densitune.search.models import ModelGroup
 from densitune.search.spec import SearchSpec
 

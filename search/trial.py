@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from densitune.results.rows import provenance, result_row
 from densitune.search.evaluate import (
     Workspace,
     aggregate_objective,
@@ -27,7 +28,6 @@ from densitune.search.evaluate import (
 )
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
-from densitune.search.results.rows import provenance, result_row
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 

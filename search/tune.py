@@ -19,12 +19,12 @@ from typing import Any
 
 from densitune.checks import error_summary
 from densitune.errors import SearchError
-from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
-from densitune.runstore import tune_storage
+from densitune.results.store import COMPACT_EVERY, RollingCompaction
+from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.run.runstore import tune_storage
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
 from densitune.search.optuna_study import _Replay
-from densitune.search.results.store import COMPACT_EVERY, RollingCompaction
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
 from densitune.search.workspace import ip_cache_default
@@ -44,7 +44,7 @@ class SearchRun:
     gpus_per_trial: float | None = None  # None: 1 when this (local) machine has a GPU, else 0
     max_concurrent: int | None = None
     cache_dir: str | None = None  # shared disk cache of features / densities / attacks
-    log_file: str | None = None  # per-trial lines of every worker (densitune.console.log_to_file)
+    log_file: str | None = None  # per-trial lines of every worker (densitune.run.console.log_to_file)
     compact_every: int = COMPACT_EVERY  # the driver merges finished trials' files in groups of this many (0: off)
     # the gradient-sign cache of ε > 0 trials, decided here on the driver (default: DENSITUNE_IP_CACHE, on) and
     # handed to each trial with the run, so a worker on any node follows it whatever its own environment says
@@ -58,10 +58,10 @@ def search_trainable(
     import torch
     from ray import tune
 
-    from densitune.console import log_to_file
-    from densitune.search.results.store import write_rows
+    from densitune.results.store import write_rows
+    from densitune.run.console import log_to_file
+    from densitune.run.storage import fatal_storage
     from densitune.search.trial import run_trial
-    from densitune.storage import fatal_storage
 
     log_to_file(run.log_file)
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -72,9 +72,9 @@ def search_trainable(
     objective, rows = run_trial(ws, spec, groups[params.group], params, trial_id, search_params=dict(config),
                                 sample_scores=kept)
     name = trial_file_name(config, points, trial_id)
-    with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
+    with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
         if kept is not None:  # before the rows: a trial with rows always has its scores
-            from densitune.search.results.sample_scores import write_sample_scores
+            from densitune.results.sample_scores import write_sample_scores
 
             write_sample_scores(run.results_dir, spec.experiment, name, trial_id, kept)
         write_rows(run.results_dir, rows, name=name)
@@ -104,7 +104,7 @@ def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
 
 def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[str, Any], float]]:
     """trial_id -> (sampler parameters, objective) of every trial already in the results."""
-    from densitune.search.results.store import has_results, read_results
+    from densitune.results.store import has_results, read_results
 
     if not has_results(results_dir, experiment):
         return {}
@@ -136,7 +136,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
     (the Parquet files are the record) are not run again: a grid runs its missing points,
     TPE runs the rest of its budget with the finished trials given to the sampler.
-    A trial lost with its node is run again from scratch (:mod:`densitune.failures`); a
+    A trial lost with its node is run again from scratch (:mod:`densitune.run.failures`); a
     fatal error, or reaching ``max_gpu_hours``, stops the whole search (resumable).
     ``progress`` shows a live progress bar on stderr. Ctrl-C raises KeyboardInterrupt here;
     the finished trials are in the results and ``resume`` runs the rest.
@@ -150,7 +150,7 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from densitune.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
+    from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
     from densitune.search.optuna_study import StudyMirror, journal_path, mirror_callback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

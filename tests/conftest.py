@@ -149,7 +149,7 @@ def s3_bucket(s3_server, monkeypatch):
     """A fresh bucket on the loopback server, with this process's environment pointed at it: ``s3://<name>``."""
     import uuid
 
-    from densitune import runstore
+    from densitune.run import runstore
 
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import densitune
+from densitune.results.store import read_results
 from densitune.search.ood.densities import create_density
-from densitune.search.results.store import read_results
 
 
 class TinyNet(nn.Module):

@@ -23,8 +23,8 @@ import pytest
 import torch
 from conftest import train_to
 
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import write_rows
+from densitune.results.rows import provenance
+from densitune.results.store import write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LONG = "x" * 5000

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from densitune.cleanup import SESSION_FILE, _alive, read_session, session_processes
+from densitune.run.cleanup import SESSION_FILE, _alive, read_session, session_processes
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
 
 def test_fixed_names_are_choices_that_match_the_code():
     from densitune.search.ood.attacks import ATTACKS
-    from densitune.search.results import report
+    from densitune.search.report import tables as report
     from densitune.search.spec import METRICS, PROTOCOLS, SAMPLERS
 
     assert FORMATS == report.FORMATS and VIEWS == report.VIEWS and set(ATTACK_NAMES) == set(ATTACKS.names())

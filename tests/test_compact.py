@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from densitune.runlock import writer_lock
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import read_results, result_files, write_rows
+from densitune.results.rows import provenance
+from densitune.results.store import read_results, result_files, write_rows
+from densitune.run.runlock import writer_lock
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FAILPOINTS = ["compact:manifest", "compact:merged-written", "compact:merged-published", "compact:deleting"]
@@ -93,7 +93,7 @@ def test_readers_and_resume_after_compaction(run, tmp_path):
 
 def _merge(run: Path, experiment: str, names: list[str], failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
     """What the search driver does: ``RollingCompaction.finished`` for each of ``names``, in a process of its own."""
-    code = ("import sys; from densitune.search.results.store import RollingCompaction\n"
+    code = ("import sys; from densitune.results.store import RollingCompaction\n"
             f"r = RollingCompaction({str(run / 'results')!r}, {experiment!r}, every={len(names)})\n"
             f"for n in {names!r}: r.finished(n)\n"
             "print(r.merged, len(r.pending))")
@@ -153,7 +153,7 @@ def test_a_search_merges_its_finished_trials_files_as_it_runs(ray_session, train
 
 def test_rolling_compaction_on_a_bucket(s3_bucket):
     """The same merge on an S3-compatible server: the finished files become one object, the rest stay."""
-    from densitune.search.results.store import RollingCompaction
+    from densitune.results.store import RollingCompaction
 
     results = f"{s3_bucket}/run/results"
     rows = {}

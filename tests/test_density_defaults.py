@@ -18,7 +18,7 @@ def test_defaults_match_the_registered_factory(name):
 
 
 def test_report_names_non_default_params_without_importing_torch():
-    code = ("import sys; from densitune.search.results.report import short_params; "
+    code = ("import sys; from densitune.search.report.tables import short_params; "
             "print(short_params('kde', '{\"bandwidth\": 0.5, \"max_train\": null, \"random_state\": 0, \"chunk_size\": null}'), "
             "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from densitune.results.store import to_table
 from densitune.search.evaluate import Workspace
 from densitune.search.models import discover
 from densitune.search.ood.metrics import auroc
-from densitune.search.results.diagnostics import below_chance
-from densitune.search.results.report import best_config, report, search_frame
-from densitune.search.results.store import to_table
+from densitune.search.report.diagnostics import below_chance
+from densitune.search.report.tables import best_config, report, search_frame
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.trial import run_trial

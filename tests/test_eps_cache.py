@@ -140,8 +140,8 @@ def test_search_hands_the_drivers_choice_to_every_trial(ray_session, group, tmp_
     """``DENSITUNE_IP_CACHE`` is read on the driver (``SearchRun.ip_cache``) and travels with the run to the Ray
     workers, which started long before with their own environment (as on the other nodes of a cluster): with it
     off no trial computes a gradient sign, with it on each split's sign is computed once; the rows are the same."""
+    from densitune.results.store import read_results
     from densitune.search.cache import DiskCache
-    from densitune.search.results.store import read_results
     from densitune.search.tune import SearchRun, run_search
 
     sp = SearchSpec(experiment="h", val_ood="digits-blend", test_ood=("noise-uniform",), eps_grid=(0.01, 0.02),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from densitune.search.results.store import read_results
+from densitune.results.store import read_results
 
 EPS = ["0", "0.001", "0.002", "0.005", "0.01", "0.02", "0.03", "0.05", "0.07", "0.1"]
 
@@ -109,7 +109,7 @@ def test_failed_training_trial_is_one_line_with_the_account_and_no_traceback(tmp
                         "--lr", "1e30", "--num-cpus", "2"], capture_output=True, text=True, timeout=400, env=_env())
     assert p.returncode == 2 and "trained 1 model(s)" not in p.stdout
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("densitune: ")]
-    # a diverged loss would diverge again: not retried, the run stops at once (densitune.failures)
+    # a diverged loss would diverge again: not retried, the run stops at once (densitune.run.failures)
     assert len(errors) == 1 and errors[0].startswith("densitune: error: training stopped at a trial that would fail again")
     assert "0 of 1 model(s) trained" in errors[0] and errors[0].endswith("--lr 1e30 --num-cpus 2 --resume")
     assert "Traceback" not in p.stderr  # Tune's traceback is in the run's log instead

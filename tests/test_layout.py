@@ -91,14 +91,14 @@ def test_no_module_imports_the_old_top_level_names():
 
 
 # The OOD maths and the results layer know nothing of Ray, files of runs, the training loop or the CLI.
-PURE = ["densitune.search.ood", "densitune.search.results"]
+PURE = ["densitune.search.ood", "densitune.results"]
 FORBIDDEN = ["ray", "densitune.trainables.train", "densitune.trainables.train.loop", "densitune.cli",
-             "densitune.search.tune", "densitune.search.evaluate", "densitune.ray_runtime"]
+             "densitune.search.tune", "densitune.search.evaluate", "densitune.run.ray_runtime"]
 
 
 def test_ood_and_results_layers_import_no_ray_training_or_cli(tmp_path):
     mods = [m for pkg in PURE for m in _modules(pkg)]
-    assert "densitune.search.ood.densities" in mods and "densitune.search.results.store" in mods
+    assert "densitune.search.ood.densities" in mods and "densitune.results.store" in mods
     code = (f"import importlib, json, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
             f"print(json.dumps(sorted(m for m in sys.modules if m in {FORBIDDEN!r} or m.startswith('ray.'))))")
     p = _py(code, tmp_path)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _rows(run: str) -> list[dict]:
     from densitune.errors import ResultsError
-    from densitune.search.results.store import read_results
+    from densitune.results.store import read_results
 
     try:
         return read_results(f"{run}/results").to_pylist()
@@ -58,7 +58,7 @@ def _busy(node) -> bool:
 
 def _failures(run: str, prefix: str) -> dict[str, int]:
     """trial name (network key or grid point) -> Tune's failure count, from Tune's experiment state."""
-    from densitune.runstore import glob, location
+    from densitune.run.runstore import glob, location
 
     (state,) = glob(location(run) / "tune", f"{prefix}*/experiment_state-*.json")[-1:]
     out = {}

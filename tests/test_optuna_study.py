@@ -8,9 +8,9 @@ import json
 import optuna
 import pytest
 
+from densitune.results.store import read_results
 from densitune.search.models import discover, select
 from densitune.search.optuna_study import journal_path, open_storage
-from densitune.search.results.store import read_results
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 

@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_report_summary import trial
 
 from densitune.cli import main
-from densitune.search.plots import COLUMN_WIDTH, LINESTYLES, eps_figure, line_style, plot_results
-from densitune.search.results.report import search_frame
-from densitune.search.results.store import read_results
+from densitune.results.store import read_results
+from densitune.search.report.plots import COLUMN_WIDTH, LINESTYLES, eps_figure, line_style, plot_results
+from densitune.search.report.tables import search_frame
 
 
 @pytest.fixture

@@ -11,13 +11,8 @@ import pytest
 from PIL import Image
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
-from densitune.search.evaluate import Workspace
-from densitune.search.models import discover, select
-from densitune.search.ood.metrics import auroc
-from densitune.search.plots import best_scores, eps_curves, plot_results
-from densitune.search.results.report import search_frame
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import (
+from densitune.results.rows import provenance
+from densitune.results.store import (
     SPEC_FILE,
     experiment_dir,
     read_results,
@@ -25,6 +20,11 @@ from densitune.search.results.store import (
     write_rows,
     write_spec,
 )
+from densitune.search.evaluate import Workspace
+from densitune.search.models import discover, select
+from densitune.search.ood.metrics import auroc
+from densitune.search.report.plots import best_scores, eps_curves, plot_results
+from densitune.search.report.tables import search_frame
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.trial import run_trial
@@ -147,8 +147,8 @@ def test_eps_curves_average_seeds_then_ood_sets(results):
 
 def test_histogram_and_roc_take_far_and_infinite_scores():
     """Log-densities of -1e5 or -inf do not squash the histogram and are counted; the ROC accepts them."""
-    from densitune.search.plots import BestScores, hist_figure, roc_figure
-    from densitune.search.results.report import ConfigResult
+    from densitune.search.report.plots import BestScores, hist_figure, roc_figure
+    from densitune.search.report.tables import ConfigResult
 
     cfg = dict(backbone="cnn", D=8, loss="ce", center_loss=None, spectral=True,
                score="density", density="gmm_sum", density_params="{}")

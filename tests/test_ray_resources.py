@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from densitune.errors import ConfigError
-from densitune.resource_flags import check_resource_flags
+from densitune.run.resource_flags import check_resource_flags
 
 
 def densitune(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from densitune.search.results.report import best, best_config, report
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import read_results, write_rows
+from densitune.results.rows import provenance
+from densitune.results.store import read_results, write_rows
+from densitune.search.report.tables import best, best_config, report
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -16,8 +16,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from densitune.cli import main
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import write_rows
+from densitune.results.rows import provenance
+from densitune.results.store import write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 TEST_SETS = ("digits-rot90", "noise-uniform", "digits-hflip")  # near, far, near (digits' registry groups)

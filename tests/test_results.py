@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from densitune.errors import ResultsError
-from densitune.search.results.rows import provenance
-from densitune.search.results.store import COLUMNS, SCHEMA, SCHEMA_VERSION, code_version, read_results, write_rows
+from densitune.results.rows import provenance
+from densitune.results.store import COLUMNS, SCHEMA, SCHEMA_VERSION, code_version, read_results, write_rows
 
 
 def row(**kw):

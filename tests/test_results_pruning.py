@@ -13,11 +13,11 @@ import pytest
 
 from densitune.cli import main
 from densitune.errors import ResultsError
-from densitune.search.results import store
-from densitune.search.results.report import READ_COLUMNS, read_search_rows
-from densitune.search.results.rows import provenance
-from densitune.search.results.sql import referenced_columns
-from densitune.search.results.store import COLUMNS, SCHEMA, read_results, write_rows
+from densitune.results import store
+from densitune.results.rows import provenance
+from densitune.results.sql import referenced_columns
+from densitune.results.store import COLUMNS, SCHEMA, read_results, write_rows
+from densitune.search.report.tables import READ_COLUMNS, read_search_rows
 
 V3_RESULTS = Path(__file__).parent / "data" / "results_v3"
 
@@ -89,7 +89,7 @@ def test_commands_print_what_a_whole_table_read_prints(tmp_path, monkeypatch, ca
     pruned = capsys.readouterr().out
     whole = read_results(root)
     monkeypatch.setattr(store, "read_results", lambda *a, **k: whole)  # every column of every row
-    import densitune.search.results.report as report
+    import densitune.search.report.tables as report
 
     monkeypatch.setattr(report, "read_search_rows",
                         lambda d, where=None, by=None: store.filter_results(whole, where))
@@ -183,8 +183,8 @@ def test_reading_commands_import_no_torch_and_print_nothing_on_stderr(tmp_path, 
 
 def test_query_markdown_without_pandas_equals_the_report_renderer():
     """``query``'s markdown (pyarrow only) is what the pandas renderer of the report prints for the same table."""
-    from densitune.search.results.markdown import arrow_markdown
-    from densitune.search.results.report import Table, _markdown
+    from densitune.search.report.markdown import arrow_markdown
+    from densitune.search.report.tables import Table, _markdown
 
     t = pa.table({"density": ["kde", None, "gmm_sum"], "D": pa.array([8, 32, 8], pa.int32()), "eps": [0.0, 0.0125, None],
                   "auroc": [0.91234567, None, 0.5], "auroc_std": [0.01, 0.002, None], "n": pa.array([3, 4, 5], pa.int64()),

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from densitune.results.store import read_results
 from densitune.search.cache import DiskCache
 from densitune.search.models import discover, select
-from densitune.search.results.store import read_results
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 
@@ -98,7 +98,7 @@ def test_killed_training_resumes_with_each_epoch_once(tmp_path):
 
 
 def test_resume_of_a_search_that_wrote_nothing_yet(tmp_path):
-    from densitune.search.results.store import write_spec
+    from densitune.results.store import write_spec
     from densitune.search.tune import completed_trials
 
     assert completed_trials(str(tmp_path / "results"), "fresh") == {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from densitune.runlock import LockedError, writer_lock
+from densitune.run.runlock import LockedError, writer_lock
 
 
 def _cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -76,7 +76,7 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_lock_of_another_host_expires_unless_renewed(tmp_path, monkeypatch):
-    import densitune.runlock as rl
+    import densitune.run.runlock as rl
 
     (tmp_path / "locks").mkdir()
     lock = tmp_path / "locks" / "e.json"

@@ -10,9 +10,7 @@ import socket
 import pytest
 
 from densitune.errors import ConfigError
-from densitune.runlock import LEASE_S, LockedError, writer_lock
-from densitune.runstore import ObjectPath, RunStore, files_under, location, publish
-from densitune.search.results.store import (
+from densitune.results.store import (
     compact_experiment,
     read_results,
     read_spec,
@@ -20,7 +18,9 @@ from densitune.search.results.store import (
     write_rows,
     write_spec,
 )
-from densitune.storage import StorageError, check_writable
+from densitune.run.runlock import LEASE_S, LockedError, writer_lock
+from densitune.run.runstore import ObjectPath, RunStore, files_under, location, publish
+from densitune.run.storage import StorageError, check_writable
 
 
 def _rows(n: int, experiment: str = "e") -> list[dict]:
@@ -106,7 +106,7 @@ def test_lock_of_a_dead_holder_or_an_expired_lease_is_taken_over(s3_bucket, s3_s
     with pytest.raises(LockedError, match="on elsewhere"):  # another host, lease fresh
         with writer_lock(run, "search", "e"):
             pass
-    import densitune.runlock as runlock
+    import densitune.run.runlock as runlock
 
     monkeypatch.setattr(runlock, "LEASE_S", -1.0)  # the store's clock says the lease ran out
     with writer_lock(run, "search", "e"):

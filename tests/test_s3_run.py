@@ -40,7 +40,7 @@ def _files(folder: Path) -> list[str]:
 
 def _comparable(run: str) -> dict[tuple, dict]:
     """Every row of the run, keyed by what identifies it, without the columns that differ between two runs."""
-    from densitune.search.results.store import read_results
+    from densitune.results.store import read_results
 
     out = {}
     for r in read_results(run + "/results").to_pylist():
@@ -100,8 +100,8 @@ def test_the_same_run_on_a_local_folder_and_on_a_bucket_gives_the_same_rows(tmp_
 
     import optuna
 
+    from densitune.results.store import read_results
     from densitune.search.optuna_study import journal_path, open_storage
-    from densitune.search.results.store import read_results
 
     trials = {r["trial_id"] for r in read_results(runs["s3"] + "/results", experiment="s", stage="search").to_pylist()}
     study = optuna.load_study(study_name="s", storage=open_storage(journal_path(runs["s3"] + "/results")))
@@ -134,7 +134,7 @@ def test_two_searches_on_one_experiment_of_a_bucket_run(tmp_path, s3_bucket, s3_
     lines = [ln for ln in err2.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"is being written by pid {first.pid} on {socket.gethostname()}" in lines[0]
 
-    from densitune.search.results.store import read_results
+    from densitune.results.store import read_results
 
     rows = read_results(run + "/results", experiment="e").to_pylist()
     trials = Counter(r["trial_id"] for r in rows if r["split"] == "val")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from densitune.errors import ConfigError, UnknownNameError
+from densitune.results.store import read_results
 from densitune.search.evaluate import Workspace, selection_metrics
 from densitune.search.models import discover, select
-from densitune.search.results.store import read_results
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.trial import run_trial

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from densitune.cli import main
+from densitune.results.store import read_results, write_spec
 from densitune.search.models import discover, select
 from densitune.search.ood.densities import DENSITIES
 from densitune.search.ood.scores import SCORES
-from densitune.search.results.report import report
-from densitune.search.results.store import read_results, write_spec
+from densitune.search.report.tables import report
 from densitune.search.space import grid_points
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from densitune.cleanup import (
+from densitune.run.cleanup import (
     MARKER_ENV,
     SESSION_FILE,
     SessionFileError,
@@ -92,7 +92,7 @@ def test_the_callers_own_ancestors_are_never_selected(tmp_path):
     marked sibling decoy: only the decoy may come back."""
     script = """
 import json, os, subprocess, sys, time
-from densitune.cleanup import parse_session, process_id, session_processes
+from densitune.run.cleanup import parse_session, process_id, session_processes
 decoy = subprocess.Popen(["sleep", "60"])
 time.sleep(0.1)
 me, parent = process_id(os.getpid()), process_id(os.getppid())

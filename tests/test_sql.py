@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from densitune.errors import ResultsError
-from densitune.search.results.rows import provenance
-from densitune.search.results.sql import check_filter, echo
-from densitune.search.results.store import filter_results, query, read_results, write_rows
+from densitune.results.rows import provenance
+from densitune.results.sql import check_filter, echo
+from densitune.results.store import filter_results, query, read_results, write_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from densitune.search.results.store import read_results
+from densitune.results.store import read_results
 
 
 def _chattr(flag: str, path: Path) -> bool:
@@ -78,7 +78,7 @@ def test_results_folder_unwritable_mid_run_stops_at_first_failed_write(trained_m
     trials = json.loads(state.read_text())["trial_data"]
     statuses = [json.loads(t[0])["status"] if isinstance(t, list) else None for t in trials]
     assert "RUNNING" not in statuses and "PENDING" not in statuses
-    # the trial whose write failed reported it as fatal (densitune.failures), so Tune did not retry it
+    # the trial whose write failed reported it as fatal (densitune.run.failures), so Tune did not retry it
     fatal = [p for p in tune_dir.glob("*/result.json") if '"fatal_error": "cannot write' in p.read_text()]
     assert len(fatal) == 1
     # every row was started before the folder froze

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from densitune import study as st
-from densitune.throughput import TRAIN
+from densitune.app import studies as st
+from densitune.app.throughput import TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "experiments").glob("*.yaml"))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from densitune.errors import CheckpointError, ConfigError, DensituneError, TrainingError
-from densitune.files import temp_path
+from densitune.run.files import temp_path
 from densitune.search.models import check_checkpoints, discover
 from densitune.trainables.nets.losses import create_loss
 from densitune.trainables.train.checkpoint import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from densitune.search.results.store import read_results
+from densitune.results.store import read_results
 from densitune.trainables.train.checkpoint import load_model
 from densitune.trainables.train.config import TrainConfig
 from densitune.trainables.train.tune import TrainRun, expand_grid, is_trained, run_training
@@ -36,7 +36,7 @@ def test_train_grid_with_ray(ray_session, tmp_path):
 
 def test_training_merges_finished_networks_epoch_files(ray_session, tmp_path):
     """Merged every 4 epoch files: the first two finished networks' 4 files become one, the third's 2 stay."""
-    from densitune.search.results.store import result_files
+    from densitune.results.store import result_files
 
     base = TrainConfig(backbone="cnn", feature_dim=4, epochs=2, experiment="m")
     configs = expand_grid(base, {"feature_dim": [4, 6, 8]})

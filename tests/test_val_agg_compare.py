@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from conftest import train_to
 
+from densitune.results.sample_scores import read_sample_scores, scores_dir
+from densitune.results.store import read_results
 from densitune.search.ood.compare import delong
 from densitune.search.ood.metrics import auroc
-from densitune.search.results.sample_scores import read_sample_scores, scores_dir
-from densitune.search.results.store import read_results
 from densitune.search.spec import SearchSpec
 
 #: the tests on ``runs`` are slow: three real searches (Ray, Tune, Optuna) in subprocesses, about 2 minutes on 2 cores

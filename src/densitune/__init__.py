@@ -3,7 +3,7 @@
 Layers (imports point one way, down this list):
 
 * ``densitune`` core — :mod:`~densitune.errors`, :mod:`~densitune.registry`,
-  :mod:`~densitune.checks`, :mod:`~densitune.device`, :mod:`~densitune.ray_runtime`:
+  :mod:`~densitune.checks`, :mod:`~densitune.device`, :mod:`~densitune.run.ray_runtime`:
   imported by both sides, importing neither.
 * :mod:`densitune.trainables` — ``data`` (data sets), ``nets`` (backbones, spectral norm,
   losses), ``train`` (config, checkpoint, the training loop and its Tune trainable).

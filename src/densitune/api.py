@@ -217,8 +217,8 @@ def _trial_rows(results_dir: str | Path, where: str | None, metric: str) -> tupl
     """The best trial by validation ``metric`` among the rows matching ``where``, and its rows."""
     import pyarrow.compute as pc
 
-    from densitune.search.results.report import best_config
-    from densitune.search.results.store import filter_results, read_results
+    from densitune.results.store import filter_results, read_results
+    from densitune.search.report.tables import best_config
 
     table = filter_results(read_results(results_dir), where)
     best = best_config(table, metric)
@@ -235,9 +235,9 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     search fitted it). A score over single networks exports every seed of its group; an ensemble score
     exports every member. Returns ``out``.
     """
-    from densitune.runstore import location
+    from densitune.results.store import read_spec
+    from densitune.run.runstore import location
     from densitune.search.evaluate import Workspace
-    from densitune.search.results.store import read_spec
     from densitune.trainables.data import load_split
     from densitune.trainables.train.checkpoint import load_model
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
-from densitune.files import load_tensors
-from densitune.runstore import RunPath, location, publish
+from densitune.run.files import load_tensors
+from densitune.run.runstore import RunPath, location, publish
 from densitune.trainables.train.config import TrainConfig
 
 if TYPE_CHECKING:

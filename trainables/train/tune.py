@@ -19,9 +19,9 @@ import torch
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
-from densitune.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
-from densitune.runstore import RunPath, location, tune_storage
-from densitune.search.results.store import COMPACT_EVERY
+from densitune.results.store import COMPACT_EVERY
+from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.run.runstore import RunPath, location, tune_storage
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
 from densitune.trainables.train.loop import fit
@@ -39,7 +39,7 @@ class TrainRun:
     storage_path: str  # Tune's experiment folders and the per-epoch training state
     cpus_per_trial: float = 1.0
     resume: bool = False  # continue unfinished networks from their last epoch
-    log_file: str | None = None  # per-epoch lines of every worker (densitune.console.log_to_file)
+    log_file: str | None = None  # per-epoch lines of every worker (densitune.run.console.log_to_file)
     compile: str = "auto"  # torch.compile the training step: auto | on | off (loop.resolve_compile)
     compact_every: int = COMPACT_EVERY  # the driver merges finished networks' epoch files in groups of this many (0: off)
 
@@ -105,10 +105,10 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     """
     from ray import tune
 
-    from densitune.console import log_to_file
-    from densitune.search.results.rows import provenance, result_row
-    from densitune.search.results.store import write_rows
-    from densitune.storage import fatal_storage
+    from densitune.results.rows import provenance, result_row
+    from densitune.results.store import write_rows
+    from densitune.run.console import log_to_file
+    from densitune.run.storage import fatal_storage
 
     log_to_file(run.log_file)
     cfg = TrainConfig.from_dict(configs[config["key"]])
@@ -137,7 +137,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
         log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
                  st.train_loss, st.val_accuracy, row["duration_s"])
         ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
-        with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.failures)
+        with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
             write_rows(run.results_dir, [row], name=epoch_file_name(cfg.key, st.epoch))
             if final:  # the model store keeps weights only: no optimiser state
                 save_checkpoint(run.model_dir(cfg), **ckpt_args)
@@ -175,11 +175,11 @@ def run_training(
     Configs whose final checkpoint already exists are skipped; with ``run.resume`` the
     unfinished ones continue from their last epoch's state (see :meth:`TrainRun.state_dir`
     and :func:`saved_state`). ``progress`` shows a live progress bar on stderr. Ctrl-C raises
-    KeyboardInterrupt here (see :func:`densitune.console.quiet_ray`); finished epochs and
+    KeyboardInterrupt here (see :func:`densitune.run.console.quiet_ray`); finished epochs and
     models are on disk, and ``run.resume`` continues the rest.
 
     A trial lost with its node is retried from its last epoch (``max_failures`` times, see
-    :mod:`densitune.failures`); a fatal error stops the whole run at once.
+    :mod:`densitune.run.failures`); a fatal error stops the whole run at once.
 
     Raises:
         ConfigError: two configs share a key.
@@ -189,9 +189,9 @@ def run_training(
     """
     from ray import tune
 
-    from densitune.ray_runtime import compaction_callback, progress_callback, trial_resources
-    from densitune.search.results.store import RollingCompaction
-    from densitune.storage import storage_failure
+    from densitune.results.store import RollingCompaction
+    from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources
+    from densitune.run.storage import storage_failure
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):

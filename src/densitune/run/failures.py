@@ -114,7 +114,7 @@ def raise_fatal(results: Any, what: str, name_key: str, error: type[DensituneErr
 
     ``name_key`` is the trial config's key that names the trial (the network key, the grid point).
     """
-    from densitune.storage import PREFIX, StorageError
+    from densitune.run.storage import PREFIX, StorageError
 
     for r in results:
         msg = (r.metrics or {}).get(FATAL_KEY)

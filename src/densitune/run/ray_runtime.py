@@ -42,12 +42,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
 
     Without ``verbose`` Ray and Tune keep quiet on the console: worker output stays in
     Ray's session logs (densitune's own lines go to the run's log file) and Ray logs
-    warnings only (see :func:`densitune.console.quiet_ray`); ``quiet`` (``-q``) hides those too:
+    warnings only (see :func:`densitune.run.console.quiet_ray`); ``quiet`` (``-q``) hides those too:
     densitune's warnings and its one-line errors still show.
     """
     import ray
 
-    from densitune.console import quiet_ray
+    from densitune.run.console import quiet_ray
 
     quiet_ray(verbose)
     if ray.is_initialized():
@@ -61,7 +61,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:
-        from densitune.cleanup import new_session_marker
+        from densitune.run.cleanup import new_session_marker
 
         _session_token()
         new_session_marker()  # every process of this Ray carries it: `densitune clean` signals only those
@@ -110,7 +110,7 @@ def _silence_ray() -> None:
 def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None) -> dict[str, float]:
     """Resources for one trial, requested (not guessed), checked against what a node can have.
 
-    ``gpus_per_trial=None`` (a local run only: :func:`densitune.resource_flags.check_resource_flags` refuses it with
+    ``gpus_per_trial=None`` (a local run only: :func:`densitune.run.resource_flags.check_resource_flags` refuses it with
     an address) means one GPU per trial when this machine has GPUs, else none.
 
     Raises:
@@ -146,12 +146,12 @@ def trial_slots(resources: dict[str, float]) -> int:
 
 def compaction_callback(rolling: Any, files_of: Any):
     """A Tune callback handing the files of each trial that finished (``files_of(trial)``: the names it wrote
-    them under) to ``rolling``, a :class:`densitune.search.results.store.RollingCompaction` of the experiment
+    them under) to ``rolling``, a :class:`densitune.results.store.RollingCompaction` of the experiment
     the driver holds the writer lock of. A failed merge is a warning; the trial files then stay as they are."""
     from ray.tune import Callback
 
     from densitune.checks import error_summary
-    from densitune.failures import FATAL_KEY
+    from densitune.run.failures import FATAL_KEY
 
     class _Compact(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -170,8 +170,8 @@ def compaction_callback(rolling: Any, files_of: Any):
 
 def progress_callback(total: int, metric: str, mode: str, what: str = "trial", show: bool = True):
     """A Tune callback showing one live progress bar (done / running / failed, best, ETA) and
-    logging one line per finished trial to the run's log (see :mod:`densitune.console`)."""
-    from densitune.console import Progress
-    from densitune.console import progress_callback as callback
+    logging one line per finished trial to the run's log (see :mod:`densitune.run.console`)."""
+    from densitune.run.console import Progress
+    from densitune.run.console import progress_callback as callback
 
     return callback(Progress(total, what, metric, mode, enabled=show), metric)

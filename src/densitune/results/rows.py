@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from densitune.search.results.store import code_version
+from densitune.results.store import code_version
 
 
 class Network(Protocol):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
-    from densitune.runstore import ObjectPath
+    from densitune.run.runstore import ObjectPath
 
 __all__ = ["atomic_write", "fsync_dir", "load_tensors", "temp_path"]
 
@@ -75,7 +75,7 @@ def load_tensors(path: str | Path | ObjectPath, map_location: Any = "cpu") -> An
 
     import torch
 
-    from densitune.runstore import ObjectPath
+    from densitune.run.runstore import ObjectPath
 
     source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, ObjectPath) else path
     with warnings.catch_warnings():

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from densitune.console import Interrupted, close_progress, log_to_file, resume_command, setup_logging
 from densitune.errors import DensituneError
+from densitune.run.console import Interrupted, close_progress, log_to_file, resume_command, setup_logging
 
 if TYPE_CHECKING:
-    from densitune.runstore import RunPath, RunStore
+    from densitune.run.runstore import RunPath, RunStore
 
 #: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
 #: which are not imported here: ``densitune --help`` stays fast).
@@ -268,8 +268,8 @@ def _train_configs(args: argparse.Namespace):
 def _start_ray(args: argparse.Namespace, store: RunStore) -> None:
     """Stop what a crashed earlier driver of this run left running, start Ray, and record its session
     (in the run folder, or for a run in a bucket in this machine's own folder for it: ``store.local()``)."""
-    from densitune.cleanup import clean_run, record_session
-    from densitune.ray_runtime import init_ray
+    from densitune.run.cleanup import clean_run, record_session
+    from densitune.run.ray_runtime import init_ray
 
     done = clean_run(store.local(), prune=False)
     if done.ignored:
@@ -281,20 +281,20 @@ def _start_ray(args: argparse.Namespace, store: RunStore) -> None:
 
 def _run_store(args: argparse.Namespace) -> RunStore:
     """The run named by ``--out``, checked writable before anything is written (a dangling link is refused)."""
-    from densitune.runstore import RunStore
-    from densitune.storage import check_writable
+    from densitune.run.runstore import RunStore
+    from densitune.run.storage import check_writable
 
     check_writable(args.out)
     return RunStore(args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from densitune.resource_flags import check_resource_flags
+    from densitune.run.resource_flags import check_resource_flags
 
     check_resource_flags(args)  # before torch and Ray are imported
     store = _run_store(args)
+    from densitune.results.store import remove_stale_temp_files
     from densitune.search.prepare import check_data
-    from densitune.search.results.store import remove_stale_temp_files
     from densitune.trainables.train.tune import TrainRun, run_training
 
     args.data_root, args.dataset = _abs(args.data_root), _abs_dataset(args.dataset)
@@ -377,7 +377,7 @@ def _number_or_name(text: str) -> float | str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from densitune.resource_flags import check_resource_flags
+    from densitune.run.resource_flags import check_resource_flags
 
     # Flags and the spec file first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
     check_resource_flags(args)
@@ -385,10 +385,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     store = _run_store(args)
     from collections import Counter
 
+    from densitune.results.store import read_results, remove_stale_temp_files, write_spec
     from densitune.search.cache import DiskCache
     from densitune.search.prepare import prepare_search
-    from densitune.search.results.report import best, report
-    from densitune.search.results.store import read_results, remove_stale_temp_files, write_spec
+    from densitune.search.report.tables import best, report
     from densitune.search.tune import SearchRun, completed_trials, run_search, trial_budget
 
     values.setdefault("models", str(store.models))
@@ -452,7 +452,7 @@ def _search_status(run, spec, total: int) -> str:
 def _check_experiment(results_dir: str, spec, resume: bool) -> None:
     """A new search must not mix into an old experiment; a resumed one must have the same spec."""
     from densitune.errors import ConfigError
-    from densitune.search.results.store import has_results, read_spec
+    from densitune.results.store import has_results, read_spec
 
     if not resume:
         if has_results(results_dir, spec.experiment):
@@ -470,8 +470,8 @@ def _check_experiment(results_dir: str, spec, resume: bool) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from densitune.errors import ConfigError
-    from densitune.search.results.report import read_search_rows, report
-    from densitune.search.results.store import results_dir_of
+    from densitune.results.store import results_dir_of
+    from densitune.search.report.tables import read_search_rows, report
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
@@ -485,8 +485,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     import json
 
-    from densitune.search.results.report import best, best_config, read_search_rows
-    from densitune.search.results.store import results_dir_of
+    from densitune.results.store import results_dir_of
+    from densitune.search.report.tables import best, best_config, read_search_rows
 
     table = read_search_rows(results_dir_of(args.results), args.where)
     if args.json:
@@ -500,9 +500,9 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from densitune.errors import ConfigError
-    from densitune.search.results.paired import compare_tables
-    from densitune.search.results.report import render
-    from densitune.search.results.store import read_results, results_dir_of
+    from densitune.results.store import read_results, results_dir_of
+    from densitune.search.report.paired import compare_tables
+    from densitune.search.report.tables import render
 
     if args.n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {args.n_boot}")
@@ -514,8 +514,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from densitune.errors import ResultsError
-    from densitune.search.results.sql import referenced_columns
-    from densitune.search.results.store import COLUMNS, query, read_results, results_dir_of
+    from densitune.results.sql import referenced_columns
+    from densitune.results.store import COLUMNS, query, read_results, results_dir_of
 
     results = results_dir_of(args.results)
     named = referenced_columns(args.sql, COLUMNS)  # read only the columns the SELECT names
@@ -529,19 +529,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         # a column reference the syntax tree does not show as one (e.g. JOIN ... USING): run it on every column
         result = query(read_results(results), args.sql, allow_files=args.allow_files)
     if args.format == "markdown":  # without pandas (half a second of a query's start)
-        from densitune.search.results.markdown import arrow_markdown
+        from densitune.search.report.markdown import arrow_markdown
 
         print(arrow_markdown(args.sql, result))
     else:
-        from densitune.search.results.report import Table, render
+        from densitune.search.report.tables import Table, render
 
         print(render([Table(args.sql, result.to_pandas())], args.format))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from densitune.search.plots import plot_results
-    from densitune.search.results.store import results_dir_of
+    from densitune.results.store import results_dir_of
+    from densitune.search.report.plots import plot_results
 
     results = results_dir_of(args.results)
     out = args.out or _plot_dir(results)
@@ -554,7 +554,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def _plot_dir(results: RunPath) -> str:
     """Where figures go by default: ``RUN/plots`` beside ``RUN/results`` (for a run in a bucket, a local
     folder named after the run: figures are for reading on this machine)."""
-    from densitune.runstore import ObjectPath
+    from densitune.run.runstore import ObjectPath
 
     run = results.parent if results.name == "results" else results
     if isinstance(run, ObjectPath):
@@ -564,7 +564,7 @@ def _plot_dir(results: RunPath) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from densitune.api import export_detector, read_manifest
-    from densitune.search.results.store import results_dir_of
+    from densitune.results.store import results_dir_of
 
     out = export_detector(str(results_dir_of(args.results)), args.out, where=args.where, metric=args.metric)
     m = read_manifest(out)
@@ -575,9 +575,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from densitune.cleanup import clean_run
     from densitune.errors import ConfigError
-    from densitune.runstore import RunStore, is_remote
+    from densitune.run.cleanup import clean_run
+    from densitune.run.runstore import RunStore, is_remote
 
     run = RunStore(args.run).local() if is_remote(args.run) else Path(_abs(args.run))
     if not run.is_dir():
@@ -609,12 +609,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     """Compact every experiment whose writer lock is free; one whose lock is held is skipped (and said so)."""
     from densitune.errors import ResultsError
-    from densitune.runlock import LockedError, writer_lock
-    from densitune.search.results.store import compact_experiment, results_dir_of
+    from densitune.results.store import compact_experiment, results_dir_of
+    from densitune.run.runlock import LockedError, writer_lock
 
     results = results_dir_of(args.results)
     run = results.parent if results.name == "results" else results
-    from densitune.runstore import glob
+    from densitune.run.runstore import glob
 
     folders = glob(results, "experiment=*") if results.is_dir() else []
     if not folders:
@@ -634,9 +634,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_list_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from densitune.runstore import location
+    from densitune.run.runstore import location
     from densitune.search.models import list_models
-    from densitune.search.results.report import Table, render
+    from densitune.search.report.tables import Table, render
 
     run = location(args.results)
     records = list_models(run / "models" if (run / "models").is_dir() else run)
@@ -645,16 +645,16 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Studies (densitune.study): train the missing networks, search each part, write the report with the note's figures."""
-    from densitune.resource_flags import check_resource_flags
+    """Studies (densitune.app.studies): train the missing networks, search each part, write the report with the note's figures."""
+    from densitune.run.resource_flags import check_resource_flags
 
     check_resource_flags(args)
-    from densitune import study as st
+    from densitune.app import studies as st
     from densitune.trainables.train.tune import TrainRun, is_trained
 
     studies = [st.load_study(path, smoke_run=args.smoke) for path in args.spec]  # every spec checked before anything runs
     from densitune.errors import ConfigError
-    from densitune.runstore import is_remote
+    from densitune.run.runstore import is_remote
 
     if is_remote(args.out):  # each part's search reads a folder of links to its networks
         raise ConfigError(f"densitune run needs a local or shared folder for --out, not {args.out}; "
@@ -669,7 +669,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         networks = len({c.key for s in studies for c in st.all_train_configs(s)})
         print(st.plan_text(lines, st.borrowed_throughputs(studies), networks))
         return 0
-    from densitune.storage import check_writable
+    from densitune.run.storage import check_writable
 
     check_writable(os.path.abspath(os.path.expanduser(args.out)))
     for s in studies:
@@ -720,7 +720,7 @@ DEMO_SEARCH = ["--experiment", "demo-search", "--sampler", "grid", "--resume",
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
-    from densitune.resource_flags import check_positive
+    from densitune.run.resource_flags import check_positive
 
     check_positive("--num-cpus", args.num_cpus, whole=True)
     common = (["--out", args.out] + (["--num-cpus", str(args.num_cpus)] if args.num_cpus else [])
@@ -759,8 +759,8 @@ _HELD = contextlib.ExitStack()
 
 
 def _hold_writer_lock(store: RunStore, command: str, experiment: str) -> None:
-    """Take the run's writer lock for ``experiment`` (one writer per experiment; see densitune.runlock)."""
-    from densitune.runlock import writer_lock
+    """Take the run's writer lock for ``experiment`` (one writer per experiment; see densitune.run.runlock)."""
+    from densitune.run.runlock import writer_lock
 
     _HELD.enter_context(writer_lock(store.root, command, experiment))
 

@@ -1,8 +1,8 @@
 """Figures from a results directory: the metric against ε, score histograms, ROC curves.
 
 Three kinds of figure, each written in every requested format (``png``, ``svg``, ``pdf``),
-all selected on validation rows only (as :mod:`densitune.search.results.report`), from the
-rows a caller selects (``where``: an SQL expression, :mod:`densitune.search.results.sql`;
+all selected on validation rows only (as :mod:`densitune.search.report.tables`), from the
+rows a caller selects (``where``: an SQL expression, :mod:`densitune.results.sql`;
 ``score`` / ``density`` / ``dims``):
 
 * ``<metric>_vs_eps``: for one score (``density`` when the selection has it, else the best
@@ -49,9 +49,10 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
-from densitune.runstore import location
+from densitune.results.store import SPEC_FILE, _safe, filter_results, read_results, read_spec
+from densitune.run.runstore import location
 from densitune.search.ood.metrics import METRICS, auroc, check_metric
-from densitune.search.results.report import (
+from densitune.search.report.tables import (
     GROUP_COLUMNS,
     ConfigResult,
     _group_title,
@@ -62,7 +63,6 @@ from densitune.search.results.report import (
     short_params,
     trial_objectives,
 )
-from densitune.search.results.store import SPEC_FILE, _safe, filter_results, read_results, read_spec
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
@@ -458,7 +458,7 @@ def plot_results(
     """Write the figures of one search experiment to ``out_dir``; returns the paths written.
 
     What is drawn comes from the rows matching ``where`` (one SQL expression, checked as
-    :func:`densitune.search.results.store.filter_results` does) and the ``score`` /
+    :func:`densitune.results.store.filter_results` does) and the ``score`` /
     ``density`` / ``dims`` lists; the histograms and ROC curves show the best of those on
     validation. ``experiment`` defaults to the experiment of the best selected validation
     trial. With ``scores=False`` only the ε plot is drawn (no checkpoints or spec needed);

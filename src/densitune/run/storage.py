@@ -4,7 +4,7 @@
   or written (a file in the way, a read-only or immutable parent), naming the path.
 * During a run, a failed write of results or checkpoints (read-only or immutable folder,
   full disk, quota) raises :class:`StorageError` inside the trial (:func:`fatal_storage`);
-  it is fatal (:mod:`densitune.failures`): the whole Tune run stops at that first failure,
+  it is fatal (:mod:`densitune.run.failures`): the whole Tune run stops at that first failure,
   so no pending trial starts only to fail on its own write, and the CLI prints the one line
   that names the path and the cause.
 """
@@ -60,7 +60,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
     A local path is checked where its first write would land (not resolved: a dangling link is
     refused); a bucket URI by writing and deleting a probe object under the run.
     """
-    from densitune.runstore import ObjectPath, location
+    from densitune.run.runstore import ObjectPath, location
 
     loc = location(str(path))
     if isinstance(loc, ObjectPath):
@@ -69,7 +69,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
             marker.write_bytes(b"")
             marker.unlink(missing_ok=True)
         except OSError as e:
-            from densitune.runstore import redact
+            from densitune.run.runstore import redact
 
             raise StorageError(f"{PREFIX} {loc}: {redact(e)} ({flag})") from None
         return

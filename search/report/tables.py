@@ -37,7 +37,7 @@ from densitune.search.ood.metrics import METRICS, check_metric
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from densitune.runstore import RunPath
+    from densitune.run.runstore import RunPath
 
 #: Columns that identify a trained configuration (a model group).
 GROUP_COLUMNS = ["backbone", "D", "loss", "center_loss", "spectral"]
@@ -85,8 +85,8 @@ def read_search_rows(results_dir: str | RunPath, where: str | None = None, by: l
     """The search rows under ``results_dir`` that match ``where`` (a ``--where`` expression), with the columns the
     tables need: :data:`READ_COLUMNS`, the ``by`` columns and those ``where`` names (every column if it names them
     in a way that cannot be told, e.g. a parse error, which the filter then reports)."""
-    from densitune.search.results.sql import referenced_columns
-    from densitune.search.results.store import COLUMNS, filter_results, read_results
+    from densitune.results.sql import referenced_columns
+    from densitune.results.store import COLUMNS, filter_results, read_results
 
     columns: set[str] | None = set(READ_COLUMNS) | {c for c in by or [] if c in COLUMNS}
     if where is not None:
@@ -460,7 +460,7 @@ def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None
     tables = []
     if view in ("all", "methods"):
         tables += methods_tables(df, metric)
-        from densitune.search.results.diagnostics import diagnostics_tables
+        from densitune.search.report.diagnostics import diagnostics_tables
 
         tables += diagnostics_tables(df)  # scores below chance on validation, with the reversed AUROC
     if view in ("all", "configs"):
@@ -495,7 +495,7 @@ def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
     """Merge ``x`` / ``x_std`` columns into "mean ± std" strings; format floats (:mod:`.markdown`'s cell rules)."""
-    from densitune.search.results.markdown import cell, mean_std
+    from densitune.search.report.markdown import cell, mean_std
 
     out = {}
     for c in frame.columns:
@@ -511,7 +511,7 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(t: Table) -> str:
-    from densitune.search.results.markdown import markdown
+    from densitune.search.report.markdown import markdown
 
     d = _display(t.frame)
     return markdown(t.title, list(d.columns), d.astype(str).itertuples(index=False))

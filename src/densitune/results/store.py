@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from densitune.checks import error_summary
 from densitune.errors import ResultsError
-from densitune.files import fsync_dir
-from densitune.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
+from densitune.run.files import fsync_dir
+from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
 
 SCHEMA_VERSION = 4
 #: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`, see :func:`upgrade_v3`).
@@ -193,7 +193,7 @@ def has_results(results_dir: str | RunPath, experiment: str) -> bool:
 def remove_stale_temp_files(results_dir: str | RunPath, experiment: str) -> list[RunPath]:
     """Delete the ``.tmp-*`` files a killed write left in one experiment's folder; returns them.
 
-    Only the holder of the experiment's writer lock may call this (:mod:`densitune.runlock`):
+    Only the holder of the experiment's writer lock may call this (:mod:`densitune.run.runlock`):
     another live writer's temporary file is never stale. Readers just skip such files.
     """
     folder = experiment_dir(results_dir, experiment)
@@ -476,7 +476,7 @@ def _read_current(files: list[RunPath], columns: list[str], stage: str | None) -
         return None  # a bucket (read through pyarrow.fs) or a foreign file: the file-by-file path
     import duckdb
 
-    from densitune.search.results.sql import _arrow
+    from densitune.results.sql import _arrow
 
     try:
         if _check_file(files[0]) != SCHEMA_VERSION:
@@ -571,13 +571,13 @@ def upgrade_v3(table: pa.Table) -> pa.Table:
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:
     """Rows of ``table`` matching one SQL expression, e.g. ``density = 'kde' AND D >= 16`` (see :mod:`.sql`)."""
-    from densitune.search.results.sql import filter_table
+    from densitune.results.sql import filter_table
 
     return filter_table(table, where)
 
 
 def query(table: pa.Table, sql: str, *, allow_files: bool = False) -> pa.Table:
     """One read-only SELECT over ``table`` (as the view ``results``); see :mod:`.sql`."""
-    from densitune.search.results.sql import run_query
+    from densitune.results.sql import run_query
 
     return run_query(table, sql, allow_files=allow_files)

@@ -2,7 +2,7 @@
 
 A and B are each chosen by a ``--where`` filter on the results rows (the best trial among the matching ones
 by validation metric, as ``densitune best --where``). Their per-sample test scores (kept by a search run with
-``--keep-scores all``, :mod:`densitune.search.results.sample_scores`) are paired by seed and sample; with
+``--keep-scores all``, :mod:`densitune.results.sample_scores`) are paired by seed and sample; with
 one seed the interval is DeLong's, with several a paired bootstrap over test samples and seeds
 (:mod:`densitune.search.ood.compare`). An interval that contains 0 is marked: the difference is not
 established.
@@ -17,9 +17,12 @@ import pandas as pd
 import pyarrow as pa
 
 from densitune.errors import ConfigError, ResultsError
-from densitune.runstore import RunPath
+from densitune.results.sample_scores import read_sample_scores
+from densitune.results.sql import echo
+from densitune.results.store import filter_results
+from densitune.run.runstore import RunPath
 from densitune.search.ood.compare import PairedDiff, delong, paired_bootstrap
-from densitune.search.results.report import (
+from densitune.search.report.tables import (
     CONFIG_COLUMNS,
     Table,
     _group_title,
@@ -27,9 +30,6 @@ from densitune.search.results.report import (
     search_frame,
     trial_objectives,
 )
-from densitune.search.results.sample_scores import read_sample_scores
-from densitune.search.results.sql import echo
-from densitune.search.results.store import filter_results
 
 __all__ = ["Side", "compare_tables", "pick", "paired_diffs"]
 

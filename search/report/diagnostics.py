@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from densitune.search.results.report import Table
+from densitune.search.report.tables import Table
 
 __all__ = ["BELOW", "below_chance", "diagnostics_tables"]
 
@@ -22,7 +22,7 @@ def below_chance(df: pd.DataFrame) -> pd.DataFrame:
     """Per (score, density, parameters, ε, validation OOD set): the mean validation AUROC over the trials and
     seeds whose mean is below 0.5, and the reversed score's AUROC (1 − AUROC). Empty when there are none.
 
-    ``df``: search rows (:func:`densitune.search.results.report.search_frame`).
+    ``df``: search rows (:func:`densitune.search.report.tables.search_frame`).
     """
     val = df[(df["split"] == "val") & df["auroc"].notna()]
     keys = ["score", "density", "density_params", "eps", "ood_dataset"]

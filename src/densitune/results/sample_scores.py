@@ -15,7 +15,7 @@ score          double     higher = more in-distribution
 =============  =========  ==========================================================
 
 The ID test scores are stored with each OOD set they were compared with (they are the same samples).
-Written through the run store (:func:`densitune.runstore.publish`, local or a bucket); read with pyarrow only (no pickle).
+Written through the run store (:func:`densitune.run.runstore.publish`, local or a bucket); read with pyarrow only (no pickle).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from densitune.errors import ResultsError
-from densitune.runstore import RunPath, arrow_file, glob, location, publish
+from densitune.run.runstore import RunPath, arrow_file, glob, location, publish
 
 SCORES_DIR = "scores"
 

@@ -7,21 +7,21 @@ Every writer and reader of a run's files goes through :func:`location`, which gi
 run store needs, over :mod:`pyarrow.fs`) for a bucket, and through :func:`publish` / :func:`read_bytes`:
 
 * local publishing: a temporary name beside the file, fsync, rename, fsync of the folder
-  (:func:`densitune.files.atomic_write`);
+  (:func:`densitune.run.files.atomic_write`);
 * object stores: a single PUT of the finished object, which readers see whole or not at all.
 
 Credentials come from the environment and the standard AWS configuration only (``AWS_ACCESS_KEY_ID``,
 ``AWS_PROFILE``, an instance role, ``AWS_ENDPOINT_URL`` for an S3-compatible server); they are never
 stored in a run, a row, a log line or an error message. Throttled or dropped requests are retried with
 backoff by the S3 client (:data:`S3_ATTEMPTS` attempts), which is the store's part of the retry policy
-(:mod:`densitune.failures`).
+(:mod:`densitune.run.failures`).
 
 Layout of a run (:class:`RunStore`)::
 
     RUN/models/<experiment>/<network key>/   final weights (model.pt, config.json)
-    RUN/results/experiment=<name>/*.parquet  result rows (densitune.search.results.store)
+    RUN/results/experiment=<name>/*.parquet  result rows (densitune.results.store)
     RUN/tune/                                Ray Tune's experiment state and per-epoch training state
-    RUN/locks/<experiment>.json              the writer lock (densitune.runlock)
+    RUN/locks/<experiment>.json              the writer lock (densitune.run.runlock)
     RUN/optuna/journal.log                   the searches' Optuna study
     RUN/cache/, RUN/densitune.log, RUN/ray-session.json, RUN/plots/
 
@@ -270,9 +270,9 @@ def publish(path: RunPath | str, content: bytes | str | Callable[[BinaryIO], obj
     """Write ``path`` so that readers see the old content or the new one, never a part; returns it.
 
     ``content``: bytes, text (UTF-8), or a function writing into a binary file. Local files go through
-    :func:`densitune.files.atomic_write`; objects are built in memory and PUT once.
+    :func:`densitune.run.files.atomic_write`; objects are built in memory and PUT once.
     """
-    from densitune.files import atomic_write
+    from densitune.run.files import atomic_write
 
     p = location(path) if isinstance(path, str) else path
     if isinstance(p, Path):
@@ -436,6 +436,6 @@ class RunStore:
 
     @property
     def log_file(self) -> Path:
-        from densitune.console import LOG_NAME
+        from densitune.run.console import LOG_NAME
 
         return self.local() / LOG_NAME

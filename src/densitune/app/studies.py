@@ -458,7 +458,7 @@ def _sizes(name: str, limit: int | None) -> tuple[int, int]:
 
 
 def plan(study: Study, trained: set[str]) -> PlanLine:
-    """Networks, trials and estimated GPU-hours (:mod:`densitune.throughput`) of ``study``.
+    """Networks, trials and estimated GPU-hours (:mod:`densitune.app.throughput`) of ``study``.
 
     ``trained``: keys of networks already trained (or trained by an earlier study of the same command);
     ``study``'s networks are added to it.
@@ -468,9 +468,9 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
     and test OOD, attacked sets) at ε > 0 pays one perturbed pass; ε = 0 features, the density's
     training features and the attacks are computed once per network (they are cached).
     """
+    from densitune.app.throughput import DENSITY_DIM, SCORE_DENSITY, score_throughput, train_throughput
     from densitune.search.space import grid_points, score_class
     from densitune.search.tune import trial_budget
-    from densitune.throughput import DENSITY_DIM, SCORE_DENSITY, score_throughput, train_throughput
 
     configs = all_train_configs(study)
     todo = [c for c in configs if c.key not in trained]
@@ -510,7 +510,7 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
 
 def plan_text(lines: Sequence[PlanLine], borrowed: Sequence[str], networks: int) -> str:
     """The plan as a table; ``networks``: how many distinct networks all ``lines`` use together."""
-    from densitune.throughput import CARD, SOURCE
+    from densitune.app.throughput import CARD, SOURCE
 
     head = f"{'study':<24} {'networks':>8} {'to train':>8} {'trials':>7} {'train GPU-h':>11} {'search GPU-h':>12} {'total':>7}"
     out = [f"plan (GPU-hours on one {CARD}, throughputs from {SOURCE}):", head]
@@ -528,7 +528,7 @@ def plan_text(lines: Sequence[PlanLine], borrowed: Sequence[str], networks: int)
 
 
 def borrowed_throughputs(studies: Sequence[Study]) -> list[str]:
-    from densitune.throughput import train_throughput
+    from densitune.app.throughput import train_throughput
 
     return sorted({n.backbone for s in studies for p in s.parts for n in p.networks
                    if not train_throughput(n.backbone).measured})
@@ -539,7 +539,7 @@ def borrowed_throughputs(studies: Sequence[Study]) -> list[str]:
 
 def _selected(df: Any, study: Study, table: NoteTable, method: str) -> Any:
     """The trials of ``table``'s network that ``method`` selects among, best validation first."""
-    from densitune.search.results.report import trial_objectives
+    from densitune.search.report.tables import trial_objectives
 
     sel = study.methods[method]
     net = study.ours(table.part, table.network)
@@ -564,8 +564,8 @@ def report_tables(study: Study, results_dir: str | Path) -> list:
     """One table per note table: method, OOD set, metric, ours (mean ± std over seeds), the note's, ours − note."""
     import pandas as pd
 
-    from densitune.search.results.report import Table, search_frame
-    from densitune.search.results.store import read_results
+    from densitune.results.store import read_results
+    from densitune.search.report.tables import Table, search_frame
 
     frames = []
     for part in study.parts:
@@ -601,8 +601,8 @@ def report_tables(study: Study, results_dir: str | Path) -> list:
 
 def write_report(study: Study, run: str | Path) -> tuple[str, list[Path]]:
     """The study's report as markdown, also written to ``RUN/studies/<study>/report.md`` and ``report.csv``."""
-    from densitune.files import atomic_write
-    from densitune.search.results.report import render
+    from densitune.run.files import atomic_write
+    from densitune.search.report.tables import render
 
     tables = report_tables(study, Path(run) / "results")
     text = f"# {study.title}\n\nstudy spec: {study.path}\n\n" + render(tables, "markdown")
@@ -619,7 +619,7 @@ def write_search_spec(run: str | Path, study: Study, part: Part, values: dict[st
     """``values`` as the YAML file ``densitune search --spec`` reads (kept beside the report)."""
     import yaml
 
-    from densitune.files import atomic_write
+    from densitune.run.files import atomic_write
 
     path = study_dir(run, study) / part.name / "search.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
