@@ -290,17 +290,38 @@ class ProcessRun:
     stderr: str
 
 
+#: A small launcher between this process and the measured one. A child's peak RSS (``ru_maxrss``) counts what it held
+#: before its ``exec`` (Linux keeps the forked parent's high-water mark), so a child forked from a large bench
+#: process would report that bench's size: the launcher is a fresh, small interpreter that forks the command, times
+#: it and reports its ``wait4`` resource usage (what ``/usr/bin/time`` does).
+_LAUNCHER = """
+import os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as exc:
+        print(f"run_process: cannot run {sys.argv[2]}: {exc}", file=sys.stderr)
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {wall} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss}")
+"""
+
+
 def run_process(argv: Sequence[str], env: dict[str, str] | None = None) -> ProcessRun:
-    """Run ``argv`` to the end and measure it from its own resource usage (``wait4``): no ``/usr/bin/time``."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, text=True, env=env)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return ProcessRun(proc.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, out.read(), err.read())
+    """Run ``argv`` to the end and measure it from its own resource usage (``wait4``, through a small launcher:
+    see ``_LAUNCHER``): wall seconds from its fork to its end, CPU seconds, peak RSS. No ``/usr/bin/time``."""
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        usage = Path(tmp) / "usage"
+        out = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(usage), *argv], capture_output=True,
+                             text=True, env=env)
+        if not usage.is_file():
+            raise RuntimeError(f"run_process: the launcher failed (exit {out.returncode}): {out.stderr[-500:]}")
+        code, wall, cpu, maxrss_kb = usage.read_text().split()
+    return ProcessRun(int(code), float(wall), float(cpu), int(maxrss_kb) / 1024, out.stdout, out.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ /proc CPU
