@@ -72,9 +72,6 @@ class Gate:
             return False
         return bool(OPS[self.op](value, self.threshold))
 
-    def text(self, unit: str = "") -> str:
-        return f"{self.op} {self.threshold:g}{unit}" if not isinstance(self.threshold, bool) else f"{self.op} {self.threshold}"
-
 
 @dataclass(frozen=True)
 class Figure:
