@@ -13,12 +13,19 @@ shows "at a glance" is declared once, in :data:`FIGURES` (the gates in one table
 A record (one JSON object a line)::
 
     {"schema": 1, "script": "ray_overhead", "item": "ray_overhead", "name": "ray_overhead.per_trial_s",
-     "label": "per-trial overhead", "value": 0.065, "unit": "s", "gate": {"op": "<=", "threshold": 0.2,
-     "kind": "hard"}, "passed": true, "mode": "full", "run": "ray_overhead-20261207T203000Z",
+     "label": "per trial (slope)", "value": 0.065, "unit": "s", "gate": {"op": "<=", "threshold": 0.2,
+     "kind": "target"}, "passed": true, "mode": "full", "run": "ray_overhead-20261207T203000Z-4242",
      "time": "2026-12-07T20:30:00+00:00", "command": "python bench/ray_overhead.py", "machine": {...},
      "imported": null, "note": null}
 
-``gate`` is null for a figure recorded for information (``passed`` is then null). Only the standard library here:
+``gate`` is null for a figure recorded for information (``passed`` is then null).
+
+A new question: a script ``bench/<name>.py`` with a ``--quick`` smoke setting that builds on ``_fixtures.py``, makes
+``bench = Bench("<name>", quick=args.quick)``, declares its figures in :data:`FIGURES` (and, for a new row of the
+glance table, an :data:`ITEMS` entry), calls ``bench.record(name, value)`` for each and prints ``bench.summary()``;
+after a full run, ``python bench/glance.py`` updates RESULTS.md.
+
+Only the standard library here:
 ``gpu_check.py`` runs on a bare GPU box, and the test of this module starts neither torch nor Ray.
 """
 
