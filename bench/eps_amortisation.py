@@ -18,12 +18,16 @@ the machine's CPU seconds (``/proc``) into this driver's, Ray's own processes' (
 the trial actors' (the rest): the ratio of the actors' CPU between the modes is the most the search can reach on
 these cores, were the driver and Ray free and every core busy every moment.
 
-    python bench/eps_amortisation.py [--workdir DIR] [--cpus 2] [--repeat 3]
+    python bench/eps_amortisation.py [--workdir DIR] [--cpus 2] [--repeat 3] [--quick]
 
 Gate: cached ≥ 2× faster end to end through Ray Tune, with identical AUROCs. About 2.5 minutes on 2 cores with a
 --workdir of an earlier run (data and network reused), 3 from scratch. Also prints where each search's seconds
 went: the Tuner's start (trial actors and their imports), the first wave of trials, the later trials;
-``bench/eps_first_wave.py`` splits the first wave further.
+``bench/eps_first_wave.py`` splits the first wave further. ``--quick``: a smoke run (300 / 200 images a split,
+one epoch, one search per mode; its own data under DIR/quick) that checks the script end to end, not the gate.
+
+Records (``bench/_harness.py``): eps.ratio and eps.aurocs_identical (the gate), eps.bound, eps.ratio_with_ray and
+the two medians; a ``--k`` run is a diagnostic (the gate is defined at k = 8).
 """
 
 from __future__ import annotations
@@ -31,100 +35,72 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from _fixtures import run_search_config, search_run, started_ray, train_network, write_png_splits
+from _harness import Bench, describe, machine_cpu, process_tree, processes_cpu
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from densitune.results.store import read_results
+from densitune.search.cache import DiskCache
 
-from densitune.results.store import read_results  # noqa: E402
-from densitune.run.ray_runtime import init_ray  # noqa: E402
-from densitune.search.cache import DiskCache  # noqa: E402
-from densitune.search.prepare import prepare_search  # noqa: E402
-from densitune.search.tune import SearchRun, run_search  # noqa: E402
-from densitune.trainables.train.checkpoint import save_checkpoint  # noqa: E402
-from densitune.trainables.train.config import TrainConfig  # noqa: E402
-from densitune.trainables.train.loop import fit  # noqa: E402
-
-SIZE = 32
-N_TRAIN, N_EVAL = 1000, 2000
-VAL_OOD, TEST_OOD = "folder:{work}/data/ood-blend", "folder:{work}/data/ood-photo"
 EPS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)  # k = 8 values, all > 0
-EPS_K: int | None = None  # --k (diagnostic), passed on to each search's driver process
 
 
-def colour_digits(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(N, 8, 8) digits in [0, 16] -> (N, 32, 32, 3) uint8: upscaled, shifted by up to 2 px, coloured, noisy."""
-    out = np.empty((len(images), SIZE, SIZE, 3), dtype=np.uint8)
-    for i, img in enumerate(images):
-        big = Image.fromarray((img / 16 * 255).astype(np.uint8)).resize((SIZE - 4, SIZE - 4), Image.BILINEAR)
-        canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
-        dy, dx = rng.integers(0, 5, size=2)
-        canvas[dy:dy + SIZE - 4, dx:dx + SIZE - 4] = np.asarray(big, dtype=np.float32) / 255
-        fg, bg = rng.uniform(0.55, 1.0, 3), rng.uniform(0.0, 0.35, 3)
-        rgb = bg + canvas[..., None] * (fg - bg) + rng.normal(0, 0.03, (SIZE, SIZE, 3))
-        out[i] = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-    return out
+@dataclass(frozen=True)
+class Workload:
+    """The bench's workload: image counts, training epochs, the ε values, and where its data and network live."""
+
+    work: Path
+    n_train: int = 1000
+    n_eval: int = 2000
+    epochs: int = 4
+    eps: tuple[float, ...] = EPS
+    sub: str = ""  # "quick": the smoke workload's own folder under the work dir
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Workload:
+        eps = EPS if args.k is None else tuple(float(f"{e:.3g}") for e in np.geomspace(0.0005, 0.05, args.k))
+        if args.quick:
+            return cls(Path(args.workdir), 300, 200, 1, eps, "quick")
+        return cls(Path(args.workdir), eps=eps)
+
+    @property
+    def root(self) -> Path:
+        return self.work / self.sub if self.sub else self.work
+
+    @property
+    def val_ood(self) -> str:
+        return f"folder:{self.root}/data/ood-blend"
+
+    @property
+    def test_ood(self) -> str:
+        return f"folder:{self.root}/data/ood-photo"
 
 
-def write_images(folder: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    for i, img in enumerate(images):
-        sub = folder / (f"c{labels[i]}" if labels is not None else "")
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(sub / f"{i:05d}.png")
-
-
-def write_data(root: Path) -> None:
-    """ID folder (train/val/test, class subfolders) of coloured digits; two flat OOD folders."""
-    from sklearn.datasets import load_digits, load_sample_images
-
-    rng = np.random.default_rng(0)
-    digits = load_digits()
-    order = rng.permutation(len(digits.target))
-    parts = np.split(order, [int(0.6 * len(order)), int(0.8 * len(order))])  # source digits never shared
-    for split, part, n in zip(("train", "val", "test"), parts, (N_TRAIN, N_EVAL, N_EVAL)):
-        pick = rng.choice(part, size=n)
-        write_images(root / "id" / split, colour_digits(digits.images[pick], rng), digits.target[pick])
-    # validation OOD: the mean of two digits of different classes (near-OOD), coloured the same way
-    a, b = rng.choice(parts[1], size=(2, 4 * N_EVAL))
-    a, b = a[digits.target[a] != digits.target[b]][:N_EVAL], b[digits.target[a] != digits.target[b]][:N_EVAL]
-    write_images(root / "ood-blend", colour_digits((digits.images[a] + digits.images[b]) / 2, rng))
-    # test OOD: 32x32 patches of the sample photo of a flower, shrunk from random 64x64 crops
-    photo = load_sample_images().images[1]
-    crops = []
-    for _ in range(N_EVAL):
-        y, x = rng.integers(0, photo.shape[0] - 64), rng.integers(0, photo.shape[1] - 64)
-        crops.append(np.asarray(Image.fromarray(photo[y:y + 64, x:x + 64]).resize((SIZE, SIZE), Image.BILINEAR)))
-    write_images(root / "ood-photo", np.stack(crops))
-
-
-def search(work: Path, name: str, cpus: int, cached: bool) -> dict:
+def search(w: Workload, name: str, cpus: int, cached: bool) -> dict:
     """One search through Ray Tune on the running Ray (this process is its driver: a Ray job); returns its wall
     time in seconds (``prepare_search`` + ``run_search``) and where they went."""
     ray_pids = ray_system_pids(os.getppid())  # the bench's Ray, found before the clock starts; read at both ends
     ray0 = processes_cpu(ray_pids)
     t0, start, cpu0, machine0 = time.perf_counter(), datetime.now(UTC), time.process_time(), machine_cpu()
-    marks = {}
-    spec, groups = prepare_search(dict(
-        experiment=name, models=str(work / "models"), data_root=str(work / "data"), val_ood=VAL_OOD.format(work=work),
-        test_ood=[TEST_OOD.format(work=work)], densities=["gmm_sum"], scores=["density"], eps_grid=list(EPS)))
-    run = SearchRun(results_dir=str(work / name / "results"), storage_path=str(work / name / "tune"),
-                    cache_dir=str(work / name / "cache"), ip_cache=cached)
-    marks["prepare_search"] = time.perf_counter()
-    run_search(spec, groups, run, progress=False)
-    marks["run_search"] = time.perf_counter()
+    work = w.root
+    _, prepared = run_search_config(dict(
+        experiment=name, models=str(work / "models"), data_root=str(work / "data"), val_ood=w.val_ood,
+        test_ood=[w.test_ood], densities=["gmm_sum"], scores=["density"], eps_grid=list(w.eps)),
+        search_run(work / name, ip_cache=cached))
     total = time.perf_counter() - t0
-    driver_cpu, busy = time.process_time() - cpu0, machine_cpu() - machine0
+    driver_cpu = time.process_time() - cpu0
+    busy = [now - then for now, then in zip(machine_cpu(), machine0, strict=True)]
     ray_cpu = processes_cpu(ray_pids) - ray0
     # the trials' own spans (each row's started_at and duration_s), on the same clock as the marks
     spans = sorted({r["trial_id"]: (r["started_at"], r["duration_s"]) for r in
@@ -132,13 +108,13 @@ def search(work: Path, name: str, cpus: int, cached: bool) -> dict:
     body = [((s - start).total_seconds(), (s - start).total_seconds() + d) for s, d in spans]
     first_wave_end = max(e for _, e in body[:cpus])
     last_end = max(e for _, e in body)
-    before = marks["prepare_search"] - t0
+    before = prepared
     parts = {
         "prepare_search": before,
         "Tuner start, trial actors, imports -> first trial body": body[0][0] - before,
         "first wave (data, features, fit, signs)": first_wave_end - body[0][0],
         "later trials": last_end - first_wave_end,
-        "last trial -> Tuner.fit returns": marks["run_search"] - t0 - last_end,
+        "last trial -> Tuner.fit returns": total - last_end,
         "(information) CPU seconds of this driver process (Tune's loop, Optuna)": driver_cpu,
         MACHINE_CPU: float(busy[0]),
         "(information) CPU seconds of Ray's own processes (GCS, raylet, agents, monitors)": ray_cpu,
@@ -162,15 +138,8 @@ def ray_system_pids(root: int) -> list[int]:
     lines in ``/proc``. Workers (trial actors, idle workers: ``ray::IDLE``, ``ray::ImplicitFunc``) are not, nor is
     any process of another Ray on the machine."""
     parent, command = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = proc_stat(int(entry))
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat[1])
-            command[int(entry)] = cmd
+    for pid, ppid, cmd in process_tree():
+        parent[pid], command[pid] = ppid, cmd
 
     def under_root(pid: int) -> bool:
         while pid > 1:
@@ -182,30 +151,6 @@ def ray_system_pids(root: int) -> list[int]:
     return [pid for pid, cmd in command.items()
             if any(name in cmd for name in RAY_SYSTEM) and not cmd.startswith(("ray::IDLE", "ray::ImplicitFunc"))
             and under_root(pid)]
-
-
-def proc_stat(pid: int) -> list[str]:
-    """The fields of ``/proc/PID/stat`` after the command name: [0] state, [1] parent PID, [11] utime, [12] stime."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def processes_cpu(pids: list[int]) -> float:
-    """User + system CPU seconds the processes ``pids`` have used so far (``/proc/PID/stat``; gone ones count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = proc_stat(pid)
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> np.ndarray:
-    """(busy, steal) CPU seconds of this machine since boot (``/proc/stat``): busy = user + nice + system + irq +
-    softirq (every process here); steal = what the hypervisor gave other machines while this one wanted to run."""
-    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return np.array([f[0] + f[1] + f[2] + f[5] + f[6], f[7]]) / os.sysconf("SC_CLK_TCK")
 
 
 def search_child(args: argparse.Namespace) -> None:
@@ -226,16 +171,17 @@ def search_child(args: argparse.Namespace) -> None:
     quiet_ray(False)
     ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
     ready = time.perf_counter() - t0
-    got = search(Path(args.workdir), args.search_child, args.cpus, args.cached)
+    got = search(Workload.from_args(args), args.search_child, args.cpus, args.cached)
     got["driver_imports_connect"] = ready
     ray.shutdown()  # disconnects this job; the bench's Ray keeps running
     print("RESULT " + json.dumps(got), flush=True)
 
 
-def run_child(work: Path, name: str, cached: bool, cpus: int, address: str) -> dict:
-    shutil.rmtree(work / name, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--workdir", str(work), "--cpus", str(cpus), "--address", address,
-           "--search-child", name, *(["--cached"] if cached else []), *(["--k", str(len(EPS))] if EPS_K else [])]
+def run_child(w: Workload, args: argparse.Namespace, name: str, cached: bool, address: str) -> dict:
+    shutil.rmtree(w.root / name, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--workdir", str(w.work), "--cpus", str(args.cpus), "--address", address,
+           "--search-child", name, *(["--cached"] if cached else []), *(["--k", str(args.k)] if args.k else []),
+           *(["--quick"] if args.quick else [])]
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -270,62 +216,52 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None,
                     help="diagnostic only: k log-spaced ε in [0.0005, 0.05] instead of the issue's fixed 8 (the gate is "
                          "defined at k = 8)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: small data, one epoch, one search per mode")
     ap.add_argument("--address", help=argparse.SUPPRESS)  # the bench's Ray, for a search's own driver process
     ap.add_argument("--search-child", help=argparse.SUPPRESS)
     ap.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global EPS, EPS_K
-    if args.k is not None:
-        if args.k < 2:
-            sys.exit("eps_amortisation: error: --k must be at least 2")
-        EPS = tuple(float(f"{e:.3g}") for e in np.geomspace(0.0005, 0.05, args.k))
-        EPS_K = args.k
+    if args.k is not None and args.k < 2:
+        sys.exit("eps_amortisation: error: --k must be at least 2")
     if args.search_child:
         search_child(args)
         return
     if args.repeat < 1:
         sys.exit("eps_amortisation: error: --repeat must be at least 1")
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="densitune-eps-"))
+    if args.quick:
+        args.repeat = 1
+    temporary = args.workdir is None
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="densitune-eps-")
+    w = Workload.from_args(args)
+    work, eps_values = w.root, w.eps
+    bench = Bench("eps_amortisation", quick=args.quick, diagnostic=args.k is not None)
     t_start = time.perf_counter()
-    print(f"# eps_amortisation: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, work dir {work}")
+    print(f"# eps_amortisation: {describe(bench.machine)}; work dir {work}")
 
     t0 = time.perf_counter()
-    if not (work / "data" / "ood-photo").is_dir():  # a --workdir of an earlier run keeps its data and network
-        write_data(work / "data")
-    print(f"data: ID 32x32x3 coloured digits train {N_TRAIN} / val {N_EVAL} / test {N_EVAL}, OOD blend {N_EVAL} "
-          f"(val), photo patches {N_EVAL} (test); PNG files ready in {time.perf_counter() - t0:.1f} s")
+    write_png_splits(work / "data", w.n_train, w.n_eval)  # a --workdir of an earlier run keeps its data and network
+    print(f"data: ID 32x32x3 coloured digits train {w.n_train} / val {w.n_eval} / test {w.n_eval}, OOD blend "
+          f"{w.n_eval} (val), photo patches {w.n_eval} (test); PNG files ready in {time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
     torch.set_num_threads(args.cpus)
-    cfg = TrainConfig(backbone="cnn", feature_dim=32, epochs=4, batch_size=64, dataset="folder:id",
-                      data_root=str(work / "data"), experiment="bench")
-    if not (work / "models" / "bench" / cfg.key / "model.pt").is_file():
-        *_, st = fit(cfg)
-        save_checkpoint(work / "models" / "bench" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data,
-                        epoch=st.epoch, metrics=st.metrics)
-        print(f"trained {cfg.key}: val accuracy {st.val_accuracy:.3f} in {time.perf_counter() - t0:.1f} s")
+    net = train_network(work / "models" / "bench", backbone="cnn", feature_dim=32, epochs=w.epochs, batch_size=64,
+                        dataset="folder:id", data_root=str(work / "data"), experiment="bench")
+    print(f"network {net.name} ready in {time.perf_counter() - t0:.1f} s")
 
     runs = [(f"{mode}-{order(args.repeat)[:i + 1].count(mode)}", mode) for i, mode in enumerate(order(args.repeat))]
-    print(f"search: gmm_sum, score density, k = {len(EPS)} eps values {list(EPS)}, grid sampler, Ray Tune on "
-          f"{args.cpus} CPUs (one trial per CPU); one Ray for the whole bench, each search a Ray job of its own "
+    print(f"search: gmm_sum, score density, k = {len(eps_values)} eps values {list(eps_values)}, grid sampler, Ray "
+          f"Tune on {args.cpus} CPUs (one trial per CPU); one Ray for the whole bench, each search a Ray job of its own "
           f"(own driver process, run folder and cache), in the order {', '.join(n for n, _ in runs)}", flush=True)
-    import ray
-
-    t0 = time.perf_counter()
-    init_ray(num_cpus=args.cpus, quiet=True)
-    ray_start = time.perf_counter() - t0
-    address = ray.get_runtime_context().gcs_address
-    print(f"ray.init (once, not part of any search): {ray_start:.1f} s", flush=True)
     got = {}
-    for name, mode in runs:
-        got[name] = run_child(work, name, mode == "cached", args.cpus, address)
-        print(f"{name:10s} (ip_cache={mode == 'cached'}): {got[name]['seconds']:.1f} s "
-              f"(its driver's imports and Ray connection before it, not timed: "
-              f"{got[name]['driver_imports_connect']:.1f} s; load average {os.getloadavg()[0]:.2f})", flush=True)
-    t0 = time.perf_counter()
-    ray.shutdown()
-    ray_stop = time.perf_counter() - t0
+    with started_ray(args.cpus) as ray_session:
+        print(f"ray.init (once, not part of any search): {ray_session.start_s:.1f} s", flush=True)
+        for name, mode in runs:
+            got[name] = run_child(w, args, name, mode == "cached", ray_session.address)
+            print(f"{name:10s} (ip_cache={mode == 'cached'}): {got[name]['seconds']:.1f} s "
+                  f"(its driver's imports and Ray connection before it, not timed: "
+                  f"{got[name]['driver_imports_connect']:.1f} s; load average {os.getloadavg()[0]:.2f})", flush=True)
+    ray_start, ray_stop = ray_session.start_s, ray_session.stop_s
     print(f"ray.shutdown (once, not part of any search): {ray_stop:.1f} s")
 
     names = [n for n, _ in runs]
@@ -340,11 +276,11 @@ def main() -> None:
 
     table = {n: aurocs(work, n) for n in names}
     ref = table[names[0]]
-    identical = all(t == ref for t in table.values()) and len(ref) == 2 * len(EPS)
+    identical = all(t == ref for t in table.values()) and len(ref) == 2 * len(eps_values)
     print(f"\n| eps | {' | '.join(f'val AUROC {n}' for n in names)} | {' | '.join(f'test AUROC {n}' for n in names)} |")
     print(f"|---|{'---|' * 2 * len(names)}")
-    for eps in EPS:
-        v, t = (eps, "val", VAL_OOD.format(work=work)), (eps, "test", TEST_OOD.format(work=work))
+    for eps in eps_values:
+        v, t = (eps, "val", w.val_ood), (eps, "test", w.test_ood)
         cells = [f"{table[n].get(key, float('nan')):.6f}" for key in (v, t) for n in names]
         print(f"| {eps:g} | {' | '.join(cells)} |")
     per_trial = {n: trial_seconds(work, n) for n in names}
@@ -376,7 +312,7 @@ def main() -> None:
               "trial_actor_cpu_s": {m: round(v, 1) for m, v in trial_cpu.items()}, "ceiling": round(ceiling, 2),
               "cores_busy": {m: round(v, 2) for m, v in busy.items()},
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
-              "gate_pass": (ratio >= 2 and identical) if args.k is None else None, "k": len(EPS),
+              "gate_pass": (ratio >= 2 and identical) if args.k is None else None, "k": len(eps_values),
               "total_s": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(result))
     print(f"ratio of the fastest runs (information): {best['uncached']:.1f} / {best['cached']:.1f} s = "
@@ -391,10 +327,18 @@ def main() -> None:
     verdict = ("diagnostic: the gate is defined at k = 8" if args.k is not None
                else f"gate >= 2x: {'PASS' if result['gate_pass'] else 'FAIL'}")
     print(f"ratio uncached / cached (medians of {args.repeat}, each search timed on the running Ray) = {ratio:.2f}x "
-          f"at k = {len(EPS)} ({verdict}); AUROCs identical across all {len(names)} searches: {identical}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if result["gate_pass"] or (args.k is not None and identical) else 1)
+          f"at k = {len(eps_values)} ({verdict}); AUROCs identical across all {len(names)} searches: {identical}")
+    bench.record("eps.ratio", ratio)
+    bench.record("eps.aurocs_identical", identical)
+    bench.record("eps.bound", ceiling)
+    bench.record("eps.ratio_with_ray", with_ray)
+    bench.record("eps.median_uncached_s", med["uncached"])
+    bench.record("eps.median_cached_s", med["cached"])
+    print(bench.summary())
+    if temporary:
+        shutil.rmtree(w.work, ignore_errors=True)
+    checked_only = args.k is not None or args.quick  # a diagnostic or smoke run: the gate is not defined there
+    sys.exit(0 if result["gate_pass"] or (checked_only and identical) else 1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ bench's search (4 splits of 2,000 inputs, k = 8): uncached 8·4·(g + f), cached
 (``F`` measured = those minus the compute).
 
     python bench/eps_first_wave.py --workdir DIR   # DIR: a --workdir of bench/eps_amortisation.py (data, network)
+    python bench/eps_first_wave.py --workdir DIR --quick   # after eps_amortisation.py --workdir DIR --quick
+
+``--quick`` reads the smoke workload (DIR/quick) and times the per-input costs on 256 inputs, 2 rounds, without
+the channels-last variant. Records (information, no gate): eps_first_wave.f_us, .g_us, .common_ceiling_cpu_s.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _harness import Bench, describe
+from eps_amortisation import EPS
 
-EPS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05)
 STEPS = {  # (module, function) -> label
     ("densitune.search.evaluate", "load_split"): "decode the PNG splits",
     ("densitune.search.workspace", "extract_features"): "clean features",
@@ -131,6 +135,9 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
     x = torch.rand(n, *loaded.data["shape"], generator=torch.Generator().manual_seed(0))
     feats = extract_features(model, TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch, torch.device("cpu"))
     feats.y = feats.logits.argmax(1)  # a fit needs classes; any labelling times the same
+    counts = torch.bincount(feats.y)
+    if (counts[counts > 0] < 2).any():  # a class of one input has no covariance (small --quick runs): round robin
+        feats.y = torch.arange(n) % feats.logits.shape[1]
     score = create_score("density", [model], fit_density("gmm_sum", "{}", feats, torch.device("cpu")))
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -161,15 +168,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="the --workdir of a bench/eps_amortisation.py run")
     ap.add_argument("--no-claim", action="store_true", help="also run the cached wave without the claim pass")
+    ap.add_argument("--quick", action="store_true", help="the smoke workload of eps_amortisation.py --quick; fewer rounds")
     args = ap.parse_args()
-    if not (Path(args.workdir) / "models").is_dir():
-        sys.exit(f"eps_first_wave: error: no models under {args.workdir}: run bench/eps_amortisation.py --workdir "
-                 f"{args.workdir} first")
+    work = str(Path(args.workdir) / "quick") if args.quick else args.workdir
+    if not (Path(work) / "models").is_dir():
+        sys.exit(f"eps_first_wave: error: no models under {work}: run bench/eps_amortisation.py --workdir "
+                 f"{args.workdir}{' --quick' if args.quick else ''} first")
+    bench = Bench("eps_first_wave", quick=args.quick)
     modes = ["uncached", "cached", *(["cached, no claim pass"] if args.no_claim else [])]
-    print(f"# eps_first_wave: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; two trials at once, "
+    print(f"# eps_first_wave: {describe(bench.machine)}; two trials at once, "
           "one torch thread each, one shared disk cache; seconds per process (process 0 / process 1)")
     for mode in modes:
-        res = wave(args.workdir, mode)
+        res = wave(work, mode)
         labels = [label for label in STEPS.values() if any(label in r[3] for r in res)]
         print(f"\n## {mode}: first trial {' / '.join(f'{r[2]:.2f}' for r in res)} s "
               f"(imports before it {' / '.join(f'{r[1]:.2f}' for r in res)} s)")
@@ -184,17 +194,25 @@ def main() -> None:
         """CPU-s of the bench's search's compute: uncached k·splits·n·(g + f), cached splits·n·g + k·splits·n·f."""
         return k * splits * n * (g + f), splits * n * g + k * splits * n * f
 
-    f, g = per_input_costs(args.workdir)
+    n_inputs, rounds = (256, 2) if args.quick else (2000, 7)
+    f, g = per_input_costs(work, n=n_inputs, rounds=rounds)
     uncached, cached = compute(f, g)
-    print(f"\n## per-input costs (one thread, CPU time, median of 7): scoring forward f = {f * 1e6:.0f} us, forward + "
+    print(f"\n## per-input costs (one thread, CPU time, median of {rounds}): scoring forward f = {f * 1e6:.0f} us, forward + "
           f"input gradient g = {g * 1e6:.0f} us (g / f = {g / f:.2f})")
     print(f"compute of the bench's search ({splits} splits of {n}, k = {k}): uncached {k}*{splits}*(g + f) = {uncached:.1f} "
           f"CPU-s, cached {splits}*g + {k}*{splits}*f = {cached:.1f} CPU-s; ratio >= 2 while the cost common to both modes "
           f"is at most uncached - 2*cached = {uncached - 2 * cached:.1f} CPU-s")
-    fc, gc = per_input_costs(args.workdir, channels_last=True)
+    bench.record("eps_first_wave.f_us", f * 1e6)
+    bench.record("eps_first_wave.g_us", g * 1e6)
+    bench.record("eps_first_wave.common_ceiling_cpu_s", uncached - 2 * cached)
+    if args.quick:
+        print(bench.summary())
+        return
+    fc, gc = per_input_costs(work, channels_last=True)
     uncached_cl, cached_cl = compute(fc, gc)
     print(f"(information) the same in channels-last: f = {fc * 1e6:.0f} us, g = {gc * 1e6:.0f} us; compute uncached "
           f"{uncached_cl:.1f}, cached {cached_cl:.1f} CPU-s")
+    print(bench.summary())
 
 
 if __name__ == "__main__":

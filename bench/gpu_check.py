@@ -11,7 +11,10 @@ Prints one JSON line per measurement; ratios within one run are what to compare.
 without a smoke flag) it prints one line saying so and exits 0. Training steps run as
 :func:`densitune.trainables.train.loop.fit` runs them: channels-last on CUDA, bf16 autocast without a
 gradient scaler, and ``torch.compile`` of the step's forward for at most two backbones; every row says
-which (``autocast``, ``compile``, ``channels_last``).
+which (``autocast``, ``compile``, ``channels_last``). On CUDA it records (``bench/_harness.py``) the bf16 training
+throughput of ResNet-18 and ResNet-50 (the faster of eager and compiled) and the slowest backbone's bf16 / fp32
+ratio against their targets; a smoke run records as "quick". Stdout stays JSON lines only (the harness's summary
+goes to stderr).
 """
 
 from __future__ import annotations
@@ -23,15 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from _fixtures import train_network, untrained_net
+from _harness import Bench, mean_time
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from densitune.search.ood.densities import create_density  # noqa: E402
-from densitune.search.ood.scores import create_score  # noqa: E402
-from densitune.trainables.nets.backbones import SpectralConfig, create_model  # noqa: E402
-from densitune.trainables.nets.losses import create_loss  # noqa: E402
-from densitune.trainables.train.config import TrainConfig  # noqa: E402
-from densitune.trainables.train.loop import amp_dtype, fit, train_step  # noqa: E402
+from densitune.search.ood.densities import create_density
+from densitune.search.ood.scores import create_score
+from densitune.trainables.nets.losses import create_loss
+from densitune.trainables.train.config import TrainConfig
+from densitune.trainables.train.loop import amp_dtype, fit, train_step
 
 #: backbones timed, and the (at most two) also timed under torch.compile
 BACKBONES = ("resnet18", "resnet50", "wrn28_10", "vgg16", "vit")
@@ -48,22 +50,15 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):  # cuDNN autotune, allocator, compilation
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
+    """Mean seconds per call after ``warmup`` calls (cuDNN autotune, allocator, compilation), synchronised."""
+    return mean_time(fn, repeats, warmup, sync=lambda: sync(device))
 
 
 def train_steps(backbone: str, device: torch.device, batch: int, amp: bool, compiled: bool, repeats: int) -> dict:
     """Images/s of training steps (forward, contrastive center loss, backward, SGD) at 32x32x3, spectral norm on,
     set up as the training loop does on ``device``; and the seconds of the first (compiling) steps."""
     torch.manual_seed(0)
-    model = create_model(backbone, in_channels=3, image_size=32, num_classes=10, feature_dim=512,
-                         mean=(0.5,) * 3, std=(0.25,) * 3, spectral=SpectralConfig()).to(device)
+    model = untrained_net(512, backbone=backbone, spectral=True, device=device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -103,8 +98,7 @@ def scoring(device, n_train: int, n_query: int, dim: int, batch: int, repeats: i
         out[f"{name}_fit_s"] = time.perf_counter() - t0
         q = torch.randn(n_query, dim, device=device)
         out[f"{name}_score_per_s"] = n_query / timed(lambda dens=dens, q=q: dens.score_samples(q), device, repeats)
-    model = create_model("resnet18", in_channels=3, image_size=32, num_classes=10, feature_dim=dim,
-                         mean=(0.5,) * 3, std=(0.25,) * 3, spectral=SpectralConfig()).to(device).eval()
+    model = untrained_net(dim, backbone="resnet18", spectral=True, device=device).eval()
     gmm = create_density("gmm_sum").fit(z, y)
     score = create_score("density", [model], gmm)
     x = torch.rand(batch, 3, 32, 32, device=device)
@@ -122,12 +116,8 @@ def cache_round_trip(device, tmp: Path, epochs: int = 3) -> dict:
     from densitune.search.prepare import prepare_search
     from densitune.search.space import TrialParams
     from densitune.search.trial import run_trial
-    from densitune.trainables.train.checkpoint import save_checkpoint
 
-    cfg = TrainConfig(backbone="cnn", feature_dim=16, epochs=epochs)
-    *_, st = fit(cfg, device=device)
-    save_checkpoint(tmp / "models" / cfg.key, config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=epochs,
-                    metrics=st.metrics)
+    train_network(tmp / "models", device=device, backbone="cnn", feature_dim=16, epochs=epochs)
     spec, (group,) = prepare_search(dict(models=str(tmp / "models"), experiment="gpu", val_ood="digits-blend",
                                          test_ood=["noise-uniform"], densities=["kde"], attacks=["pgd"], attack_eps=0.1))
     out = {}
@@ -146,8 +136,9 @@ def main() -> None:
     args = ap.parse_args()
     smoke = args.smoke or args.cpu_smoke
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    bench = Bench("gpu_check", quick=smoke)
     emit(check="device", device=str(device), torch=torch.__version__,
-         name=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
+         name=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", machine=bench.machine)
     if device.type != "cuda" and not smoke:
         print("gpu_check: no CUDA device here; run it on a GPU machine (or --cpu-smoke for a tiny CPU run)",
               file=sys.stderr)
@@ -167,6 +158,7 @@ def main() -> None:
 
     # 2. Training-step throughput per backbone: fp32, bf16, and bf16 + torch.compile for two backbones.
     batch, repeats = (4, 1) if smoke else (256, 20)
+    bf16: dict[str, dict[str, float]] = {}  # backbone -> mode -> img/s
     for backbone in (("cnn", "resnet18") if smoke else BACKBONES):
         runs = {"fp32": train_steps(backbone, device, batch, False, False, repeats)}
         if device.type == "cuda":
@@ -176,6 +168,13 @@ def main() -> None:
         for mode, r in runs.items():
             emit(check="train_step", backbone=backbone, batch=batch, mode=mode, device=str(device), **r,
                  speedup_vs_fp32=round(r["img_per_s"] / runs["fp32"]["img_per_s"], 2))
+        bf16[backbone] = {mode: r["img_per_s"] for mode, r in runs.items()}
+    if device.type == "cuda":
+        for backbone in ("resnet18", "resnet50"):
+            if backbone in bf16:
+                best = max((m for m in bf16[backbone] if m.startswith("bf16")), key=lambda m: bf16[backbone][m])
+                bench.record(f"gpu.{backbone}_bf16_img_s", bf16[backbone][best], note=f"{backbone}: {best}")
+        bench.record("gpu.bf16_min_speedup", min(r["bf16"] / r["fp32"] for r in bf16.values()))
 
     # 3. Scoring speed (and, on a GPU box, the same on its CPU for the ratio).
     sizes = dict(n_train=500, n_query=500, dim=32, batch=8, repeats=2) if smoke else \
@@ -188,6 +187,7 @@ def main() -> None:
     if device.type == "cuda":
         cpu = scoring(torch.device("cpu"), **{**sizes, "n_train": 10_000, "n_query": 2_000, "batch": 64, "repeats": 2})
         emit(check="scoring", device="cpu", **{k: round(v, 3) for k, v in cpu.items()})
+    print(bench.summary(), file=sys.stderr)
 
 
 if __name__ == "__main__":

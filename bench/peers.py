@@ -17,42 +17,50 @@ On the same features, measured in one run:
 Speed targets are measured as thread CPU time on one torch thread, best of interleaved rounds (``cpu_timed``): other
 processes on the machine then change neither side; wall-clock ratios on all threads are printed for information.
 
-    pip install -e ".[bench]" --config-settings editable_mode=strict && python bench/peers.py
+    pip install -e ".[bench]" --config-settings editable_mode=strict && python bench/peers.py [STEP ...] [--quick]
+
+``STEP``: only those steps (kde, peers_gmm, gemm_roofline, float32_auroc, ip_scoring). ``--quick``: every step at
+small sizes (a smoke run; the figures are no measure). Records peers.kde_max_diff, .kde_speedup,
+.float32_auroc_change, .gmm_gemm_fraction, .ip_over_forward and .ip_over_odin (``bench/_harness.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from _fixtures import untrained_net
+from _harness import Bench, best_of, describe, peak_rss_mb, reset_peak_rss, rss_mb, thread_cpu_best
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from densitune.search.ood.densities import create_density, density_from_state
 from densitune.search.ood.metrics import auroc
 
-ROWS: list[tuple[str, str, str, str]] = []  # (what, target, measured, verdict)
+
+@dataclass
+class Run:
+    """This run: its harness records, sizes (``quick``: small ones) and the printed table's rows."""
+
+    bench: Bench
+    quick: bool = False
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # (what, target, measured, verdict)
+
+    def row(self, what: str, target: str, measured: str, met: bool | None, cause: str = "") -> None:
+        verdict = "-" if met is None else "met" if met else f"NOT met: {cause}"
+        self.rows.append((what, target, measured, verdict))
+        print(f"  {what}: {measured} (target {target}) -> {verdict}", flush=True)
 
 
 def timed(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
     """(best wall time of ``repeat`` runs, last result)."""
-    best, out = math.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def record(what: str, target: str, measured: str, met: bool | None, cause: str = "") -> None:
-    verdict = "-" if met is None else "met" if met else f"NOT met: {cause}"
-    ROWS.append((what, target, measured, verdict))
-    print(f"  {what}: {measured} (target {target}) -> {verdict}", flush=True)
+    return best_of(fn, repeat)
 
 
 def class_features(n_per: int, d: int, c: int, seed: int, shift: float = 0.0, full: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +82,7 @@ def class_features(n_per: int, d: int, c: int, seed: int, shift: float = 0.0, fu
 # ------------------------------------------------------------------------------------------------ 1. peers
 
 
-def peers_gmm() -> None:
+def peers_gmm(run: Run) -> None:
     from pytorch_ood.detector import GMM, Mahalanobis
 
     print("1. gmm_sum vs pytorch-ood GMM / Mahalanobis and a torch MultivariateNormal reference (C=10, D=128)")
@@ -111,20 +119,20 @@ def peers_gmm() -> None:
         a = auroc(*s)
         ratio = t / t_ours
         if same_model:
-            record(f"{name}: AUROC", f"|diff| <= 1e-4 vs ours {a_ours:.6f}", f"{a:.6f} (diff {abs(a - a_ours):.1e})",
+            run.row(f"{name}: AUROC", f"|diff| <= 1e-4 vs ours {a_ours:.6f}", f"{a:.6f} (diff {abs(a - a_ours):.1e})",
                    abs(a - a_ours) <= 1e-4, "different estimates of the same model")
         else:
-            record(f"{name}: AUROC", "another model (shared covariance, max over classes): no equality expected",
+            run.row(f"{name}: AUROC", "another model (shared covariance, max over classes): no equality expected",
                    f"{a:.6f} vs ours {a_ours:.6f}", None)
-        record(f"{name}: time / ours", "report", f"{ratio:.2f}x ({t * 1e3:.1f} ms)", None)
+        run.row(f"{name}: time / ours", "report", f"{ratio:.2f}x ({t * 1e3:.1f} ms)", None)
 
 
 # ------------------------------------------------------------------------------------------------ 2. GEMM roofline
 
 
-def gemm_roofline() -> None:
+def gemm_roofline(run: Run) -> None:
     print("2. GMM log-density throughput vs this machine's float64 GEMM (D=2048, C=4, N=2048 queries)")
-    d, c, n = 2048, 4, 2048
+    d, c, n = (256, 4, 256) if run.quick else (2048, 4, 2048)
     a, b = torch.randn(n, d, dtype=torch.float64), torch.randn(d, d, dtype=torch.float64)
     t_gemm, _ = timed(lambda: a @ b, repeat=5)
     gemm = 2 * n * d * d / t_gemm
@@ -137,15 +145,16 @@ def gemm_roofline() -> None:
     t32, _ = timed(lambda: d32.score_samples(q))
     print(f"  float64 GEMM {gemm / 1e9:.1f} GFLOP/s; fit {t_fit:.2f} s; score {t64:.3f} s float64, {t32:.3f} s float32")
     frac = flops / t64 / gemm
-    record("GMM float64 throughput / GEMM rate", ">= 70 %", f"{100 * frac:.0f} % ({flops / t64 / 1e9:.1f} GFLOP/s counted)",
+    run.bench.record("peers.gmm_gemm_fraction", frac)
+    run.row("GMM float64 throughput / GEMM rate", ">= 70 %", f"{100 * frac:.0f} % ({flops / t64 / 1e9:.1f} GFLOP/s counted)",
            frac >= 0.7, "the triangular solve (TRSM) runs below GEMM speed on this CPU")
-    record("GMM float32 speed-up over float64", "report (about 2x)", f"{t64 / t32:.2f}x", None)
+    run.row("GMM float32 speed-up over float64", "report (about 2x)", f"{t64 / t32:.2f}x", None)
 
 
 # ------------------------------------------------------------------------------------------------ 3. float32 path
 
 
-def float32_auroc() -> None:
+def float32_auroc(run: Run) -> None:
     print("3. float32 scoring path on class covariances with condition numbers ~1e8 (C=10, D=128)")
     rng = np.random.default_rng(0)
     d, c = 128, 10
@@ -164,7 +173,8 @@ def float32_auroc() -> None:
     cond = float(torch.linalg.cond(d64.covariances_).min())
     d32 = density_from_state({**d64.state_dict(), "params": {**d64.get_params(), "dtype": "float32"}})
     a64, a32 = auroc(d64.score_samples(z_id), d64.score_samples(z_ood)), auroc(d32.score_samples(z_id), d32.score_samples(z_ood))
-    record(f"float32 AUROC change (min class condition number {cond:.1e})", "< 1e-3",
+    run.bench.record("peers.float32_auroc_change", abs(a32 - a64))
+    run.row(f"float32 AUROC change (min class condition number {cond:.1e})", "< 1e-3",
            f"{abs(a32 - a64):.1e} (float64 {a64:.6f}, float32 {a32:.6f})", abs(a32 - a64) < 1e-3, "float32 rounding")
 
 
@@ -181,31 +191,6 @@ def _exact_kde(train: np.ndarray, q: np.ndarray, h: float) -> np.ndarray:
     return logsumexp(-d2 / (2 * h * h), axis=1) - math.log(n) - 0.5 * d * math.log(2 * math.pi * h * h)
 
 
-def _rss_mb() -> float:
-    """The resident memory of this process now, MB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    """This process's peak resident memory, MB, since the last :func:`_reset_peak` (Linux VmHWM; the lifetime
-    peak where it cannot be reset)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    """Reset the peak resident memory to the current one (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def cpu_timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     """Best thread CPU time (s) of each function over ``rounds`` interleaved rounds, at one torch thread.
 
@@ -215,24 +200,18 @@ def cpu_timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        best = dict.fromkeys(fns, math.inf)
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.thread_time()
-                fn()
-                best[name] = min(best[name], time.thread_time() - t0)
-        return best
+        return thread_cpu_best(fns, rounds)
     finally:
         torch.set_num_threads(threads)
 
 
-def kde() -> None:
+def kde(run: Run) -> None:
     from sklearn.neighbors import KernelDensity
 
     from densitune.search.ood import densities
 
     print("4. KDE vs scikit-learn KernelDensity (N=10,000 training rows, D=512)")
-    n, d = 10_000, 512
+    n, d = (2_000, 128) if run.quick else (10_000, 512)
     train = class_features(n // 10, d, 10, seed=0, full=False)[0].double()
     q = torch.cat([class_features(50, d, 10, seed=1, full=False)[0],  # 1,000 query rows: 500 ID, 500 shifted
                    class_features(50, d, 10, seed=2, shift=0.3, full=False)[0]]).double()
@@ -241,45 +220,48 @@ def kde() -> None:
     # peak memory above the resident size before scoring, at two query counts (the peak is reset before each; the
     # first call also builds the kept (N, D + 2) training operand)
     peaks = []
-    for m in (500, 4000):
+    ms = (100, 400) if run.quick else (500, 4000)
+    for m in ms:
         qm = class_features(m // 10, d, 10, seed=3, full=False)[0].double()
-        _reset_peak()
-        before = _rss_mb()
+        reset_peak_rss()
+        before = rss_mb()
         dens.score_samples(qm)
-        peaks.append(_peak_mb() - before)
+        peaks.append(peak_rss_mb() - before)
     ours = dens.score_samples(q)
     ref = _exact_kde(train.numpy(), q.numpy(), h)
     err = float(np.abs(ours.numpy() - ref).max())
-    record("KDE ours vs exact scipy logsumexp: max |diff|", "<= 1e-6", f"{err:.1e} nats", err <= 1e-6, "rounding")
+    run.row("KDE ours vs exact scipy logsumexp: max |diff|", "<= 1e-6", f"{err:.1e} nats", err <= 1e-6, "rounding")
+    run.bench.record("peers.kde_max_diff", err)
     m_sk = 100
     sk = KernelDensity(kernel="gaussian", bandwidth=h).fit(train.numpy())
     sk_out = sk.score_samples(q[:m_sk].numpy())
     sk_err = float(np.abs(sk_out - ref[:m_sk]).max())
-    record("KDE scikit-learn vs exact: max |diff| (information)", "-", f"{sk_err:.1e} nats", None)
+    run.row("KDE scikit-learn vs exact: max |diff| (information)", "-", f"{sk_err:.1e} nats", None)
     # the GEMM our blocks run (queries x 512 features x 2048 training rows), alone, to bound ours from below
     qb, tb = q[: densities._KDE_QUERY_ROWS], dens.train_[: densities._KDE_TRAIN_ROWS]
     cpu = cpu_timed({"ours": lambda: dens.score_samples(q), "sklearn": lambda: sk.score_samples(q[:m_sk].numpy()),
                      "gemm": lambda: qb @ tb.mT}, rounds=3)
     per_ours, per_sk = cpu["ours"] / len(q), cpu["sklearn"] / m_sk
     roof = cpu["gemm"] / len(qb) * n / len(tb)  # s per query row at the GEMM's own rate, one thread
-    record("KDE speed vs scikit-learn (per query row, one core each: thread CPU time)", ">= 40x",
+    run.bench.record("peers.kde_speedup", per_sk / per_ours)
+    run.row("KDE speed vs scikit-learn (per query row, one core each: thread CPU time)", ">= 40x",
            f"{per_sk / per_ours:.0f}x (ours {1e3 * per_ours:.3f} ms/row, sklearn {1e3 * per_sk:.1f} ms/row)",
            per_sk / per_ours >= 40,
            f"float64 distances need 2*N*D flops a row: the GEMM alone takes {1e3 * roof:.3f} ms/row here, "
            f"so at most {per_sk / roof:.0f}x")
-    record("KDE time / the bare distance GEMM (one thread)", "report (1.0 = GEMM-bound)",
+    run.row("KDE time / the bare distance GEMM (one thread)", "report (1.0 = GEMM-bound)",
            f"{per_ours / roof:.2f} (GEMM {2 * n * d / roof / 1e9:.0f} GFLOP/s)", None)
     t_wall, _ = timed(lambda: dens.score_samples(q))
     t_sk_wall, _ = timed(lambda: sk.score_samples(q[:m_sk].numpy()), repeat=1)
-    record(f"KDE speed vs scikit-learn, wall clock, ours on {torch.get_num_threads()} threads (information)", "-",
+    run.row(f"KDE speed vs scikit-learn, wall clock, ours on {torch.get_num_threads()} threads (information)", "-",
            f"{(t_sk_wall / m_sk) / (t_wall / len(q)):.0f}x (ours {1e3 * t_wall / len(q):.3f} ms/row, "
            f"sklearn {1e3 * t_sk_wall / m_sk:.1f} ms/row; load-dependent)", None)
     buf = densities._KDE_QUERY_ROWS * densities._KDE_TRAIN_ROWS * 8 / 2**20
     operand = n * (d + 2) * 8 / 2**20  # the (N, D + 2) GEMM operand, built by the first call and kept
-    bound = buf + operand + 3 * 4000 * d * 8 / 2**20  # ... and a few float64 copies of the 4,000 x D queries
-    record("KDE scoring peak memory growth, 500 vs 4,000 query rows",
+    bound = buf + operand + 3 * ms[1] * d * 8 / 2**20  # ... and a few float64 copies of the (ms[1], D) queries
+    run.row(f"KDE scoring peak memory growth, {ms[0]:,} vs {ms[1]:,} query rows",
            f"the {buf:.0f} MB block buffer + the {operand:.0f} MB training operand + float64 copies of the queries "
-           f"(<= {bound:.0f} MB at 4,000), not M x N",
+           f"(<= {bound:.0f} MB at {ms[1]:,}), not M x N",
            f"{peaks[0]:.0f} MB vs {peaks[1]:.0f} MB", max(peaks) <= bound + 16, "memory grows with M x N")
 
 
@@ -307,17 +289,16 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def ip_scoring() -> None:
+def ip_scoring(run: Run) -> None:
     from pytorch_ood.detector import MahalanobisODIN
 
     from densitune.search.ood.scores import create_score
-    from densitune.trainables.nets.backbones import create_model
 
-    print("5. ip scoring (cnn backbone, 32x32x3, D=128, 512 images, batches of 128, eps=0.002)")
+    n_x = 128 if run.quick else 512
+    print(f"5. ip scoring (cnn backbone, 32x32x3, D=128, {n_x} images, batches of 128, eps=0.002)")
     torch.manual_seed(0)
-    model = create_model("cnn", in_channels=3, image_size=32, num_classes=10, feature_dim=128,
-                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
-    x_fit, x = torch.rand(1200, 3, 32, 32), torch.rand(512, 3, 32, 32)
+    model = untrained_net(128).eval()
+    x_fit, x = torch.rand(1200, 3, 32, 32), torch.rand(n_x, 3, 32, 32)
     with torch.no_grad():
         z_fit = model.features(x_fit)
     y_fit = torch.arange(10).repeat(120)
@@ -350,7 +331,7 @@ def ip_scoring() -> None:
         print(f"  GFLOP per batch, {name}: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in sorted(fc.by_op.items())))
     model.zero_grad(set_to_none=True)  # MahalanobisODIN's loss.backward() left weight gradients behind
     total = {k: sum(v.values()) for k, v in flops.items()}
-    record("ip flops / forward flops (counted)", "report (floor: forward + input-gradient backward + forward = 3)",
+    run.row("ip flops / forward flops (counted)", "report (floor: forward + input-gradient backward + forward = 3)",
            f"ours {total['ours'] / total['forward']:.2f}, MahalanobisODIN {total['pood'] / total['forward']:.2f} "
            "(it also computes the weights' gradients)", None)
 
@@ -382,37 +363,46 @@ def ip_scoring() -> None:
         print(f"  conv {tuple(a.shape)} -> {tuple(g.shape)}: forward {1e3 * conv[f'fwd{k}']:.2f} ms, "
               f"input-gradient backward {1e3 * conv[f'bwd{k}']:.2f} ms ({conv[f'bwd{k}'] / conv[f'fwd{k}']:.1f}x, same flops)")
     bwd = cpu["ip"] - 2 * cpu["forward"]
-    record("ip scoring / our forward pass (one core, thread CPU time)", "<= 3.5x",
+    run.bench.record("peers.ip_over_forward", cpu["ip"] / cpu["forward"])
+    run.bench.record("peers.ip_over_odin", cpu["ip"] / cpu["pood"])
+    run.row("ip scoring / our forward pass (one core, thread CPU time)", "<= 3.5x",
            f"{cpu['ip'] / cpu['forward']:.2f}x ({len(x) / cpu['ip']:.0f} img/s vs {len(x) / cpu['forward']:.0f})",
            cpu["ip"] / cpu["forward"] <= 3.5,
            f"ip = forward + input-gradient backward + forward, 3.0x the forward's flops; the backward takes "
            f"{bwd / cpu['forward']:.1f} forwards, because oneDNN's backward-data convolutions run "
            f"{sum_b / sum_f:.1f}x slower than the forward ones at equal flops ({1e3 * sum_b:.1f} vs {1e3 * sum_f:.1f} ms "
            "a batch, per layer above), plus batch-norm/ReLU backward")
-    record("ip scoring / pytorch-ood MahalanobisODIN (one core, thread CPU time)", "< 1 (faster)",
+    run.row("ip scoring / pytorch-ood MahalanobisODIN (one core, thread CPU time)", "< 1 (faster)",
            f"{cpu['ip'] / cpu['pood']:.2f}x ({len(x) / cpu['pood']:.0f} img/s)", cpu["ip"] < cpu["pood"],
            "see the counted flops")
     t_fwd = t_ip = t_pood = math.inf
     for _ in range(2):  # the same on all threads, wall clock: moves with the machine's load
         t_fwd, t_ip, t_pood = min(t_fwd, timed(forward, 1)[0]), min(t_ip, timed(ours_ip, 1)[0]), min(t_pood, timed(pood, 1)[0])
-    record(f"ip / forward and ip / MahalanobisODIN, wall clock on {torch.get_num_threads()} threads (information)", "-",
+    run.row(f"ip / forward and ip / MahalanobisODIN, wall clock on {torch.get_num_threads()} threads (information)", "-",
            f"{t_ip / t_fwd:.2f}x and {t_ip / t_pood:.2f}x (load-dependent)", None)
 
 
 def main() -> None:
-    import sys
-
-    only = sys.argv[1:]  # e.g. `python bench/peers.py kde ip_scoring`: only those steps
+    steps = {step.__name__: step for step in (kde, peers_gmm, gemm_roofline, float32_auroc, ip_scoring)}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("steps", nargs="*", metavar="STEP", help=f"only these: {', '.join(steps)}")
+    ap.add_argument("--quick", action="store_true", help="every step at small sizes (a smoke run)")
+    args = ap.parse_args()
+    if unknown := sorted(set(args.steps) - set(steps)):
+        ap.error(f"unknown step {', '.join(unknown)} (choose from {', '.join(steps)})")
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, no GPU used")
-    for step in (kde, peers_gmm, gemm_roofline, float32_auroc, ip_scoring):
-        if not only or step.__name__ in only:
-            step()
+    run = Run(Bench("peers", quick=args.quick), quick=args.quick)
+    print(f"# peers: {describe(run.bench.machine)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          "no GPU used")
+    for name, step in steps.items():
+        if not args.steps or name in args.steps:
+            step(run)
     print("\n| what | target | measured | verdict |\n|---|---|---|---|")
-    for row in ROWS:
+    for row in run.rows:
         print("| " + " | ".join(row) + " |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    print(run.bench.summary())
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ Runs :func:`densitune.search.tune.run_search` (OptunaSearch + GridSampler, ``reu
 Optuna-mirror callbacks, the fatal-error stopper, Tune's experiment state) with the trial body replaced by a
 no-op that only reports its objective, for two grid sizes. The per-trial overhead is the slope
 (T(large) - T(small)) / (n_large - n_small), which leaves out the fixed cost of starting a Tuner.
-Target on 2 cores: <= 0.2 s per trial.
+Target on 2 cores: <= 0.2 s per trial (figure ``ray_overhead.per_trial_s`` in ``bench/_harness.py``).
 
-    python bench/ray_overhead.py [--small 20] [--large 120]
+The search is called here as ``densitune.search.tune.run_search`` itself, not through ``_fixtures.run_search_config``:
+the question is that code path's own cost, with its trainable swapped for a no-op and models that do not exist.
+
+    python bench/ray_overhead.py [--small 20] [--large 120] [--cpus 2] [--quick]
+
+``--quick``: 4 vs 8 trials on one CPU, a smoke run of the script (its slope is no measure).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-TARGET_S = 0.2
+from _fixtures import started_ray
+from _harness import FIGURES, Bench, describe
+
+TARGET_S = FIGURES["ray_overhead.per_trial_s"].gate.threshold  # type: ignore[union-attr]
 
 
 def noop_trainable(config: dict[str, Any], spec: Any, groups: Any, points: Any, run: Any) -> None:
@@ -51,30 +59,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", type=int, default=20)
     ap.add_argument("--large", type=int, default=120)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 4 vs 8 trials on one CPU")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rayo", dir="/tmp"))
+    if args.quick:
+        args.small, args.large, args.cpus = 4, 8, 1
+    if args.large <= args.small:
+        sys.exit("ray_overhead: error: --large must be more than --small")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import ray
-
     from densitune.search import tune as search_tune
 
     search_tune.search_trainable = noop_trainable  # type: ignore[assignment]  # the one swapped part
-    t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    print(f"machine: {os.cpu_count()} cores; ray.init {time.perf_counter() - t0:.1f} s")
-    try:
-        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-            timed_search(4, Path(tmp))  # warm-up: workers and imports
-            small = timed_search(args.small, Path(tmp))
-            large = timed_search(args.large, Path(tmp))
-    finally:
-        ray.shutdown()
+    bench = Bench("ray_overhead", quick=args.quick)
+    print(f"# ray_overhead: {describe(bench.machine)}")
+    with started_ray(args.cpus) as ray_session, tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        print(f"ray.init {ray_session.start_s:.1f} s")
+        timed_search(4, Path(tmp))  # warm-up: workers and imports
+        small = timed_search(args.small, Path(tmp))
+        large = timed_search(args.large, Path(tmp))
     per_trial = (large - small) / (args.large - args.small)
     print(f"{args.small} no-op trials: {small:.1f} s; {args.large}: {large:.1f} s "
           f"({args.large / large:.1f} trials/s including the Tuner's start)")
     met = per_trial <= TARGET_S
     print(f"per-trial overhead (slope): {per_trial:.3f} s (target <= {TARGET_S} s) -> {'met' if met else 'NOT met'}")
-    return 0 if met else 1
+    bench.record("ray_overhead.per_trial_s", per_trial)
+    print(bench.summary())
+    return 0 if met or args.quick else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ with one file per trial, and after `compact`.
 Writes a run folder through the real writer (``store.write_rows``, rows built by ``rows.result_row`` as a
 search trial builds them: 2 seeds x (1 validation + 6 test rows) = 14 rows per trial, one file per trial,
 plus 120 training-epoch files) and times each reading command as its own process (wall time; CPU seconds and
-peak RSS from ``/usr/bin/time``) on three layouts of the same rows:
+peak RSS of the process, ``_harness.run_process``) on three layouts of the same rows:
 
 1. one file per trial (what a search wrote before it merged as it ran; a reference, not gated);
 2. as a search leaves it: the files merged every ``COMPACT_EVERY`` finished trials by the same
@@ -14,7 +14,10 @@ peak RSS from ``/usr/bin/time``) on three layouts of the same rows:
 Only the readers are timed. Gate (issue 13): each command <= 3 s and <= 500 MB on 2 cores on the layout a
 search leaves (no ``densitune compact``), and faster after ``compact`` than with one file per trial.
 
-    python bench/results_scale.py [--trials 10000] [--out /tmp/dt-scale] [--keep]
+    python bench/results_scale.py [--trials 10000] [--out /tmp/dt-scale] [--keep] [--quick]
+
+``--quick``: 300 trials, one run per command (a smoke run). Records results_scale.{report,best,query}_s and .peak_mb
+(as a search leaves it) and .compact_speedup (the slowest command's speed-up after compact over one file per trial).
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _harness import FIGURES, Bench, describe, run_process
+
 from densitune.results.store import COMPACT_EVERY, RollingCompaction
 
-GATE_S, GATE_MB = 3.0, 500.0
+GATE_S = FIGURES["results_scale.report_s"].gate.threshold  # type: ignore[union-attr]
+GATE_MB = FIGURES["results_scale.peak_mb"].gate.threshold  # type: ignore[union-attr]
 SCORES = ["density", "diff", "msp", "entropy", "gradnorm"]
 DENSITIES = {"gmm_sum": '{"jitter": 1e-06}', "gmm_max": '{"jitter": 1e-06}', "kde": '{"bandwidth": "scott"}'}
 EPS = [0.0, 0.005, 0.01, 0.02, 0.05]
@@ -122,22 +128,22 @@ def roll(run: Path, trials: int) -> None:
         rolling.finished(f"p-{i:05d}")
 
 
+def densitune_cli() -> list[str]:
+    """The ``densitune`` command of this Python's environment (its console script, else ``python -m densitune``)."""
+    exe = Path(sys.executable).parent / "densitune"
+    return [str(exe)] if exe.is_file() else [shutil.which("densitune") or sys.executable, *([] if shutil.which(
+        "densitune") else ["-m", "densitune"])]
+
+
 def measure(argv: list[str], repeat: int) -> tuple[float, float, float, str]:
     """(median wall s, median CPU s (user + system), max peak RSS MB, stdout) of ``densitune ARGV`` run
     ``repeat`` times as a process. CPU seconds over the 2 cores bound what an idle machine's wall time can be."""
-    walls, cpus, rss, out = [], [], [], ""
-    exe = shutil.which("densitune") or "densitune"
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", exe, *argv], capture_output=True, text=True)
-        walls.append(time.perf_counter() - t0)
+    runs = [run_process([*densitune_cli(), *argv]) for _ in range(repeat)]
+    for p in runs:
         if p.returncode != 0:
             sys.exit(f"densitune {' '.join(argv)} failed:\n{p.stderr}")
-        mem, user, system = p.stderr.strip().splitlines()[-1].split()
-        rss.append(int(mem) / 1024)
-        cpus.append(float(user) + float(system))
-        out = p.stdout
-    return statistics.median(walls), statistics.median(cpus), max(rss), out
+    return (statistics.median(p.wall for p in runs), statistics.median(p.cpu for p in runs), max(p.peak_mb for p in runs),
+            runs[-1].stdout)
 
 
 def main() -> int:
@@ -146,7 +152,12 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/dt-scale")
     ap.add_argument("--repeat", type=int, default=3, help="runs per command (median wall time is reported)")
     ap.add_argument("--keep", action="store_true", help="keep the run folder")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 300 trials, one run per command")
     args = ap.parse_args()
+    if args.quick:
+        args.trials, args.repeat = 300, 1
+    bench = Bench("results_scale", quick=args.quick)
+    print(f"# results_scale: {describe(bench.machine)}")
     run = Path(args.out)
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
@@ -165,7 +176,7 @@ def main() -> int:
     n_search = sum(1 for _ in (run / "results").rglob("*.parquet"))
     layouts["as a search leaves it"] = (n_search, {k: measure(v, args.repeat) for k, v in commands.items()})
     t0 = time.perf_counter()
-    subprocess.run([shutil.which("densitune") or "densitune", "compact", str(run)], check=True, capture_output=True)
+    subprocess.run([*densitune_cli(), "compact", str(run)], check=True, capture_output=True)
     print(f"compact: {time.perf_counter() - t0:.1f} s")
     n_compacted = sum(1 for _ in (run / "results").rglob("*.parquet"))
     layouts["after densitune compact"] = (n_compacted, {k: measure(v, args.repeat) for k, v in commands.items()})
@@ -189,9 +200,14 @@ def main() -> int:
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"GATE (as a search leaves it: <= {GATE_S:g} s and <= {GATE_MB:g} MB each; compact faster than one file per trial): "
           f"{'MET' if ok and faster else 'NOT MET'}")
+    for k in commands:
+        bench.record(f"results_scale.{k}_s", gated[k][0])
+    bench.record("results_scale.peak_mb", max(mb for _, _, mb, _ in gated.values()))
+    bench.record("results_scale.compact_speedup", min(loose[k][0] / after[k][0] for k in commands))
+    print(bench.summary())
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)
-    return 0 if ok and faster else 1
+    return 0 if (ok and faster) or args.quick else 1
 
 
 if __name__ == "__main__":

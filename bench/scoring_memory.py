@@ -8,11 +8,13 @@ sizes and two batch sizes, each configuration in a fresh process. Peak resident 
 resident memory before it, minus what the step returns (N feature rows, N scores, or the N int8 signs
 the ε cache keeps by design: one byte per input element, a quarter of the float32 inputs already held).
 
-    python bench/scoring_memory.py [--sizes 2000 8000] [--batches 64 512]
+    python bench/scoring_memory.py [--sizes 2000 8000] [--batches 64 512] [--quick]
 
 Prints one JSON line per configuration, then a table and the verdict: working memory grows with the
 batch size (≥ 1.5x from the small to the large batch) and not with the data set (≤ 1.25x + 4 MiB from
-the small to the large set). Linux only; about a minute on 2 cores.
+the small to the large set). Linux only; about a minute on 2 cores. ``--quick``: sizes 256 and 1024, batches 16
+and 64 (a smoke run: too small for the verdict to mean anything). Records scoring_memory.grows_with_batch,
+.flat_in_n (the gate) and .ip_cached_mib (the cached ip step at the largest size and batch).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _fixtures import untrained_net
+from _harness import Bench, describe, peak_rss_mb, reset_peak_rss, rss_mb
 
 MiB = 1024 * 1024
 #: glibc raises its mmap threshold after every large free, after which big buffers come from the heap and
@@ -34,13 +36,6 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 STEPS = ("features", "density_eps0", "density_ip_reference", "gradient_signs", "density_ip_cached")
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(step, returned_bytes) -> dict[str, float]:
     """Run ``step()``; its peak resident memory above the start, and that minus what it returns (MiB)."""
     import ctypes
@@ -48,11 +43,11 @@ def measure(step, returned_bytes) -> dict[str, float]:
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so a step's reuse of them shows
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status("VmRSS")
+    reset_peak_rss()  # VmHWM back to the current RSS
+    before = rss_mb()
     out = step()
-    peak = _status("VmHWM") - before
-    return {"peak_mib": peak / MiB, "working_mib": (peak - returned_bytes(out)) / MiB}
+    peak = peak_rss_mb() - before
+    return {"peak_mib": peak, "working_mib": peak - returned_bytes(out) / MiB}
 
 
 def child(n: int, batch: int) -> dict:
@@ -63,13 +58,11 @@ def child(n: int, batch: int) -> dict:
     from densitune.search.ood.densities import create_density
     from densitune.search.ood.scores import create_score
     from densitune.search.scoring import extract_features, gradient_signs, score_inputs, score_signed
-    from densitune.trainables.nets.backbones import SpectralConfig, create_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = create_model("cnn", in_channels=3, image_size=32, num_classes=10, feature_dim=64, mean=(0.5,) * 3,
-                         std=(0.25,) * 3, spectral=SpectralConfig()).eval()
+    model = untrained_net(64, spectral=True).eval()
     data = TensorDataset(torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,)))
     fit_on = torch.randn(2000, 64)
     density = create_density("gmm_sum").fit(fit_on, torch.arange(2000) % 10)
@@ -104,16 +97,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs=2, type=int, default=[2000, 8000])
     ap.add_argument("--batches", nargs=2, type=int, default=[64, 512])
+    ap.add_argument("--quick", action="store_true", help="a smoke run: sizes 256 1024, batches 16 64")
     ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
-    import platform
-
-    import torch
-
-    print(f"# scoring_memory: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}; cnn D=64 at "
+    if args.quick:
+        args.sizes, args.batches = [256, 1024], [16, 64]
+    bench = Bench("scoring_memory", quick=args.quick)
+    print(f"# scoring_memory: {describe(bench.machine)}; cnn D=64 at "
           f"3x32x32, gmm_sum, eps 0.01, one thread; figures in MiB (peak RSS above the step's start)")
     res = {}
     for n in args.sizes:
@@ -125,7 +118,7 @@ def main() -> None:
     (n1, n2), (b1, b2) = args.sizes, args.batches
     print("\n| step | " + " | ".join(f"N={n} batch={b}" for n in args.sizes for b in args.batches) + " |")
     print("|---|" + "---|" * 4)
-    ok = True
+    all_grow = all_flat = True
     for step in STEPS:
         cells = [f"{res[(n, b)][step]['working_mib']:.1f} ({res[(n, b)][step]['peak_mib']:.1f})"
                  for n in args.sizes for b in args.batches]
@@ -133,11 +126,17 @@ def main() -> None:
         w = {k: max(v[step]["working_mib"], 0.0) for k, v in res.items()}
         grows_with_batch = all(w[(n, b2)] >= 1.5 * w[(n, b1)] for n in args.sizes)
         flat_in_n = all(w[(n2, b)] <= 1.25 * w[(n1, b)] + 4 for b in args.batches)
-        ok &= grows_with_batch and flat_in_n
+        all_grow &= grows_with_batch
+        all_flat &= flat_in_n
         print(f"|   | grows with batch: {grows_with_batch}; flat in N: {flat_in_n} | | | |")
     print("\ncells: working memory (peak above start minus the step's output), in brackets the raw peak; MiB")
+    ok = all_grow and all_flat
     print(f"verdict: peak working memory grows with the batch size, not with the data set: {'PASS' if ok else 'FAIL'}")
-    sys.exit(0 if ok else 1)
+    bench.record("scoring_memory.grows_with_batch", all_grow)
+    bench.record("scoring_memory.flat_in_n", all_flat)
+    bench.record("scoring_memory.ip_cached_mib", res[(n2, b2)]["density_ip_cached"]["working_mib"])
+    print(bench.summary())
+    sys.exit(0 if ok or args.quick else 1)
 
 
 if __name__ == "__main__":
