@@ -229,7 +229,7 @@ def cpu_timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float
 def kde() -> None:
     from sklearn.neighbors import KernelDensity
 
-    from densitune.search.ood import densities
+    from densitune.search.ood.densities import kde as densities
 
     print("4. KDE vs scikit-learn KernelDensity (N=10,000 training rows, D=512)")
     n, d = 10_000, 512

@@ -13,8 +13,8 @@ pytest.importorskip("pytorch_ood")
 from pytorch_ood.detector import KNN, RMD, EnergyBased, ViM  # noqa: E402
 
 from densitune.errors import ConfigError  # noqa: E402
-from densitune.search.ood.baselines import vim_default_dim  # noqa: E402
 from densitune.search.ood.densities import create_density, density_from_state  # noqa: E402
+from densitune.search.ood.densities.baselines import vim_default_dim  # noqa: E402
 from densitune.search.ood.metrics import auroc  # noqa: E402
 from densitune.search.ood.scores import create_score  # noqa: E402
 from densitune.search.spec import SearchSpec  # noqa: E402
