@@ -120,6 +120,7 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
     from torch.nn.utils import parametrize
     from torch.utils.data import TensorDataset
 
+    from densitune.search.ood.density_spec import DensitySpec
     from densitune.search.ood.scores import create_score
     from densitune.search.scoring import extract_features, fit_density
     from densitune.trainables.train.checkpoint import load_model
@@ -131,7 +132,7 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
     x = torch.rand(n, *loaded.data["shape"], generator=torch.Generator().manual_seed(0))
     feats = extract_features(model, TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch, torch.device("cpu"))
     feats.y = feats.logits.argmax(1)  # a fit needs classes; any labelling times the same
-    score = create_score("density", [model], fit_density("gmm_sum", "{}", feats, torch.device("cpu")))
+    score = create_score("density", [model], fit_density(DensitySpec("gmm_sum"), feats, torch.device("cpu")))
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
