@@ -124,6 +124,7 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
     from torch.nn.utils import parametrize
     from torch.utils.data import TensorDataset
 
+    from densitune.search.ood.density_spec import DensitySpec
     from densitune.search.ood.scores import create_score
     from densitune.search.scoring import extract_features, fit_density
     from densitune.trainables.train.checkpoint import load_model
@@ -138,7 +139,7 @@ def per_input_costs(work: str, batch: int = 256, n: int = 2000, rounds: int = 7,
     counts = torch.bincount(feats.y)
     if (counts[counts > 0] < 2).any():  # a class of one input has no covariance (small --quick runs): round robin
         feats.y = torch.arange(n) % feats.logits.shape[1]
-    score = create_score("density", [model], fit_density("gmm_sum", "{}", feats, torch.device("cpu")))
+    score = create_score("density", [model], fit_density(DensitySpec("gmm_sum"), feats, torch.device("cpu")))
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

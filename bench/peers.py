@@ -208,7 +208,7 @@ def cpu_timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float
 def kde(run: Run) -> None:
     from sklearn.neighbors import KernelDensity
 
-    from densitune.search.ood import densities
+    from densitune.search.ood.densities import kde as densities
 
     print("4. KDE vs scikit-learn KernelDensity (N=10,000 training rows, D=512)")
     n, d = (2_000, 128) if run.quick else (10_000, 512)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -28,19 +29,42 @@ from densitune.search.scoring import Features, detection_metrics, gradient_signs
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.workspace import Workspace, workspace
-from densitune.trainables.data import load_split, split_identity
+from densitune.trainables.data import SplitKey
+
+if TYPE_CHECKING:
+    from densitune.search.ood.attacks import AttackConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Features", "TrialParams", "Workspace", "workspace", "claim_gradient_signs", "claim_splits", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
+__all__ = ["AttackKey", "DataKey", "Features", "TrialParams", "Workspace", "workspace", "claim_gradient_signs", "claim_splits", "selection_metrics", "selection_sets", "aggregate_objective", "test_metrics", "test_score_arrays"]
+
+
+@dataclass(frozen=True)
+class AttackKey:
+    """The data key of an ID split under an attack: the attack's name and configuration, and the split attacked.
+    :meth:`token` is the cache-key string (that of the plain tuple ``("adv", attack, cfg, *split)`` it once was)."""
+
+    attack: str
+    cfg: AttackConfig
+    split: SplitKey
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return ("adv", self.attack, self.cfg, *self.split.as_tuple())
+
+    def token(self) -> str:
+        return repr(self.as_tuple())
+
+
+#: What a trial's scored data is cached under: a split as loaded, or an ID split under an attack.
+DataKey = SplitKey | AttackKey
 
 
 class _Split(NamedTuple):
     """One split a trial scores: its data key, how to load it (``load() -> (key, data)``), and, for an OOD side,
     the ``ood_dataset`` its row names (a data set, ``proxy-<attack>`` or ``adv-<attack>``; None: the ID side)."""
 
-    key: tuple
-    load: Callable[[], tuple[tuple, Dataset]]
+    key: DataKey
+    load: Callable[[], tuple[DataKey, Dataset]]
     name: str | None = None
 
 
@@ -62,8 +86,8 @@ class _Evaluator:
         self.data_seed = int(first.data.get("data_seed", 0))
         density = None
         self.fit_checksums: dict[str, str] = {}  # of the split the density was fitted on
-        self.train_key: tuple = ()  # names the density's training split (part of the gradient-sign keys)
-        self._scored: dict[tuple, Tensor] = {}  # each split scored once per trial
+        self.train_key: SplitKey | None = None  # the density's training split (part of the gradient-sign keys)
+        self._scored: dict[DataKey, Tensor] = {}  # each split scored once per trial
         if not fit:
             return
         if score_class(params.score).uses_density:
@@ -71,34 +95,32 @@ class _Evaluator:
             train_key, train_data = self.split(self.id_name, "train", limit=None)
             self.train_key = train_key
             train = self.features(train_key, train_data)
-            density = ws.density(ckpt, params.density, params.density_params, train[0], train_key)
+            density = ws.density(ckpt, params.density, train[0], train_key)
             self.fit_checksums = self.checksums(train_key)
         self.score: Score = create_score(params.score, [ws.model(c).model for c in self.checkpoints], density)
         self.density_fit = density.describe()["density_fit"] if density is not None else None
 
-    def checksums(self, *keys: tuple) -> dict[str, str]:
+    def checksums(self, *keys: DataKey) -> dict[str, str]:
         """``{"<data set>/<split>": checksum}`` of the splits named by data keys (an attacked set: its ID split)."""
         out = {}
         for key in keys:
-            key = key[3:] if key[0] == "adv" else key  # ("adv", attack, cfg, *id_key)
-            out[f"{key[0]}/{key[1]}"] = self.ws.checksum(key)
+            split = key.split if isinstance(key, AttackKey) else key
+            out[split.label] = self.ws.checksum(split)
         return out
 
-    def split_key(self, name: str, split: str, limit: int | None = -1) -> tuple:
+    def split_key(self, name: str, split: str, limit: int | None = -1) -> SplitKey:
         """The data key of a split (what :meth:`split` caches it under), without loading it."""
         limit = self.spec.eval_limit if limit == -1 else limit
-        return (name, split, self.shape, self.data_root, self.data_seed, limit)
+        return SplitKey(name, split, cast("tuple[int, int, int]", self.shape), self.data_root, self.data_seed, limit)
 
-    def split(self, name: str, split: str, limit: int | None = -1) -> tuple[tuple, Dataset]:
+    def split(self, name: str, split: str, limit: int | None = -1) -> tuple[SplitKey, Dataset]:
         key = self.split_key(name, split, limit)
         return key, self.ws.data(key, *self.split_loaders(key))
 
     @staticmethod
-    def split_loaders(key: tuple) -> tuple[Callable[[], Dataset], Callable[[], str | None]]:
+    def split_loaders(key: SplitKey) -> tuple[Callable[[], Dataset], Callable[[], str | None]]:
         """(load, identity) of the split a data key names: :func:`load_split` and :func:`split_identity` on it."""
-        name, split, shape, root, seed, limit = key
-        return (lambda: load_split(name, split, root=root, seed=seed, shape=shape, limit=limit),
-                lambda: split_identity(name, split, root=root, seed=seed, shape=shape, limit=limit))
+        return key.load, key.identity
 
     def plain(self, name: str, split: str, ood_name: str | None = None) -> _Split:
         """A split of a data set, not loaded yet."""
@@ -108,21 +130,21 @@ class _Evaluator:
         """An ID split under an attack, not attacked yet."""
         return _Split(self.adversarial_key(attack, split, eps), lambda: self.adversarial(attack, split, eps), ood_name)
 
-    def adversarial_key(self, attack: str, split: str = "test", eps: float | None = None) -> tuple:
+    def adversarial_key(self, attack: str, split: str = "test", eps: float | None = None) -> AttackKey:
         """The data key of an attacked split (what :meth:`adversarial` caches it under), without attacking."""
         from densitune.search.ood.attacks import AttackConfig
 
         cfg = AttackConfig(eps=self.spec.attack_eps if eps is None else eps, steps=self.spec.attack_steps)
-        return ("adv", attack, cfg, *self.split_key(self.id_name, split))
+        return AttackKey(attack, cfg, self.split_key(self.id_name, split))
 
-    def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[tuple, Dataset]:
+    def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[AttackKey, Dataset]:
         """An ID split attacked (L∞, budget ``eps``, default the spec's) against this trial's single model."""
         from densitune.search.ood.attacks import attack_dataset
 
         (ckpt,) = self.checkpoints
         id_key, id_data = self.split(self.id_name, split)
         key = self.adversarial_key(attack, split, eps)
-        cfg = key[2]
+        cfg = key.cfg
 
         def make() -> tuple[Tensor, Tensor]:
             model = self.ws.model(ckpt).model
@@ -130,10 +152,10 @@ class _Evaluator:
 
         return key, self.ws.attacked(ckpt, key, make)
 
-    def features(self, key: tuple, data: Dataset) -> list[Features]:
+    def features(self, key: DataKey, data: Dataset) -> list[Features]:
         return [self.ws.features(c, key, data, self.spec.batch_size) for c in self.checkpoints]
 
-    def scores(self, key: tuple, data: Dataset) -> Tensor:
+    def scores(self, key: DataKey, data: Dataset) -> Tensor:
         """(N,) float64 scores of a data set with this trial's ε.
 
         Scored once per trial: the ID test side is reused by every test OOD set and attack. The clean features
@@ -144,7 +166,7 @@ class _Evaluator:
             self._scored[key] = self._score_split(key, data, feats)
         return self._scored[key]
 
-    def _score_split(self, key: tuple, data: Dataset, feats: list[Features]) -> Tensor:
+    def _score_split(self, key: DataKey, data: Dataset, feats: list[Features]) -> Tensor:
         """ε > 0 with the workspace's ip cache: from the split's cached gradient signs (one forward pass per
         batch, the same numbers); otherwise :func:`score_inputs` (the reference path)."""
         bs, device = self.spec.batch_size, self.ws.device
@@ -153,16 +175,19 @@ class _Evaluator:
             return score_signed(self.score, data, self.params.eps, signs, bs, device)
         return score_inputs(self.score, data, self.params.eps, feats, bs, device)
 
-    def _sign_keys(self, key: tuple) -> tuple[tuple, str]:
+    def _sign_keys(self, key: DataKey) -> tuple[tuple, str]:
         """(memory key, disk key) of a split's gradient signs: models, score, density and its parameters (and
-        the split it was fitted on), the data split, the batch size and the device type; not ε."""
+        the split it was fitted on), the data split, the batch size and the device type; not ε. Keys enter the
+        disk key as the plain tuples they were before they had types (existing caches stay valid)."""
         p = self.params
-        ident = (p.score, p.density, p.density_params, self.train_key, key, self.spec.batch_size, self.ws.device.type)
+        train = self.train_key.as_tuple() if self.train_key is not None else ()
+        ident = (p.score, p.density.name, p.density.params_json(), train, key.as_tuple(), self.spec.batch_size,
+                 self.ws.device.type)
         disk = "|".join(checkpoint_token(c) for c in self.checkpoints) + f"|{ident!r}"
         return (tuple(self.checkpoints), *ident), disk
 
     def compare(
-        self, id_split: tuple[tuple, Dataset], ood_split: tuple[tuple, Dataset], kept: list[tuple[Tensor, Tensor]] | None = None
+        self, id_split: tuple[DataKey, Dataset], ood_split: tuple[DataKey, Dataset], kept: list[tuple[Tensor, Tensor]] | None = None
     ) -> dict[str, Any]:
         """One row's figures: ID vs OOD detection metrics, the density's fit and the data's checksums.
 
@@ -216,7 +241,7 @@ def claim_splits(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[str], pa
     ev = _Evaluator(ws, spec, checkpoints, params, fit=False)
     train = [ev.split_key(ev.id_name, "train", None)] if score_class(params.score).uses_density else []
     before = ws.counts["load_data"]
-    for key in [*train, *(s.key for s in _trial_splits(ev, spec) if s.key[0] != "adv")]:  # attacks: not files
+    for key in [*train, *(s.key for s in _trial_splits(ev, spec) if isinstance(s.key, SplitKey))]:  # attacks: not files
         ws.claim_data(key, *ev.split_loaders(key))
     return ws.counts["load_data"] - before
 
@@ -240,7 +265,7 @@ def claim_gradient_signs(ws: Workspace, spec: SearchSpec, checkpoints: Sequence[
     return ws.counts["ipsign"] - before
 
 
-def _sign_maker(ev: _Evaluator, load: Callable[[], tuple[tuple, Dataset]]) -> Callable[[], Tensor]:
+def _sign_maker(ev: _Evaluator, load: Callable[[], tuple[DataKey, Dataset]]) -> Callable[[], Tensor]:
     return lambda: gradient_signs(ev.score, load()[1], ev.spec.batch_size, ev.ws.device)
 
 

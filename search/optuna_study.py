@@ -120,14 +120,14 @@ class StudyMirror:
         params: dict[str, Any] = {"score": p.score, key: p.group}
         dists: dict[str, Any] = {"score": Cat(list(self.spec.scores)),
                                  key: Cat(self.ensemble_groups if cls.ensemble else self.groups)}
-        if p.density:
+        if p.density.name:
             # one choice list for every trial (Optuna refuses differing ones): the densities, then the
             # fitted-score models (knn, rmd, vim), whose trials record the model's name as their density
             own = [n for sc in self.spec.scores if (n := score_class(sc).density_name) is not None]
-            params["density"], dists["density"] = p.density, Cat(list(dict.fromkeys([*self.spec.densities, *own])))
-            grid = self.spec.density_params.get(p.density, {})
-            for k, v in sorted(p.params.items()):
-                params[f"{p.density}.{k}"], dists[f"{p.density}.{k}"] = v, Cat(list(grid.get(k, [v])))
+            params["density"], dists["density"] = p.density.name, Cat(list(dict.fromkeys([*self.spec.densities, *own])))
+            grid = self.spec.density_params.get(p.density.name, {})
+            for k, v in sorted(p.density.params.items()):
+                params[f"{p.density.name}.{k}"], dists[f"{p.density.name}.{k}"] = v, Cat(list(grid.get(k, [v])))
         params["eps"], dists["eps"] = p.eps, Cat(sorted({float(e) for e in self.spec.eps_grid} | {p.eps}))
         return params, dists
 

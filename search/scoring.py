@@ -10,7 +10,6 @@ decides which data each step sees.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, cast
@@ -21,7 +20,8 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from densitune.errors import DensituneError
-from densitune.search.ood.densities import Density, create_density
+from densitune.search.ood.densities import Density
+from densitune.search.ood.density_spec import DensitySpec
 from densitune.search.ood.metrics import ood_metrics
 from densitune.search.ood.scores import FeatureModel, Score
 
@@ -66,16 +66,16 @@ def extract_features(model: FeatureModel, data: Dataset, batch_size: int, device
 
 
 def fit_density(
-    name: str, params: str, train: Features, device: torch.device, head: tuple[Tensor, Tensor] | None = None
+    spec: DensitySpec, train: Features, device: torch.device, head: tuple[Tensor, Tensor] | None = None
 ) -> Density:
-    """Density ``name`` with JSON ``params`` fitted on the training features (z (N, D), y (N,)) on ``device``.
+    """The density ``spec`` names, fitted on the training features (z (N, D), y (N,)) on ``device``.
 
     ``head`` is the classifier's (weight (C, D), bias (C,)), given to a density that needs it (``vim``).
     """
-    density = create_density(name, **json.loads(params))
+    density = spec.build()
     if density.needs_head:
         if head is None:
-            raise DensituneError(f"{name} needs the model's classifier head (model.head, an nn.Linear)")
+            raise DensituneError(f"{spec.name} needs the model's classifier head (model.head, an nn.Linear)")
         density.set_head(*head)
     return density.fit(train.z.to(device), train.y.to(device))
 

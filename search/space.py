@@ -9,40 +9,41 @@ TPE uses a conditional define-by-run space over the same choices.
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from densitune.errors import ConfigError
 from densitune.search.models import ModelGroup
+from densitune.search.ood.density_spec import DensitySpec
 from densitune.search.ood.scores import score_class
 from densitune.search.spec import SearchSpec
 
 
 @dataclass(frozen=True)
 class TrialParams:
-    """One point of the search space."""
+    """One point of the search space: model group, score, density with its parameters, ε.
+
+    ``density`` is a :class:`DensitySpec` (``DensitySpec()``: a score without a density); a bare name is taken as
+    that density with its default parameters (``TrialParams(g, "density", "kde", eps=0.01)``).
+    """
 
     group: str  # ModelGroup.key
     score: str
-    density: str = ""  # "" for scores without a density
-    density_params: str = "{}"  # JSON, sorted keys (hashable; recorded in the results)
+    density: DensitySpec = field(default_factory=DensitySpec)
     eps: float = 0.0
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return json.loads(self.density_params)
+    def __post_init__(self) -> None:
+        if isinstance(self.density, str):
+            object.__setattr__(self, "density", DensitySpec(self.density))
+        elif not isinstance(self.density, DensitySpec):
+            raise ConfigError(f"a trial's density must be a DensitySpec or a name, got {self.density!r}")
 
     @property
     def label(self) -> str:
         """A readable, unique name of the point (Tune shows it in the trial table)."""
-        dens = f"|{self.density}" if self.density else ""
-        prm = "".join(f",{k}={v}" for k, v in self.params.items())
+        dens = f"|{self.density.name}" if self.density.name else ""
+        prm = "".join(f",{k}={v}" for k, v in self.density.params.items())
         return f"{self.group}|{self.score}{dens}{prm}|eps={self.eps:g}"
-
-
-def params_json(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)
 
 
 def _param_grid(spec: SearchSpec, name: str) -> list[dict[str, Any]]:
@@ -52,23 +53,23 @@ def _param_grid(spec: SearchSpec, name: str) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def density_variants(spec: SearchSpec) -> list[tuple[str, dict[str, Any]]]:
+def density_variants(spec: SearchSpec) -> list[DensitySpec]:
     """Every (density, parameters) combination the spec asks for."""
-    return [(name, p) for name in spec.densities for p in _param_grid(spec, name)]
+    return [DensitySpec(name, p) for name in spec.densities for p in _param_grid(spec, name)]
 
 
-def methods(spec: SearchSpec) -> list[tuple[str, str, dict[str, Any]]]:
-    """(score, density, params) for every score; density-free scores appear once; a score with its own fitted
-    model (``density_name``: knn, rmd, vim) appears once per parameter combination of that model."""
+def methods(spec: SearchSpec) -> list[tuple[str, DensitySpec]]:
+    """(score, density) for every score; density-free scores appear once (``DensitySpec()``); a score with its own
+    fitted model (``density_name``: knn, rmd, vim) appears once per parameter combination of that model."""
     out = []
     for score in spec.scores:
         cls = score_class(score)
         if cls.density_name is not None:
-            out += [(score, cls.density_name, p) for p in _param_grid(spec, cls.density_name)]
+            out += [(score, DensitySpec(cls.density_name, p)) for p in _param_grid(spec, cls.density_name)]
         elif cls.uses_density:
-            out += [(score, d, p) for d, p in density_variants(spec)]
+            out += [(score, d) for d in density_variants(spec)]
         else:
-            out.append((score, "", {}))
+            out.append((score, DensitySpec()))
     return out
 
 
@@ -92,13 +93,13 @@ def grid_points(spec: SearchSpec, groups: list[ModelGroup]) -> list[TrialParams]
     """Every valid grid point, in a fixed order."""
     check_groups(spec, groups)
     points = []
-    for score, density, params in methods(spec):
+    for score, density in methods(spec):
         cls = score_class(score)
         for g in eligible_groups(score, groups):
             for eps in spec.eps_grid:
                 if cls.needs_ip and eps == 0:
                     continue
-                points.append(TrialParams(g.key, score, density, params_json(params), float(eps)))
+                points.append(TrialParams(g.key, score, density, float(eps)))
     if not points:
         raise ConfigError("the search grid is empty (diff needs an eps grid with values > 0)")
     return points
@@ -147,4 +148,4 @@ def params_from_config(config: dict[str, Any]) -> TrialParams:
     prefix = f"{density}."
     params = {k[len(prefix):]: v for k, v in config.items() if density and k.startswith(prefix)}
     eps = float(config["eps"]) if "eps" in config else 0.0
-    return TrialParams(model, score, density, params_json(params), eps)
+    return TrialParams(model, score, DensitySpec(density, params), eps)

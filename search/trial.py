@@ -34,11 +34,9 @@ from densitune.search.spec import SearchSpec
 
 def density_columns(params: TrialParams) -> dict[str, Any]:
     """The density's row columns before fitting (:meth:`Density.describe`): name and every parameter."""
-    if not params.density:
-        return {"density": params.density, "density_params": "{}"}
-    from densitune.search.ood.densities import create_density
-
-    columns = create_density(params.density, **params.params).describe()
+    if not params.density.name:
+        return {"density": "", "density_params": "{}"}
+    columns = params.density.build().describe()
     del columns["density_fit"]  # per seed: filled in by the evaluation of each fitted density
     return columns
 

@@ -13,7 +13,7 @@ import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ from torch.utils.data import Dataset, TensorDataset
 from densitune.device import default_device
 from densitune.search.cache import DiskCache, checkpoint_token
 from densitune.search.ood.densities import Density, density_from_state
+from densitune.search.ood.density_spec import DensitySpec
 from densitune.search.scoring import Features, extract_features, fit_density
-from densitune.trainables.data import split_checksum
+from densitune.trainables.data import SplitKey, split_checksum
 from densitune.trainables.train.checkpoint import LoadedModel, load_model
 
 __all__ = ["IP_CACHE_ENV", "Workspace", "ip_cache_default", "workspace"]
@@ -32,6 +33,15 @@ __all__ = ["IP_CACHE_ENV", "Workspace", "ip_cache_default", "workspace"]
 #: forward + backward + forward, the reference path). Read by the search's driver (``SearchRun.ip_cache``), which
 #: hands the choice to every trial in the trial's own arguments, so it reaches Ray workers on every node.
 IP_CACHE_ENV = "DENSITUNE_IP_CACHE"
+
+
+class CacheKey(Protocol):
+    """A hashable data key (:class:`~densitune.trainables.data.SplitKey`, or an attacked split's key) with the
+    string its cache files are keyed by."""
+
+    def token(self) -> str: ...
+
+    def __hash__(self) -> int: ...
 
 
 def ip_cache_default() -> bool:
@@ -102,22 +112,22 @@ class Workspace:
             self._models[checkpoint] = load_model(checkpoint, device=self.device)
         return self._models[checkpoint]
 
-    def data(self, key: tuple, make: Callable[[], Dataset], identity: Callable[[], str | None] | None = None) -> Dataset:
+    def data(self, key: SplitKey, make: Callable[[], Dataset], identity: Callable[[], str | None] | None = None) -> Dataset:
         """The data set cached under ``key``, made by ``make()`` once.
 
         In memory; and, with a cache folder and an ``identity()`` (called once, on a miss: e.g.
         :func:`~densitune.trainables.data.split_identity`, which changes with the files), on disk too, so that
         processes decode a split of image files once between them (:meth:`claim_data`).
         """
-        mem_key = ("load_data", *key)
+        mem_key = ("load_data", key)
         if mem_key in self._memo or self.disk is None or identity is None or (ident := identity()) is None:
-            return cast(Dataset, self._cached("load_data", key, make))
-        return cast(Dataset, self._cached("load_data", key, make, f"{key!r}|{ident}", _DATA_CODEC))
+            return cast(Dataset, self._cached("load_data", (key,), make))
+        return cast(Dataset, self._cached("load_data", (key,), make, f"{key.token()}|{ident}", _DATA_CODEC))
 
-    def claim_data(self, key: tuple, make: Callable[[], Dataset], identity: Callable[[], str | None]) -> bool:
+    def claim_data(self, key: SplitKey, make: Callable[[], Dataset], identity: Callable[[], str | None]) -> bool:
         """:meth:`data` unless another process is decoding that split right now (then nothing, and ``False``),
         or it has no disk entry to share (no cache folder, or ``identity()`` is None: ``False``, nothing loaded)."""
-        mem_key = ("load_data", *key)
+        mem_key = ("load_data", key)
         if mem_key in self._memo:
             return True
         if self.disk is None or (ident := identity()) is None:
@@ -127,50 +137,52 @@ class Workspace:
             self.counts["load_data"] += 1
             return make()
 
-        got = self.disk.claim("load_data", f"{key!r}|{ident}", compute, encode=_DATA_CODEC[0], decode=_DATA_CODEC[1])
+        got = self.disk.claim("load_data", f"{key.token()}|{ident}", compute, encode=_DATA_CODEC[0], decode=_DATA_CODEC[1])
         if got is None:
             return False
         self._memo[mem_key] = got[0]
         return True
 
-    def checksum(self, key: tuple) -> str:
+    def checksum(self, key: SplitKey) -> str:
         """:func:`~densitune.trainables.data.split_checksum` of the data set loaded under ``key``, computed once."""
-        mem_key = ("checksum", *key)
+        mem_key = ("checksum", key)
         if mem_key not in self._memo:
-            self._memo[mem_key] = split_checksum(self._memo[("load_data", *key)])
+            self._memo[mem_key] = split_checksum(self._memo[("load_data", key)])
         return cast(str, self._memo[mem_key])
 
-    def loaded_data(self) -> list[tuple]:
-        """Keys (name, split, shape, root, seed, limit) of every data set this workspace loaded."""
-        return [k[1:] for k in self._memo if k[0] == "load_data"]
+    def loaded_data(self) -> list[SplitKey]:
+        """Keys of every data set this workspace loaded."""
+        return [k[1] for k in self._memo if k[0] == "load_data"]
 
-    def attacked(self, checkpoint: str, key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
+    def attacked(self, checkpoint: str, key: CacheKey, make: Callable[[], tuple[Tensor, Tensor]]) -> Dataset:
         """Attacked inputs (x_adv, y) of one model, cached on disk."""
         codec = (lambda xy: {"x": xy[0], "y": xy[1]}, lambda s: (s["x"], s["y"]))
-        x, y = self._cached("attack", (checkpoint, *key), make, f"{checkpoint_token(checkpoint)}|{key!r}", codec)
+        x, y = self._cached("attack", (checkpoint, key), make, f"{checkpoint_token(checkpoint)}|{key.token()}", codec)
         return TensorDataset(x, y)
 
-    def features(self, checkpoint: str, data_key: tuple, data: Dataset, batch_size: int = 512) -> Features:
+    def features(self, checkpoint: str, data_key: CacheKey, data: Dataset, batch_size: int = 512) -> Features:
         """Clean features of ``data`` (cached under ``data_key``) under ``checkpoint``'s model."""
 
         def extract() -> Features:
             return extract_features(self.model(checkpoint).model, data, batch_size, self.device)
 
         codec = (lambda f: {"z": f.z, "logits": f.logits, "y": f.y}, lambda s: Features(s["z"], s["logits"], s["y"]))
-        return self._cached("extract", (checkpoint, *data_key), extract, f"{checkpoint_token(checkpoint)}|{data_key!r}",
-                            codec)
+        return self._cached("extract", (checkpoint, data_key), extract,
+                            f"{checkpoint_token(checkpoint)}|{data_key.token()}", codec)
 
-    def density(self, checkpoint: str, name: str, params: str, train: Features, train_key: tuple = ()) -> Density:
-        """``name`` fitted on the clean training features of ``checkpoint`` (``train_key`` names that split)."""
+    def density(self, checkpoint: str, spec: DensitySpec, train: Features, train_key: SplitKey | None = None) -> Density:
+        """The density ``spec`` names fitted on the clean training features of ``checkpoint`` (``train_key`` names
+        that split)."""
 
         def fit() -> Density:
             head = getattr(self.model(checkpoint).model, "head", None)  # vim needs the last layer
             wb = (head.weight, head.bias) if isinstance(head, torch.nn.Linear) else None
-            return fit_density(name, params, train, self.device, wb)
+            return fit_density(spec, train, self.device, wb)
 
-        disk_key = f"{checkpoint_token(checkpoint)}|{train_key!r}|{name}|{params}"
+        split = train_key.token() if train_key is not None else "()"  # the tuple's repr, as before keys had a type
+        disk_key = f"{checkpoint_token(checkpoint)}|{split}|{spec.name}|{spec.params_json()}"
         codec = (lambda d: d.state_dict(), lambda s: density_from_state(s, self.device))
-        return self._cached("fit", (checkpoint, name, params, *train_key), fit, disk_key, codec)
+        return self._cached("fit", (checkpoint, spec, train_key), fit, disk_key, codec)
 
     def gradient_signs(self, key: tuple, disk_key: str, make: Callable[[], Tensor]) -> Tensor:
         """(N, C, H, W) int8 gradient signs cached under ``key`` (in memory, LRU) and ``disk_key`` (on disk);

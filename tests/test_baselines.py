@@ -13,8 +13,8 @@ pytest.importorskip("pytorch_ood")
 from pytorch_ood.detector import KNN, RMD, EnergyBased, ViM  # noqa: E402
 
 from densitune.errors import ConfigError  # noqa: E402
-from densitune.search.ood.baselines import vim_default_dim  # noqa: E402
 from densitune.search.ood.densities import create_density, density_from_state  # noqa: E402
+from densitune.search.ood.densities.baselines import vim_default_dim  # noqa: E402
 from densitune.search.ood.metrics import auroc  # noqa: E402
 from densitune.search.ood.scores import create_score  # noqa: E402
 from densitune.search.spec import SearchSpec  # noqa: E402
@@ -149,9 +149,9 @@ def test_searchable_in_grid_and_tpe() -> None:
                       eps_grid=(0.0, 0.01), density_params={"knn": {"k": [5, 50]}, "vim": {"dim": [2, 4]}})
     points = grid_points(spec, [group])
     assert len(points) == (1 + 1 + 2 + 2) * 2
-    assert {(p.score, p.density, p.density_params) for p in points if p.score == "knn"} == {
+    assert {(p.score, p.density.name, p.density.params_json()) for p in points if p.score == "knn"} == {
         ("knn", "knn", '{"k": 5}'), ("knn", "knn", '{"k": 50}')}
-    assert {p.density for p in points if p.score == "energy"} == {""}
+    assert {p.density.name for p in points if p.score == "energy"} == {""}
     space = DefineByRun(spec, [group])
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=5))
     drawn = set()
@@ -161,11 +161,11 @@ def test_searchable_in_grid_and_tpe() -> None:
         p = params_from_config(dict(trial.params))
         drawn.add(p.score)
         if p.score in ("knn", "vim", "rmd"):
-            assert p.density == p.score
+            assert p.density.name == p.score
         if p.score == "knn":
-            assert p.params["k"] in (5, 50)
+            assert p.density.params["k"] in (5, 50)
         if p.score == "energy":
-            assert p.density == "" and p.density_params == "{}"
+            assert p.density.name == "" and p.density.params_json() == "{}"
         return 0.5
 
     study.optimize(objective, n_trials=40)

@@ -1,4 +1,4 @@
-"""Tests for search/densities.py: references from scipy / sklearn, the jitter ladder, and the Density contract."""
+"""Tests for densitune.search.ood.densities: references from scipy / sklearn, the jitter ladder, and the Density contract."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import torch
 import densitune.search.ood.perturb as perturb_mod
 from densitune.search.evaluate import Workspace
 from densitune.search.models import discover, select
+from densitune.search.ood.density_spec import DensitySpec
 from densitune.search.ood.perturb import apply_sign, gradient_sign, perturb
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
@@ -111,7 +112,7 @@ def test_signs_are_keyed_by_density_and_shared_on_disk(group, tmp_path, monkeypa
     assert ws.ip_cache
     a = run_trial(ws, sp, group, TrialParams(group.key, "density", "gmm_sum", eps=0.01), "a")[1]
     b = run_trial(ws, sp, group, TrialParams(group.key, "density", "kde", eps=0.01), "b")[1]
-    run_trial(ws, sp, group, TrialParams(group.key, "density", "kde", '{"bandwidth": 0.5}', eps=0.01), "b2")
+    run_trial(ws, sp, group, TrialParams(group.key, "density", DensitySpec("kde", {"bandwidth": 0.5}), eps=0.01), "b2")
     per_config = 2 * (3 + len(TEST_OOD) + 1)  # 2 seeds x (ID val, val OOD, ID test, test sets, attack)
     assert ws.counts["ipsign"] == 3 * per_config
     events = [k for k, _ in ws.disk.events() if k == "ipsign"]

@@ -54,8 +54,8 @@ def test_a_held_split_is_skipped_not_waited_for(group, tmp_path):
     ckpt = [group.checkpoints[0]]
     ev = _Evaluator(ws, sp, ckpt, params)
     splits = _trial_splits(ev, sp)
-    assert [s.key[:2] for s in splits] == [("digits", "val"), ("digits-blend", "val"), ("digits", "test"),
-                                          ("digits-rot90", "test"), ("noise-uniform", "test")]
+    assert [(s.key.name, s.key.split) for s in splits] == [
+        ("digits", "val"), ("digits-blend", "val"), ("digits", "test"), ("digits-rot90", "test"), ("noise-uniform", "test")]
     _, held_key = ev._sign_keys(splits[2][0])  # ID test: the split the other process is computing
     assert isinstance(ws.disk, DiskCache)
     lock_path = ws.disk._path("ipsign", held_key).with_suffix(".lock")

@@ -14,7 +14,7 @@ def test_grid_trials_of_baselines_and_densities_share_one_study(tmp_path) -> Non
     spec = SearchSpec(experiment="b", val_ood="digits-blend", test_ood=("noise-uniform",), eps_grid=(0.0, 0.01),
                       scores=("density", "knn", "rmd", "vim", "energy"), densities=("gmm_sum", "kde"))
     points = {p.label: p for p in grid_points(spec, [group])}
-    assert {p.density for p in points.values()} == {"gmm_sum", "kde", "knn", "rmd", "vim", ""}
+    assert {p.density.name for p in points.values()} == {"gmm_sum", "kde", "knn", "rmd", "vim", ""}
     mirror = StudyMirror(tmp_path / "journal.log", spec, [group], points)
     done = {f"t{i}": ({"point": label}, 0.5 + i / 100) for i, label in enumerate(sorted(points))}
     mirror.sync(done)

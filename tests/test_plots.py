@@ -46,7 +46,7 @@ def results(trained_models, tmp_path_factory, ws):
     for group in select(discover(trained_models), (8, 4)):
         for eps in spec.eps_grid:
             trial_id = f"{group.key}-eps{eps:g}"
-            params = TrialParams(group.key, "density", "gmm_sum", "{}", eps)
+            params = TrialParams(group.key, "density", "gmm_sum", eps)
             _, rows = run_trial(ws, spec, group, params, trial_id)
             write_rows(root, rows, name=trial_id)
     return root

@@ -34,7 +34,7 @@ def test_adv_proxy_uses_attacked_validation_inputs(group):
     # only validation data (and its attacked copy) reaches the objective
     fresh = Workspace()
     selection_metrics(fresh, spec, [group.checkpoints[0]], TrialParams(group.key, "density", "gmm_sum", eps=0.01))
-    assert {(n, s) for (n, s, *_) in fresh.loaded_data()} == {("digits", "train"), ("digits", "val")}
+    assert {(k.name, k.split) for k in fresh.loaded_data()} == {("digits", "train"), ("digits", "val")}
 
 
 def test_id_only_objective_is_held_out_log_likelihood(group):

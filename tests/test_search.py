@@ -67,7 +67,7 @@ def test_selection_never_loads_test_data(trained_models):
     (group,) = select(discover(trained_models), (4,))
     ws = Workspace()
     selection_metrics(ws, spec(), [group.checkpoints[0]], TrialParams(group.key, "density", "gmm_sum", eps=0.01))
-    loaded = {(name, split) for (name, split, *_) in ws.loaded_data()}  # every data set the objective touched
+    loaded = {(k.name, k.split) for k in ws.loaded_data()}  # every data set the objective touched
     assert loaded == {("digits", "train"), ("digits", "val"), ("digits-blend", "val")}
 
 

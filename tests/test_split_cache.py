@@ -24,7 +24,7 @@ from densitune.search.models import discover, select
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 from densitune.search.trial import run_trial
-from densitune.trainables.data import load_split, split_identity
+from densitune.trainables.data import SplitKey, load_split, split_identity
 
 FIGURES = ("seed", "ood_dataset", "split", "auroc", "auprc", "fpr95", "n_id", "n_ood", "id_accuracy")
 
@@ -40,16 +40,16 @@ def write_folder(root: Path, n: int, mode: str, size: int, seed: int, classes: b
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(sub / f"{i:04d}.png")
 
 
-def key_of(name: str, split: str, shape: tuple[int, int, int] | None, root: Path, limit: int | None = None) -> tuple:
-    return (name, split, shape, str(root), 0, limit)  # what _Evaluator.split_key builds
+def key_of(name: str, split: str, shape: tuple[int, int, int] | None, root: Path, limit: int | None = None) -> SplitKey:
+    return SplitKey(name, split, shape, str(root), 0, limit)  # what _Evaluator.split_key builds
 
 
-def cached(ws: Workspace, key: tuple):
+def cached(ws: Workspace, key: SplitKey):
     return ws.data(key, *_Evaluator.split_loaders(key))
 
 
-def reference(key: tuple):
-    name, split, shape, root, seed, limit = key
+def reference(key: SplitKey):
+    name, split, shape, root, seed, limit = key.as_tuple()
     return load_split(name, split, root=root, seed=seed, shape=shape, limit=limit)
 
 
@@ -99,7 +99,7 @@ def test_registered_sets_and_large_splits_stay_in_memory(tmp_path):
     assert split_identity("folder:big", "test", root=tmp_path, shape=(3, 8, 8)) is not None
     assert split_identity("folder:big", "test", root=tmp_path, shape=(3, 2048, 2048)) is None  # 3 x 12.6 M floats
     ws = Workspace(cache_dir=tmp_path / "cache")
-    cached(ws, ("digits", "val", (1, 8, 8), None, 0, 50))
+    cached(ws, SplitKey("digits", "val", (1, 8, 8), None, 0, 50))
     assert ws.counts["load_data"] == 1 and not (tmp_path / "cache" / "load_data").exists()
 
 
@@ -123,14 +123,14 @@ def test_claim_skips_a_held_split_and_the_rows_are_the_reference(group, tmp_path
     ckpt = [group.checkpoints[0]]
     ws = Workspace(cache_dir=tmp_path / "cache", ip_cache=True)
     ev = _Evaluator(ws, sp, ckpt, params, fit=False)
-    folder_keys = [s.key for s in _trial_splits(ev, sp) if s.key[0].startswith("folder:")]
-    assert [k[:2] for k in folder_keys] == [("folder:blend", "val"), ("folder:noise", "test"), ("folder:photo", "test")]
+    folder_keys = [s.key for s in _trial_splits(ev, sp) if isinstance(s.key, SplitKey) and s.key.name.startswith("folder:")]
+    assert [(k.name, k.split) for k in folder_keys] == [("folder:blend", "val"), ("folder:noise", "test"), ("folder:photo", "test")]
     held = folder_keys[1]
     assert ws.disk is not None
-    lock_path = ws.disk._path("load_data", f"{held!r}|{_Evaluator.split_loaders(held)[1]()}").with_suffix(".lock")
+    lock_path = ws.disk._path("load_data", f"{held.token()}|{_Evaluator.split_loaders(held)[1]()}").with_suffix(".lock")
     waited, decoded = claim_while_held(lock_path, lambda: claim_splits(ws, sp, ckpt, params))
     assert not waited and decoded == [2]  # the two folder splits nobody held; digits has no disk entry
-    assert ("load_data", *held) not in ws._memo
+    assert ("load_data", held) not in ws._memo
     rows = run_trial(ws, sp, group, params, "t")[1]  # takes the released split itself, and seed 1's from memory
     ref = run_trial(Workspace(ip_cache=False), sp, group, params, "r")[1]
     assert [tuple(r[k] for k in FIGURES) for r in rows] == [tuple(r[k] for k in FIGURES) for r in ref]

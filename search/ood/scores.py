@@ -27,7 +27,7 @@ vim                 logsumexp_k g_k(x) − α ‖residual of f(x) − u‖      
 =================== ============================================================ =========
 
 ``rmd``, ``knn`` and ``vim`` are fitted on the clean training features through the density path: each uses the
-one fitted model of the same name in :mod:`densitune.search.ood.baselines` (``density_name``), whose parameters
+one fitted model of the same name in :mod:`densitune.search.ood.densities.baselines` (``density_name``), whose parameters
 (``k``; ``reg_covar``; ``dim``) are searched as that name's ``density_params``. ``vim`` needs the model's
 classifier head as ``model.head`` (an ``nn.Linear``); the search hands it over when fitting.
 """
@@ -291,21 +291,21 @@ class Energy(Score):
 
 @SCORES.register("rmd")
 class RelativeMahalanobisScore(DensityScore):
-    """Relative Mahalanobis distance (Ren et al. 2021), negated; see :class:`~densitune.search.ood.baselines.RelativeMahalanobis`."""
+    """Relative Mahalanobis distance (Ren et al. 2021), negated; see :class:`~densitune.search.ood.densities.baselines.RelativeMahalanobis`."""
 
     density_name = "rmd"
 
 
 @SCORES.register("knn")
 class KNNScore(DensityScore):
-    """Deep kNN (Sun et al. 2022), negated distance; see :class:`~densitune.search.ood.baselines.KNNScoreModel`."""
+    """Deep kNN (Sun et al. 2022), negated distance; see :class:`~densitune.search.ood.densities.baselines.KNNScoreModel`."""
 
     density_name = "knn"
 
 
 @SCORES.register("vim")
 class ViMScore(DensityScore):
-    """ViM (Wang et al. 2022), negated; needs ``model.head``; see :class:`~densitune.search.ood.baselines.ViMModel`."""
+    """ViM (Wang et al. 2022), negated; needs ``model.head``; see :class:`~densitune.search.ood.densities.baselines.ViMModel`."""
 
     density_name = "vim"
 

@@ -49,7 +49,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
-from densitune.results.store import SPEC_FILE, _safe, filter_results, read_results, read_spec
+from densitune.results.store import _safe, filter_results, read_results
 from densitune.run.runstore import location
 from densitune.search.ood.metrics import METRICS, auroc, check_metric
 from densitune.search.report.tables import (
@@ -66,6 +66,7 @@ from densitune.search.report.tables import (
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
+    from densitune.search.replay import TrialReplay
 
 log = logging.getLogger(__name__)
 
@@ -216,57 +217,45 @@ class BestScores:
         return None if self.result.ip is None else float(self.result.ip["eps"])
 
 
-def _checkpoints(rows: pd.DataFrame, ensemble: bool) -> tuple[list[str], str]:
-    """The checkpoints to re-evaluate and a phrase that says which they are."""
-    if ensemble:
-        ckpts = list(rows["checkpoints"].iloc[0])
-        return ckpts, f"ensemble of {len(ckpts)} models"
-    seeds = rows.dropna(subset=["seed"]).sort_values("seed", kind="mergesort")
-    first = seeds.iloc[0]
-    n = seeds["seed"].nunique()
-    which = f"seed {int(first['seed'])}" + (f" (the first of {n} seeds)" if n > 1 else "")
-    return list(first["checkpoints"]), which
+def _checkpoints(trial: TrialReplay) -> tuple[list[str], str]:
+    """The checkpoints to re-evaluate and a phrase that says which they are: an ensemble's members, else the
+    first seed's network."""
+    if trial.seeds == [None]:
+        ((_, ckpts),) = trial.members
+        return list(ckpts), f"ensemble of {len(ckpts)} models"
+    seed, ckpts = min(((s, c) for s, c in trial.members if s is not None), key=lambda m: m[0])
+    n = len(trial.members)
+    return list(ckpts), f"seed {seed}" + (f" (the first of {n} seeds)" if n > 1 else "")
 
 
 def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc", ws: Workspace | None = None) -> BestScores:
-    """Re-evaluate the best configuration of ``df`` (one experiment's search rows) on the test sets.
+    """Re-evaluate the best configuration of ``df`` (one experiment's search rows) on the test sets
+    (:mod:`densitune.search.replay`).
 
     Raises :class:`ResultsError` when the experiment has no stored spec and
     :class:`CheckpointError` when a checkpoint named in its rows no longer exists,
     both before any model is loaded.
     """
-    from densitune.search.evaluate import Workspace, test_score_arrays
-    from densitune.search.ood.scores import score_class
-    from densitune.search.space import TrialParams
-    from densitune.search.spec import SearchSpec
+    from densitune.search.evaluate import Workspace
+    from densitune.search.replay import replay_trial
 
     experiments = df["experiment"].unique()
     if len(experiments) != 1:
         raise ConfigError(f"best_scores takes the rows of one experiment, got {sorted(experiments)}")
-    (experiment,) = experiments
-    stored = read_spec(results_dir, experiment)
-    if stored is None:
-        raise ResultsError(
-            f"no {SPEC_FILE} for experiment {experiment!r}: histograms and ROC curves need the search spec "
-            "(plot the ε curves alone with scores=False / --no-scores)"
-        )
-    spec = SearchSpec.from_dict(stored)
     result = config_results(df, metric)[0]
     ref = cast(pd.Series, result.plain if result.plain is not None else result.ip)  # config_results: one is set
     rows = df[df["trial_id"] == ref["trial_id"]]
-    cfg = result.config
-    ckpts, members = _checkpoints(rows, score_class(cfg["score"]).ensemble)
+    trial = replay_trial(results_dir, rows.to_dict("records"), need_spec=True)
+    ckpts, members = _checkpoints(trial)
     for c in ckpts:
         if not location(c).exists():
             raise CheckpointError(f"checkpoint {c} of trial {ref['trial_id']} no longer exists (histograms re-evaluate it)")
     ws = ws or Workspace()
-    label = f"{cfg['backbone']}-D{cfg['D']}"
 
-    def arrays(trial: pd.Series | None) -> dict[str, np.ndarray] | None:
-        if trial is None:
+    def arrays(row: pd.Series | None) -> dict[str, np.ndarray] | None:
+        if row is None:
             return None
-        params = TrialParams(label, cfg["score"], cfg["density"], cfg["density_params"], float(trial["eps"]))
-        return {k: v.numpy() for k, v in test_score_arrays(ws, spec, ckpts, params).items()}
+        return {k: v.numpy() for k, v in trial.at_eps(float(row["eps"])).test_scores(ws, ckpts).items()}
 
     return BestScores(result, members, arrays(result.plain), arrays(result.ip))
 

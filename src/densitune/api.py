@@ -235,29 +235,24 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     search fitted it). A score over single networks exports every seed of its group; an ensemble score
     exports every member. Returns ``out``.
     """
-    from densitune.results.store import read_spec
     from densitune.run.runstore import location
     from densitune.search.evaluate import Workspace
-    from densitune.trainables.data import load_split
+    from densitune.search.replay import replay_trial
     from densitune.trainables.train.checkpoint import load_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new folder")
     best, rows = _trial_rows(results_dir, where, metric)
-    spec = read_spec(results_dir, best["experiment"]) or {}
-    name, eps = best["score"], float(best["eps"])
-    density = best["density"] or ""
-    params = json.loads(rows[0]["density_params"] or "{}")
-    members: dict[Any, list[str]] = {}
-    for r in rows:
-        members.setdefault(r["seed"], list(r["checkpoints"] or []))
+    trial = replay_trial(results_dir, rows)
+    name, eps = trial.params.score, trial.params.eps
+    density, params = trial.params.density.name, dict(trial.params.density.params)
     cache = location(results_dir).parent / "cache"
     ws = Workspace(device=torch.device("cpu"), cache_dir=cache if isinstance(cache, Path) and cache.is_dir() else None)
     out.mkdir(parents=True, exist_ok=True)
     saved_models: dict[str, str] = {}
     manifest_members: list[dict[str, Any]] = []
-    for seed, ckpts in members.items():
+    for seed, ckpts in trial.members:
         folders = []
         for ckpt in ckpts:
             if ckpt not in saved_models:
@@ -270,13 +265,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
         entry: dict[str, Any] = {"seed": seed, "models": folders}
         if score_class(name).uses_density:
             (ckpt,) = ckpts
-            loaded = load_model(ckpt)
-            shape, root = tuple(loaded.data["shape"]), spec.get("data_root") or loaded.config.data_root
-            data_seed = int(loaded.data.get("data_seed", 0))
-            key = (loaded.data["name"], "train", shape, root, data_seed, None)  # the search's training split
-            data = load_split(loaded.data["name"], "train", root=root, seed=data_seed, shape=shape, limit=None)
-            feats = ws.features(ckpt, key, data, int(spec.get("batch_size", 256)))
-            fitted = ws.density(ckpt, density, json.dumps(params, sort_keys=True), feats, key)
+            fitted = trial.fitted_density(ws, ckpt)
             entry["density"] = f"density-{len(manifest_members)}.pt"
             torch.save(fitted.state_dict(), out / entry["density"])
         manifest_members.append(entry)
@@ -286,7 +275,7 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
         "ensemble": score_class(name).ensemble, "members": manifest_members,
         "input": {"shape": list(first.data["shape"]), "range": [0.0, 1.0], "dataset": first.data["name"],
                   "normalisation": "inside the network (mean/std of the training data)"},
-        "batch_size": int(spec.get("batch_size", 256)),
+        "batch_size": trial.batch_size,
         "source": {"results": str(location(results_dir).resolve()), "experiment": best["experiment"],
                    "trial_id": best["trial_id"], "where": where, f"validation_{metric}": best["val"]},
     }

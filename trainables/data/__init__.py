@@ -20,12 +20,14 @@ from densitune.trainables.data.api import (
     split_identity,
 )
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
+from densitune.trainables.data.split_key import SplitKey
 from densitune.trainables.data.splits import SPLITS
 from densitune.trainables.data.transforms import convert_images
 
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "SplitKey",
     "DatasetFactory",
     "DatasetInfo",
     "convert_images",

@@ -500,7 +500,7 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
                 g = by_group[point.group]
                 if point.eps > 0 or score_class(point.score).needs_ip:
                     search_s += len(g.seeds) * eval_images / score_throughput(g.backbone, True)
-                if point.density == "kde":  # a KDE query costs a pass over the training features
+                if point.density.name == "kde":  # a KDE query costs a pass over the training features
                     search_s += len(g.seeds) * eval_images * g.D / DENSITY_DIM / SCORE_DENSITY["kde"]
         else:  # TPE: assume every trial perturbs, on the costliest group
             worst = max(len(g.seeds) / score_throughput(g.backbone, True) for g in groups)

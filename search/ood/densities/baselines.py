@@ -29,16 +29,10 @@ import torch
 from torch import Tensor
 
 from densitune.errors import ConfigError, DensituneError
-from densitune.search.ood.densities import (
-    _ELEMENT_BUDGET,
-    FITTED_SCORES,
-    Density,
-    _as_features,
-    _check_chunk_size,
-    cholesky_with_jitter,
-)
+from densitune.search.ood.densities._base import FITTED_SCORES, Density
+from densitune.search.ood.densities._linalg import ELEMENT_BUDGET, as_features, check_chunk_size, cholesky_with_jitter
 
-__all__ = ["KNNScoreModel", "RelativeMahalanobis", "ViMModel"]
+__all__ = ["KNNScoreModel", "RelativeMahalanobis", "ViMModel", "vim_default_dim"]
 
 
 def _check_labels(z64: Tensor, y: Tensor) -> Tensor:
@@ -86,7 +80,7 @@ class KNNScoreModel(_FittedScore):
 
     def __init__(self, *, k: int = 50, chunk_size: int | None = None) -> None:
         _positive_int("k", k)
-        _check_chunk_size(chunk_size)
+        check_chunk_size(chunk_size)
         self.k = k
         self.chunk_size = chunk_size
 
@@ -103,7 +97,7 @@ class KNNScoreModel(_FittedScore):
 
     def fit(self, z: Tensor, y: Tensor | None = None) -> KNNScoreModel:
         """Store the normalised training features (N, D); ``y`` is ignored. Needs N >= k."""
-        z64 = _as_features(z).detach()
+        z64 = as_features(z).detach()
         if z64.shape[0] < self.k:
             raise DensituneError(f"knn: k={self.k} exceeds the number of training features ({z64.shape[0]})")
         self.train_ = self._normalise(z64)
@@ -115,7 +109,7 @@ class KNNScoreModel(_FittedScore):
     def score_samples(self, z: Tensor) -> Tensor:
         """(M, D) -> (M,) float64 −(distance to the k-th nearest normalised training feature)."""
         q_all = self._normalise(self._check_query(z))
-        rows = self.chunk_size or math.isqrt(_ELEMENT_BUDGET)
+        rows = self.chunk_size or math.isqrt(ELEMENT_BUDGET)
         out = []
         for qs in range(0, q_all.shape[0], rows):
             q = q_all[qs : qs + rows]
@@ -176,7 +170,7 @@ class RelativeMahalanobis(_FittedScore):
         if isinstance(reg_covar, bool) or not isinstance(reg_covar, (int, float)) or not math.isfinite(reg_covar) \
                 or reg_covar < 0:
             raise ConfigError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
-        _check_chunk_size(chunk_size)
+        check_chunk_size(chunk_size)
         self.reg_covar = float(reg_covar)
         self.chunk_size = chunk_size
 
@@ -188,7 +182,7 @@ class RelativeMahalanobis(_FittedScore):
 
     def fit(self, z: Tensor, y: Tensor) -> RelativeMahalanobis:
         """Class means, shared and background covariances (divisor N) and their Cholesky factors."""
-        z64 = _as_features(z).detach()
+        z64 = as_features(z).detach()
         y = _check_labels(z64, y)
         n, d = z64.shape
         if n < 2:
@@ -217,7 +211,7 @@ class RelativeMahalanobis(_FittedScore):
         """(M, D) -> (M,) float64 −min_c (d_c − d_0); differentiable w.r.t. ``z``."""
         z64 = self._check_query(z)
         c = self.means_.shape[0]
-        rows = self.chunk_size or max(1, _ELEMENT_BUDGET // ((c + 1) * self.n_features_in_))
+        rows = self.chunk_size or max(1, ELEMENT_BUDGET // ((c + 1) * self.n_features_in_))
         d_c = _squared_mahalanobis(z64, self.means_, self.cholesky_, rows)  # (M, C)
         d_0 = _squared_mahalanobis(z64, self.background_mean_.unsqueeze(0), self.background_cholesky_, rows)  # (M, 1)
         return -(d_c - d_0).min(dim=1).values
@@ -291,7 +285,7 @@ class ViMModel(_FittedScore):
         """Origin, residual subspace and alpha from the training features; ``y`` is ignored."""
         if not hasattr(self, "weight_"):
             raise DensituneError("vim needs the classifier head: call set_head(W, b) before fit")
-        z64 = _as_features(z, "features").detach().to(self.weight_.device)
+        z64 = as_features(z, "features").detach().to(self.weight_.device)
         n, d = z64.shape
         if d != self.weight_.shape[1]:
             raise DensituneError(f"vim: features have dimension {d}, the head takes {self.weight_.shape[1]}")
