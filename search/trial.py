@@ -27,6 +27,7 @@ from densitune.search.evaluate import (
     test_metrics,
 )
 from densitune.search.models import ModelGroup
+from densitune.search.ood.densities import create_density
 from densitune.search.ood.scores import score_class
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
@@ -36,8 +37,6 @@ def density_columns(params: TrialParams) -> dict[str, Any]:
     """The density's row columns before fitting (:meth:`Density.describe`): name and every parameter."""
     if not params.density:
         return {"density": params.density, "density_params": "{}"}
-    from densitune.search.ood.densities import create_density
-
     columns = create_density(params.density, **params.params).describe()
     del columns["density_fit"]  # per seed: filled in by the evaluation of each fitted density
     return columns

@@ -63,6 +63,7 @@ from densitune.search.report.tables import (
     short_params,
     trial_objectives,
 )
+from densitune.search.spec import SearchSpec
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
@@ -238,7 +239,6 @@ def best_scores(results_dir: str | Path, df: pd.DataFrame, metric: str = "auroc"
     from densitune.search.evaluate import Workspace, test_score_arrays
     from densitune.search.ood.scores import score_class
     from densitune.search.space import TrialParams
-    from densitune.search.spec import SearchSpec
 
     experiments = df["experiment"].unique()
     if len(experiments) != 1:
