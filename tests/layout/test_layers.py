@@ -14,7 +14,8 @@ imports ``search``, ``ood`` included.
 **Bans** (rule B, :data:`BANNED`). The CLI package imports no ``ray``, no Ray Tune adapter
 (``densitune.search.tune``, ``densitune.trainables.train.tune``), no ``densitune.run.runlock`` or
 ``densitune.run.cleanup``: the services own Ray, the writer lock and stale files. ``search.ood`` and
-``results`` load no ``ray`` (directly, or through what they import at module level).
+``results`` load no ``ray`` (``results`` not ``densitune.run.ray_runtime`` either), directly or through what they
+import at module level.
 
 **Function-local imports** (rule L). An import inside a function (a ``def``, method or ``lambda``) is allowed only
 when it keeps a heavy third-party module out of the importing module: ``heavy(target)`` must hold a module that
@@ -87,7 +88,7 @@ BANNED: dict[str, tuple[tuple[str, ...], str]] = {
     "densitune.cli": ((*_RAY_ADAPTERS, "densitune.run.runlock", "densitune.run.cleanup"),
                       "the CLI parses and prints; the services own Ray, the writer lock and stale files"),
     "densitune.search.ood": (("ray",), "the OOD maths knows nothing of Ray"),
-    "densitune.results": (("ray",), "the results store knows nothing of Ray"),
+    "densitune.results": (("ray", "densitune.run.ray_runtime"), "the results store knows nothing of Ray"),
 }
 
 #: Third-party modules worth keeping off the `--help` path (cold import times in the module docstring).
