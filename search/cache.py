@@ -27,6 +27,7 @@ import torch
 
 from densitune.checks import error_summary
 from densitune.run.files import atomic_write, load_tensors
+from densitune.run.runstore import location
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,8 +40,6 @@ CACHE_VERSION = 2
 def checkpoint_token(path: str) -> str:
     """Where the weights really are (a folder of links to them, as `densitune run` searches, shares their
     cache entries), plus their size and mtime: changes whenever the model does."""
-    from densitune.run.runstore import location
-
     f = (location(path) / "model.pt").resolve()
     st = f.stat()
     return f"{f.parent}@{st.st_size}:{st.st_mtime_ns}"

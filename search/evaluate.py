@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from densitune.errors import ConfigError
 from densitune.search.cache import checkpoint_token
+from densitune.search.ood.attacks import AttackConfig, attack_dataset
 from densitune.search.ood.scores import Score, create_score, score_class
 from densitune.search.scoring import Features, detection_metrics, gradient_signs, id_accuracy, score_inputs, score_signed
 from densitune.search.space import TrialParams
@@ -132,15 +133,11 @@ class _Evaluator:
 
     def adversarial_key(self, attack: str, split: str = "test", eps: float | None = None) -> AttackKey:
         """The data key of an attacked split (what :meth:`adversarial` caches it under), without attacking."""
-        from densitune.search.ood.attacks import AttackConfig
-
         cfg = AttackConfig(eps=self.spec.attack_eps if eps is None else eps, steps=self.spec.attack_steps)
         return AttackKey(attack, cfg, self.split_key(self.id_name, split))
 
     def adversarial(self, attack: str, split: str = "test", eps: float | None = None) -> tuple[AttackKey, Dataset]:
         """An ID split attacked (L∞, budget ``eps``, default the spec's) against this trial's single model."""
-        from densitune.search.ood.attacks import attack_dataset
-
         (ckpt,) = self.checkpoints
         id_key, id_data = self.split(self.id_name, split)
         key = self.adversarial_key(attack, split, eps)

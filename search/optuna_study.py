@@ -15,8 +15,10 @@ it). Parameters are the grid's own, not one opaque ``point`` string: ``model`` (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,6 @@ def journal_path(results_dir: str | RunPath) -> RunPath:
 
 
 def _local_copy(path: ObjectPath) -> Path:
-    import hashlib
-    import tempfile
-
     return Path(tempfile.gettempdir()) / "densitune" / f"optuna-{hashlib.sha1(str(path).encode()).hexdigest()[:12]}" / path.name
 
 

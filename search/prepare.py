@@ -12,8 +12,10 @@ from typing import Any
 
 from densitune.errors import ConfigError
 from densitune.run.runstore import location
+from densitune.search import models
 from densitune.search.models import ModelGroup
-from densitune.search.spec import SearchSpec
+from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, SearchSpec, check_density_params, check_space
+from densitune.trainables.train.checkpoint import read_config
 
 
 def check_data(name: str, root: str | None, download: bool = False) -> None:
@@ -53,10 +55,6 @@ def prepare_search(values: dict[str, Any]) -> tuple[SearchSpec, list[ModelGroup]
     Raises:
         DensituneError: a bad name or value, no or corrupt models, a missing data set.
     """
-    from densitune.search import models
-    from densitune.search.spec import DEFAULT_EPS_GRID, DEFAULT_EPS_RANGE, check_density_params, check_space
-    from densitune.trainables.train.checkpoint import read_config
-
     # The space first: a bad name or value fails before any file is read.
     check_space(tuple(values.get("densities", ("gmm_sum",))), tuple(values.get("scores", ("density",))),
                 tuple(values.get("eps_grid", DEFAULT_EPS_GRID)), tuple(values.get("eps_range", DEFAULT_EPS_RANGE)),

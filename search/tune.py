@@ -17,16 +17,23 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from densitune.checks import error_summary
 from densitune.errors import SearchError
-from densitune.results.store import COMPACT_EVERY, RollingCompaction
+from densitune.results.sample_scores import write_sample_scores
+from densitune.results.store import COMPACT_EVERY, RollingCompaction, has_results, read_results, write_rows
+from densitune.run.console import log_to_file
 from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
 from densitune.run.runstore import tune_storage
+from densitune.run.storage import fatal_storage
 from densitune.search.evaluate import workspace
 from densitune.search.models import ModelGroup
-from densitune.search.optuna_study import _Replay
+from densitune.search.optuna_study import StudyMirror, _Replay, journal_path, mirror_callback
 from densitune.search.space import DefineByRun, TrialParams, grid_points, params_from_config
 from densitune.search.spec import SearchSpec
+from densitune.search.trial import run_trial
 from densitune.search.workspace import ip_cache_default
 
 log = logging.getLogger(__name__)
@@ -55,13 +62,7 @@ def search_trainable(
     config: dict[str, Any], spec: SearchSpec, groups: dict[str, ModelGroup], points: dict[str, TrialParams], run: SearchRun
 ) -> None:
     """Tune function trainable: one trial = :func:`densitune.search.trial.run_trial` + a Parquet file + a report."""
-    import torch
     from ray import tune
-
-    from densitune.results.store import write_rows
-    from densitune.run.console import log_to_file
-    from densitune.run.storage import fatal_storage
-    from densitune.search.trial import run_trial
 
     log_to_file(run.log_file)
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -74,8 +75,6 @@ def search_trainable(
     name = trial_file_name(config, points, trial_id)
     with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
         if kept is not None:  # before the rows: a trial with rows always has its scores
-            from densitune.results.sample_scores import write_sample_scores
-
             write_sample_scores(run.results_dir, spec.experiment, name, trial_id, kept)
         write_rows(run.results_dir, rows, name=name)
     log.info("trial %s %s -> %s=%.4f (cache counts %s)", trial_id, params.label, spec.objective, objective, dict(ws.counts))
@@ -104,8 +103,6 @@ def trial_budget(spec: SearchSpec, groups: list[ModelGroup]) -> int:
 
 def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[str, Any], float]]:
     """trial_id -> (sampler parameters, objective) of every trial already in the results."""
-    from densitune.results.store import has_results, read_results
-
     if not has_results(results_dir, experiment):
         return {}
     table = read_results(results_dir, experiment=experiment, stage="search")
@@ -149,9 +146,6 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
-
-    from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
-    from densitune.search.optuna_study import StudyMirror, journal_path, mirror_callback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     done = completed_trials(run.results_dir, spec.experiment) if resume else {}

@@ -1,4 +1,4 @@
-"""One namespace, `densitune`, in every way it is installed and run; layers whose imports point one way."""
+"""One namespace, `densitune`, in every way it is installed and run (the layers: tests/layout/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -88,28 +88,6 @@ def test_no_module_imports_the_old_top_level_names():
     for f in _package_files():
         for name in _imports(f):
             assert name.split(".")[0] not in ("search", "trainables"), f"{f}: imports {name}"
-
-
-# The OOD maths and the results layer know nothing of Ray, files of runs, the training loop or the CLI.
-PURE = ["densitune.search.ood", "densitune.results"]
-FORBIDDEN = ["ray", "densitune.trainables.train", "densitune.trainables.train.loop", "densitune.cli",
-             "densitune.search.tune", "densitune.search.evaluate", "densitune.run.ray_runtime"]
-
-
-def test_ood_and_results_layers_import_no_ray_training_or_cli(tmp_path):
-    mods = [m for pkg in PURE for m in _modules(pkg)]
-    assert "densitune.search.ood.densities" in mods and "densitune.results.store" in mods
-    code = (f"import importlib, json, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
-            f"print(json.dumps(sorted(m for m in sys.modules if m in {FORBIDDEN!r} or m.startswith('ray.'))))")
-    p = _py(code, tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == []
-
-
-def test_cli_is_imported_by_nothing():
-    for f in _package_files():
-        if f.name not in ("cli.py", "__main__.py"):
-            assert not any(n == "densitune.cli" or n.startswith("densitune.cli.") for n in _imports(f)), f
 
 
 def test_no_unsafe_deserialisation_in_the_package():

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from densitune.search.report.tables import Table
-
-__all__ = ["BELOW", "below_chance", "diagnostics_tables"]
+__all__ = ["BELOW", "below_chance"]
 
 #: AUROC of a score that carries no information (random ranking)
 BELOW = 0.5
@@ -33,14 +31,3 @@ def below_chance(df: pd.DataFrame) -> pd.DataFrame:
     out = (bad.groupby(keys, dropna=False).agg(trials=("trial_id", "nunique"), auroc=("auroc", "mean")).reset_index())
     out["auroc_reversed"] = 1.0 - out["auroc"]
     return out.sort_values(["auroc", "score", "eps"], kind="mergesort").reset_index(drop=True)
-
-
-def diagnostics_tables(df: pd.DataFrame) -> list[Table]:
-    """The report's diagnostics section: one table of below-chance scores, or nothing when every score is >= 0.5."""
-    bad = below_chance(df)
-    if bad.empty:
-        return []
-    bad = bad.rename(columns={"ood_dataset": "val_ood", "auroc": "val_auroc", "auroc_reversed": "reversed_val_auroc"})
-    title = ("diagnostics: validation AUROC below 0.5 — these scores rank OOD inputs above ID inputs; the reversed "
-             "score's AUROC (1 − AUROC) is shown beside it; selection keeps each score's sign")
-    return [Table(title, bad)]

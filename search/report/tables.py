@@ -32,7 +32,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from densitune.errors import ConfigError, ResultsError
+from densitune.ood_groups import ood_group
+from densitune.results.sql import referenced_columns
+from densitune.search.ood.density_defaults import default_params
 from densitune.search.ood.metrics import METRICS, check_metric
+from densitune.search.report.diagnostics import below_chance
+from densitune.search.report.markdown import cell, markdown, mean_std
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -85,7 +90,6 @@ def read_search_rows(results_dir: str | RunPath, where: str | None = None, by: l
     """The search rows under ``results_dir`` that match ``where`` (a ``--where`` expression), with the columns the
     tables need: :data:`READ_COLUMNS`, the ``by`` columns and those ``where`` names (every column if it names them
     in a way that cannot be told, e.g. a parse error, which the filter then reports)."""
-    from densitune.results.sql import referenced_columns
     from densitune.results.store import COLUMNS, filter_results, read_results
 
     columns: set[str] | None = set(READ_COLUMNS) | {c for c in by or [] if c in COLUMNS}
@@ -202,8 +206,6 @@ def short_params(density: str, params: str | None) -> str:
     """The density parameters that differ from its defaults, as ``k=v`` (rows store them all)."""
     if not density or not params or params == "{}":
         return ""
-    from densitune.search.ood.density_defaults import default_params
-
     given = json.loads(params)
     try:
         defaults = default_params(density)
@@ -320,8 +322,6 @@ def ood_group_of(id_dataset: str | None, ood_dataset: str) -> str:
     """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``other``."""
     if ood_dataset.startswith("adv-"):
         return "attack"
-    from densitune.ood_groups import ood_group  # the declaration, not the data code: no torch import
-
     return ood_group(id_dataset or "", ood_dataset) or "other"
 
 
@@ -449,6 +449,17 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
     return tables
 
 
+def diagnostics_tables(df: pd.DataFrame) -> list[Table]:
+    """The report's diagnostics section: one table of below-chance scores, or nothing when every score is >= 0.5."""
+    bad = below_chance(df)
+    if bad.empty:
+        return []
+    bad = bad.rename(columns={"ood_dataset": "val_ood", "auroc": "val_auroc", "auroc_reversed": "reversed_val_auroc"})
+    title = ("diagnostics: validation AUROC below 0.5 — these scores rank OOD inputs above ID inputs; the reversed "
+             "score's AUROC (1 − AUROC) is shown beside it; selection keeps each score's sign")
+    return [Table(title, bad)]
+
+
 def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None, view: str = "all", by: list[str] | None = None) -> list[Table]:
     df = search_frame(table)
     if by:
@@ -460,8 +471,6 @@ def report_tables(table: pa.Table, metric: str = "auroc", top: int | None = None
     tables = []
     if view in ("all", "methods"):
         tables += methods_tables(df, metric)
-        from densitune.search.report.diagnostics import diagnostics_tables
-
         tables += diagnostics_tables(df)  # scores below chance on validation, with the reversed AUROC
     if view in ("all", "configs"):
         tables += configs_tables(df, metric, top)
@@ -495,8 +504,6 @@ def best_config(table: pa.Table, metric: str = "auroc") -> dict[str, Any]:
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
     """Merge ``x`` / ``x_std`` columns into "mean ± std" strings; format floats (:mod:`.markdown`'s cell rules)."""
-    from densitune.search.report.markdown import cell, mean_std
-
     out = {}
     for c in frame.columns:
         if c.endswith("_std"):
@@ -511,8 +518,6 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(t: Table) -> str:
-    from densitune.search.report.markdown import markdown
-
     d = _display(t.frame)
     return markdown(t.title, list(d.columns), d.astype(str).itertuples(index=False))
 

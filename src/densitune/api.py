@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from densitune.errors import ConfigError, DensituneError
+from densitune.run.runstore import location
 from densitune.search.ood.densities import Density, create_density, density_from_state
 from densitune.search.ood.scores import FeatureModel, create_score, score_class
 
@@ -235,7 +236,6 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
     search fitted it). A score over single networks exports every seed of its group; an ensemble score
     exports every member. Returns ``out``.
     """
-    from densitune.run.runstore import location
     from densitune.search.evaluate import Workspace
     from densitune.search.replay import replay_trial
     from densitune.trainables.train.checkpoint import load_model

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from densitune.errors import ConfigError, UnknownNameError
 from densitune.trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
@@ -137,10 +138,6 @@ def split_identity(
 def split_checksum(data: Dataset, batch_size: int = 1024) -> str:
     """SHA-256 (first 16 hex digits) of a loaded split's inputs and labels, in order: what a result row
     records of the data it was computed on (two runs with equal checksums saw the same items)."""
-    import hashlib
-
-    from torch.utils.data import DataLoader, TensorDataset
-
     h = hashlib.sha256()
     batches = [data.tensors] if isinstance(data, TensorDataset) else DataLoader(data, batch_size=batch_size)
     for x, y in batches:

@@ -19,6 +19,7 @@ their own working directory), else to the working directory.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -257,8 +258,6 @@ class FolderSet(DatasetFactory):
         """What names the files of ``split`` now: a SHA-1 of each image's path, size and modification time, in
         order. A file replaced, touched, added or removed (a fresh scan) changes it; reading no pixels, it costs
         one ``stat`` per image."""
-        import hashlib
-
         paths, _ = split_items(scan(resolve(self.path, root), self.name), split, seed)
         h = hashlib.sha1()
         for path in paths:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
 from densitune.run.files import load_tensors
 from densitune.run.runstore import RunPath, location, publish
+from densitune.trainables.nets.backbones import SpectralConfig, create_model
 from densitune.trainables.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -95,8 +97,6 @@ def read_checkpoint(directory: str | RunPath, map_location: str | torch.device =
 
 def _unsafe_reason(e: BaseException) -> str:
     """Why a weights-only load refused a file, without PyTorch's advice to load it unsafely."""
-    import re
-
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
     what = f" ({found.group(1)[:80]})" if found else ""
     return (f"it asks to run or build a Python object{what}, which a checkpoint of tensors and plain values never does; "
@@ -133,8 +133,6 @@ class LoadedModel:
 
 def build_model(config: TrainConfig, data: dict[str, Any]) -> FeatureNet:
     """The (untrained) network a config describes, for data of ``data['shape']``."""
-    from densitune.trainables.nets.backbones import SpectralConfig, create_model
-
     c, h, _ = data["shape"]
     return create_model(
         config.backbone,

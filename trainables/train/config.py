@@ -7,6 +7,8 @@ that boundary and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 import re
@@ -147,9 +149,6 @@ class TrainConfig:
     def config_hash(self) -> str:
         """8 hex digits of a hash of every setting that changes the trained network (all but the
         experiment name and where the data lives)."""
-        import hashlib
-        import json
-
         settings = {k: v for k, v in self.to_dict().items() if k not in ("experiment", "data_root")}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 

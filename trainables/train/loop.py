@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from densitune.device import default_device
 from densitune.errors import ConfigError
 from densitune.trainables.data import dataset_info, load_split, split_checksum
+from densitune.trainables.data.folder import PREFIX, resolve
 from densitune.trainables.nets.losses import create_loss
 from densitune.trainables.train.checkpoint import build_model
 from densitune.trainables.train.config import TrainConfig
@@ -37,8 +38,6 @@ def check_training_folder(config: TrainConfig) -> None:
     prepared, and not in :class:`TrainConfig`: a checkpoint re-validates its config when
     loaded, and must stay loadable after its training folder has moved.
     """
-    from densitune.trainables.data.folder import PREFIX, resolve
-
     path = config.dataset[len(PREFIX):] if config.dataset.startswith(PREFIX) else ""
     if not path.strip():
         return  # not a folder set, or one without a path (dataset_info says so)
@@ -141,8 +140,6 @@ def train_step(
 def resident_tensors(data: Dataset, device: torch.device) -> tuple[Tensor, Tensor] | None:
     """A ``TensorDataset``'s (x (N, C, H, W), y (N,)) copied to the GPU once when they fit (at most
     :data:`RESIDENT_SHARE` of the free memory); None on a CPU or when they do not fit."""
-    from torch.utils.data import TensorDataset
-
     if device.type != "cuda" or not isinstance(data, TensorDataset) or len(data.tensors) != 2:
         return None
     x, y = data.tensors

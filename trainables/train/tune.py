@@ -19,9 +19,13 @@ import torch
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, ConfigError, TrainingError
-from densitune.results.store import COMPACT_EVERY
+from densitune.results.rows import provenance, result_row
+from densitune.results.store import COMPACT_EVERY, RollingCompaction, write_rows
+from densitune.run.console import log_to_file
 from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
+from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources
 from densitune.run.runstore import RunPath, location, tune_storage
+from densitune.run.storage import fatal_storage, storage_failure
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
 from densitune.trainables.train.loop import fit
@@ -105,11 +109,6 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     """
     from ray import tune
 
-    from densitune.results.rows import provenance, result_row
-    from densitune.results.store import write_rows
-    from densitune.run.console import log_to_file
-    from densitune.run.storage import fatal_storage
-
     log_to_file(run.log_file)
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
@@ -188,10 +187,6 @@ def run_training(
             names the first failed trial's key and the last line of its error.
     """
     from ray import tune
-
-    from densitune.results.store import RollingCompaction
-    from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources
-    from densitune.run.storage import storage_failure
 
     by_key = {c.key: c.to_dict() for c in configs}
     if len(by_key) != len(configs):

@@ -14,6 +14,7 @@ import platform
 import sys
 from collections.abc import Mapping
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
 import torch
@@ -42,8 +43,6 @@ class Network(Protocol):
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         own = version("densitune")
     except PackageNotFoundError:  # a source tree that is not installed

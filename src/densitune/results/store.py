@@ -23,11 +23,14 @@ accepted at the threshold that keeps 95% of in-distribution inputs.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ import pyarrow.parquet as pq
 
 from densitune.checks import error_summary
 from densitune.errors import ResultsError
+from densitune.results.sql import _arrow, filter_table, run_query
 from densitune.run.files import fsync_dir
 from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
 
@@ -106,8 +110,6 @@ REQUIRED = ("experiment", "trial_id", "stage", "code_version", "started_at", "no
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """``densitune <version>[+g<sha>[.dirty]]``: which code produced a row."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         v = version("densitune")
     except PackageNotFoundError:  # running from a source tree that is not installed
@@ -205,8 +207,6 @@ def remove_stale_temp_files(results_dir: str | RunPath, experiment: str) -> list
 
 def write_spec(results_dir: str | RunPath, experiment: str, spec: Mapping[str, Any]) -> RunPath:
     """Store the search spec beside its rows (``_spec.json``; readers skip ``_`` files)."""
-    import json
-
     d = experiment_dir(results_dir, experiment)
     d.mkdir(parents=True, exist_ok=True)
     path = d / SPEC_FILE
@@ -215,8 +215,6 @@ def write_spec(results_dir: str | RunPath, experiment: str, spec: Mapping[str, A
 
 def read_spec(results_dir: str | RunPath, experiment: str) -> dict[str, Any] | None:
     """The stored search spec of ``experiment``, or None if it has none."""
-    import json
-
     path = experiment_dir(results_dir, experiment) / SPEC_FILE
     if not path.is_file():
         return None
@@ -262,8 +260,6 @@ MANIFEST_PREFIX = "_compact-"
 
 def _replaced_by(manifest: RunPath) -> set[RunPath]:
     """The files a finished compaction replaced (none while its merged file is not in place)."""
-    import json
-
     try:
         info = json.loads(manifest.read_text())
         merged = manifest.parent / info["merged"]
@@ -277,11 +273,7 @@ def _replaced_by(manifest: RunPath) -> set[RunPath]:
 
 def _failpoint(name: str) -> None:
     """Fault injection for the compaction tests: ``DENSITUNE_FAILPOINT=<name>`` kills this process there."""
-    import os
-
     if os.environ.get("DENSITUNE_FAILPOINT") == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -300,8 +292,6 @@ def compact_experiment(results_dir: str | RunPath, experiment: str, *, names: It
     (:class:`RollingCompaction`): files being written, and temporary files, are left alone; a name with no
     file is skipped. Only one compaction of an experiment may run at a time (its writer lock's holder).
     """
-    import json
-
     folder = experiment_dir(results_dir, experiment)
     _finish_interrupted(folder)
     if names is None:
@@ -476,8 +466,6 @@ def _read_current(files: list[RunPath], columns: list[str], stage: str | None) -
         return None  # a bucket (read through pyarrow.fs) or a foreign file: the file-by-file path
     import duckdb
 
-    from densitune.results.sql import _arrow
-
     try:
         if _check_file(files[0]) != SCHEMA_VERSION:
             return None
@@ -571,13 +559,9 @@ def upgrade_v3(table: pa.Table) -> pa.Table:
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:
     """Rows of ``table`` matching one SQL expression, e.g. ``density = 'kde' AND D >= 16`` (see :mod:`.sql`)."""
-    from densitune.results.sql import filter_table
-
     return filter_table(table, where)
 
 
 def query(table: pa.Table, sql: str, *, allow_files: bool = False) -> pa.Table:
     """One read-only SELECT over ``table`` (as the view ``results``); see :mod:`.sql`."""
-    from densitune.results.sql import run_query
-
     return run_query(table, sql, allow_files=allow_files)

@@ -9,7 +9,9 @@ console as well.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -88,8 +90,6 @@ def quiet_ray(verbose: bool) -> None:
       Tune's graceful stop, which returns as if the run had finished and advises
       ``Tuner.restore``; densitune's own records (Parquet rows, per-epoch state) resume the run.
     """
-    import os
-
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -123,8 +123,6 @@ class Progress:
         self._drawn = 0
         self._bar: Any = None
         if enabled and total > 0:
-            import shutil
-
             from tqdm import tqdm
 
             # A fixed size: a terminal that reports 0 x 0 (a fresh pseudo-terminal) would hide the bar.

@@ -17,9 +17,12 @@ A trial can fail in two ways:
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 from typing import Any
 
 from densitune.errors import DensituneError
+from densitune.run.storage import PREFIX, StorageError
 
 #: How often a trial lost with its node (or to a dropped store request) is retried.
 MAX_RETRIES = 3
@@ -61,8 +64,6 @@ def guarded(fn: Any, metric: str) -> Any:
     """Wrap a Tune function trainable: a fatal error is reported (:func:`fatal_report`), a
     transient one raised for Tune to retry. The wrapper keeps ``fn``'s signature, so
     ``tune.with_parameters`` still sees its parameters."""
-    import functools
-
     @functools.wraps(fn)
     def trainable(config: dict[str, Any], **kw: Any) -> None:
         try:
@@ -70,8 +71,6 @@ def guarded(fn: Any, metric: str) -> Any:
         except Exception as exc:  # noqa: BLE001 - classified right here
             if not is_fatal(exc):
                 raise
-            import logging
-
             from ray import tune
 
             # the whole traceback goes to the run's log file; the console gets one line (raise_fatal)
@@ -114,8 +113,6 @@ def raise_fatal(results: Any, what: str, name_key: str, error: type[DensituneErr
 
     ``name_key`` is the trial config's key that names the trial (the network key, the grid point).
     """
-    from densitune.run.storage import PREFIX, StorageError
-
     for r in results:
         msg = (r.metrics or {}).get(FATAL_KEY)
         if msg:

@@ -7,6 +7,7 @@ torch files: plain tensors and containers only, never an arbitrary pickled objec
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 import warnings
@@ -71,13 +72,9 @@ def load_tensors(path: str | Path | ObjectPath, map_location: Any = "cpu") -> An
     warnings about such a file (e.g. its pickle protocol) are silenced: the caller reports the error in
     one line.
     """
-    import io
-
     import torch
 
-    from densitune.run.runstore import ObjectPath
-
-    source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, ObjectPath) else path
+    source: Any = path if isinstance(path, str | Path) else io.BytesIO(path.read_bytes())  # an ObjectPath
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.load(source, map_location=map_location, weights_only=True)

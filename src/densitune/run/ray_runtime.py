@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
+from densitune.checks import error_summary
 from densitune.errors import ConfigError
+from densitune.run.cleanup import new_session_marker
+from densitune.run.console import Progress, quiet_ray
+from densitune.run.console import progress_callback as _progress_callback
+from densitune.run.failures import FATAL_KEY
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +26,6 @@ def _session_token() -> None:
     """Keep Ray's token authentication without writing ``~/.ray/auth_token``: a local Ray that densitune starts
     gets a fresh random token in this process's environment (inherited by every Ray process it starts), unless
     the user chose a token, disabled token authentication, or already has a token file."""
-    import secrets
-    from pathlib import Path
-
     if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         return
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
@@ -47,8 +50,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     """
     import ray
 
-    from densitune.run.console import quiet_ray
-
     quiet_ray(verbose)
     if ray.is_initialized():
         return
@@ -61,8 +62,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:
-        from densitune.run.cleanup import new_session_marker
-
         _session_token()
         new_session_marker()  # every process of this Ray carries it: `densitune clean` signals only those
         ray.init(
@@ -150,9 +149,6 @@ def compaction_callback(rolling: Any, files_of: Any):
     the driver holds the writer lock of. A failed merge is a warning; the trial files then stay as they are."""
     from ray.tune import Callback
 
-    from densitune.checks import error_summary
-    from densitune.run.failures import FATAL_KEY
-
     class _Compact(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if (trial.last_result or {}).get(FATAL_KEY):  # a fatal trial wrote no rows
@@ -171,7 +167,4 @@ def compaction_callback(rolling: Any, files_of: Any):
 def progress_callback(total: int, metric: str, mode: str, what: str = "trial", show: bool = True):
     """A Tune callback showing one live progress bar (done / running / failed, best, ETA) and
     logging one line per finished trial to the run's log (see :mod:`densitune.run.console`)."""
-    from densitune.run.console import Progress
-    from densitune.run.console import progress_callback as callback
-
-    return callback(Progress(total, what, metric, mode, enabled=show), metric)
+    return _progress_callback(Progress(total, what, metric, mode, enabled=show), metric)

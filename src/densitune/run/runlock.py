@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from densitune.errors import DensituneError
-from densitune.run.runstore import ObjectPath, RunPath, location
+from densitune.run.runstore import ObjectLock, ObjectPath, RunPath, create_object, delete_object, location, read_object
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,6 @@ def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterat
 @contextmanager
 def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Iterator[ObjectPath]:
     """The writer lock as an object (module docstring): conditional create, lease renewal, conditional delete."""
-    from densitune.run.runstore import ObjectLock, create_object, delete_object, read_object
-
     path = root / "locks" / f"{experiment}.json"
     body = json.dumps(me).encode()
     held: ObjectLock | None = None

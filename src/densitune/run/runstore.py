@@ -38,14 +38,18 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from densitune.errors import ConfigError
+from densitune.run.console import LOG_NAME
+from densitune.run.files import atomic_write
 
 __all__ = ["ObjectPath", "RunPath", "RunStore", "is_remote", "location", "publish", "arrow_files", "arrow_file",
            "files_under"]
@@ -246,8 +250,6 @@ RunPath = Path | ObjectPath
 
 def redact(e: BaseException) -> str:
     """An error's first line, without anything that looks like a credential."""
-    import re
-
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return re.sub(r"(?i)(secret|token|signature|credential|key_id|access_key)[^ ,;]*", r"\1=<hidden>", text)[:300]
 
@@ -272,8 +274,6 @@ def publish(path: RunPath | str, content: bytes | str | Callable[[BinaryIO], obj
     ``content``: bytes, text (UTF-8), or a function writing into a binary file. Local files go through
     :func:`densitune.run.files.atomic_write`; objects are built in memory and PUT once.
     """
-    from densitune.run.files import atomic_write
-
     p = location(path) if isinstance(path, str) else path
     if isinstance(p, Path):
         return atomic_write(p, content)
@@ -365,8 +365,6 @@ def create_object(path: ObjectPath, body: bytes, *, replacing: str | None = None
 
 def read_object(path: ObjectPath) -> tuple[bytes, str, float] | None:
     """``(body, etag, age in seconds by the store's clock)`` of ``path``, or None if it does not exist."""
-    from email.utils import parsedate_to_datetime
-
     bucket, key = _split(path)
     try:
         r = _s3_client().get_object(Bucket=bucket, Key=key)
@@ -436,6 +434,4 @@ class RunStore:
 
     @property
     def log_file(self) -> Path:
-        from densitune.run.console import LOG_NAME
-
         return self.local() / LOG_NAME

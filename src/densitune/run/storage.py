@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from densitune.errors import DensituneError
+from densitune.run.runstore import ObjectPath, location, redact
 
 #: Prefix of every StorageError message: how the driver recognises one in a trial's error text.
 PREFIX = "cannot write"
@@ -34,8 +36,6 @@ def describe(e: OSError, path: str | Path) -> str:
     Detail: [errno 1] ..."): the file and the errno are read from its text. A temporary
     file's folder is named rather than its throw-away name.
     """
-    import re
-
     text = str(e)
     where: str | Path = e.filename or (m.group(1) if (m := re.search(r"'(/[^']+)'", text)) else path)
     if Path(where).name.startswith(".tmp-"):
@@ -60,8 +60,6 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
     A local path is checked where its first write would land (not resolved: a dangling link is
     refused); a bucket URI by writing and deleting a probe object under the run.
     """
-    from densitune.run.runstore import ObjectPath, location
-
     loc = location(str(path))
     if isinstance(loc, ObjectPath):
         marker = loc / "locks" / f".probe-{os.getpid()}"
@@ -69,8 +67,6 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
             marker.write_bytes(b"")
             marker.unlink(missing_ok=True)
         except OSError as e:
-            from densitune.run.runstore import redact
-
             raise StorageError(f"{PREFIX} {loc}: {redact(e)} ({flag})") from None
         return
     local = Path(os.path.abspath(os.path.expanduser(path)))
