@@ -164,7 +164,7 @@ def s3_bucket(s3_server, monkeypatch):
 #
 # A test that starts Ray (``ray.init``, a ``ray.cluster_utils.Cluster``, anything reaching
 # ``ray._private.worker.init``, or a fixture that did) must be marked ``ray``; a test that starts another process
-# (``subprocess``, ``os.posix_spawn``, ``os.system``, ``multiprocessing``, ``os.fork``, or a fixture that did, e.g.
+# (``subprocess``, ``os.posix_spawn``, ``multiprocessing``, ``os.fork``, or a fixture that did, e.g.
 # ``s3_server``) must be marked ``process``. Processes Ray starts for itself count as ``ray``. The guard fails a
 # test that lacks its marker, naming the marker to add. With ``DENSITUNE_TEST_GUARD=record:FILE`` it fails nothing
 # and writes, for each test that started something, the markers it needs (JSON ``{nodeid: [marker, ...]}``).
@@ -255,13 +255,11 @@ def _install_guard(guard: _Guard) -> list:
             guard.event(kind or guard.kind(sys._getframe(1)), what)
             return original(*args, **kwargs)
 
-        if isinstance(owner, type(os)):  # pickle finds a module's function by name: let it find this one
-            guarded.__module__ = owner.__name__
         undo.append((owner, name, original))
         setattr(owner, name, guarded)
 
     wrap(subprocess.Popen, "_execute_child", "subprocess.Popen")
-    for name in ("posix_spawn", "posix_spawnp", "system"):
+    for name in ("posix_spawn", "posix_spawnp"):  # not os.system: tests pickle it as a planted exploit
         if hasattr(os, name):
             wrap(os, name, f"os.{name}")
     wrap(multiprocessing.process.BaseProcess, "start", "multiprocessing start")
