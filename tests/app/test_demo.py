@@ -97,7 +97,7 @@ def test_demo_end_to_end(demo_run):
     b = subprocess.run([sys.executable, "-m", "densitune", "best", str(out / "results"), "--where", "experiment = 'demo-search'"],
                        capture_output=True, text=True, timeout=300)
     assert b.returncode == 0, b.stderr[-3000:]
-    golden = (Path(__file__).parent / "golden" / "demo_ranked_best.md").read_text().rstrip("\n").splitlines()
+    golden = (Path(__file__).parents[1] / "golden" / "demo_ranked_best.md").read_text().rstrip("\n").splitlines()
     lines = p.stdout.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith("### 1. "))
     trial_ids = lambda text: re.sub(r"trial=[0-9a-f]+", "trial=<id>", text)  # noqa: E731 - Tune's trial ids are random

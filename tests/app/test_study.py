@@ -13,7 +13,7 @@ import pytest
 from densitune.app import studies as st
 from densitune.app.throughput import TRAIN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "experiments").glob("*.yaml"))
 METHOD_COMPARISON = ROOT / "experiments" / "method_comparison.yaml"
 

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["cluster.yaml", "examples/cluster-onprem.yaml"]
 
 
@@ -77,6 +77,6 @@ def test_readme_cluster_commands_parse_and_use_the_tested_flags():
             args = build_parser().parse_args(cmd[1:])
             assert args.address == "auto" and args.gpus_per_trial is not None
     outs = [build_parser().parse_args(cmd[1:]).out for cmd in commands if cmd[1] == "train"]
-    assert outs[1].startswith("s3://")  # the bucket variant: tests/test_node_loss.py and tests/test_s3_run.py run it
+    assert outs[1].startswith("s3://")  # the bucket variant: tests/app/test_node_loss.py and tests/app/test_s3_run.py run it
     assert "ray up -y cluster.yaml" in block and "ray down -y cluster.yaml" in block
     assert "--working-dir ." in block

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: Source folder of each top-level sub-package (as pyproject's package-dir maps them).
 FOLDERS = {"densitune": ROOT / "src" / "densitune", "densitune.search": ROOT / "search",
            "densitune.trainables": ROOT / "trainables"}

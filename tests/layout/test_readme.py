@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: A path-like token: letters, digits and ``._-/``, with at least one ``/`` or a file extension.
 TOKEN = re.compile(r"(?<![\w./-])([\w.-]+(?:/[\w.-]*)+|[\w-]+\.(?:py|md|yaml|yml|toml|txt|jsonl|png|svg|pdf|cfg))(?![\w/-])")
 

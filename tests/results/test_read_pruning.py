@@ -19,7 +19,7 @@ from densitune.results.sql import referenced_columns
 from densitune.results.store import COLUMNS, SCHEMA, read_results, write_rows
 from densitune.search.report.tables import READ_COLUMNS, read_search_rows
 
-V3_RESULTS = Path(__file__).parent / "data" / "results_v3"
+V3_RESULTS = Path(__file__).parents[1] / "data" / "results_v3"
 
 
 def _results(tmp_path: Path, trials: int = 30) -> Path:

@@ -57,7 +57,7 @@ def test_code_version_names_the_commit():
     import subprocess
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True)
     if sha.returncode != 0:
         pytest.skip("not a git checkout")
@@ -93,7 +93,7 @@ def test_columns_cover_the_issue_list():
     assert need <= set(COLUMNS)
 
 
-V3_RESULTS = Path(__file__).parent / "data" / "results_v3"  # written by the schema v3 code (densitune 0.1.0)
+V3_RESULTS = Path(__file__).parents[1] / "data" / "results_v3"  # written by the schema v3 code (densitune 0.1.0)
 
 
 def test_v3_results_still_read_as_v4(tmp_path):

@@ -89,7 +89,7 @@ _WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # this file's folder, and tests/ (conftest)
     from test_eps_claims import spec
     from densitune.search.evaluate import Workspace
     from densitune.search.models import discover, select

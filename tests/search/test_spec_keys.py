@@ -16,7 +16,7 @@ from densitune.errors import ConfigError
 from densitune.search.spec import SearchSpec, SpecKey, keys_markdown, spec_keys
 from densitune.search.spec_file import load_spec_file
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _readme_rows() -> dict[str, list[str]]:

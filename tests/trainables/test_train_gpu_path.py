@@ -27,7 +27,7 @@ from densitune.trainables.train.loop import (
     resolve_compile,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(backbone="cnn", feature_dim=8, epochs=2, batch_size=64, lr=0.05, dataset="digits", train_limit=300)
 
 

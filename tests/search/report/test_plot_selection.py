@@ -1,7 +1,7 @@
 """What `densitune plot` draws: the rows chosen by --where / --score / --density / -D, in every format, at column width.
 
 The ε figure needs only the Parquet rows, so these rows are written directly (real Parquet files); the
-figures re-scored from checkpoints are covered in tests/test_plots.py.
+figures re-scored from checkpoints are covered in tests/search/report/test_plots.py.
 """
 
 from __future__ import annotations
