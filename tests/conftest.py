@@ -163,7 +163,8 @@ def s3_bucket(s3_server, monkeypatch):
 # ------------------------------------------------------------------------------------- the marker guard: ray, process
 #
 # A test that starts Ray (``ray.init``, a ``ray.cluster_utils.Cluster``, anything reaching
-# ``ray._private.worker.init``, or a fixture that did) must be marked ``ray``; a test that starts another process
+# ``ray._private.worker.init``, or a fixture that did) or uses one this process already runs (``ray.get``, ``.remote()``,
+# Tune: anything that checks the worker is connected) must be marked ``ray``; a test that starts another process
 # (``subprocess``, ``os.posix_spawn``, ``multiprocessing``, ``os.fork``, or a fixture that did, e.g.
 # ``s3_server``) must be marked ``process``. Processes Ray starts for itself count as ``ray``. The guard fails a
 # test that lacks its marker, naming the marker to add. With ``DENSITUNE_TEST_GUARD=record:FILE`` it fails nothing
@@ -271,6 +272,9 @@ def _install_guard(guard: _Guard) -> list:
             return
         wrap(worker, "init", "ray._private.worker.init", "ray")
         worker.init._densitune_guarded = True
+        # a Ray this process already runs (another test's session fixture) used without a start: ray.get, ray.put,
+        # .remote() and Tune all check the worker is connected first
+        wrap(worker.Worker, "check_connected", "a Ray already running in this process", "ray")
 
     if "ray._private.worker" in sys.modules:  # already imported: patch both names of init
         wrap_ray_init(sys.modules["ray._private.worker"])

@@ -348,6 +348,7 @@ def check_case(index: int, outcome: tuple) -> None:
     assert not Path("/tmp/densitune-pwned").exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("index", FAST, ids=[f"{CASES[i][0]}-{i}" for i in FAST])
 def test_bad_input(index, outcomes):
     check_case(index, outcomes[index])
@@ -359,6 +360,7 @@ def test_bad_input_past_torch_import(index, heavy_outcomes):
     check_case(index, heavy_outcomes[index])
 
 
+@pytest.mark.process
 def test_shared_inputs_unchanged(outcomes):
     before, after = outcomes[-1]
     assert after == before, sorted(set(after) ^ set(before))

@@ -31,6 +31,7 @@ def run_limited(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=300, preexec_fn=_limit_memory)
 
 
+@pytest.mark.process
 def test_alias_bomb_under_500_mb_is_one_line(tmp_path):
     spec = tmp_path / "bomb.yaml"
     spec.write_text(BOMB)
@@ -44,6 +45,7 @@ def test_alias_bomb_under_500_mb_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_the_limit_is_real_plain_yaml_runs_out_of_memory(tmp_path):
     """Control: the same bomb through plain ``yaml.safe_load`` + ``repr`` (what the old error message did) dies
     under the same limit, so the test above passes because the loader refuses aliases, not because the limit is loose."""

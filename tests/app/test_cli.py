@@ -26,6 +26,7 @@ BAD = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_one_line_nonzero_nothing_written(case, tmp_path):
     argv, message = BAD[case]
@@ -45,6 +46,7 @@ def test_missing_results_directory(tmp_path, capsys):
         assert err == [f"densitune: error: results directory not found: {tmp_path / 'absent'}"]
 
 
+@pytest.mark.process
 def test_help_lists_commands():
     p = densitune("--help")
     assert p.returncode == 0
@@ -58,6 +60,7 @@ def test_list(capsys):
     assert "densities: gmm_max, gmm_sum, kde" in out and "backbones: cnn" in out and "digits" in out
 
 
+@pytest.mark.process
 def test_relative_out_train_then_resumable_search(tmp_path):
     """The README's way of running: relative paths, from the user's folder (Ray trials run elsewhere)."""
     t = densitune("train", "--out", "run", "-D", "4", "--epochs", "1", "-q", cwd=tmp_path)
@@ -84,6 +87,7 @@ MORE_BAD = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", sorted(MORE_BAD))
 def test_more_bad_input(case, tmp_path):
     argv, message = MORE_BAD[case]

@@ -18,6 +18,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
+@pytest.mark.process
 def test_version():
     p = subprocess.run([sys.executable, "-m", "densitune", "--version"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == f"densitune {densitune.__version__}"
@@ -55,6 +56,7 @@ def test_fixed_names_are_choices_that_match_the_code():
     assert choices[("report", "view")] == VIEWS
 
 
+@pytest.mark.process
 def test_a_name_outside_the_choices_is_one_line_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "densitune", "search", "--out", str(tmp_path / "run"), "--sampler", "random"],
                        capture_output=True, text=True, timeout=60)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from densitune.results.store import read_results
 from densitune.search.cache import DiskCache
 from densitune.search.models import discover, select
@@ -19,6 +21,7 @@ from densitune.search.tune import SearchRun, run_search
 EPS = ["0", "0.001", "0.002", "0.005", "0.01", "0.02", "0.03", "0.05", "0.07", "0.1"]
 
 
+@pytest.mark.ray
 def test_six_trial_eps_search_extracts_and_fits_once(ray_session, trained_models, tmp_path):
     (group,) = select(discover(trained_models), (4,))  # one checkpoint
     spec = SearchSpec(experiment="cache", val_ood="digits-blend", test_ood=("noise-uniform",),
@@ -55,6 +58,7 @@ def _kill(p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
+@pytest.mark.process
 def test_killed_search_resumes_with_each_trial_once(trained_models, tmp_path):
     out = tmp_path / "run"
     args = ["search", "--out", str(out), "--models", str(trained_models), "-D", "4", "--density", "gmm_sum", "kde",
@@ -79,6 +83,7 @@ def test_killed_search_resumes_with_each_trial_once(trained_models, tmp_path):
     assert len(list(part.glob("*.parquet"))) == 20
 
 
+@pytest.mark.process
 def test_killed_training_resumes_with_each_epoch_once(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "-D", "4", "6", "--epochs", "6", "--num-cpus", "2", "-q"]

@@ -46,6 +46,7 @@ def test_specs_carry_the_notes_figures():
             assert t.rows and all(len(v) == len(t.columns) and all(0 < x <= 1 for x in v) for _, _, v in t.rows)
 
 
+@pytest.mark.process
 def test_plan_prints_networks_trials_and_gpu_hours_without_running(tmp_path):
     out = tmp_path / "run"
     p = _densitune("run", str(METHOD_COMPARISON), "--plan", "--out", str(out), cwd=tmp_path)
@@ -77,6 +78,7 @@ BAD_SPECS = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
 def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     text, needle = BAD_SPECS[case]
@@ -90,6 +92,7 @@ def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.process
 def test_missing_data_names_the_expected_layout(tmp_path):
     root = tmp_path / "data"
     root.mkdir()

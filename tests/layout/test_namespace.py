@@ -39,6 +39,7 @@ def _modules(package: str) -> list[str]:
     return out
 
 
+@pytest.mark.process
 def test_neutral_directory_sees_only_densitune(tmp_path):
     p = _py("import densitune; print(densitune.__version__)", tmp_path)
     assert p.returncode == 0, p.stderr
@@ -96,6 +97,7 @@ FORBIDDEN = ["ray", "densitune.trainables.train", "densitune.trainables.train.lo
              "densitune.search.tune", "densitune.search.evaluate", "densitune.run.ray_runtime"]
 
 
+@pytest.mark.process
 def test_ood_and_results_layers_import_no_ray_training_or_cli(tmp_path):
     mods = [m for pkg in PURE for m in _modules(pkg)]
     assert "densitune.search.ood.densities" in mods and "densitune.results.store" in mods
@@ -149,6 +151,7 @@ def test_plain_wheel_install_works_from_a_neutral_directory(tmp_path):
     assert q.stdout.strip().startswith(str(site))
 
 
+@pytest.mark.process
 def test_ray_working_dir_of_the_repo_root_imports_the_installed_package(tmp_path):
     """What `ray job submit --working-dir .` does to workers: the repo root, uploaded, becomes their cwd."""
     code = f"""
@@ -171,6 +174,7 @@ ray.shutdown()
     assert "search" not in out["tops"] and "trainables" not in out["tops"]
 
 
+@pytest.mark.process
 def test_train_and_search_through_ray_from_a_folder_holding_search_trainables_densitune(tmp_path):
     """Folders named like the package's parts in the working directory (and `--out search`) do not shadow it."""
     for d in ("search", "trainables", "densitune"):

@@ -59,6 +59,7 @@ def test_energy_equals_pytorch_ood(setup) -> None:
     _close(score(setup["x"]), ours)  # the differentiable path on inputs gives the same numbers
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_knn_equals_pytorch_ood(k, setup) -> None:
     score = _fitted_score("knn", setup, k=k, chunk_size=97)  # odd chunks: the running top-k crosses blocks

@@ -17,6 +17,7 @@ def test_defaults_match_the_registered_factory(name):
     assert default_params(name) == create_density(name).get_params()
 
 
+@pytest.mark.process
 def test_report_names_non_default_params_without_importing_torch():
     code = ("import sys; from densitune.search.report.tables import short_params; "
             "print(short_params('kde', '{\"bandwidth\": 0.5, \"max_train\": null, \"random_state\": 0, \"chunk_size\": null}'), "

@@ -169,6 +169,7 @@ def test_auroc_is_exact_on_integer_counts() -> None:
     assert auprc(s_id, s_ood) == pytest.approx((1 + 1 + 0.75) / 3, abs=1e-15)
 
 
+@pytest.mark.process
 def test_metrics_import_neither_sklearn_nor_scipy() -> None:
     """A search trial computes its metrics without loading scikit-learn or scipy (about 1 s per trial process)."""
     import subprocess

@@ -45,6 +45,7 @@ def _compact(run: Path, failpoint: str | None = None) -> subprocess.CompletedPro
                           env=env, timeout=120)
 
 
+@pytest.mark.process
 def test_compact_merges_files_and_keeps_every_row(run):
     before = _rows(run)
     assert len(result_files(run / "results")) == 12
@@ -55,6 +56,7 @@ def test_compact_merges_files_and_keeps_every_row(run):
     assert _rows(run) == before
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("failpoint", FAILPOINTS)
 def test_a_killed_compaction_never_changes_what_readers_see(run, failpoint):
     before = _rows(run)
@@ -67,6 +69,7 @@ def test_a_killed_compaction_never_changes_what_readers_see(run, failpoint):
     assert not [f for f in (run / "results").rglob("*") if f.name.startswith((".tmp", "_compact"))]
 
 
+@pytest.mark.process
 def test_compaction_skips_an_experiment_whose_writer_is_running(run):
     before = _rows(run)
     with writer_lock(run, "search", "a"):
@@ -79,6 +82,7 @@ def test_compaction_skips_an_experiment_whose_writer_is_running(run):
     assert len(result_files(run / "results", "a")) == 6
 
 
+@pytest.mark.process
 def test_readers_and_resume_after_compaction(run, tmp_path):
     """report reads the merged files; copying a compacted run keeps its rows (no hidden state)."""
     assert _compact(run).returncode == 0
@@ -101,6 +105,7 @@ def _merge(run: Path, experiment: str, names: list[str], failpoint: str | None =
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("failpoint", [None, *FAILPOINTS])
 def test_rolling_compaction_merges_only_finished_files_and_survives_a_kill(run, failpoint):
     before = _rows(run)
@@ -122,6 +127,7 @@ def test_rolling_compaction_merges_only_finished_files_and_survives_a_kill(run, 
     assert not list(folder.glob("_compact-*"))
 
 
+@pytest.mark.ray
 def test_a_search_merges_its_finished_trials_files_as_it_runs(ray_session, trained_models, tmp_path):
     """7 grid trials merged every 3: two merged files and one trial file; the same rows as a search that
     keeps one file per trial, and resume finds every trial done."""
@@ -151,6 +157,7 @@ def test_a_search_merges_its_finished_trials_files_as_it_runs(ray_session, train
     assert tables[3] == tables[0]  # merging changes no row (same config + seed -> same numbers)
 
 
+@pytest.mark.process
 def test_rolling_compaction_on_a_bucket(s3_bucket):
     """The same merge on an S3-compatible server: the finished files become one object, the rest stay."""
     from densitune.results.store import RollingCompaction

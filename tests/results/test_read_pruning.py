@@ -164,6 +164,7 @@ def test_the_first_file_is_checked_whole(tmp_path):
         read_results(root, columns=["auroc"])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("argv", [["report"], ["best"], ["query", "SELECT count(*) AS n FROM results"]])
 def test_reading_commands_import_no_torch_and_print_nothing_on_stderr(tmp_path, argv):
     """report / best / query read Parquet and render tables: torch (650 MB, seconds to import) and Ray stay

@@ -73,6 +73,7 @@ ESCAPES = {
 }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", sorted(ESCAPES))
 def test_where_escapes_are_refused_one_line_results_unchanged(case, results, tmp_path):
     where = ESCAPES[case].format(out=tmp_path)
@@ -84,6 +85,7 @@ def test_where_escapes_are_refused_one_line_results_unchanged(case, results, tmp
     assert snapshot(tmp_path) == before  # no file written, none changed
 
 
+@pytest.mark.process
 def test_where_works_through_the_cli(results, tmp_path):
     p = densitune("best", str(results), "--where", "auroc > 0.9 AND density IN ('kde')", "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -133,6 +135,7 @@ def test_query_is_one_select_read_only(results, tmp_path):
     assert not list(tmp_path.glob("leak*")) and not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.process
 def test_query_allow_files_reads_files(results, tmp_path):
     csv = tmp_path / "extra.csv"
     csv.write_text("k,v\n1,2\n3,4\n")

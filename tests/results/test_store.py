@@ -53,6 +53,7 @@ def test_rows_are_checked_against_schema(tmp_path):
     assert not any(tmp_path.rglob("*.parquet"))
 
 
+@pytest.mark.process
 def test_code_version_names_the_commit():
     import subprocess
     from pathlib import Path

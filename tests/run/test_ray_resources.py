@@ -86,6 +86,8 @@ def short_tmp():
         yield d
 
 
+@pytest.mark.ray
+@pytest.mark.process
 def test_search_trials_request_a_quarter_gpu_on_a_gpu_node(tmp_path, trained_models, short_tmp):
     """A cluster whose node declares a GPU: each search trial holds 0.25 of it, so four share it."""
     from ray.cluster_utils import Cluster
@@ -119,6 +121,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.ray
+@pytest.mark.process
 def test_a_running_ray_is_joined_only_with_address_auto(tmp_path, short_tmp, no_other_ray):
     """`ray start --head` on the machine: without --address densitune starts its own Ray; --address auto joins."""
     env = {"RAY_TMPDIR": short_tmp}

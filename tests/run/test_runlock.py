@@ -66,6 +66,7 @@ def test_lock_records_the_holder_and_refuses_a_second_writer(tmp_path):
     assert not (tmp_path / "locks").exists()  # released, nothing left behind
 
 
+@pytest.mark.process
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "locks").mkdir()
@@ -90,6 +91,7 @@ def test_lock_of_another_host_expires_unless_renewed(tmp_path, monkeypatch):
         assert json.loads(path.read_text())["host"] == socket.gethostname()
 
 
+@pytest.mark.process
 def test_two_searches_on_one_experiment_one_runs_the_other_exits_2(tmp_path, trained_models, short_tmp):
     env = {"RAY_TMPDIR": short_tmp}
     run = tmp_path / "run"
@@ -114,6 +116,7 @@ def test_two_searches_on_one_experiment_one_runs_the_other_exits_2(tmp_path, tra
     assert not lock.exists()
 
 
+@pytest.mark.process
 def test_stale_temp_file_of_a_killed_first_write_blocks_nothing(tmp_path, trained_models, short_tmp):
     """A search killed during its first Parquet write leaves `.tmp-*.parquet`; a fresh start and --resume work."""
     env = {"RAY_TMPDIR": short_tmp}

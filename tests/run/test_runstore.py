@@ -63,6 +63,7 @@ def test_rows_spec_and_compaction_round_trip(where, tmp_path, request):
     assert not [n for n in names if n.startswith((".tmp", "_compact"))]
 
 
+@pytest.mark.process
 def test_a_published_object_is_whole_or_absent(s3_bucket):
     p = location(f"{s3_bucket}/run/x.bin")
     assert not p.exists()
@@ -78,6 +79,7 @@ def test_a_published_object_is_whole_or_absent(s3_bucket):
     assert p.read_bytes() == b"whole" and p.is_file() and p.parent.is_dir()
 
 
+@pytest.mark.process
 def test_writer_lock_on_the_bucket_admits_one_writer(s3_bucket, s3_server):
     run = f"{s3_bucket}/run"
     bucket = s3_bucket.removeprefix("s3://")
@@ -92,6 +94,7 @@ def test_writer_lock_on_the_bucket_admits_one_writer(s3_bucket, s3_server):
     assert "run/locks/e.json" not in s3_server.objects(bucket)  # released
 
 
+@pytest.mark.process
 def test_lock_of_a_dead_holder_or_an_expired_lease_is_taken_over(s3_bucket, s3_server, monkeypatch):
     import subprocess
     import sys
@@ -114,6 +117,7 @@ def test_lock_of_a_dead_holder_or_an_expired_lease_is_taken_over(s3_bucket, s3_s
     assert LEASE_S > 0
 
 
+@pytest.mark.process
 def test_check_writable_names_a_missing_bucket_without_credentials(s3_server, s3_bucket):
     check_writable(f"{s3_bucket}/run")
     with pytest.raises(StorageError) as e:
@@ -122,6 +126,7 @@ def test_check_writable_names_a_missing_bucket_without_credentials(s3_server, s3
     assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in str(e.value)
 
 
+@pytest.mark.process
 def test_node_local_files_of_a_bucket_run_stay_in_the_temp_folder(s3_bucket, tmp_path, monkeypatch):
     import tempfile
 

@@ -54,6 +54,7 @@ def _pids(info) -> list[int]:
     return [p.pid for p in session_processes(parse_session(info))]
 
 
+@pytest.mark.process
 def test_a_true_record_proves_its_marked_processes_only(decoys):
     marked, unmarked = decoys
     assert _pids(_record(marked.pid)) == [marked.pid]
@@ -80,6 +81,7 @@ def test_a_tampered_record_is_refused(info):
         parse_session(info)
 
 
+@pytest.mark.process
 def test_a_reused_pid_is_not_the_recorded_process(decoys):
     marked, _ = decoys
     start = process_id(marked.pid).start
@@ -87,6 +89,7 @@ def test_a_reused_pid_is_not_the_recorded_process(decoys):
     assert _pids(_record({"pid": marked.pid, "start": start})) == [marked.pid]
 
 
+@pytest.mark.process
 def test_the_callers_own_ancestors_are_never_selected(tmp_path):
     """A child carrying the marker asks for a record that names itself, its parent (also marked) and a
     marked sibling decoy: only the decoy may come back."""
@@ -110,6 +113,7 @@ decoy.kill()
     assert out["found"] == [out["decoy"]]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("text", ['{"driver_pid": 1, "session_dir": "", "pids": []}', "[" * 100_000, "\xff\xfe", "{}"])
 def test_clean_run_ignores_a_tampered_file_and_signals_nothing(tmp_path, decoys, text):
     marked, unmarked = decoys
@@ -123,6 +127,7 @@ def test_clean_run_ignores_a_tampered_file_and_signals_nothing(tmp_path, decoys,
     assert (tmp_path / "cache" / "a.lock").exists() and (tmp_path / SESSION_FILE).exists()
 
 
+@pytest.mark.process
 def test_clean_run_stops_a_proven_orphan(tmp_path, decoys):
     marked, unmarked = decoys
     gone = subprocess.Popen(["sleep", "0.5"])

@@ -136,6 +136,7 @@ def test_environment_switches_the_cache_off(monkeypatch):
     assert Workspace().ip_cache and not Workspace(ip_cache=False).ip_cache
 
 
+@pytest.mark.ray
 def test_search_hands_the_drivers_choice_to_every_trial(ray_session, group, tmp_path, monkeypatch):
     """``DENSITUNE_IP_CACHE`` is read on the driver (``SearchRun.ip_cache``) and travels with the run to the Ray
     workers, which started long before with their own environment (as on the other nodes of a cluster): with it

@@ -109,6 +109,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 def test_two_concurrent_processes_compute_each_split_once(group, trained_models, tmp_path):
     """Two real processes start trials of two ε values at the same moment on one cache: every split's signs
     are computed once in all (the events log has no key twice), and each process's rows are the reference's."""

@@ -83,6 +83,7 @@ def test_planted_cache_files_are_rejected_and_recomputed(trained_models, tmp_pat
             torch.load(f, weights_only=True)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("form", ["torch.save", "pickle"])
 def test_planted_model_checkpoint_is_a_one_line_error(trained_models, tmp_path, form):
     src = next(p.parent for p in trained_models.rglob("model.pt"))

@@ -14,6 +14,8 @@ from densitune.search.optuna_study import journal_path, open_storage
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 
+pytestmark = pytest.mark.ray
+
 
 def _study(results_dir, name):
     return optuna.load_study(study_name=name, storage=open_storage(journal_path(results_dir)))

@@ -26,6 +26,7 @@ def spec(**kw) -> SearchSpec:
     return SearchSpec(**{**base, **kw})
 
 
+@pytest.mark.ray
 def test_two_trial_search_writes_exact_rows(ray_session, trained_models, tmp_path):
     groups = select(discover(trained_models), (8,))  # cnn D=8 with seeds 0 and 1
     sp = spec()

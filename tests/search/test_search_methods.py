@@ -14,6 +14,8 @@ from densitune.search.space import grid_points
 from densitune.search.spec import SearchSpec
 from densitune.search.tune import SearchRun, run_search
 
+pytestmark = pytest.mark.ray
+
 DENSITY_NAMES = tuple(DENSITIES.names())
 #: scores fitted on training features through their own model of the same name
 FITTED = ("knn", "rmd", "vim")

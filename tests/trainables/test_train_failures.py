@@ -66,6 +66,7 @@ def _meta(**config) -> dict:
 # ---------------------------------------------------------------------------- 1. failed trials
 
 
+@pytest.mark.ray
 def test_failed_trial_raises_training_error(ray_session, tmp_path):
     cfg = TrainConfig(**SMALL, lr=1e30, experiment="fail")  # the loss becomes NaN in epoch 1
     with pytest.raises(TrainingError) as info:
@@ -200,6 +201,7 @@ def test_resume_only_from_state_of_the_same_config(tmp_path, one_epoch_state, ca
         assert saved_state(run, cfg) is None
 
 
+@pytest.mark.ray
 def test_resume_with_more_epochs_starts_fresh_in_ray(ray_session, tmp_path, one_epoch_state):
     short, st = one_epoch_state
     longer = TrainConfig(**{**short.to_dict(), "epochs": 3})

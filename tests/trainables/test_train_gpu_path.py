@@ -119,6 +119,7 @@ def test_one_power_step_per_training_forward():
     assert torch.equal(norm._u, u2) and torch.equal(norm._v, v2)
 
 
+@pytest.mark.process
 def test_gpu_check_cpu_smoke_runs_and_records_provenance(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-smoke"], capture_output=True,
                          text=True, timeout=600, cwd=tmp_path)
@@ -135,6 +136,7 @@ def test_gpu_check_cpu_smoke_runs_and_records_provenance(tmp_path):
     assert trip["gmm_sum"]["same_after_cache"] and trip["kde"]["same_after_cache"]
 
 
+@pytest.mark.process
 def test_gpu_check_without_a_gpu_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

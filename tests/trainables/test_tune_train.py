@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from densitune.results.store import read_results
 from densitune.trainables.train.checkpoint import load_model
 from densitune.trainables.train.config import TrainConfig
 from densitune.trainables.train.tune import TrainRun, expand_grid, is_trained, run_training
+
+pytestmark = pytest.mark.ray
 
 
 def test_train_grid_with_ray(ray_session, tmp_path):
