@@ -111,6 +111,7 @@ REPRODUCE = textwrap.dedent('''
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_exported_detectors_reproduce_the_search_in_a_fresh_process(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp")}
     run = tmp_path / "run"

@@ -355,6 +355,7 @@ def test_bad_input(index, outcomes):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.parametrize("index", HEAVY, ids=[f"{CASES[i][0]}-{i}" for i in HEAVY])
 def test_bad_input_past_torch_import(index, heavy_outcomes):
     check_case(index, heavy_outcomes[index])

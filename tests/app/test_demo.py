@@ -59,6 +59,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_demo_end_to_end(demo_run):
     out, rc, console = demo_run
     lines = console_lines(console)
@@ -133,6 +134,7 @@ REPRODUCE = textwrap.dedent('''
 @pytest.mark.slow
 @pytest.mark.parametrize("where, n_members", [("score = 'density' AND density = 'gmm_sum'", 2),
                                               ("score = 'ensemble_msp'", 1)])
+@pytest.mark.process
 def test_demo_exports_reproduce_the_search(demo_run, tmp_path, where, n_members):
     """A single-model (DDU, both seeds) and an ensemble configuration of the demo, exported and reloaded in a fresh
     process, give the search's per-seed test AUROC on every test OOD set to 1e-6."""
@@ -161,6 +163,7 @@ def test_demo_exports_reproduce_the_search(demo_run, tmp_path, where, n_members)
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_optuna_load_study_opens_the_demos_study(demo_run):
     """The README's snippet: optuna.load_study on RUN/optuna/journal.log sees all 228 trials with their parameters."""
     import optuna

@@ -17,6 +17,8 @@ import pytest
 
 from densitune.results.store import read_results
 
+pytestmark = pytest.mark.process
+
 EPS = ["0", "0.001", "0.002", "0.005", "0.01", "0.02", "0.03", "0.05", "0.07", "0.1"]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import S3_SECRET
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 TRAIN = ["train", "--experiment", "t", "-D", "4", "--seeds", "0", "1", "--epochs", "2", "--num-cpus", "2", "-q"]
 SEARCH = ["search", "--experiment", "s", "--score", "density", "ensemble_msp", "--density", "gmm_sum", "kde",

@@ -131,6 +131,7 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_smoke_trains_each_shared_network_once(smoke_run):
     from densitune.search.models import list_models
 
@@ -141,6 +142,7 @@ def test_smoke_trains_each_shared_network_once(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.parametrize("spec", SPECS, ids=[p.stem for p in SPECS])
 def test_smoke_report_puts_the_notes_figures_beside_ours(smoke_run, spec):
     s = st.load_study(spec, smoke_run=True)
@@ -160,6 +162,7 @@ def test_smoke_report_puts_the_notes_figures_beside_ours(smoke_run, spec):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_a_second_run_trains_nothing_and_reports_the_same(smoke_run):
     spec = ROOT / "experiments" / "diff_score.yaml"
     report = smoke_run / "studies" / "diff-score-smoke" / "report.csv"

@@ -130,6 +130,7 @@ def test_no_unsafe_deserialisation_in_the_package():
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_plain_wheel_install_works_from_a_neutral_directory(tmp_path):
     """A plain (non-editable) install: the wheel holds exactly `densitune/...`, every module, and runs."""
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",

@@ -15,6 +15,8 @@ from densitune.run.cleanup import SESSION_FILE, _alive, read_session, session_pr
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
 def test_clean_stops_only_the_dead_drivers_ray_and_prunes(trained_models, ray_session, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "densitune", "search", "--out", str(out), "--models", str(trained_models), "-D", "4",

@@ -143,6 +143,7 @@ def test_stale_temp_file_of_a_killed_first_write_blocks_nothing(tmp_path, traine
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_killed_driver_leaves_a_lock_that_resume_takes_over(tmp_path, trained_models, short_tmp):
     env = {"RAY_TMPDIR": short_tmp}
     run = tmp_path / "run"

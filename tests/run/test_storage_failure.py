@@ -33,6 +33,7 @@ def _immutable_works(tmp: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_results_folder_unwritable_mid_run_stops_at_first_failed_write(trained_models, tmp_path):
     if not _immutable_works(tmp_path):
         pytest.skip("chattr +i is not available on this file system")

@@ -149,6 +149,7 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_compile_on_trains_like_eager_on_a_cpu():
     cfg = TrainConfig(**{**CFG, "epochs": 1})
     eager = list(fit(cfg, device=torch.device("cpu"), compile="off"))[-1]

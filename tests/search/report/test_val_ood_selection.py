@@ -75,6 +75,7 @@ def _best(run: Path) -> dict:
 
 
 @slow
+@pytest.mark.process
 def test_selecting_on_the_worst_of_a_near_and_a_far_set_avoids_a_failing_config(runs) -> None:
     near, worst = _best(runs["near"]), _best(runs["worst"])
     assert near["density_params"] == {"dim": 2}  # `best --json`: parameters as a nested object
@@ -112,6 +113,7 @@ def test_mean_and_worst_aggregation_follow_the_metric_direction() -> None:
 
 
 @slow
+@pytest.mark.process
 def test_kept_scores_reproduce_the_rows(runs) -> None:
     rows = [r for r in _rows(runs["seeds"]) if r["split"] == "test"]
     kept = read_sample_scores(runs["seeds"] / "results", "search", {r["trial_id"] for r in rows}).to_pandas()
@@ -129,6 +131,7 @@ def _table(stdout: str) -> dict[str, list[str]]:
 
 
 @slow
+@pytest.mark.process
 def test_compare_two_seeds_paired_bootstrap(runs) -> None:
     p = _cli("compare", str(runs["seeds"]), "--a", "score = 'rmd'", "--b", "score = 'density'", "--format", "json")
     records = json.loads(p.stdout)  # tidy JSON: one record per OOD set
@@ -143,6 +146,7 @@ def test_compare_two_seeds_paired_bootstrap(runs) -> None:
 
 
 @slow
+@pytest.mark.process
 def test_compare_one_seed_is_delong_and_marks_a_zero_difference(runs) -> None:
     run = runs["worst"]
     a, b = "density_params = '{\"dim\": 6}'", "density_params = '{\"dim\": 2}'"
@@ -163,6 +167,7 @@ def test_compare_one_seed_is_delong_and_marks_a_zero_difference(runs) -> None:
 
 
 @slow
+@pytest.mark.process
 def test_compare_without_kept_scores_is_one_line_error(runs) -> None:
     p = _cli("compare", str(runs["near"]), "--a", "score = 'vim'", "--b", "score = 'vim'", ok=False)
     assert p.returncode == 2 and p.stdout == ""
