@@ -343,13 +343,32 @@ class _GuardPlugin:
         yield
         self.guard.item = None
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_setup(self, item):
+    def pytest_sessionstart(self, session) -> None:
+        # code_version() asks git once per process and caches the answer: ask before the first test, so that
+        # no test is charged with that process (whichever test came first would be, order-dependently)
+        from densitune.results.store import code_version
+
+        code_version()
+
+    def check_fixtures(self, item) -> None:
+        """Fail ``item`` for the fixtures it uses (set up before it, e.g. of session scope, or requested with
+        ``getfixturevalue``) that started Ray or a process."""
         guard = self.guard
-        for name in item.fixturenames:  # fixtures already set up (session scope) that started Ray or a process
+        used = set(item.fixturenames) | set(getattr(getattr(item, "_request", None), "_fixture_defs", None) or ())
+        for name in sorted(used):
             for kind in sorted(guard.fixture_needs.get(name, ())):
                 guard.need(item, kind, f"through the fixture {name!r}")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item):
+        self.check_fixtures(item)
         yield
+        self.check_fixtures(item)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        yield
+        self.check_fixtures(item)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):

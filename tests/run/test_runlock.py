@@ -165,6 +165,7 @@ def test_killed_driver_leaves_a_lock_that_resume_takes_over(tmp_path, trained_mo
     assert set(per_trial.values()) == {1} and len({r["search_params"] for r in rows}) == 2 * 4  # 2 groups x 4 eps
 
 
+@pytest.mark.ray
 def test_retraining_with_other_epochs_makes_a_second_network(tmp_path, capsys):
     """`train --epochs 2` after `--epochs 3` on the same run: both networks exist, rows never mix, nothing is
     overwritten; `list-models` shows both."""

@@ -45,7 +45,7 @@ def test_location_names_local_and_bucket_paths(tmp_path):
         location("s3://")
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.process)])
 def test_rows_spec_and_compaction_round_trip(where, tmp_path, request):
     root = str(tmp_path / "run") if where == "local" else request.getfixturevalue("s3_bucket") + "/run"
     results = RunStore(root).results
