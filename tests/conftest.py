@@ -11,6 +11,8 @@ from densitune.trainables.train.checkpoint import save_checkpoint
 from densitune.trainables.train.config import TrainConfig
 from densitune.trainables.train.loop import fit
 
+pytest_plugins = ["pytester"]  # tests/layout/test_marker_guard.py runs the guard in a pytest of its own
+
 # Small networks on 2 cores run several times faster on one intra-op thread
 # (measured: first CNN epoch 1.8 s with 1 thread vs 10 s with 2).
 torch.set_num_threads(1)
