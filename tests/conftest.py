@@ -206,7 +206,7 @@ class _Guard:
             frame = frame.f_back
         return "process"
 
-    def event(self, kind: str, what: str, *, fail: bool = True) -> None:
+    def event(self, kind: str, what: str) -> None:
         """The current test started ``what`` (a ``kind``: ray / process): record it; fail the test (raise) when it
         lacks the marker, unless recording."""
         item = self.item
@@ -215,7 +215,7 @@ class _Guard:
         for name in self.fixtures:
             self.fixture_needs.setdefault(name, set()).add(kind)
         self.need(item, kind, what)
-        if fail and not self.record and item.get_closest_marker(kind) is None:
+        if not self.record and item.get_closest_marker(kind) is None:
             raise _MarkerMissing(self.message(item, kind, what))
 
     def need(self, item: pytest.Item, kind: str, what: str) -> None:
@@ -282,6 +282,7 @@ def _install_guard(guard: _Guard) -> list:
         wrap_ray_init(sys.modules["ray._private.worker"])
         import ray
 
+        undo.append((ray, "init", ray.init))
         ray.init = sys.modules["ray._private.worker"].init
     else:  # patch init as the module is executed, before ``ray/__init__`` binds ``ray.init`` to it
 
