@@ -11,6 +11,8 @@ from densitune.trainables.train.checkpoint import save_checkpoint
 from densitune.trainables.train.config import TrainConfig
 from densitune.trainables.train.loop import fit
 
+pytest_plugins = ["pytester"]  # tests/layout/test_marker_guard.py runs the guard in a pytest of its own
+
 # Small networks on 2 cores run several times faster on one intra-op thread
 # (measured: first CNN epoch 1.8 s with 1 thread vs 10 s with 2).
 torch.set_num_threads(1)
@@ -158,3 +160,236 @@ def s3_bucket(s3_server, monkeypatch):
     s3_server.client().create_bucket(Bucket=name)
     yield f"s3://{name}"
     runstore._filesystem.cache_clear()
+
+
+# ------------------------------------------------------------------------------------- the marker guard: ray, process
+#
+# A test that starts Ray (``ray.init``, a ``ray.cluster_utils.Cluster``, anything reaching
+# ``ray._private.worker.init``, or a fixture that did) or uses one this process already runs (``ray.get``, ``.remote()``,
+# Tune: anything that checks the worker is connected) must be marked ``ray``; a test that starts another process
+# (``subprocess``, ``os.posix_spawn``, ``multiprocessing``, ``os.fork``, or a fixture that did, e.g.
+# ``s3_server``) must be marked ``process``. Processes Ray starts for itself count as ``ray``. The guard fails a
+# test that lacks its marker, naming the marker to add. With ``DENSITUNE_TEST_GUARD=record:FILE`` it fails nothing
+# and writes, for each test that started something, the markers it needs (JSON ``{nodeid: [marker, ...]}``).
+
+GUARD_ENV = "DENSITUNE_TEST_GUARD"
+
+
+def _ray_dir() -> str | None:
+    """The directory of the installed ``ray`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    return None if spec is None or not spec.submodule_search_locations else list(spec.submodule_search_locations)[0]
+
+
+class _Guard:
+    """What the running test (and the fixture being set up) started; one instance per pytest session."""
+
+    def __init__(self, record: str | None) -> None:
+        import os
+
+        self.record = record
+        self.item: pytest.Item | None = None
+        self.fixtures: list[str] = []  # the fixtures being set up, innermost last
+        self.fixture_needs: dict[str, set[str]] = {}  # fixture name -> markers a test that uses it needs
+        self.needs: dict[str, set[str]] = {}  # nodeid -> markers it needs (recorded)
+        self.violations: list[str] = []  # of the current test phase
+        ray_dir = _ray_dir()
+        self.ray_prefix = None if ray_dir is None else os.path.join(ray_dir, "")
+
+    def kind(self, frame) -> str:
+        """``ray`` when Ray's own code is on the stack (Ray starting its processes), else ``process``."""
+        while frame is not None and self.ray_prefix is not None:
+            if frame.f_code.co_filename.startswith(self.ray_prefix):
+                return "ray"
+            frame = frame.f_back
+        return "process"
+
+    def event(self, kind: str, what: str) -> None:
+        """The current test started ``what`` (a ``kind``: ray / process): record it; fail the test (raise) when it
+        lacks the marker, unless recording."""
+        item = self.item
+        if item is None:  # collection, session teardown: not a test's doing
+            return
+        for name in self.fixtures:
+            self.fixture_needs.setdefault(name, set()).add(kind)
+        self.need(item, kind, what)
+        if not self.record and item.get_closest_marker(kind) is None:
+            raise _MarkerMissing(self.message(item, kind, what))
+
+    def need(self, item: pytest.Item, kind: str, what: str) -> None:
+        self.needs.setdefault(item.nodeid, set()).add(kind)
+        if not self.record and item.get_closest_marker(kind) is None:
+            msg = self.message(item, kind, what)
+            if msg not in self.violations:
+                self.violations.append(msg)
+
+    @staticmethod
+    def message(item: pytest.Item, kind: str, what: str) -> str:
+        started = "starts Ray" if kind == "ray" else "starts a process"
+        return (f"{item.nodeid} {started} ({what}) but is not marked `{kind}`: add @pytest.mark.{kind} "
+                f"(or `pytestmark = pytest.mark.{kind}` for the whole file) so the inner loop "
+                f"(-m 'not slow and not ray and not process') leaves it out")
+
+
+class _MarkerMissing(RuntimeError):
+    """Raised where an unmarked test starts Ray or a process (if some ``except`` swallows it, the test still fails:
+    the violation is also kept for its report)."""
+
+
+def _install_guard(guard: _Guard) -> list:
+    """Wrap every way a test starts a process or Ray; returns the undo list of (owner, name, original)."""
+    import functools
+    import importlib.abc
+    import importlib.machinery
+    import multiprocessing.process
+    import os
+    import subprocess
+    import sys
+
+    undo: list = []
+
+    def wrap(owner, name: str, what: str, kind: str | None = None) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def guarded(*args, **kwargs):
+            guard.event(kind or guard.kind(sys._getframe(1)), what)
+            return original(*args, **kwargs)
+
+        undo.append((owner, name, original))
+        setattr(owner, name, guarded)
+
+    wrap(subprocess.Popen, "_execute_child", "subprocess.Popen")
+    for name in ("posix_spawn", "posix_spawnp"):  # not os.system: tests pickle it as a planted exploit
+        if hasattr(os, name):
+            wrap(os, name, f"os.{name}")
+    wrap(multiprocessing.process.BaseProcess, "start", "multiprocessing start")
+    # os.fork cannot be failed from inside: record it, and the test fails at its report
+    os.register_at_fork(before=lambda: guard.item is not None and guard.need(guard.item, guard.kind(sys._getframe(1)), "os.fork"))
+
+    def wrap_ray_init(worker) -> None:
+        if getattr(worker.init, "_densitune_guarded", False):
+            return
+        wrap(worker, "init", "ray._private.worker.init", "ray")
+        worker.init._densitune_guarded = True
+        # a Ray this process already runs (another test's session fixture) used without a start: ray.get, ray.put,
+        # .remote() and Tune all check the worker is connected first
+        wrap(worker.Worker, "check_connected", "a Ray already running in this process", "ray")
+
+    if "ray._private.worker" in sys.modules:  # already imported: patch both names of init
+        wrap_ray_init(sys.modules["ray._private.worker"])
+        import ray
+
+        undo.append((ray, "init", ray.init))
+        ray.init = sys.modules["ray._private.worker"].init
+    else:  # patch init as the module is executed, before ``ray/__init__`` binds ``ray.init`` to it
+
+        class RayInitFinder(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname, path, target=None):
+                if fullname != "ray._private.worker":
+                    return None
+                spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+                if spec is None or spec.loader is None:
+                    return spec
+                exec_module = spec.loader.exec_module
+
+                def exec_and_guard(module) -> None:
+                    exec_module(module)
+                    wrap_ray_init(module)
+
+                spec.loader.exec_module = exec_and_guard  # type: ignore[method-assign]
+                return spec
+
+        finder = RayInitFinder()
+        sys.meta_path.insert(0, finder)
+        undo.append((None, finder, None))
+    return undo
+
+
+def pytest_configure(config) -> None:
+    import os
+
+    mode = os.environ.get(GUARD_ENV, "")
+    if mode and not mode.startswith("record:"):
+        raise pytest.UsageError(f"{GUARD_ENV} must be empty or record:FILE, not {mode!r}")
+    guard = _Guard(mode.removeprefix("record:") or None)
+    # a plugin, not conftest hooks: a conftest's hooks do not see the setup of session-scoped fixtures
+    config.pluginmanager.register(_GuardPlugin(guard, _install_guard(guard)), "densitune-marker-guard")
+
+
+class _GuardPlugin:
+    """The guard's pytest hooks: which test is running, which fixture is being set up, and the reports."""
+
+    def __init__(self, guard: _Guard, undo: list) -> None:
+        self.guard, self.undo = guard, undo
+
+    def pytest_unconfigure(self, config) -> None:
+        import json
+        import sys
+
+        guard = self.guard
+        guard.item = None
+        for owner, name, original in reversed(self.undo):
+            if owner is None:
+                sys.meta_path.remove(name)
+            else:
+                setattr(owner, name, original)
+        if guard.record:
+            with open(guard.record, "w") as f:
+                json.dump({k: sorted(v) for k, v in sorted(guard.needs.items())}, f, indent=1)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.guard.item = item
+        yield
+        self.guard.item = None
+
+    def pytest_sessionstart(self, session) -> None:
+        # code_version() asks git once per process and caches the answer: ask before the first test, so that
+        # no test is charged with that process (whichever test came first would be, order-dependently)
+        from densitune.results.store import code_version
+
+        code_version()
+
+    def check_fixtures(self, item) -> None:
+        """Fail ``item`` for the fixtures it uses (set up before it, e.g. of session scope, or requested with
+        ``getfixturevalue``) that started Ray or a process."""
+        guard = self.guard
+        used = set(item.fixturenames) | set(getattr(getattr(item, "_request", None), "_fixture_defs", None) or ())
+        for name in sorted(used):
+            for kind in sorted(guard.fixture_needs.get(name, ())):
+                guard.need(item, kind, f"through the fixture {name!r}")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(self, item):
+        self.check_fixtures(item)
+        yield
+        self.check_fixtures(item)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        yield
+        self.check_fixtures(item)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        self.guard.fixtures.append(fixturedef.argname)
+        try:
+            yield
+        finally:
+            self.guard.fixtures.pop()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        guard = self.guard
+        report = outcome.get_result()
+        if guard.violations:
+            shown = str(report.longrepr or "")
+            unseen = [v for v in guard.violations if v not in shown]  # a swallowed _MarkerMissing, an os.fork, a fixture
+            if unseen:
+                report.outcome = "failed"
+                report.longrepr = "\n".join(unseen) + (f"\n\n{shown}" if shown else "")
+            guard.violations.clear()

@@ -2,7 +2,7 @@
 
 The reports name a density's parameters that differ from its defaults (``kde bandwidth=0.5``); building the
 density to ask it (:func:`densitune.search.ood.densities.create_density`) imports torch, which alone costs
-``densitune report`` about 5 s and 650 MB on 2 cores. ``tests/test_density_defaults.py`` checks this table
+``densitune report`` about 5 s and 650 MB on 2 cores. ``tests/ood/test_density_defaults.py`` checks this table
 against ``create_density(name).get_params()`` for every registered name; a name missing here is looked up the
 slow way.
 """

@@ -6,7 +6,7 @@ by the threshold that accepts 95% of the in-distribution samples (lower is bette
 
 All three metrics depend only on the order of the scores, so they are computed in numpy from one sort of the
 pooled scores (tied values form one group): the same definitions as ``sklearn.metrics.roc_auc_score`` and
-``average_precision_score`` (tests/test_metrics.py checks them against scikit-learn), without importing
+``average_precision_score`` (tests/ood/test_metrics.py checks them against scikit-learn), without importing
 scikit-learn or scipy into every search trial, and accepting +/-inf (a density can underflow to -inf far from
 the data). NaN scores raise :class:`DensituneError`.
 """

@@ -61,7 +61,7 @@ class ClassConditionalGaussian(Density):
         dtype: ``"float64"`` (default) or ``"float32"``: the dtype of the scoring arithmetic (the difference to the
             means and the triangular solve, about twice as fast). Fitting always runs in float64 and the output is
             float64; on features whose class covariances have condition numbers near 1e8 the float32 path moves
-            AUROC by far less than 1e-3 (tests/test_covariance_reg.py).
+            AUROC by far less than 1e-3 (tests/ood/test_covariance_regularisation.py).
 
     Fitted attributes:
         classes_ (C,) sorted class labels; counts_ (C,); means_ (C, D); covariances_ (C, D, D) the regularised
