@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ def test_a_record_round_trips_through_jsonl_with_its_gate_evaluated(bench_module
         harness.make_record("nope", 1.0, script="s", run="r", machine_info=MACHINE)
 
 
+@pytest.mark.process  # the machine description asks nvidia-smi / git in a subprocess
 def test_bench_record_writes_its_mode_file_and_knows_pass_and_fail(bench_modules, tmp_path):
     harness, _ = bench_modules
     bench = harness.Bench("ray_overhead", quick=True, records=tmp_path / "q.jsonl", argv=["--quick"])
