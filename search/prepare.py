@@ -70,10 +70,26 @@ def prepare_search(values: dict[str, Any]) -> tuple[SearchSpec, list[ModelGroup]
     id_dataset = ids.pop()
     spec = build_spec(values, id_dataset)
     groups = models.select(groups, spec.dims, spec.backbones, spec.losses)
+    check_search(spec, groups)
+    return spec, groups
+
+
+def check_search(spec: SearchSpec, groups: list[ModelGroup]) -> None:
+    """The checks of a spec and the model groups it searches, before Ray starts: the in-distribution set is
+    not an OOD set, every checkpoint reads (weights included), every data set is there.
+
+    Raises:
+        DensituneError: the first check that fails (one line naming the set or the file).
+    """
+    from densitune.search import models
+
+    ids = {g.dataset for g in groups}
+    if len(ids) != 1:
+        raise ConfigError(f"the networks searched were trained on several data sets {sorted(ids)}; search one at a time")
+    id_dataset = ids.pop()
     if id_dataset in (*(spec.val_ood or ()), *spec.test_ood):
         raise ConfigError(f"the in-distribution data set {id_dataset!r} cannot also be an OOD set")
     models.check_checkpoints(groups)  # a corrupt model.pt fails here, before Ray starts
     id_root = spec.data_root or read_config(groups[0].checkpoints[0])["config"].get("data_root")
     for name, root in ((id_dataset, id_root), *((n, spec.data_root) for n in (*(spec.val_ood or ()), *spec.test_ood))):
         check_data(name, root)
-    return spec, groups

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from densitune.app import studies as st
-from densitune.app.throughput import TRAIN
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -56,7 +55,7 @@ def test_plan_prints_networks_trials_and_gpu_hours_without_running(tmp_path):
     # one network x 5 seeds; 3 scores (msp, ensemble_msp, density) x 7 eps values
     assert (int(networks), int(to_train), int(trials)) == (5, 5, 21)
     # 5 networks x 200 epochs x (50,000 training + a third of 5,000 validation images) / ResNet-50's AMP img/s
-    expected = 5 * 200 * (50000 + 5000 / 3) / TRAIN["resnet50"].amp / 3600
+    expected = 5 * 200 * (50000 + 5000 / 3) / st.TRAIN["resnet50"].amp / 3600
     assert float(train_h) == pytest.approx(expected, abs=0.006)
     assert 0 < float(search_h) < float(train_h) and float(total) == pytest.approx(float(train_h) + float(search_h), abs=0.011)
     assert "NVIDIA H200" in p.stdout and "GPU-h" in p.stdout
@@ -174,8 +173,9 @@ def test_a_second_run_trains_nothing_and_reports_the_same(smoke_run):
     assert report.read_text() == before
 
 
-def test_a_study_view_shares_the_cache_entries_of_the_networks_it_links(tmp_path):
-    """link_models: a folder of links to exactly a part's networks; the cache token is that of the real weights."""
+def test_a_part_searches_exactly_its_networks_in_the_run_store(tmp_path):
+    """model_groups: exactly a part's networks, each member's checkpoint the run store's own folder for it
+    (no view, no links: the search cache entries are those of the real weights, shared by studies)."""
     from densitune.search.cache import checkpoint_token
 
     s = st.load_study(METHOD_COMPARISON, smoke_run=True)
@@ -186,10 +186,14 @@ def test_a_study_view_shares_the_cache_entries_of_the_networks_it_links(tmp_path
         d.mkdir(parents=True)
         (d / "model.pt").write_bytes(b"weights " + c.key.encode())
         (d / "config.json").write_text("{}")
-    (store / st.TRAIN_EXPERIMENT / "cnn-D8-ce-s0-00000000").mkdir()  # another study's network: not linked
-    view = st.link_models(tmp_path / "run", s, part, store)
+    (store / st.TRAIN_EXPERIMENT / "cnn-D8-ce-s0-00000000").mkdir()  # another study's network: not searched
+    groups = st.model_groups(s, part, models=store)
     keys = sorted(c.key for c in st.train_configs(s, part))
-    assert sorted(p.name for p in view.iterdir()) == keys
+    checkpoints = [cp for g in groups for cp in g.checkpoints]
+    assert sorted(os.path.basename(cp) for cp in checkpoints) == keys
+    for g in groups:
+        assert list(g.seeds) == sorted(g.seeds) and len(g.checkpoints) == len(g.seeds)
     for key in keys:
-        assert (view / key / "model.pt").read_bytes() == b"weights " + key.encode()
-        assert checkpoint_token(str(view / key)) == checkpoint_token(str(store / st.TRAIN_EXPERIMENT / key))
+        cp = next(cp for cp in checkpoints if cp.endswith(key))
+        assert cp == str(store / st.TRAIN_EXPERIMENT / key)
+        assert checkpoint_token(cp) == checkpoint_token(str(store / st.TRAIN_EXPERIMENT / key))

@@ -4,10 +4,13 @@ A study spec names the networks it needs (``parts``: an in-distribution data set
 loss, seeds and training settings), the search over them (the keys of ``densitune search --spec``),
 how each method row of the note is selected from the search's trials (``methods``) and the note's
 own figures (``tables``), so that the report can put ours, the note's and the difference side by
-side. The command line (``densitune run``, :mod:`densitune.cli`) trains what is missing through
-``densitune train`` (networks are identified by :attr:`TrainConfig.key`, a hash of the whole
-config, and reused across specs in one run folder), searches through ``densitune search`` and then
-calls :func:`write_report`.
+side. The study service (:func:`run_studies`, ``densitune run``) trains what is missing through the
+train service (networks are identified by :attr:`TrainConfig.key`, a hash of the whole config, and
+reused across specs in one run), searches each part through the search service with its spec and
+exactly its networks (no spec file is read back, no folder of links is made: a study runs into a
+bucket like any other run), records the spec each part ran and writes the report through the run
+store (:func:`write_report`). :func:`plan_studies` estimates the GPU-hours and runs nothing, from the
+training and scoring throughputs measured by ``bench/gpu_check.py`` (copied here: :data:`TRAIN`).
 
 A spec file (bounded YAML, :mod:`densitune.search.safe_yaml`)::
 
@@ -40,13 +43,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from densitune.app.session import Outcome, RunOptions, run_store, say
 from densitune.errors import ConfigError, DensituneError
+
+if TYPE_CHECKING:
+    from densitune.run.runstore import RunPath
 
 #: The training experiment every study trains into: one models folder, so identical configs are reused.
 TRAIN_EXPERIMENT = "note"
@@ -375,45 +381,32 @@ def search_spec(study: Study, part: Part, data_root: str | None):
     return build_spec(values, part.dataset)
 
 
-def model_groups(study: Study, part: Part, data_root: str | None = None) -> list:
-    """The model groups ``part`` will search (for planning: no checkpoint needs to exist)."""
+def model_groups(study: Study, part: Part, data_root: str | None = None, models: RunPath | None = None) -> list:
+    """The model groups ``part`` searches: exactly its networks, each group's seeds in order.
+
+    ``models``: the run's model store (``RUN/models``); each member's checkpoint is its network's folder
+    there (``<models>/note/<key>``). Without it (planning) the checkpoints are empty: none need exist.
+    """
     from densitune.search.models import ModelGroup
 
     groups: dict[str, list] = {}
     for c in train_configs(study, part, data_root):
         groups.setdefault(c.name, []).append(c)
-    return [ModelGroup(key=k, backbone=cs[0].backbone, D=cs[0].feature_dim, loss=cs[0].loss, lam=cs[0].lam,
-                       spectral=cs[0].spectral, dataset=cs[0].dataset, data_seed=cs[0].data_seed,
-                       seeds=tuple(c.seed for c in cs), checkpoints=tuple("" for _ in cs)) for k, cs in groups.items()]
+    out = []
+    for k, cs in groups.items():
+        cs = sorted(cs, key=lambda c: c.seed)
+        checkpoints = tuple(str(models / TRAIN_EXPERIMENT / c.key) if models is not None else "" for c in cs)
+        out.append(ModelGroup(key=k, backbone=cs[0].backbone, D=cs[0].feature_dim, loss=cs[0].loss, lam=cs[0].lam,
+                              spectral=cs[0].spectral, dataset=cs[0].dataset, data_seed=cs[0].data_seed,
+                              seeds=tuple(c.seed for c in cs), checkpoints=checkpoints))
+    return out
 
 
-def study_dir(run: str | Path, study: Study) -> Path:
-    return Path(run) / STUDIES_DIR / study.label
+def study_dir(run: str | RunPath, study: Study) -> RunPath:
+    """``RUN/studies/<study>``: the study's report and the search specs it ran (a folder or a bucket prefix)."""
+    from densitune.run.runstore import RunStore
 
-
-def link_models(run: str | Path, study: Study, part: Part, models_dir: str | Path) -> Path:
-    """A folder holding exactly ``part``'s trained networks (links to the run's model store), for its search.
-
-    ``densitune search`` groups every network under its ``--models`` folder; a run folder shared by
-    several studies holds networks of other data sets and settings, so each part searches its own view.
-    Each file is a relative symbolic link (the search cache follows it: studies share cached features).
-    """
-    import shutil
-
-    view = study_dir(run, study) / part.name / "models"
-    if view.exists():
-        shutil.rmtree(view)
-    for c in train_configs(study, part):
-        src = Path(models_dir) / TRAIN_EXPERIMENT / c.key
-        dst = view / c.key
-        dst.mkdir(parents=True)
-        for f in src.iterdir():
-            if f.is_file():
-                try:
-                    (dst / f.name).symlink_to(os.path.relpath(f, dst))
-                except OSError:  # no symbolic links on that file system
-                    shutil.copy2(f, dst / f.name)
-    return view
+    return RunStore(run).root / STUDIES_DIR / study.label if isinstance(run, str) else run / STUDIES_DIR / study.label
 
 
 def check_study_data(study: Study, data_root: str | None) -> None:
@@ -441,6 +434,61 @@ def check_study_data(study: Study, data_root: str | None) -> None:
 # ----------------------------------------------------------------------------- plan
 
 
+# ----------------------------------------------------------------------------- throughputs (for the plan)
+# GPU throughputs measured by ``bench/gpu_check.py``, as data for ``densitune run --plan``. The package never
+# reads ``bench/`` at run time: the figures are copied here, with the card and the file they come from.
+# Training figures are img/s of one optimiser step (batch 256, 32×32 inputs, spectral norm on); ``amp`` is
+# what training uses on CUDA (``TrainConfig.amp``, on by default). Scoring figures are img/s of density
+# scoring with ResNet-18 at D = 512 (ε = 0: one forward pass; ε > 0: forward, backward, forward); other
+# backbones are scaled by their training throughput.
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Training step throughput of one backbone on :data:`CARD` (img/s)."""
+
+    fp32: float
+    amp: float
+    measured: bool = True  # False: not measured; the figure of ``source`` is used instead
+    source: str = ""
+
+
+CARD = "NVIDIA H200"
+SOURCE = "bench/results/gpu_check_h200.jsonl (python bench/gpu_check.py)"
+
+TRAIN: dict[str, Throughput] = {
+    "resnet18": Throughput(10613.8, 8270.4),
+    "resnet50": Throughput(4790.3, 3970.2),
+    "wrn28_10": Throughput(3426.2, 5347.7),
+    "vit": Throughput(7686.5, 6271.8),
+    # Not measured by gpu_check.py: ResNet-18's figures stand in (VGG-16-BN for 32×32 inputs has about
+    # half ResNet-18's FLOPs, so this errs on the long side).
+    "vgg16": Throughput(10613.8, 8270.4, measured=False, source="resnet18"),
+}
+
+#: Density scoring with ResNet-18 at D = 512 (img/s): ε = 0 and ε > 0 (input perturbation).
+SCORE_RESNET18 = {"eps0": 62721.01, "ip": 20689.575}
+
+
+#: Density evaluation alone on features (queries/s), fitted on 50,000 × 512 features: KDE's cost grows with D.
+SCORE_DENSITY = {"gmm_sum": 1936136.986, "kde": 326255.092}
+DENSITY_DIM = 512
+
+
+def train_throughput(backbone: str) -> Throughput:
+    """The training throughput of ``backbone`` (unmeasured backbones, e.g. ``cnn``: ResNet-18's, flagged)."""
+    if backbone in TRAIN:
+        return TRAIN[backbone]
+    r = TRAIN["resnet18"]
+    return Throughput(r.fp32, r.amp, measured=False, source="resnet18")
+
+
+def score_throughput(backbone: str, ip: bool) -> float:
+    """Scoring img/s of ``backbone``: ResNet-18's, scaled by the two backbones' training throughput."""
+    scale = train_throughput(backbone).amp / TRAIN["resnet18"].amp
+    return SCORE_RESNET18["ip" if ip else "eps0"] * scale
+
+
 @dataclass
 class PlanLine:
     study: str
@@ -458,7 +506,7 @@ def _sizes(name: str, limit: int | None) -> tuple[int, int]:
 
 
 def plan(study: Study, trained: set[str]) -> PlanLine:
-    """Networks, trials and estimated GPU-hours (:mod:`densitune.app.throughput`) of ``study``.
+    """Networks, trials and estimated GPU-hours (:data:`TRAIN`, :data:`SCORE_RESNET18`) of ``study``.
 
     ``trained``: keys of networks already trained (or trained by an earlier study of the same command);
     ``study``'s networks are added to it.
@@ -468,7 +516,6 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
     and test OOD, attacked sets) at ε > 0 pays one perturbed pass; ε = 0 features, the density's
     training features and the attacks are computed once per network (they are cached).
     """
-    from densitune.app.throughput import DENSITY_DIM, SCORE_DENSITY, score_throughput, train_throughput
     from densitune.search.space import grid_points, score_class
     from densitune.search.tune import trial_budget
 
@@ -510,8 +557,6 @@ def plan(study: Study, trained: set[str]) -> PlanLine:
 
 def plan_text(lines: Sequence[PlanLine], borrowed: Sequence[str], networks: int) -> str:
     """The plan as a table; ``networks``: how many distinct networks all ``lines`` use together."""
-    from densitune.app.throughput import CARD, SOURCE
-
     head = f"{'study':<24} {'networks':>8} {'to train':>8} {'trials':>7} {'train GPU-h':>11} {'search GPU-h':>12} {'total':>7}"
     out = [f"plan (GPU-hours on one {CARD}, throughputs from {SOURCE}):", head]
     for x in lines:
@@ -528,8 +573,6 @@ def plan_text(lines: Sequence[PlanLine], borrowed: Sequence[str], networks: int)
 
 
 def borrowed_throughputs(studies: Sequence[Study]) -> list[str]:
-    from densitune.app.throughput import train_throughput
-
     return sorted({n.backbone for s in studies for p in s.parts for n in p.networks
                    if not train_throughput(n.backbone).measured})
 
@@ -560,7 +603,7 @@ def _fmt(v: float) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def report_tables(study: Study, results_dir: str | Path) -> list:
+def report_tables(study: Study, results_dir: str | RunPath) -> list:
     """One table per note table: method, OOD set, metric, ours (mean ± std over seeds), the note's, ours − note."""
     import pandas as pd
 
@@ -599,32 +642,123 @@ def report_tables(study: Study, results_dir: str | Path) -> list:
     return out
 
 
-def write_report(study: Study, run: str | Path) -> tuple[str, list[Path]]:
-    """The study's report as markdown, also written to ``RUN/studies/<study>/report.md`` and ``report.csv``."""
-    from densitune.run.files import atomic_write
+def write_report(study: Study, run: str | RunPath) -> tuple[str, list[RunPath]]:
+    """The study's report as markdown, also written to ``RUN/studies/<study>/report.md`` and ``report.csv``
+    (through the run store: a folder or a bucket)."""
+    from densitune.run.runstore import location, publish
     from densitune.search.report.tables import render
 
-    tables = report_tables(study, Path(run) / "results")
+    root = location(run)
+    tables = report_tables(study, root / "results")
     text = f"# {study.title}\n\nstudy spec: {study.path}\n\n" + render(tables, "markdown")
-    folder = study_dir(run, study)
+    folder = study_dir(root, study)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, body in (("report.md", text + "\n"), ("report.csv", render(tables, "csv"))):
-        atomic_write(folder / name, body.encode())
-        paths.append(folder / name)
+    paths = [publish(folder / name, body) for name, body in (("report.md", text + "\n"), ("report.csv", render(tables, "csv")))]
     return text, paths
 
 
-def write_search_spec(run: str | Path, study: Study, part: Part, values: dict[str, Any]) -> Path:
-    """``values`` as the YAML file ``densitune search --spec`` reads (kept beside the report)."""
+def write_search_spec(run: str | RunPath, study: Study, part: Part, values: dict[str, Any], networks: Sequence[str]) -> RunPath:
+    """A record of the search ``part`` ran: its spec keys as YAML (``densitune search --spec`` reads them) and,
+    in a comment, the networks it searched (``RUN/models/note/<key>``)."""
     import yaml
 
-    from densitune.run.files import atomic_write
+    from densitune.run.runstore import location, publish
 
-    path = study_dir(run, study) / part.name / "search.yaml"
+    path = study_dir(location(run), study) / part.name / "search.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = json.loads(json.dumps(values))
-    atomic_write(path, yaml.safe_dump(plain, sort_keys=False).encode())
-    return path
+    note = "".join(f"#   {key}\n" for key in networks)
+    return publish(path, f"# the search of study {study.label}, part {part.name}, over the networks (models/{TRAIN_EXPERIMENT}/):\n"
+                         f"{note}" + yaml.safe_dump(plain, sort_keys=False))
 
 
+# ----------------------------------------------------------------------------- the study service
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyOptions(RunOptions):
+    """Which study specs to run into the run ``out``, and how."""
+
+    specs: tuple[str, ...] = ()  # study spec files, e.g. experiments/method_comparison.yaml
+    smoke: bool = False  # the studies scaled to the embedded digits on CPU (:func:`smoke`)
+    data_root: str | None = None  # where the data sets are (ignored with ``smoke``: the digits are embedded)
+    max_concurrent: int | None = None  # search trials at once (None: as many as fit)
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    label: str
+    text: str  # the report as markdown
+    paths: tuple[RunPath, ...]  # RUN/studies/<study>/report.md and report.csv
+
+
+@dataclass(frozen=True)
+class StudyOutcome(Outcome):
+    reports: tuple[StudyReport, ...] = ()  # the studies finished (all of them when ``error`` is None)
+
+
+def _load(options: StudyOptions) -> tuple[list[Study], str | None]:
+    from densitune.run.resource_flags import check_resource_flags
+
+    check_resource_flags(options)
+    if not options.specs:
+        raise ConfigError("no study spec given")
+    studies = [load_study(path, smoke_run=options.smoke) for path in options.specs]  # every spec checked first
+    return studies, None if options.smoke else options.data_root
+
+
+def plan_studies(options: StudyOptions) -> str:
+    """The plan of ``options``' studies as a table: networks, trials, estimated GPU-hours. Writes nothing."""
+    from densitune.run.runstore import RunStore
+    from densitune.trainables.train.tune import TrainRun, is_trained
+
+    studies, data_root = _load(options)
+    store = RunStore(options.out)
+    train_run = TrainRun(experiment=TRAIN_EXPERIMENT, models_dir=str(store.models), results_dir=str(store.results),
+                         storage_path=store.tune)
+    trained = {c.key for s in studies for c in all_train_configs(s, data_root) if is_trained(train_run, c)}
+    lines = [plan(s, trained) for s in studies]
+    networks = len({c.key for s in studies for c in all_train_configs(s)})
+    return plan_text(lines, borrowed_throughputs(studies), networks)
+
+
+def run_studies(options: StudyOptions) -> StudyOutcome:
+    """Train the studies' missing networks (each shared network once), search each part over exactly its
+    networks, write each study's report; the outcome holds the reports (and why it stopped, if it did).
+
+    Raises:
+        DensituneError: a bad spec or flag, a missing data set, a run that is not writable: before anything runs.
+    """
+    from densitune.app.search import SearchOptions, search
+    from densitune.app.train import TrainOptions, train
+    from densitune.trainables.train.tune import TrainRun, is_trained
+
+    studies, data_root = _load(options)
+    store = run_store(options.out)
+    for s in studies:
+        check_study_data(s, data_root)
+    common = {f: getattr(options, f) for f in RunOptions.__dataclass_fields__} | {"out": str(store), "resume": True}
+    train_run = TrainRun(experiment=TRAIN_EXPERIMENT, models_dir=str(store.models), results_dir=str(store.results),
+                         storage_path=store.tune)
+    needed = {c.key: c for s in studies for c in all_train_configs(s, data_root)}  # networks shared by studies: once
+    todo = [c for c in needed.values() if not is_trained(train_run, c)]
+    for dataset in dict.fromkeys(c.dataset for c in todo):  # one training run per data set
+        trained = train(TrainOptions(**common, networks=tuple(c for c in todo if c.dataset == dataset)))
+        if trained.error is not None:
+            return StudyOutcome(trained.error)
+    reports: list[StudyReport] = []
+    for s in studies:
+        for part in s.parts:  # one search per part, over exactly its networks
+            spec, groups = search_spec(s, part, data_root), model_groups(s, part, data_root, store.models)
+            write_search_spec(store.root, s, part, search_values(s, part, data_root=data_root),
+                              [c.key for c in train_configs(s, part, data_root)])
+            searched = search(SearchOptions(**common, spec=spec, groups=tuple(groups), max_concurrent=options.max_concurrent))
+            if searched.error is not None:
+                return StudyOutcome(searched.error, tuple(reports))
+            if searched.top:
+                print(searched.top + "\n")
+            print(searched.best)
+            say(options, searched.summary)
+        text, paths = write_report(s, store.root)
+        reports.append(StudyReport(s.label, text, tuple(paths)))
+    return StudyOutcome(None, tuple(reports))

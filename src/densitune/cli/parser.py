@@ -1,0 +1,291 @@
+"""The ``densitune`` command line: the parser, and the helpers that turn parsed arguments into typed options.
+
+Nothing here imports torch or Ray: ``densitune --help`` and a bad flag stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+
+from densitune.run.console import resume_command
+
+if TYPE_CHECKING:
+    from densitune.app.demo import DemoOptions
+    from densitune.app.search import SearchOptions
+    from densitune.app.studies import StudyOptions
+    from densitune.app.train import TrainOptions
+
+#: Fixed names offered as ``choices`` (tests check them against the report module and attack registry,
+#: which are not imported here: ``densitune --help`` stays fast).
+FORMATS = ("markdown", "csv", "latex", "json")
+METRICS = ("auroc", "auprc", "fpr95")
+VIEWS = ("summary", "all", "methods", "configs")
+ATTACK_NAMES = ("fgsm", "bim", "pgd")
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="densitune-runs", help="run directory: models/, results/, tune/ under it (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="directory holding torchvision data sets / image folders (default: none; the embedded digits need none)")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray locally")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial asks Ray for (default: %(default)s)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs each trial asks Ray for: 0, a fraction in (0, 1] (trials share a GPU) or a whole number; "
+                        "required with --address; default: 1 if this machine has a GPU, else 0")
+    p.add_argument("--max-gpu-hours", type=float, default=None,
+                   help="stop the run (resumable) once its trials have used about this many GPU-hours (default: no limit)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no header, progress bar or summary)")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output on the console")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="default", help="name of the training experiment (default: %(default)s)")
+    p.add_argument("--dataset", default="digits", help="in-distribution data set (default: %(default)s)")
+    p.add_argument("--download", action="store_true", help="download torchvision data sets if missing (needs internet)")
+    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid; names: `densitune list`)")
+    p.add_argument("-D", "--dim", nargs="+", type=int, default=[16], help="feature dimensions D (grid)")
+    p.add_argument("--loss", nargs="+", default=["ce"], help="losses to train with (grid; names: `densitune list`)")
+    p.add_argument("--lam", type=float, default=0.1, help="center-loss weight λ")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (grid)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs per network")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
+    p.add_argument("--sn-coeff", type=float, default=3.0, help="soft spectral normalisation coefficient")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size (default: the whole training split)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the training step; auto: only on CUDA for backbones measured to gain (default: %(default)s)")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    # Flags default to None so that a --spec file can supply the value; flags given win.
+    p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it) (default: none)")
+    from densitune.search.spec import default_text, spec_keys
+
+    for key in spec_keys():  # one flag per spec key that has one (declared on SearchSpec's fields)
+        if key.flags and key.flags[-1] not in p._option_string_actions:  # --data-root is common to train
+            default = default_text(key.name)
+            text = key.help if "default" in key.help else f"{key.help} (default: {default or 'none'})"
+            p.add_argument(*key.flags, dest=key.name, default=None, help=text, nargs=key.nargs, type=key.type,
+                           metavar=key.metavar, choices=key.choices)
+    p.add_argument("--kde-bandwidth", nargs="+", default=None,
+                   help="KDE bandwidths to search: numbers and/or rules scott, silverman (default: scott)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as many as the cluster fits)")
+
+
+def search_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Spec values from the --spec file, overridden by the flags that were given."""
+    from densitune.search.spec import spec_keys
+    from densitune.search.spec_file import load_spec_file
+
+    values = load_spec_file(args.spec) if args.spec else {}
+    for spec_key in spec_keys():
+        v = getattr(args, spec_key.name, None)
+        if v is not None:
+            values[spec_key.name] = v
+    if args.kde_bandwidth:  # merged into the file's density_params, not replacing them
+        params = {k: dict(v) for k, v in values.get("density_params", {}).items()} if isinstance(values.get("density_params"), dict) else {}
+        params.setdefault("kde", {})["bandwidth"] = [number_or_name(b) for b in args.kde_bandwidth]
+        values["density_params"] = params
+    for key in ("models", "data_root"):
+        if values.get(key):
+            values[key] = abs_path(values[key])
+    for key in ("val_ood", "test_ood"):  # a YAML val_ood may be one name
+        if isinstance(values.get(key), str):
+            values[key] = abs_dataset(values[key])
+        elif values.get(key):
+            values[key] = [abs_dataset(n) for n in values[key]]
+    return values
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless it says its default already (or has none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are the same one line as every other bad input."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"densitune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="densitune",
+        description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
+    )
+    from densitune import __version__
+
+    parser.add_argument("--version", action="version", version=f"densitune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train backbones (grid of backbone x D x loss x seed) as Ray Tune trials")
+    _add_common(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("search", help="search ε, D, density and score with Optuna through Ray Tune")
+    _add_common(p)
+    _add_search_args(p)
+
+    for name, text in (("report", "ranked tables from a results directory"), ("best", "the best configuration")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
+        p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by (default: %(default)s)")
+        p.add_argument("--where", default=None, help="SQL filter on the rows, e.g. \"density = 'kde' AND D >= 16\" (default: all rows)")
+        p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
+        if name == "report":
+            p.add_argument("--top", type=int, default=None, help="show the best N configurations; implies --full (default: all)")
+            p.add_argument("--full", action="store_true",
+                           help="every table (--view all) instead of the one-screen summary of methods x OOD sets")
+            p.add_argument("--view", default=None, choices=VIEWS,
+                           help="summary (methods x OOD sets, AUROC and FPR95), methods (the note's method comparison per "
+                                "model group), configs (ip side by side) or all (default: summary; all with --full or --top)")
+            p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
+        else:
+            p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
+
+    p = sub.add_parser("compare", help="A vs B on the same networks: paired test AUROC difference with a 95 %% interval")
+    p.add_argument("results", metavar="RUN", help="the run folder (searched with --keep-scores all) or its results/ folder")
+    p.add_argument("--a", required=True, metavar="WHERE", help="SQL filter choosing A (its best trial on validation), e.g. \"score = 'density' AND eps > 0\" (no default: required)")
+    p.add_argument("--b", required=True, metavar="WHERE", help="SQL filter choosing B, e.g. \"score = 'rmd'\" (no default: required)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric that picks each side's best trial (default: %(default)s)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (several seeds) (default: %(default)s)")
+    p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
+
+    p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
+    p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
+    p.add_argument("sql", help='e.g. "SELECT density, max(auroc) FROM results WHERE split = \'val\' GROUP BY density"')
+    p.add_argument("--allow-files", action="store_true", help="let the SELECT read other files (read_csv...); off by default")
+    p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
+
+    p = sub.add_parser("demo", help="train -> search -> report on the embedded offline default (digits)")
+    p.add_argument("--out", default="densitune-demo", help="output directory (default: %(default)s)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo (unfinished networks from their last epoch)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no header, progress bar or summary lines; warnings and results only")
+    p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output")
+
+    p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
+    p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
+    p.add_argument("--out", default=None, help="output directory, not inside the results folder (default: RUN/plots)")
+    p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
+    p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
+    p.add_argument("--where", default=None, help="SQL filter on the rows: what is drawn, e.g. \"score = 'density' AND D = 8\" "
+                                                 "(default: all rows)")
+    p.add_argument("--score", nargs="+", default=None, help="only these scores (default: all; the ε plot draws density if present)")
+    p.add_argument("--density", nargs="+", default=None, help="only these densities (default: all)")
+    p.add_argument("-D", "--dim", dest="dims", nargs="+", type=int, default=None, help="only networks with these D (default: all)")
+    p.add_argument("--format", dest="formats", nargs="+", default=["png"], choices=PLOT_FORMATS,
+                   help="figure formats, several allowed (default: png)")
+
+    p = sub.add_parser("export", help="write a search configuration as a self-contained detector (densitune.load_detector)")
+    p.add_argument("results", metavar="RUN", help="the run folder (e.g. densitune-demo) or its results/ folder")
+    p.add_argument("out", help="new folder for the detector")
+    p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
+    p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
+
+    p = sub.add_parser("clean", help="stop the Ray processes a crashed driver of RUN left, remove RUN's Tune folders and cache locks")
+    p.add_argument("run", help="run directory (the --out of train / search)")
+
+    sub.add_parser("list", help="list registered backbones, losses, data sets, densities and scores")
+
+    p = sub.add_parser("compact", help="merge each finished experiment's small result files into one (readers unchanged)")
+    p.add_argument("results", metavar="RUN", help="the run folder (or its results/ folder)")
+
+    p = sub.add_parser("run", help="run studies of the research note (experiments/*.yaml): train what is missing, search, report")
+    p.add_argument("spec", nargs="+", help="study spec files, e.g. experiments/method_comparison.yaml")
+    _add_common(p)
+    p.add_argument("--smoke", action="store_true",
+                   help="the same studies scaled to the embedded digits on CPU (cnn, D/64, 2 epochs, a tiny grid)")
+    p.add_argument("--plan", action="store_true", help="print the networks, trials and estimated GPU-hours; run nothing")
+    p.add_argument("--max-concurrent", type=int, default=None, help="search trials running at once (default: as many as fit)")
+
+    p = sub.add_parser("list-models", help="the trained networks of a run (key = readable name + config hash)")
+    p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
+    p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
+                   help="output format (default: %(default)s)")
+    return parser
+
+
+# ---------------------------------------------------------------------------- arguments -> typed options
+
+
+@overload
+def abs_path(path: str) -> str: ...
+@overload
+def abs_path(path: None) -> None: ...
+def abs_path(path: str | None) -> str | None:
+    """An absolute path: Ray Tune runs each trial in its own working folder, so relative paths break there."""
+    if path is None or "://" in path:  # a bucket (s3://...) is already absolute; file:// is resolved by the run store
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def abs_dataset(name: str | None) -> str | None:
+    """``folder:PATH`` with PATH made absolute (other names unchanged)."""
+    if name and name.startswith("folder:"):
+        return "folder:" + abs_path(name[len("folder:"):])
+    return name
+
+
+def number_or_name(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _run_options(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """The :class:`densitune.app.session.RunOptions` fields of ``args``; ``argv``: the command line (for the resume hint)."""
+    return {"out": args.out, "address": args.address, "num_cpus": args.num_cpus, "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial, "max_gpu_hours": args.max_gpu_hours, "resume": args.resume,
+            "quiet": args.quiet, "verbose": args.verbose, "resume_hint": resume_command(argv)}
+
+
+def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:
+    from densitune.app.train import TrainGrid, TrainOptions
+
+    grid = TrainGrid(experiment=args.experiment, dataset=abs_dataset(args.dataset) or args.dataset,
+                     data_root=abs_path(args.data_root), backbones=tuple(args.backbone), dims=tuple(args.dim),
+                     losses=tuple(args.loss), seeds=tuple(args.seeds), lam=args.lam, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, spectral=not args.no_spectral, sn_coeff=args.sn_coeff,
+                     train_limit=args.train_limit)
+    return TrainOptions(**_run_options(args, argv), networks=grid, download=args.download, compile=args.compile)
+
+
+def search_options(args: argparse.Namespace, argv: list[str]) -> SearchOptions:
+    from densitune.app.search import SearchOptions
+    from densitune.run.resource_flags import check_resource_flags
+
+    check_resource_flags(args)  # before the spec file is read
+    return SearchOptions(**_run_options(args, argv), values=search_values(args), max_concurrent=args.max_concurrent)
+
+
+def study_options(args: argparse.Namespace, argv: list[str]) -> StudyOptions:
+    from densitune.app.studies import StudyOptions
+
+    return StudyOptions(**_run_options(args, argv), specs=tuple(args.spec), smoke=args.smoke,
+                        data_root=abs_path(args.data_root), max_concurrent=args.max_concurrent)
+
+
+def demo_options(args: argparse.Namespace, argv: list[str]) -> DemoOptions:
+    from densitune.app.demo import DemoOptions
+
+    return DemoOptions(out=args.out, num_cpus=args.num_cpus, resume=args.resume, quiet=args.quiet, verbose=args.verbose,
+                       resume_hint=resume_command(argv))
