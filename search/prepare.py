@@ -81,7 +81,6 @@ def check_search(spec: SearchSpec, groups: list[ModelGroup]) -> None:
     Raises:
         DensituneError: the first check that fails (one line naming the set or the file).
     """
-    from densitune.search import models
 
     ids = {g.dataset for g in groups}
     if len(ids) != 1:

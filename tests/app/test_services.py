@@ -75,6 +75,7 @@ def test_bad_search_input_is_one_error_before_anything_is_written(tmp_path, trai
     assert not out.exists()
 
 
+@pytest.mark.ray
 def test_library_functions_train_and_search_a_run(tmp_path):
     """densitune.run_training then densitune.run_search: the same services as the command line, from Python."""
     out = str(tmp_path / "run")

@@ -18,7 +18,7 @@ from conftest import S3_SECRET
 
 from densitune.app import studies as st
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "experiments" / "ip_mnist.yaml"

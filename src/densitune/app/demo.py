@@ -13,6 +13,7 @@ from typing import Any
 from densitune.app.search import SearchOptions, SearchOutcome, search
 from densitune.app.session import LIBRARY_HINT, Outcome, say
 from densitune.app.train import TrainGrid, TrainOptions, TrainOutcome, train
+from densitune.run.resource_flags import check_positive
 
 #: The demo as commands (``densitune train|search --out DEMO ...``): shown with ``--verbose``.
 DEMO_TRAIN = ("--experiment", "demo", "--dataset", "digits", "--backbone", "cnn", "-D", "8", "32",
@@ -62,7 +63,6 @@ class DemoOutcome(Outcome):
 
 def run_demo(options: DemoOptions) -> DemoOutcome:
     """Train the demo's 8 networks, then search them (228 trials); each stage's wall seconds in the outcome."""
-    from densitune.run.resource_flags import check_positive
 
     check_positive("--num-cpus", options.num_cpus, whole=True)
     t0 = time.perf_counter()

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 from densitune.errors import ConfigError, ResultsError
+from densitune.run.cleanup import clean_run
+from densitune.run.runlock import LockedError, writer_lock
+from densitune.run.runstore import RunStore, glob, is_remote
 
 
 def compact(run_or_results: str) -> list[str]:
@@ -14,8 +17,6 @@ def compact(run_or_results: str) -> list[str]:
     Returns one line per experiment. Raises :class:`ResultsError` when there is nothing to compact.
     """
     from densitune.results.store import compact_experiment, results_dir_of
-    from densitune.run.runlock import LockedError, writer_lock
-    from densitune.run.runstore import glob
 
     results = results_dir_of(run_or_results)
     run = results.parent if results.name == "results" else results
@@ -41,8 +42,6 @@ def clean(run_dir: str) -> str:
     Raises:
         ConfigError: no such run, a session file that proves nothing, or a driver that is still alive.
     """
-    from densitune.run.cleanup import clean_run
-    from densitune.run.runstore import RunStore, is_remote
 
     run = RunStore(run_dir).local() if is_remote(run_dir) else Path(os.path.expanduser(run_dir)).resolve()
     if not run.is_dir():

@@ -14,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from densitune.app.session import Outcome, RunOptions, failed, header, interrupted, run_store, start_ray, stop_ray
 from densitune.errors import ConfigError, DensituneError
+from densitune.run.console import log_to_file
+from densitune.run.resource_flags import check_resource_flags
+from densitune.run.runlock import writer_lock
 
 if TYPE_CHECKING:
     from densitune.search.models import ModelGroup
@@ -106,14 +110,11 @@ def search(options: SearchOptions) -> SearchOutcome:
         DensituneError: bad input (flags, spec, no or corrupt networks, a missing data set, a run that is
             not writable, a held writer lock, an experiment that has results already): nothing written.
     """
-    from densitune.run.resource_flags import check_resource_flags
 
     # Flags and the spec first, before torch and Ray are imported: a bad (or huge) spec fails fast and small.
     check_resource_flags(options)
     store = run_store(options.out)
     from densitune.results.store import remove_stale_temp_files, write_spec
-    from densitune.run.console import log_to_file
-    from densitune.run.runlock import writer_lock
     from densitune.search.tune import SearchRun, run_search, trial_budget
 
     spec, groups = _spec_and_groups(options, str(store.models))
@@ -143,7 +144,6 @@ def search(options: SearchOptions) -> SearchOutcome:
 
 def _finished(options: SearchOptions, spec: SearchSpec, run: SearchRun, total: int, where: dict[str, Any]) -> SearchOutcome:
     """The outcome of a search whose Tune run ended: every trial recorded, else an account of the missing ones."""
-    from collections import Counter
 
     from densitune.results.store import read_results
     from densitune.search.cache import DiskCache

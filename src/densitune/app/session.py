@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from densitune.errors import DensituneError
+from densitune.run.cleanup import clean_run, record_session
 from densitune.run.console import Interrupted
+from densitune.run.ray_runtime import init_ray
+from densitune.run.runstore import RunStore
+from densitune.run.storage import check_writable
 
 if TYPE_CHECKING:
     from densitune.run.runstore import RunStore
@@ -84,8 +88,6 @@ def header(options: Any, what: str, where: dict[str, Any]) -> None:
 
 def run_store(out: str) -> RunStore:
     """The run named by ``out``, checked writable before anything is written (a dangling link is refused)."""
-    from densitune.run.runstore import RunStore
-    from densitune.run.storage import check_writable
 
     check_writable(out)
     return RunStore(out)
@@ -94,8 +96,6 @@ def run_store(out: str) -> RunStore:
 def start_ray(options: RunOptions, store: RunStore) -> None:
     """Stop what a crashed earlier driver of this run left running, start Ray (once per process), and record
     its session (in the run folder, or for a run in a bucket in this machine's own folder for it)."""
-    from densitune.run.cleanup import clean_run, record_session
-    from densitune.run.ray_runtime import init_ray
 
     done = clean_run(store.local(), prune=False)
     if done.ignored:

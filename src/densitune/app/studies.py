@@ -48,8 +48,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from densitune.app.search import SearchOptions, search
 from densitune.app.session import Outcome, RunOptions, run_store, say
+from densitune.app.train import TrainOptions, train
 from densitune.errors import ConfigError, DensituneError
+from densitune.run.resource_flags import check_resource_flags
+from densitune.run.runstore import RunStore, location, publish
 
 if TYPE_CHECKING:
     from densitune.run.runstore import RunPath
@@ -404,7 +408,6 @@ def model_groups(study: Study, part: Part, data_root: str | None = None, models:
 
 def study_dir(run: str | RunPath, study: Study) -> RunPath:
     """``RUN/studies/<study>``: the study's report and the search specs it ran (a folder or a bucket prefix)."""
-    from densitune.run.runstore import RunStore
 
     return RunStore(run).root / STUDIES_DIR / study.label if isinstance(run, str) else run / STUDIES_DIR / study.label
 
@@ -645,7 +648,6 @@ def report_tables(study: Study, results_dir: str | RunPath) -> list:
 def write_report(study: Study, run: str | RunPath) -> tuple[str, list[RunPath]]:
     """The study's report as markdown, also written to ``RUN/studies/<study>/report.md`` and ``report.csv``
     (through the run store: a folder or a bucket)."""
-    from densitune.run.runstore import location, publish
     from densitune.search.report.tables import render
 
     root = location(run)
@@ -662,7 +664,6 @@ def write_search_spec(run: str | RunPath, study: Study, part: Part, values: dict
     in a comment, the networks it searched (``RUN/models/note/<key>``)."""
     import yaml
 
-    from densitune.run.runstore import location, publish
 
     path = study_dir(location(run), study) / part.name / "search.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -698,7 +699,6 @@ class StudyOutcome(Outcome):
 
 
 def _load(options: StudyOptions) -> tuple[list[Study], str | None]:
-    from densitune.run.resource_flags import check_resource_flags
 
     check_resource_flags(options)
     if not options.specs:
@@ -709,7 +709,6 @@ def _load(options: StudyOptions) -> tuple[list[Study], str | None]:
 
 def plan_studies(options: StudyOptions) -> str:
     """The plan of ``options``' studies as a table: networks, trials, estimated GPU-hours. Writes nothing."""
-    from densitune.run.runstore import RunStore
     from densitune.trainables.train.tune import TrainRun, is_trained
 
     studies, data_root = _load(options)
@@ -729,8 +728,6 @@ def run_studies(options: StudyOptions) -> StudyOutcome:
     Raises:
         DensituneError: a bad spec or flag, a missing data set, a run that is not writable: before anything runs.
     """
-    from densitune.app.search import SearchOptions, search
-    from densitune.app.train import TrainOptions, train
     from densitune.trainables.train.tune import TrainRun, is_trained
 
     studies, data_root = _load(options)

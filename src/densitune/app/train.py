@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from densitune.app.session import Outcome, RunOptions, failed, header, interrupted, run_store, start_ray, stop_ray
-from densitune.errors import ConfigError, DensituneError
+from densitune.errors import CheckpointError, ConfigError, DensituneError
+from densitune.run.console import log_to_file
+from densitune.run.resource_flags import check_resource_flags, check_seeds
+from densitune.run.runlock import writer_lock
 
 if TYPE_CHECKING:
     from densitune.trainables.train.config import TrainConfig
@@ -44,7 +47,6 @@ class TrainGrid:
 
     def configs(self) -> list[TrainConfig]:
         """Every network of the grid, in grid order (each validated: names, D, settings)."""
-        from densitune.run.resource_flags import check_seeds
         from densitune.trainables.train.config import TrainConfig
 
         check_seeds("--seeds", self.seeds)
@@ -91,7 +93,6 @@ def _grid_text(configs: Sequence[TrainConfig]) -> str:
 
 def train_status(run: TrainRun, configs: Sequence[TrainConfig]) -> str:
     """What an interrupted or failed training finished, and what not (from the model store and saved state)."""
-    from densitune.errors import CheckpointError
     from densitune.trainables.train.checkpoint import read_config
     from densitune.trainables.train.tune import is_trained
 
@@ -115,14 +116,11 @@ def train(options: TrainOptions) -> TrainOutcome:
         DensituneError: bad input (flags, names, settings, a missing data set, a run that is not
             writable, a held writer lock): checked before anything is written.
     """
-    from densitune.run.resource_flags import check_resource_flags
 
     check_resource_flags(options)  # before torch and Ray are imported
     store = run_store(options.out)
     configs = _configs(options.networks)  # validates names, D, ...
     from densitune.results.store import remove_stale_temp_files
-    from densitune.run.console import log_to_file
-    from densitune.run.runlock import writer_lock
     from densitune.search.prepare import check_data
     from densitune.trainables.train.loop import check_training_folder
     from densitune.trainables.train.tune import TrainRun

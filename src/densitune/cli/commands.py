@@ -9,14 +9,23 @@ finished and the command that continues it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from densitune.app import studies
+from densitune.app.demo import run_demo
+from densitune.app.maintenance import clean, compact
+from densitune.app.search import search
+from densitune.app.train import train
 from densitune.cli.parser import demo_options, search_options, study_options, train_options
-from densitune.errors import DensituneError
+from densitune.errors import ConfigError, DensituneError, ResultsError
+from densitune.results.sql import referenced_columns
 from densitune.run.console import Interrupted, close_progress
+from densitune.run.runstore import ObjectPath, location
+from densitune.search.report.markdown import arrow_markdown
 
 if TYPE_CHECKING:
     from densitune.app.session import Outcome
@@ -51,7 +60,6 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.app.train import train
 
     outcome = train(train_options(args, argv))
     if outcome.error is None:
@@ -60,7 +68,6 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.app.search import search
 
     outcome = search(search_options(args, argv))
     if outcome.error is None:
@@ -73,7 +80,6 @@ def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     """Studies (densitune.app.studies): train the missing networks, search each part, write the report with the note's figures."""
-    from densitune.app import studies
 
     if args.plan:  # reads the run's model store, writes nothing
         print(studies.plan_studies(study_options(args, argv)))
@@ -87,7 +93,6 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
     """train -> search -> report on the embedded digits default, under ``args.out``."""
-    from densitune.app.demo import run_demo
 
     outcome = run_demo(demo_options(args, argv))
     if outcome.error is None and outcome.search is not None:
@@ -101,7 +106,6 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.errors import ConfigError
     from densitune.results.store import results_dir_of
     from densitune.search.report.tables import read_search_rows, report
 
@@ -115,7 +119,6 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_best(args: argparse.Namespace, argv: list[str]) -> int:
-    import json
 
     from densitune.results.store import results_dir_of
     from densitune.search.report.tables import best, best_config, read_search_rows
@@ -131,7 +134,6 @@ def cmd_best(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.errors import ConfigError
     from densitune.results.store import read_results, results_dir_of
     from densitune.search.report.paired import compare_tables
     from densitune.search.report.tables import render
@@ -145,8 +147,6 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_query(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.errors import ResultsError
-    from densitune.results.sql import referenced_columns
     from densitune.results.store import COLUMNS, query, read_results, results_dir_of
 
     results = results_dir_of(args.results)
@@ -161,7 +161,6 @@ def cmd_query(args: argparse.Namespace, argv: list[str]) -> int:
         # a column reference the syntax tree does not show as one (e.g. JOIN ... USING): run it on every column
         result = query(read_results(results), args.sql, allow_files=args.allow_files)
     if args.format == "markdown":  # without pandas (half a second of a query's start)
-        from densitune.search.report.markdown import arrow_markdown
 
         print(arrow_markdown(args.sql, result))
     else:
@@ -186,7 +185,6 @@ def cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
 def _plot_dir(results: RunPath) -> str:
     """Where figures go by default: ``RUN/plots`` beside ``RUN/results`` (for a run in a bucket, a local
     folder named after the run: figures are for reading on this machine)."""
-    from densitune.run.runstore import ObjectPath
 
     run = results.parent if results.name == "results" else results
     if isinstance(run, ObjectPath):
@@ -224,7 +222,6 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_list_models(args: argparse.Namespace, argv: list[str]) -> int:
     import pandas as pd
 
-    from densitune.run.runstore import location
     from densitune.search.models import list_models
     from densitune.search.report.tables import Table, render
 
@@ -236,7 +233,6 @@ def cmd_list_models(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_compact(args: argparse.Namespace, argv: list[str]) -> int:
     """Compact every experiment whose writer lock is free; one whose lock is held is skipped (and said so)."""
-    from densitune.app.maintenance import compact
 
     for line in compact(args.results):
         print(line)
@@ -244,7 +240,6 @@ def cmd_compact(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_clean(args: argparse.Namespace, argv: list[str]) -> int:
-    from densitune.app.maintenance import clean
 
     print(clean(args.run))
     return 0

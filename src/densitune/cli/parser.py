@@ -9,7 +9,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from densitune import __version__
+from densitune.app.demo import DemoOptions
+from densitune.app.search import SearchOptions
+from densitune.app.studies import StudyOptions
+from densitune.app.train import TrainGrid, TrainOptions
 from densitune.run.console import resume_command
+from densitune.run.resource_flags import check_resource_flags
+from densitune.search.spec import default_text, spec_keys
 
 if TYPE_CHECKING:
     from densitune.app.demo import DemoOptions
@@ -63,7 +70,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_search_args(p: argparse.ArgumentParser) -> None:
     # Flags default to None so that a --spec file can supply the value; flags given win.
     p.add_argument("--spec", default=None, help="YAML search spec (keys as in README; flags given here override it) (default: none)")
-    from densitune.search.spec import default_text, spec_keys
 
     for key in spec_keys():  # one flag per spec key that has one (declared on SearchSpec's fields)
         if key.flags and key.flags[-1] not in p._option_string_actions:  # --data-root is common to train
@@ -78,7 +84,6 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 def search_values(args: argparse.Namespace) -> dict[str, Any]:
     """Spec values from the --spec file, overridden by the flags that were given."""
-    from densitune.search.spec import spec_keys
     from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
@@ -129,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="densitune",
         description="Hyperparameter search for feature-density OOD detection (DDU / KDE + input perturbation).",
     )
-    from densitune import __version__
 
     parser.add_argument("--version", action="version", version=f"densitune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -259,7 +263,6 @@ def _run_options(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:
-    from densitune.app.train import TrainGrid, TrainOptions
 
     grid = TrainGrid(experiment=args.experiment, dataset=abs_dataset(args.dataset) or args.dataset,
                      data_root=abs_path(args.data_root), backbones=tuple(args.backbone), dims=tuple(args.dim),
@@ -270,22 +273,18 @@ def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:
 
 
 def search_options(args: argparse.Namespace, argv: list[str]) -> SearchOptions:
-    from densitune.app.search import SearchOptions
-    from densitune.run.resource_flags import check_resource_flags
 
     check_resource_flags(args)  # before the spec file is read
     return SearchOptions(**_run_options(args, argv), values=search_values(args), max_concurrent=args.max_concurrent)
 
 
 def study_options(args: argparse.Namespace, argv: list[str]) -> StudyOptions:
-    from densitune.app.studies import StudyOptions
 
     return StudyOptions(**_run_options(args, argv), specs=tuple(args.spec), smoke=args.smoke,
                         data_root=abs_path(args.data_root), max_concurrent=args.max_concurrent)
 
 
 def demo_options(args: argparse.Namespace, argv: list[str]) -> DemoOptions:
-    from densitune.app.demo import DemoOptions
 
     return DemoOptions(out=args.out, num_cpus=args.num_cpus, resume=args.resume, quiet=args.quiet, verbose=args.verbose,
                        resume_hint=resume_command(argv))
