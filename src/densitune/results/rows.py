@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from densitune.kernels import pinned
 from densitune.results.store import code_version
 
 
@@ -64,10 +65,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-#: Set in the driver and every trial process of a ``--reproducible`` run (README "Same numbers").
-REPRODUCIBLE_ENV = "DENSITUNE_REPRODUCIBLE"
-
-
 def kernels(device: torch.device | str) -> dict[str, Any]:
     """What decides whether another machine gives bit-identical numbers: the CPU, the kernels torch dispatches
     to (its CPU capability, oneDNN's ISA cap), CUDA/cuDNN on a GPU and the deterministic flags (schema v5)."""
@@ -82,7 +79,7 @@ def kernels(device: torch.device | str) -> dict[str, Any]:
         "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL"),
         "cuda": f"{torch.version.cuda} cudnn {cudnn}" if on_gpu else None,
         "deterministic": bool(deterministic),
-        "reproducible": os.environ.get(REPRODUCIBLE_ENV) == "1",
+        "reproducible": pinned(),
     }
 
 
