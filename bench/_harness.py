@@ -116,6 +116,7 @@ ITEMS: dict[str, Item] = {
     "scoring_memory": Item("scoring memory (`scoring_memory.py`)", "grows with the batch, not the data set"),
     "tpe_vs_grid": Item("TPE vs grid (`tpe_vs_grid.py`)", "median gap to the grid's best validation AUROC <= 0.005 "
                                                           "with a third of its trials"),
+    "reproducible": Item("`--reproducible` (`reproducible_cost.py`)", "information: its cost on the CPU"),
 }
 
 _HARD, _TARGET = "hard", "target"
@@ -158,6 +159,9 @@ FIGURES: dict[str, Figure] = {
     "scoring_memory.ip_cached_mib": Figure("scoring_memory", "ip (cached) at the largest N and batch", "MiB", ".1f"),
     # tpe_vs_grid.py
     "tpe.median_gap": Figure("tpe_vs_grid", "median gap", "", "+.4f", Gate("<=", 0.005)),
+    # reproducible_cost.py (information: what the portable kernels cost)
+    "reproducible.train_slowdown": Figure("reproducible", "training, pinned / native (medians)", "×", ".2f"),
+    "reproducible.bit_identical": Figure("reproducible", "pinned weights bit-identical across AVX-512 / AVX2", "", ""),
 }
 
 

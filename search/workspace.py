@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from densitune.device import default_device
+from densitune.device import default_device, deterministic_if_pinned
 from densitune.search.cache import DiskCache, checkpoint_token
 from densitune.search.ood.densities import Density, density_from_state
 from densitune.search.ood.density_spec import DensitySpec
@@ -72,6 +72,7 @@ class Workspace:
     def __init__(self, device: torch.device | None = None, cache_dir: str | Path | None = None,
                  ip_cache: bool | None = None) -> None:
         self.device = device or default_device()
+        deterministic_if_pinned()  # --reproducible
         self.disk = DiskCache(cache_dir) if cache_dir else None
         self.ip_cache = ip_cache_default() if ip_cache is None else ip_cache
         self.counts: Counter[str] = Counter()

@@ -68,7 +68,7 @@ FLOORS = {
     "densitune.app": "app", "densitune.search": "search", "densitune.search.ood": "ood",
     "densitune.trainables": "trainables", "densitune.results": "results", "densitune.run": "run",
     "densitune.errors": "base", "densitune.checks": "base", "densitune.registry": "base", "densitune.device": "base",
-    "densitune.ood_groups": "base",
+    "densitune.ood_groups": "base", "densitune.kernels": "base",
 }
 
 #: THE table: the floors a module on each floor may import (its own included). Imports point down.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sys
@@ -121,8 +122,32 @@ def test_other_versions_are_named(tmp_path):
     f = tmp_path / "experiment=old" / "search-x.parquet"
     f.parent.mkdir()
     pq.write_table(table.set_column(0, "schema_version", pa.array([2] * table.num_rows, pa.int32())), f)
-    with pytest.raises(ResultsError, match="has results schema v2; this densitune reads v3, v4"):
+    with pytest.raises(ResultsError, match="has results schema v2; this densitune reads v3, v4, v5"):
         read_results(tmp_path)
+
+
+def test_v4_results_read_with_the_v5_columns_null(tmp_path):
+    from densitune.results.store import SCHEMA_V4, V5_COLUMNS
+
+    write_rows(tmp_path, [row(experiment="e", trial_id="new", checkpoints=["/m/a"], ensemble=False)], name="new")
+    current = pq.read_table(next(tmp_path.rglob("*.parquet")))
+    old = current.drop_columns(list(V5_COLUMNS)).set_column(0, "schema_version", pa.array([4], pa.int32())).cast(SCHEMA_V4)
+    f = tmp_path / "experiment=e" / "search-old.parquet"
+    pq.write_table(old, f)
+    t = read_results(tmp_path)
+    assert t.schema.equals(SCHEMA) and t.num_rows == 2
+    by_version = {r["schema_version"]: r for r in t.to_pylist()}
+    assert set(by_version) == {4, SCHEMA_VERSION}
+    assert all(by_version[4][c] is None for c in V5_COLUMNS) and by_version[SCHEMA_VERSION]["cpu_capability"]
+    assert {k: v for k, v in by_version[4].items() if k not in (*V5_COLUMNS, "schema_version", "trial_id")} == \
+        {k: v for k, v in by_version[SCHEMA_VERSION].items() if k not in (*V5_COLUMNS, "schema_version", "trial_id")}
+
+
+def test_provenance_records_the_kernels():
+    p = provenance("cpu")
+    assert p["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and p["cpu"]
+    assert p["onednn_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL") and p["cuda"] is None
+    assert p["deterministic"] is torch.are_deterministic_algorithms_enabled() and p["reproducible"] is False
 
 
 def test_provenance_fills_every_v4_column():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from densitune.device import default_device
+from densitune.device import default_device, deterministic_if_pinned
 from densitune.errors import ConfigError
 from densitune.trainables.data import dataset_info, load_split, split_checksum
 from densitune.trainables.data.folder import PREFIX, resolve
@@ -209,6 +209,7 @@ def fit(
     training step through ``torch.compile``. The yielded model is never the compiled wrapper.
     """
     device = device or default_device()
+    deterministic_if_pinned()  # --reproducible
     data = data_description(config)
     train = load_split(config.dataset, "train", root=config.data_root, seed=config.data_seed, limit=config.train_limit)
     val = load_split(config.dataset, "val", root=config.data_root, seed=config.data_seed)

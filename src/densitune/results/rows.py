@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from densitune.kernels import pinned
 from densitune.results.store import code_version
 
 
@@ -50,6 +52,36 @@ def _versions() -> dict[str, str]:
     return {"torch_version": torch.__version__, "densitune_version": own}
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def kernels(device: torch.device | str) -> dict[str, Any]:
+    """What decides whether another machine gives bit-identical numbers: the CPU, the kernels torch dispatches
+    to (its CPU capability, oneDNN's ISA cap), CUDA/cuDNN on a GPU and the deterministic flags (schema v5)."""
+
+    on_gpu = str(device).startswith("cuda")
+    cudnn = torch.backends.cudnn.version() if on_gpu else None  # type: ignore[no-untyped-call]
+    deterministic = torch.are_deterministic_algorithms_enabled() and (not on_gpu or bool(torch.backends.cudnn.deterministic))
+    return {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL"),
+        "cuda": f"{torch.version.cuda} cudnn {cudnn}" if on_gpu else None,
+        "deterministic": bool(deterministic),
+        "reproducible": pinned(),
+    }
+
+
 def node_name() -> str:
     """The Ray node id when this process runs inside Ray (Ray already imported and started), else the host name."""
     ray = sys.modules.get("ray")  # never import Ray here: the results layer does not depend on it
@@ -73,12 +105,13 @@ def provenance(
     compile: bool = False,
     data_checksums: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Where and how a row's numbers were computed: the v4 provenance columns.
+    """Where and how a row's numbers were computed: the provenance columns (v4), and the kernels (v5).
 
     ``data_checksums`` maps ``<data set>/<split>`` to :func:`densitune.trainables.data.split_checksum`
     of every split the row's numbers depend on.
     """
     return {
+        **kernels(device),
         "node": node_name(),
         "device": device_name(device),
         "dtype": str(torch.get_default_dtype()).removeprefix("torch."),

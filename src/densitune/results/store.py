@@ -45,9 +45,10 @@ from densitune.results.sql import _arrow, filter_table, run_query
 from densitune.run.files import fsync_dir
 from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
 
-SCHEMA_VERSION = 4
-#: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`, see :func:`upgrade_v3`).
-READABLE_VERSIONS = (3, 4)
+SCHEMA_VERSION = 5
+#: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`: :func:`upgrade_v3`,
+#: :func:`upgrade_v4`).
+READABLE_VERSIONS = (3, 4, 5)
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -99,6 +100,13 @@ SCHEMA = pa.schema(
         ("torch_version", pa.string()),
         ("densitune_version", pa.string()),
         ("data_checksums", pa.string()),  # JSON {"<data set>/<split>": sha256 prefix} of every split used
+        # what decides bit-identity (schema v5; README "Same numbers"): the kernels torch dispatched to
+        ("cpu", pa.string()),  # the CPU model (/proc/cpuinfo)
+        ("cpu_capability", pa.string()),  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512...
+        ("onednn_isa", pa.string()),  # the ISA oneDNN may use: ONEDNN_MAX_CPU_ISA, or ALL (the CPU's best)
+        ("cuda", pa.string()),  # CUDA and cuDNN versions on a GPU ("12.8 cudnn 91002"), null on the CPU
+        ("deterministic", pa.bool_()),  # torch.use_deterministic_algorithms (and cuDNN deterministic on a GPU)
+        ("reproducible", pa.bool_()),  # computed under --reproducible (kernels pinned to the portable baseline)
     ]
 )
 
@@ -390,6 +398,8 @@ def _check_file(f: RunPath) -> int:
             raise ResultsError(f"{f} has results schema {found}; this densitune reads {readable}")
         if schema.equals(SCHEMA):
             return SCHEMA_VERSION
+        if schema.equals(SCHEMA_V4) and versions <= {4}:
+            return 4
         if schema.equals(SCHEMA_V3) and versions <= {3}:
             return 3
     raise ResultsError(f"foreign Parquet file {f}: its columns are not densitune's schema v{SCHEMA_VERSION}")
@@ -528,7 +538,7 @@ def _read_file(f: RunPath, columns: list[str], stage: str | None) -> tuple[int, 
             if set(table.column("schema_version").to_pylist()) - {SCHEMA_VERSION}:
                 version = _check_file(f)  # raises: another version's rows under the current columns
         else:
-            table = upgrade_v3(pf.read()).select(columns)
+            table = (upgrade_v4(pf.read()) if version == 4 else upgrade_v3(pf.read())).select(columns)
     except (pa.ArrowException, OSError) as e:
         raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
     if stage is not None:
@@ -544,6 +554,20 @@ SCHEMA_V3 = pa.schema(
 )
 
 
+#: The columns schema v5 added (null in rows of older files).
+V5_COLUMNS = ("cpu", "cpu_capability", "onednn_isa", "cuda", "deterministic", "reproducible")
+#: Schema v4 (the provenance columns, before the v5 kernel columns).
+SCHEMA_V4 = pa.schema([f for f in SCHEMA if f.name not in V5_COLUMNS])
+
+
+def upgrade_v4(table: pa.Table) -> pa.Table:
+    """A schema v4 table as :data:`SCHEMA`: the v5 kernel columns null; ``schema_version`` stays 4."""
+    for name in V5_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
+
+
 def upgrade_v3(table: pa.Table) -> pa.Table:
     """A schema v3 table as :data:`SCHEMA` (v4): ``lam`` -> ``center_loss`` (already null for "ce"),
     ``ensemble`` = a search row without a seed, ``checkpoint`` split into ``checkpoints``; the provenance
@@ -554,7 +578,7 @@ def upgrade_v3(table: pa.Table) -> pa.Table:
         r["ensemble"] = r["stage"] == "search" and r["seed"] is None
         ckpt = r.pop("checkpoint")
         r["checkpoints"] = ckpt.split(",") if ckpt else None
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    return upgrade_v4(pa.Table.from_pylist(rows, schema=SCHEMA_V4))
 
 
 def filter_results(table: pa.Table, where: str | None) -> pa.Table:
