@@ -240,13 +240,15 @@ def record_session(run_dir: str | Path) -> None:
     if session_dir is None or not _MARKER.fullmatch(marker) or me is None:
         log.warning("could not record Ray's session for %s; `densitune clean` will not find its processes", run_dir)
         return
+    from densitune.run.files import atomic_write
+    from densitune.run.storage import fatal_storage
+
     path = Path(run_dir) / SESSION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{SESSION_FILE}")
-    tmp.write_text(json.dumps({
-        "format": SESSION_FORMAT, "version": SESSION_VERSION, "marker": marker, "uid": os.getuid(),
-        "session_dir": session_dir, "driver": vars(me), "processes": [vars(p) for p in procs]}))
-    os.replace(tmp, path)
+    with fatal_storage(run_dir):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({
+            "format": SESSION_FORMAT, "version": SESSION_VERSION, "marker": marker, "uid": os.getuid(),
+            "session_dir": session_dir, "driver": vars(me), "processes": [vars(p) for p in procs]}))
 
 
 def _alive(pid: int) -> bool:

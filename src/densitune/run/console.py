@@ -55,6 +55,14 @@ def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     del quiet  # -q: no header, no progress bar (see Progress); warnings still show
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file. A line it cannot write (a full disk, a vanished mount) is dropped without logging's
+    traceback on the console: the write that fails in the run itself is reported, once, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
 def log_to_file(path: str | Path | None) -> None:
     """Append every ``densitune`` INFO line of this process to ``path`` (once per path and process).
 
@@ -68,7 +76,7 @@ def log_to_file(path: str | Path | None) -> None:
     if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    handler = _RunLogHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)

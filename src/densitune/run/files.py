@@ -7,6 +7,7 @@ torch files: plain tensors and containers only, never an arbitrary pickled objec
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 import warnings
@@ -48,12 +49,13 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
     """
     path = Path(path)
     tmp = temp_path(path)
+    if callable(content):  # serialised in memory first: a full disk then fails in our write, as an OSError
+        buf = io.BytesIO()  # naming the file and ENOSPC, not as a library's own message (torch: "unexpected pos")
+        content(buf)
+        content = buf.getvalue()
     try:
         with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
