@@ -167,12 +167,17 @@ def read_config(directory: str | RunPath) -> dict[str, Any]:
 
     Only JSON is checked here; see :func:`parse_config` for its ``config`` entry.
     """
+    from densitune.run.files import DocumentError, read_document
+
     p = location(directory) / CONFIG_FILE
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        info = read_document(p)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint config not found: {p}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint config {p}: {error_summary(e)}") from None
+    except DocumentError as e:
+        raise CheckpointError(f"corrupt checkpoint config {p}: {e}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or error_summary(e)}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"corrupt checkpoint config {p}: not a mapping of keys to values")
+    return info

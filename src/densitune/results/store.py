@@ -219,16 +219,18 @@ def write_spec(results_dir: str | RunPath, experiment: str, spec: Mapping[str, A
 
 def read_spec(results_dir: str | RunPath, experiment: str) -> dict[str, Any] | None:
     """The stored search spec of ``experiment``, or None if it has none."""
-    import json
+    from densitune.run.files import DocumentError, read_document
 
     path = experiment_dir(results_dir, experiment) / SPEC_FILE
-    if not path.is_file():
-        return None
     try:
-        spec: dict[str, Any] = json.loads(path.read_text())
-        return spec
-    except json.JSONDecodeError as e:
+        spec = read_document(path)
+    except FileNotFoundError:
+        return None
+    except DocumentError as e:
         raise ResultsError(f"corrupt search spec {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise ResultsError(f"corrupt search spec {path}: not a mapping of keys to values")
+    return spec
 
 
 def results_dir_of(run_or_results: str | RunPath) -> RunPath:
@@ -281,17 +283,12 @@ def _manifest_entries(manifest: RunPath) -> tuple[RunPath, dict[RunPath, int | N
     :data:`_MANIFEST_NAME` makes the manifest unverifiable (:class:`_Unverified`), so it can never name a path
     outside its folder.
     """
-    import json
+    from densitune.run.files import DocumentError, read_document
 
     try:
-        data = manifest.read_bytes()[: _MANIFEST_MAX_BYTES + 1]
-        if len(data) > _MANIFEST_MAX_BYTES:
-            raise _Unverified(f"larger than {_MANIFEST_MAX_BYTES} bytes")
-        info = json.loads(data.decode("utf-8"))
-    except OSError as e:
-        raise _Unverified(f"unreadable: {error_summary(e)}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _Unverified("not UTF-8 JSON") from None
+        info = read_document(manifest, max_bytes=_MANIFEST_MAX_BYTES)
+    except (OSError, DocumentError) as e:
+        raise _Unverified(str(e) if isinstance(e, DocumentError) else f"unreadable: {error_summary(e)}") from None
     if not isinstance(info, dict) or not isinstance(info.get("merged"), str) or not isinstance(info.get("replaces"), list):
         raise _Unverified("not a manifest ({merged, replaces})")
     entries: dict[str, int | None] = {}

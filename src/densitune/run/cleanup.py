@@ -169,22 +169,14 @@ def read_session(path: str | Path) -> SessionRecord | None:
     Raises:
         SessionFileError: the file is unreadable, too large, not UTF-8 JSON, or not a record (:func:`parse_session`).
     """
-    path = Path(path)
+    from densitune.run.files import DocumentError, read_document
+
     try:
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise SessionFileError("it is not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(_MAX_BYTES + 1)
+        info = read_document(path, max_bytes=_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise SessionFileError(f"unreadable ({e.strerror or e})") from None
-    if len(data) > _MAX_BYTES:
-        raise SessionFileError(f"larger than {_MAX_BYTES} bytes")
-    try:
-        info = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise SessionFileError("not UTF-8 JSON") from None
+    except DocumentError as e:
+        raise SessionFileError(str(e)) from None
     return parse_session(info)
 
 

@@ -62,13 +62,28 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict[str, Any] | None:
+    from densitune.run.files import DocumentError, read_document
+
     try:
-        info = json.loads(path.read_text())
-        return info if isinstance(info, dict) else {}
+        return _checked(read_document(path))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except DocumentError:
         return {}  # being written, or damaged: judged by its age alone
+
+
+#: A pid in a lock file is only believed in Linux's range (a planted 2**70 is no pid).
+_PID_RANGE = range(1, (1 << 22) + 1)
+
+
+def _checked(info: Any) -> dict[str, Any]:
+    """A lock file's record with the fields of the wrong type or range dropped (it is then judged by its age)."""
+    if not isinstance(info, dict):
+        return {}
+    out = {k: v for k, v in info.items() if k in ("host", "command", "started_at") and isinstance(v, str)}
+    if type(info.get("pid")) is int and info["pid"] in _PID_RANGE:
+        out["pid"] = info["pid"]
+    return out
 
 
 def _stale(path: Path, info: dict[str, Any]) -> bool:
@@ -170,6 +185,7 @@ def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterat
 @contextmanager
 def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Iterator[ObjectPath]:
     """The writer lock as an object (module docstring): conditional create, lease renewal, conditional delete."""
+    from densitune.run.files import DocumentError, parse_document
     from densitune.run.runstore import ObjectLock, create_object, delete_object, read_object
 
     path = root / "locks" / f"{experiment}.json"
@@ -184,9 +200,8 @@ def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Itera
             continue  # released meanwhile: try again
         data, etag, age = found
         try:
-            info = json.loads(data)
-            info = info if isinstance(info, dict) else {}
-        except ValueError:
+            info = _checked(parse_document(data))
+        except DocumentError:
             info = {}
         same_host = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
         gone = (not _alive(info["pid"])) if same_host else age > LEASE_S
