@@ -9,6 +9,7 @@ console as well.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
@@ -62,6 +63,11 @@ class _RunLogHandler(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         pass
 
+    def _open(self) -> Any:
+        """Opened for append without following a link (a run folder is untrusted input)."""
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
 
 def log_to_file(path: str | Path | None) -> None:
     """Append every ``densitune`` INFO line of this process to ``path`` (once per path and process).
@@ -76,7 +82,13 @@ def log_to_file(path: str | Path | None) -> None:
     if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = _RunLogHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    try:
+        handler = _RunLogHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    except OSError as e:
+        from densitune.run.storage import StorageError, describe
+
+        raise StorageError(describe(e, path) + (" (a symbolic link: densitune writes only inside the run)"
+                                                if Path(path).is_symlink() else "")) from None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from densitune.errors import DensituneError
-from densitune.run.runstore import ObjectPath, RunPath, location
+from densitune.run.runstore import ObjectPath, RunPath, check_no_links, location
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterat
         with _object_lock(root, experiment, me) as held:
             yield held
         return
+    check_no_links(root, experiment)  # every writer takes this lock first: no write may leave the run
     folder = root / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{experiment}.json"
