@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from densitune.errors import ConfigError
+from densitune.run.files import DocumentError, read_document
 
 #: Largest spec file read (bytes). Real specs are well under 4 KiB.
 MAX_SPEC_BYTES = 256 * 1024
@@ -35,36 +34,13 @@ def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader that stops at the first alias (``*name``), before it is expanded."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            mark = event.start_mark
-            raise ConfigError(f"line {mark.line + 1}: YAML aliases (*{str(event.anchor)[:40]}) are not allowed in a spec; "
-                              "write the values out")
-        return super().compose_node(parent, index)
-
-
 def load_yaml(path: Path, *, max_bytes: int = MAX_SPEC_BYTES) -> Any:
-    """The YAML document in ``path``; :class:`ConfigError` naming the file if it is too large, has aliases or is invalid."""
+    """The YAML document in ``path``; :class:`ConfigError` naming the file if it is too large, too deep, not UTF-8,
+    has aliases or is invalid (read by :func:`densitune.run.files.read_document`, the one reader of documents)."""
+
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the spec file: {e.strerror or type(e).__name__}") from None
-    if len(raw) > max_bytes:
-        raise ConfigError(f"{path}: spec file larger than {max_bytes // 1024} KiB; a search spec is a short list of keys")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as e:
+        return read_document(path, "yaml", max_bytes=max_bytes)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: cannot read the spec file: no such file") from None
+    except DocumentError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0][:ECHO_LIMIT]}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply") from None

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, describe
+from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, check_path_text, describe
 from densitune.errors import ConfigError
 from densitune.search.ood.metrics import METRICS, check_metric
 
@@ -234,6 +234,12 @@ class SearchSpec:
                 raise ConfigError(f"validation OOD set {name!r} is also a test OOD set; choose a distinct one")
         check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
                                    "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)
+        for key in ("data_root", "models"):  # paths from a spec file are checked like the flags they stand for
+            if getattr(self, key, None) is not None:
+                check_path_text(getattr(self, key), key)
+        for name in (*(self.val_ood or ()), *self.test_ood):
+            if isinstance(name, str) and name.startswith("folder:"):
+                check_path_text(name[len("folder:"):], "OOD set folder")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (tuples as lists)."""

@@ -23,7 +23,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from densitune.checks import describe, satisfies
+from densitune.checks import check_path_text, describe, satisfies
 from densitune.errors import ConfigError
 from densitune.search.safe_yaml import echo, load_yaml
 from densitune.search.spec import SpecKey, spec_keys
@@ -63,4 +63,11 @@ def check_values(data: dict[str, Any], p: str) -> dict[str, Any]:
             raise ConfigError(f"{p}: key {key!r} must be {describe(k.value)}, got {echo(value)}")
     if "eps_range" in data and len(data["eps_range"]) != 2:
         raise ConfigError(f"{p}: key 'eps_range' must be [low, high], got {echo(data['eps_range'])}")
+    for key in ("data_root", "models"):  # paths in a file are checked like the flags they stand for
+        if isinstance(data.get(key), str):
+            check_path_text(data[key], f"{p}: key {key!r}")
+    for key in ("val_ood", "test_ood"):
+        for name in data.get(key) or ():
+            if isinstance(name, str) and name.startswith("folder:"):
+                check_path_text(name[len("folder:"):], f"{p}: key {key!r}: folder")
     return data

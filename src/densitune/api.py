@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from densitune.errors import ConfigError, DensituneError
+from densitune.run.files import DocumentError, read_document
 from densitune.run.runstore import location
 from densitune.search.ood.densities import Density, create_density, density_from_state
 from densitune.search.ood.scores import FeatureModel, create_score, score_class
@@ -284,12 +285,13 @@ def export_detector(results_dir: str | Path, out: str | Path, *, where: str | No
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+
     p = Path(path) / MANIFEST
     try:
-        manifest = json.loads(p.read_text(encoding="utf-8"))
+        manifest = read_document(p)
     except FileNotFoundError:
         raise DensituneError(f"not an exported detector (no {MANIFEST}): {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except DocumentError as e:
         raise DensituneError(f"corrupt {p}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DensituneError(f"{p} is not a version-{VERSION} densitune detector")

@@ -22,7 +22,8 @@ from typing import Any
 
 from densitune.errors import ConfigError
 
-__all__ = ["BOOL", "INTEGER", "MAPPING", "NUMBER", "STRING", "Interval", "ListOf", "Options", "check_params", "describe", "error_summary", "satisfies"]
+__all__ = ["BOOL", "INTEGER", "MAPPING", "NUMBER", "STRING", "Interval", "ListOf", "Options", "check_params",
+           "check_path_component", "check_path_text", "describe", "error_summary", "satisfies"]
 
 #: The longest error summary (characters): one readable line, never a whole traceback.
 SUMMARY_CHARS = 200
@@ -175,3 +176,67 @@ def error_summary(error: BaseException | str, *, last: bool = False, limit: int 
         return type(error).__name__ if isinstance(error, BaseException) else ""
     line = lines[-1] if last else lines[0]
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------ names in paths
+
+#: Limits of what a run lives on: a Linux file system's longest name and path (bytes), an S3 key (bytes).
+NAME_MAX, PATH_MAX, KEY_MAX = 255, 4096, 1024
+#: Every file or folder name densitune derives from a name it is given (``{}``): the results partition, Tune's
+#: experiment folders, the writer lock, and the temporary name of an atomic write of the longest of those
+#: (``densitune.run.files.temp_path``: ``.tmp-<pid>-<12 hex>-``). The longest decides.
+DERIVED_NAMES = ("experiment={}", "train-{}", "search-{}", ".tmp-4194304-0123456789ab-{}.json")
+#: Bytes a run adds below its root to the longest path it writes under a derived name (Tune's trial folders
+#: and checkpoint files); a root plus this plus the derived name must stay within PATH_MAX (KEY_MAX in a bucket).
+DEEPEST_BELOW = 320
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 60 else f"{text[:40]}…{text[-12:]}")
+
+
+def check_path_component(name: str, what: str, *, root: str | None = None) -> str:
+    """Refuse a name that becomes part of file names, before anything is written or Ray starts.
+
+    The name may hold no NUL and no ``/``; the longest name derived from it (:data:`DERIVED_NAMES`) must fit
+    ``NAME_MAX``, and with ``root`` (the run's folder or bucket URI) the deepest path under it ``PATH_MAX``
+    (an object key: ``KEY_MAX``).
+
+    Raises:
+        ConfigError: one line naming ``what`` and the limit.
+    """
+    if "\0" in name or "/" in name:
+        raise ConfigError(f"{what} {_shown(name)} holds a NUL or '/': it becomes part of file names")
+    longest = max(len(form.format(name).encode("utf-8", "surrogateescape")) for form in DERIVED_NAMES)
+    if longest > NAME_MAX:
+        raise ConfigError(f"{what} {_shown(name)} is too long: file names derived from it take {longest} bytes, "
+                          f"more than the file system's {NAME_MAX}")
+    if root is not None:
+        remote = "://" in root
+        below = root.split("://", 1)[1].partition("/")[2] if remote else root
+        total = len(below.encode("utf-8", "surrogateescape")) + 1 + longest + DEEPEST_BELOW
+        limit = KEY_MAX if remote else PATH_MAX
+        if total > limit:
+            raise ConfigError(f"{what} {_shown(name)} under {_shown(root)}: the deepest path the run writes takes about "
+                              f"{total} bytes, more than the {'object key' if remote else 'path'} limit of {limit}")
+    return name
+
+
+def check_path_text(text: str, what: str) -> str:
+    """Refuse a path given as text (a flag, a spec file, a run file) that no file system can take:
+    a NUL byte, more than ``PATH_MAX`` bytes, or a component longer than ``NAME_MAX``.
+
+    Raises:
+        ConfigError: one line naming ``what``.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a path, got {type(text).__name__}")
+    if "\0" in text:
+        shown = _shown(text.replace(chr(0), "\\0"))
+        raise ConfigError(f"{what} {shown} holds a NUL byte")
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) > PATH_MAX:
+        raise ConfigError(f"{what} is {len(raw)} bytes long, more than the path limit of {PATH_MAX}")
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise ConfigError(f"{what} {_shown(text)} has a component longer than {NAME_MAX} bytes")
+    return text

@@ -45,3 +45,12 @@ class TrainingError(DensituneError):
 
 class SearchError(DensituneError):
     """A search trial that failed (a density that cannot be fitted, a crash inside the trial)."""
+
+
+#: Prefix of every StorageError message: how the driver recognises one in a trial's error text.
+STORAGE_PREFIX = "cannot write"
+
+
+class StorageError(DensituneError):
+    """A write to the run folder failed (fatal: the run stops at the first one); the message starts with
+    :data:`STORAGE_PREFIX` and names the path and the cause."""

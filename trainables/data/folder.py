@@ -18,10 +18,13 @@ their own working directory), else to the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from densitune.checks import error_summary
 from densitune.errors import DataError
 from densitune.trainables.data.base import DatasetFactory, DatasetInfo
 from densitune.trainables.data.sources import ImageSource
@@ -91,12 +95,31 @@ class FolderLayout:
     shape: tuple[int, int, int]
 
 
-def _native_shape(path: Path) -> tuple[int, int, int]:
+#: What reading a bad image file raises in PIL: corrupt or truncated data, an unknown format, and a header
+#: that declares a decompression bomb (PIL's error, and its warning, which :func:`open_image` makes an error).
+_BAD_IMAGE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+              Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)``, where every way a file can be bad is one :class:`DataError` line naming it.
+
+    A file whose header declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before it is decoded
+    (PIL only warns below twice that limit; here the warning is an error too).
+    """
     try:
-        with Image.open(path) as img:
-            return (1 if img.mode in _GREY_MODES else 3, img.height, img.width)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except _BAD_IMAGE as e:
+        raise DataError(f"cannot read image {path}: {error_summary(e)}") from None
+
+
+def _native_shape(path: Path) -> tuple[int, int, int]:
+    with open_image(path) as img:
+        return (1 if img.mode in _GREY_MODES else 3, img.height, img.width)
 
 
 def scan(directory: Path, name: str) -> FolderLayout:
@@ -139,20 +162,17 @@ def _scan(directory: Path, name: str, mtime_ns: int) -> FolderLayout:
 
 def load_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as (C, H, W) float32 in [0, 1] at ``shape`` (mode conversion, then resize)."""
-    try:
-        with Image.open(path) as img:
-            eight_bit = img.mode in ("RGB", "L")  # the usual case: no conversion copy, already in [0, 1] after / 255
-            if eight_bit:
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-            elif img.mode.startswith("I"):  # 16/32-bit grey (e.g. 16-bit PNG): 0..65535, not 0..255
-                arr = np.asarray(img, dtype=np.float32) / 65535.0
-            elif img.mode == "F":
-                arr = np.asarray(img, dtype=np.float32)
-            else:
-                converted = img.convert("L" if img.mode in _GREY_MODES else "RGB")
-                arr = np.asarray(converted, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+    with open_image(path) as img:
+        eight_bit = img.mode in ("RGB", "L")  # the usual case: no conversion copy, already in [0, 1] after / 255
+        if eight_bit:
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+        elif img.mode.startswith("I"):  # 16/32-bit grey (e.g. 16-bit PNG): 0..65535, not 0..255
+            arr = np.asarray(img, dtype=np.float32) / 65535.0
+        elif img.mode == "F":
+            arr = np.asarray(img, dtype=np.float32)
+        else:
+            converted = img.convert("L" if img.mode in _GREY_MODES else "RGB")
+            arr = np.asarray(converted, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr if eight_bit else np.clip(arr, 0.0, 1.0))
     x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
     return convert_images(x.unsqueeze(0), shape)[0]
@@ -164,11 +184,8 @@ _READ_BATCH = 256
 
 def _eight_bit(path: str) -> np.ndarray | None:
     """The (H, W) or (H, W, 3) uint8 pixels of an 8-bit grey or RGB image file, else None (see :func:`load_image`)."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img) if img.mode in ("RGB", "L") else None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+    with open_image(path) as img:
+        return np.asarray(img) if img.mode in ("RGB", "L") else None
 
 
 class FolderSource(ImageSource):

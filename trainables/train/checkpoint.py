@@ -20,7 +20,7 @@ from torch import nn
 
 from densitune.checks import error_summary
 from densitune.errors import CheckpointError, DensituneError
-from densitune.run.files import load_tensors
+from densitune.run.files import DocumentError, load_tensors, read_document
 from densitune.run.runstore import RunPath, location, publish
 from densitune.trainables.nets.backbones import SpectralConfig, create_model
 from densitune.trainables.train.config import TrainConfig
@@ -165,12 +165,16 @@ def read_config(directory: str | RunPath) -> dict[str, Any]:
 
     Only JSON is checked here; see :func:`parse_config` for its ``config`` entry.
     """
+
     p = location(directory) / CONFIG_FILE
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        info = read_document(p)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint config not found: {p}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint config {p}: {error_summary(e)}") from None
+    except DocumentError as e:
+        raise CheckpointError(f"corrupt checkpoint config {p}: {e}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or error_summary(e)}") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"corrupt checkpoint config {p}: not a mapping of keys to values")
+    return info

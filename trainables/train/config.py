@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from densitune.checks import Interval, check_params
+from densitune.checks import Interval, check_params, check_path_component, check_path_text
 from densitune.errors import ConfigError
 
 #: An experiment name becomes a folder name and a hive partition value (``experiment=<name>``):
@@ -56,13 +56,15 @@ def _is_bool(v: Any) -> bool:
 
 
 def check_experiment_name(name: object) -> str:
-    """Experiment names become folder names and hive partition values: refuse any that need escaping."""
+    """Experiment names become folder names and hive partition values: refuse any that need escaping, or
+    whose derived file names no file system takes (:func:`densitune.checks.check_path_component`)."""
     if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
+        shown = name if not isinstance(name, str) or len(name) <= 60 else f"{name[:40]}…"
         raise ConfigError(
-            f"experiment name {name!r} is not allowed: it names a folder and a results partition, "
+            f"experiment name {shown!r} is not allowed: it names a folder and a results partition, "
             "so use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
         )
-    return name
+    return check_path_component(name, "experiment name")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ class TrainConfig:
                 raise bad(name, "a string")
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise bad("data_root", "a string or None")
+        if self.data_root is not None:
+            check_path_text(self.data_root, "training config data_root")
+        if self.dataset.startswith("folder:"):
+            check_path_text(self.dataset[len("folder:"):], "training config dataset folder")
         for name in _INT:
             if not _is_int(getattr(self, name)):
                 raise bad(name, "an integer")

@@ -54,6 +54,8 @@ from densitune.app.train import TrainOptions, train
 from densitune.errors import ConfigError, DensituneError
 from densitune.run.resource_flags import check_resource_flags
 from densitune.run.runstore import RunStore, location, publish
+from densitune.search.safe_yaml import echo, load_yaml
+from densitune.search.spec_file import check_values
 
 if TYPE_CHECKING:
     from densitune.run.runstore import RunPath
@@ -167,7 +169,6 @@ def _fail(path: str, where: str, what: str) -> ConfigError:
 
 
 def _mapping(path: str, where: str, value: Any, required: Sequence[str], optional: Sequence[str]) -> dict[str, Any]:
-    from densitune.search.safe_yaml import echo
 
     if not isinstance(value, dict):
         raise _fail(path, where, f"must be a mapping, got {echo(value)}")
@@ -182,7 +183,6 @@ def _mapping(path: str, where: str, value: Any, required: Sequence[str], optiona
 
 def _list(path: str, where: str, value: Any, kind: type | tuple[type, ...], *, one: bool = True) -> list[Any]:
     """A list of ``kind`` values (a single value is a list of one); bools are not numbers."""
-    from densitune.search.safe_yaml import echo
 
     items = value if isinstance(value, list) else [value] if one else None
     if not items or not all(isinstance(v, kind) and not isinstance(v, bool) for v in items):
@@ -191,7 +191,6 @@ def _list(path: str, where: str, value: Any, kind: type | tuple[type, ...], *, o
 
 
 def _str(path: str, where: str, value: Any) -> str:
-    from densitune.search.safe_yaml import echo
 
     if not isinstance(value, str) or not value:
         raise _fail(path, where, f"must be a non-empty string, got {echo(value)}")
@@ -218,7 +217,6 @@ def _part(path: str, i: int, value: Any) -> Part:
     for key in ("experiment", "data_root", "models"):
         if key in m["search"]:
             raise _fail(path, f"{where}.search.{key}", "is set by `densitune run` (experiment: <study>-<part>; --data-root)")
-    from densitune.search.spec_file import check_values
 
     search = check_values(dict(m["search"]), f"{path}: {where}.search")
     return Part(_str(path, f"{where}.name", m["name"]), _str(path, f"{where}.dataset", m["dataset"]),
@@ -273,7 +271,6 @@ def load_study(path: str | Path, *, smoke_run: bool = False) -> Study:
         ConfigError: a missing, oversized or malformed file, an unknown key, a bad value (one line naming
             the file and the key), or a search or training config the tool would refuse.
     """
-    from densitune.search.safe_yaml import load_yaml
 
     p = Path(path)
     if not p.is_file():

@@ -17,6 +17,7 @@ from densitune.app.train import TrainGrid, TrainOptions
 from densitune.run.console import resume_command
 from densitune.run.resource_flags import check_resource_flags
 from densitune.search.spec import default_text, spec_keys
+from densitune.search.spec_file import load_spec_file
 
 if TYPE_CHECKING:
     from densitune.app.demo import DemoOptions
@@ -84,7 +85,6 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 def search_values(args: argparse.Namespace) -> dict[str, Any]:
     """Spec values from the --spec file, overridden by the flags that were given."""
-    from densitune.search.spec_file import load_spec_file
 
     values = load_spec_file(args.spec) if args.spec else {}
     for spec_key in spec_keys():

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -42,8 +45,10 @@ import pyarrow.parquet as pq
 from densitune.checks import error_summary
 from densitune.errors import ResultsError
 from densitune.results.sql import _arrow, filter_table, run_query
-from densitune.run.files import fsync_dir
+from densitune.run.files import DocumentError, fsync_dir, read_document
 from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
 #: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`: :func:`upgrade_v3`,
@@ -223,14 +228,17 @@ def write_spec(results_dir: str | RunPath, experiment: str, spec: Mapping[str, A
 
 def read_spec(results_dir: str | RunPath, experiment: str) -> dict[str, Any] | None:
     """The stored search spec of ``experiment``, or None if it has none."""
+
     path = experiment_dir(results_dir, experiment) / SPEC_FILE
-    if not path.is_file():
-        return None
     try:
-        spec: dict[str, Any] = json.loads(path.read_text())
-        return spec
-    except json.JSONDecodeError as e:
+        spec = read_document(path)
+    except FileNotFoundError:
+        return None
+    except DocumentError as e:
         raise ResultsError(f"corrupt search spec {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise ResultsError(f"corrupt search spec {path}: not a mapping of keys to values")
+    return spec
 
 
 def results_dir_of(run_or_results: str | RunPath) -> RunPath:
@@ -256,7 +264,7 @@ def result_files(results_dir: str | RunPath, experiment: str | None = None) -> l
     files = [p for p in listing if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)]  # type: ignore[arg-type]
     replaced: set[RunPath] = set()
     for manifest in (p for p in listing if p.name.startswith(MANIFEST_PREFIX) and p.suffix == ".json"):
-        replaced |= _replaced_by(manifest)
+        replaced |= _verified_replacements(manifest) or set()
     return [f for f in files if f not in replaced]
 
 
@@ -266,17 +274,93 @@ def result_files(results_dir: str | RunPath, experiment: str | None = None) -> l
 MANIFEST_PREFIX = "_compact-"
 
 
-def _replaced_by(manifest: RunPath) -> set[RunPath]:
-    """The files a finished compaction replaced (none while its merged file is not in place)."""
+#: A manifest is a few names and counts; one larger than this is not densitune's.
+_MANIFEST_MAX_BYTES = 16 << 20
+#: What a name in a manifest may be: a plain result-file name in the manifest's own folder.
+_MANIFEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,250}\.parquet")
+
+
+class _Unverified(Exception):
+    """A compaction manifest that does not verify against the files it names."""
+
+
+def _manifest_entries(manifest: RunPath) -> tuple[RunPath, dict[RunPath, int | None]]:
+    """(merged file, {replaced file: its recorded rows or None}) of a manifest: plain names in its own folder only.
+
+    A run folder is untrusted input: a name with a ``/``, ``..``, an absolute path or any character outside
+    :data:`_MANIFEST_NAME` makes the manifest unverifiable (:class:`_Unverified`), so it can never name a path
+    outside its folder.
+    """
+
     try:
-        info = json.loads(manifest.read_text())
-        merged = manifest.parent / info["merged"]
-        names = info["replaces"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ResultsError(f"corrupt compaction manifest {manifest}: {e}") from None
-    if not merged.is_file():  # killed before the merged file was published: the originals stand
+        info = read_document(manifest, max_bytes=_MANIFEST_MAX_BYTES)
+    except (OSError, DocumentError) as e:
+        raise _Unverified(str(e) if isinstance(e, DocumentError) else f"unreadable: {error_summary(e)}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("merged"), str) or not isinstance(info.get("replaces"), list):
+        raise _Unverified("not a manifest ({merged, replaces})")
+    entries: dict[str, int | None] = {}
+    for item in info["replaces"]:  # version 1: names; version 2: {"name", "rows"}
+        name, rows = (item, None) if isinstance(item, str) else (
+            (item.get("name"), item.get("rows")) if isinstance(item, dict) else (None, None))
+        if not isinstance(name, str) or not (rows is None or (type(rows) is int and rows >= 0)):
+            raise _Unverified("an entry is not a file name with its row count")
+        entries[name] = rows
+    for name in [info["merged"], *entries]:
+        if not _MANIFEST_NAME.fullmatch(name) or ".." in name:
+            raise _Unverified(f"{name[:80]!r} is not a result file of its folder")
+    if info["merged"] in entries or not info["merged"].startswith("compact-"):
+        raise _Unverified("its merged file is not a compaction's")
+    folder = manifest.parent
+    return folder / info["merged"], {folder / n: r for n, r in entries.items()}
+
+
+def _row_keys(table: pa.Table) -> list[str]:
+
+    return [json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist()]
+
+
+def _replaced_by(manifest: RunPath) -> set[RunPath]:
+    """The files a finished compaction replaced: none while its merged file is not in place (a compaction
+    under way, or killed before it published: the originals stand).
+
+    Raises:
+        _Unverified: the manifest names paths outside its folder, or the merged file does not hold the rows of
+            every replaced file still present (with the recorded row counts): a manifest like that is ignored,
+            and no file it names is hidden or deleted.
+    """
+
+    merged, replaces = _manifest_entries(manifest)
+    if not merged.is_file():
         return set()
-    return {manifest.parent / n for n in names}
+    parts: dict[RunPath, pa.Table] = {}
+    for f in replaces:
+        try:
+            parts[f] = _read_file(f, list(COLUMNS), None)[1]
+        except ResultsError as e:
+            if f.is_file():
+                raise _Unverified(str(e)) from None
+            # gone: deleted by the compaction this manifest belongs to, or never there
+    present = list(parts)
+    if present:
+        try:
+            merged_rows = Counter(_row_keys(_read_file(merged, list(COLUMNS), None)[1]))
+        except ResultsError as e:
+            raise _Unverified(str(e)) from None
+        for f, t in parts.items():
+            if replaces[f] is not None and replaces[f] != t.num_rows:
+                raise _Unverified(f"{f.name} has {t.num_rows} rows, the manifest says {replaces[f]}")
+        if Counter(k for t in parts.values() for k in _row_keys(t)) - merged_rows:
+            raise _Unverified(f"{merged.name} does not hold the rows of the files it would replace")
+    return set(replaces)
+
+
+def _verified_replacements(manifest: RunPath) -> set[RunPath] | None:
+    """:func:`_replaced_by`, or None (with one warning line) for a manifest that does not verify."""
+    try:
+        return _replaced_by(manifest)
+    except _Unverified as e:
+        log.warning("ignoring compaction manifest %s: %s; every file it names is read as it is", manifest, e)
+        return None
 
 
 def _failpoint(name: str) -> None:
@@ -319,7 +403,9 @@ def compact_experiment(results_dir: str | RunPath, experiment: str, *, names: It
     ident = uuid.uuid4().hex[:12]
     merged = folder / f"compact-{ident}.parquet"
     manifest = folder / f"{MANIFEST_PREFIX}{ident}.json"
-    publish(manifest, json.dumps({"merged": merged.name, "replaces": [f.name for f in files]}))
+    counts = _row_counts(files)
+    publish(manifest, json.dumps({"merged": merged.name, "rows": table.num_rows,
+                                  "replaces": [{"name": f.name, "rows": counts[f]} for f in files]}))
     _failpoint("compact:manifest")
 
     def write(f: Any) -> None:
@@ -373,11 +459,24 @@ class RollingCompaction:
 
 def _finish_interrupted(folder: RunPath) -> None:
     """Complete what a killed compaction left: delete the files a published merge replaced, and drop
-    manifests whose merge never got published (their originals stand)."""
+    manifests whose merge never got published (their originals stand). A manifest that does not verify is
+    left as it is, with one warning: nothing it names is deleted."""
     for manifest in glob(folder, f"{MANIFEST_PREFIX}*.json"):
-        for f in _replaced_by(manifest):
+        replaced = _verified_replacements(manifest)
+        if replaced is None:
+            continue
+        for f in replaced:
             f.unlink(missing_ok=True)
         manifest.unlink()
+
+
+def _row_counts(files: list[RunPath]) -> dict[RunPath, int]:
+    """Each file's row count, from its Parquet footer."""
+    out = {}
+    for f in files:
+        path, fs = arrow_file(f)
+        out[f] = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+    return out
 
 
 def _check_file(f: RunPath) -> int:

@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from densitune.run.files import DocumentError, atomic_write, read_document
+from densitune.run.storage import fatal_storage
+
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "ray-session.json"
@@ -169,22 +172,13 @@ def read_session(path: str | Path) -> SessionRecord | None:
     Raises:
         SessionFileError: the file is unreadable, too large, not UTF-8 JSON, or not a record (:func:`parse_session`).
     """
-    path = Path(path)
+
     try:
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise SessionFileError("it is not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(_MAX_BYTES + 1)
+        info = read_document(path, max_bytes=_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise SessionFileError(f"unreadable ({e.strerror or e})") from None
-    if len(data) > _MAX_BYTES:
-        raise SessionFileError(f"larger than {_MAX_BYTES} bytes")
-    try:
-        info = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise SessionFileError("not UTF-8 JSON") from None
+    except DocumentError as e:
+        raise SessionFileError(str(e)) from None
     return parse_session(info)
 
 
@@ -240,13 +234,13 @@ def record_session(run_dir: str | Path) -> None:
     if session_dir is None or not _MARKER.fullmatch(marker) or me is None:
         log.warning("could not record Ray's session for %s; `densitune clean` will not find its processes", run_dir)
         return
+
     path = Path(run_dir) / SESSION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{SESSION_FILE}")
-    tmp.write_text(json.dumps({
-        "format": SESSION_FORMAT, "version": SESSION_VERSION, "marker": marker, "uid": os.getuid(),
-        "session_dir": session_dir, "driver": vars(me), "processes": [vars(p) for p in procs]}))
-    os.replace(tmp, path)
+    with fatal_storage(run_dir):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({
+            "format": SESSION_FORMAT, "version": SESSION_VERSION, "marker": marker, "uid": os.getuid(),
+            "session_dir": session_dir, "driver": vars(me), "processes": [vars(p) for p in procs]}))
 
 
 def _alive(pid: int) -> bool:

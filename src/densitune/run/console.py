@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from densitune.errors import STORAGE_PREFIX, StorageError
+
 log = logging.getLogger("densitune")
 
 LOG_NAME = "densitune.log"
@@ -57,6 +59,19 @@ def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     del quiet  # -q: no header, no progress bar (see Progress); warnings still show
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file. A line it cannot write (a full disk, a vanished mount) is dropped without logging's
+    traceback on the console: the write that fails in the run itself is reported, once, in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+    def _open(self) -> Any:
+        """Opened for append without following a link (a run folder is untrusted input)."""
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def log_to_file(path: str | Path | None) -> None:
     """Append every ``densitune`` INFO line of this process to ``path`` (once per path and process).
 
@@ -70,7 +85,13 @@ def log_to_file(path: str | Path | None) -> None:
     if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    try:
+        handler = _RunLogHandler(path, encoding="utf-8")  # opened for append: lines from many processes interleave whole
+    except OSError as e:
+
+        why = "a symbolic link: densitune writes only inside the run" if Path(path).is_symlink() else (
+            e.strerror or type(e).__name__)
+        raise StorageError(f"{STORAGE_PREFIX} {path}: {why}") from None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(handler)

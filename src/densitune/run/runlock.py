@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from densitune.errors import DensituneError
-from densitune.run.runstore import ObjectLock, ObjectPath, RunPath, create_object, delete_object, location, read_object
+from densitune.run.files import DocumentError, parse_document, read_document
+from densitune.run.runstore import (
+    ObjectLock,
+    ObjectPath,
+    RunPath,
+    check_no_links,
+    create_object,
+    delete_object,
+    location,
+    read_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +72,27 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict[str, Any] | None:
+
     try:
-        info = json.loads(path.read_text())
-        return info if isinstance(info, dict) else {}
+        return _checked(read_document(path))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except DocumentError:
         return {}  # being written, or damaged: judged by its age alone
+
+
+#: A pid in a lock file is only believed in Linux's range (a planted 2**70 is no pid).
+_PID_RANGE = range(1, (1 << 22) + 1)
+
+
+def _checked(info: Any) -> dict[str, Any]:
+    """A lock file's record with the fields of the wrong type or range dropped (it is then judged by its age)."""
+    if not isinstance(info, dict):
+        return {}
+    out = {k: v for k, v in info.items() if k in ("host", "command", "started_at") and isinstance(v, str)}
+    if type(info.get("pid")) is int and info["pid"] in _PID_RANGE:
+        out["pid"] = info["pid"]
+    return out
 
 
 def _stale(path: Path, info: dict[str, Any]) -> bool:
@@ -125,6 +149,7 @@ def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterat
         with _object_lock(root, experiment, me) as held:
             yield held
         return
+    check_no_links(root, experiment)  # every writer takes this lock first: no write may leave the run
     folder = root / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{experiment}.json"
@@ -170,6 +195,7 @@ def writer_lock(run_dir: str | RunPath, command: str, experiment: str) -> Iterat
 @contextmanager
 def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Iterator[ObjectPath]:
     """The writer lock as an object (module docstring): conditional create, lease renewal, conditional delete."""
+
     path = root / "locks" / f"{experiment}.json"
     body = json.dumps(me).encode()
     held: ObjectLock | None = None
@@ -182,9 +208,8 @@ def _object_lock(root: ObjectPath, experiment: str, me: dict[str, Any]) -> Itera
             continue  # released meanwhile: try again
         data, etag, age = found
         try:
-            info = json.loads(data)
-            info = info if isinstance(info, dict) else {}
-        except ValueError:
+            info = _checked(parse_document(data))
+        except DocumentError:
             info = {}
         same_host = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
         gone = (not _alive(info["pid"])) if same_host else age > LEASE_S

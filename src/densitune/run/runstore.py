@@ -39,6 +39,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
-from densitune.errors import ConfigError
+from densitune.errors import STORAGE_PREFIX as PREFIX
+from densitune.errors import ConfigError, StorageError
 from densitune.run.console import LOG_NAME
 from densitune.run.files import atomic_write
 
@@ -424,8 +426,9 @@ class RunStore:
         if isinstance(self.root, Path):
             return self.root
         digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:10]
-        folder = Path(tempfile.gettempdir()) / "densitune" / f"{self.root.name}-{digest}"
-        folder.mkdir(parents=True, exist_ok=True)
+        base = Path(tempfile.gettempdir()) / f"densitune-{os.getuid()}"
+        for folder in (base, base / f"{self.root.name}-{digest}"):
+            _own_private_folder(folder, self.root)
         return folder
 
     @property
@@ -435,3 +438,70 @@ class RunStore:
     @property
     def log_file(self) -> Path:
         return self.local() / LOG_NAME
+
+
+def _own_private_folder(folder: Path, run: Any) -> None:
+    """Create ``folder`` 0700, or accept it only if it is a real folder of this user (never a link, never
+    someone else's: the node-local files of a bucket run sit under the shared ``$TMPDIR``)."""
+
+
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{PREFIX} {folder}: {e.strerror or e} (the local folder of {run})") from None
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{PREFIX} {folder}: it is not a folder but a link or a file (the local folder of {run})")
+    if st.st_uid != os.getuid():
+        raise StorageError(f"{PREFIX} {folder}: it belongs to user {st.st_uid}, not to this user "
+                           f"(the local folder of {run})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(folder, 0o700)
+
+
+#: What densitune writes below a run's root, per experiment (``{}``), besides the files renamed into place.
+WRITTEN = ("locks", "results", "results/experiment={}", "models", "models/{}", "tune", "tune/train-{}",
+           "tune/search-{}", "tune/state", "cache", "scores", "scores/experiment={}", "plots", "studies",
+           "densitune.log", "ray-session.json")
+#: Folders whose whole tree densitune writes into (their sub-folders are checked too).
+WRITTEN_TREES = ("results/experiment={}", "models/{}", "cache", "tune/train-{}", "tune/search-{}", "tune/state")
+
+
+def check_no_links(root: Path, experiment: str) -> None:
+    """Refuse to run when a path densitune will write below the run's root goes through a symbolic link.
+
+    ``root`` (the RUN the user gave) may itself be a link: it is resolved once, and below it no component of
+    :data:`WRITTEN`, and no folder inside :data:`WRITTEN_TREES`, may be a link (a link planted in a run on shared
+    storage would make logs, rows, checkpoints or caches land outside it).
+
+    Raises:
+        StorageError: one line naming the link and the run.
+    """
+
+
+    base = Path(os.path.realpath(root))
+
+    def refuse(link: Path) -> StorageError:
+        return StorageError(f"{PREFIX} {link}: it is a symbolic link, and densitune writes only inside the run "
+                            f"{base} (remove the link)")
+
+    for rel in WRITTEN:
+        p = base
+        for part in rel.format(experiment).split("/"):
+            p = p / part
+            try:
+                mode = os.lstat(p).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(mode):
+                raise refuse(p)
+    for rel in WRITTEN_TREES:
+        top = base / rel.format(experiment)
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for folder, dirs, _files in os.walk(top, followlinks=False):
+            for name in dirs:
+                if os.path.islink(os.path.join(folder, name)):
+                    raise refuse(Path(folder, name))

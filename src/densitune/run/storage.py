@@ -18,15 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from densitune.errors import DensituneError
+from densitune.errors import STORAGE_PREFIX as PREFIX
+from densitune.errors import StorageError
 from densitune.run.runstore import ObjectPath, location, redact
 
-#: Prefix of every StorageError message: how the driver recognises one in a trial's error text.
-PREFIX = "cannot write"
-
-
-class StorageError(DensituneError):
-    """A write to the run folder failed (fatal: the run stops at the first one)."""
+__all__ = ["PREFIX", "StorageError", "check_writable", "describe", "fatal_storage", "storage_failure"]
 
 
 def describe(e: OSError, path: str | Path) -> str:
