@@ -16,7 +16,7 @@ from densitune.cli.commands import command, error_line
 from densitune.cli.parser import ATTACK_NAMES, FORMATS, METRICS, PLOT_FORMATS, VIEWS, build_parser
 from densitune.cli.parser import search_values as _search_values
 from densitune.errors import DensituneError
-from densitune.run.console import Interrupted, close_progress, resume_command, setup_logging
+from densitune.run.console import Interrupted, close_progress, resume_command, setup_logging, sigterm_as_interrupt
 
 __all__ = ("ATTACK_NAMES", "FORMATS", "METRICS", "PLOT_FORMATS", "VIEWS", "_search_values", "build_parser", "main")
 
@@ -28,17 +28,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    sigterm_as_interrupt()
     try:
         return command(args.command)(args, argv)
     except (DensituneError, Interrupted) as e:
         close_progress()
         print(error_line(e), file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM outside a run's account (densitune.run.console.Terminated)
         close_progress()
         how = f"; continue with: {resume_command(argv)}" if args.command in RESUMABLE else ""
         print(f"densitune: interrupted{how}", file=sys.stderr)
-        return 130
+        return getattr(stop, "exit_code", 130)
 
 
 if __name__ == "__main__":  # pragma: no cover
