@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from densitune.errors import DensituneError
 from densitune.kernels import pin_portable_kernels
 from densitune.run.cleanup import clean_run, record_session
-from densitune.run.console import Interrupted, Terminated, sigterm_as_interrupt
+from densitune.run.console import Interrupted, Terminated, sigterm_as_interrupt, terminated
 from densitune.run.ray_runtime import init_ray
 from densitune.run.runstore import RunStore
 from densitune.run.storage import check_writable
@@ -69,7 +69,8 @@ class Outcome:
 
 def interrupted(account: str, hint: str, cause: BaseException | None = None) -> Interrupted:
     """The error of a run stopped by Ctrl-C or SIGTERM (``cause``): what finished, and the command that continues it."""
-    return Interrupted(f"{account}; continue with: {hint}", getattr(cause, "exit_code", 130))
+    return Interrupted(f"{account}; continue with: {hint}",
+                       Terminated.exit_code if cause is not None and terminated(cause) else 130)
 
 
 def failed(e: DensituneError, account: str, hint: str) -> DensituneError:
@@ -122,5 +123,5 @@ def stop_ray_unless_terminated(stop: BaseException) -> None:
     account comes first: whoever sent it (``ray job stop``, a batch scheduler) sends SIGKILL a few seconds later,
     and Ray's shutdown takes about that long, so the account is printed at once and Ray stops as the process
     exits. A trial that finishes meanwhile is recorded once more than the account says; ``--resume`` skips it."""
-    if not isinstance(stop, Terminated):
+    if not terminated(stop):
         stop_ray()

@@ -17,7 +17,15 @@ from densitune.cli.commands import command, error_line
 from densitune.cli.parser import ATTACK_NAMES, FORMATS, METRICS, PLOT_FORMATS, VIEWS, build_parser
 from densitune.cli.parser import search_values as _search_values
 from densitune.errors import DensituneError, StorageError
-from densitune.run.console import Interrupted, close_progress, resume_command, setup_logging, sigterm_as_interrupt
+from densitune.run.console import (
+    Interrupted,
+    Terminated,
+    close_progress,
+    resume_command,
+    setup_logging,
+    sigterm_as_interrupt,
+    terminated,
+)
 from densitune.run.storage import describe
 
 __all__ = ("ATTACK_NAMES", "FORMATS", "METRICS", "PLOT_FORMATS", "VIEWS", "_search_values", "build_parser", "main")
@@ -51,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_progress()
         how = f"; continue with: {resume_command(argv)}" if args.command in RESUMABLE else ""
         print(f"densitune: interrupted{how}", file=sys.stderr)
-        return getattr(stop, "exit_code", 130)
+        return Terminated.exit_code if terminated(stop) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,7 +48,22 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+def terminated(stop: BaseException) -> bool:
+    """Whether the KeyboardInterrupt ``stop`` came from SIGTERM. Ray's core worker turns an exception raised by a
+    signal handler during one of its calls (``ray.wait``) into a KeyboardInterrupt of its own, so the handler also
+    leaves a mark the kernel keeps: it ignores further SIGTERMs (one is enough; SIGKILL may follow)."""
+    seen: set[int] = set()
+    e: BaseException | None = stop
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Terminated):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the mark :func:`terminated` reads
     raise Terminated()
 
 
