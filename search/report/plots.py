@@ -33,13 +33,14 @@ with Agg.
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import matplotlib as mpl
 import numpy as np
@@ -50,7 +51,8 @@ from sklearn.metrics import roc_curve
 
 from densitune.errors import CheckpointError, ConfigError, ResultsError
 from densitune.results.store import _safe, filter_results, read_results
-from densitune.run.runstore import location
+from densitune.run.files import atomic_write
+from densitune.run.runstore import location, refuse_links_below
 from densitune.search.ood.metrics import METRICS, auroc, check_metric
 from densitune.search.report.tables import (
     GROUP_COLUMNS,
@@ -410,13 +412,17 @@ def roc_figure(best: BestScores) -> Figure:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _savefig(fig: Figure, fmt: str, f: BinaryIO) -> None:
+    fig.savefig(f, dpi=DPI, format=fmt)
+
+
 def _save(fig: Figure, path: Path, formats: Sequence[str]) -> list[Path]:
     """``path`` with each format's suffix; SVG and PDF keep text as text (see :data:`STYLE`)."""
     out = []
     with paper_style():  # svg.fonttype / pdf.fonttype are read when saving
         for fmt in formats:
             target = path.parent / f"{path.name}.{fmt}"
-            fig.savefig(target, dpi=DPI, format=fmt)
+            atomic_write(target, functools.partial(_savefig, fig, fmt))  # replaces a link, never follows it
             log.info("wrote %s", target)
             out.append(target)
     return out
@@ -466,6 +472,9 @@ def plot_results(
     df = select_rows(df, score=score, density=density, dims=dims)
     experiment, df = _experiment_frame(df, experiment, metric)
     best = best_scores(results_dir, df, metric, ws) if scores else None
+    results_at = location(results_dir)
+    if isinstance(results_at, Path):  # figures in the run (RUN/plots): no write through a planted link
+        refuse_links_below(results_at.parent, out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     fig = eps_figure(df, metric, experiment)

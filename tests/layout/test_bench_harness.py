@@ -89,7 +89,8 @@ no record yet | not measured | - |
 | Ray overhead (`ray_overhead.py`) | <= 0.2 s per trial | per trial (slope) 0.065 s | met | 2026-12-03 |
 | scoring memory (`scoring_memory.py`) | grows with the batch, not the data set | no record yet | not measured | - |
 | TPE vs grid (`tpe_vs_grid.py`) | median gap to the grid's best validation AUROC <= 0.005 with a third of its \
-trials | no record yet | not measured | - |"""
+trials | no record yet | not measured | - |
+| `--reproducible` (`reproducible_cost.py`) | information: its cost on the CPU | no record yet | not measured | - |"""
 
 
 def test_glance_turns_known_records_into_the_exact_table_and_is_idempotent(bench_modules):

@@ -60,3 +60,19 @@ def test_two_cpu_capabilities_within_tolerance_and_bit_identical_when_pinned(tmp
     pb, _ = _train(tmp_path, "avx2-pinned", {**AVX2, **PORTABLE_KERNELS})
     assert info_pa["capability"] == "DEFAULT"
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_reproducible_flag_pins_every_trial_process(tmp_path):
+    """``densitune train --reproducible``: the trial processes Ray starts run the portable kernels, and say so."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "run"
+    base = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+    p = subprocess.run([sys.executable, "-m", "densitune", "train", "--out", str(out), "-D", "4", "--epochs", "1",
+                        "--train-limit", "100", "--num-cpus", "1", "-q", "--reproducible"], env=base,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [r for f in (out / "results").rglob("*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert rows and {(r["reproducible"], r["cpu_capability"], r["onednn_isa"]) for r in rows} == {(True, "DEFAULT", "SSE41")}

@@ -176,5 +176,5 @@ def read_config(directory: str | RunPath) -> dict[str, Any]:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint config {p}: {e.strerror or error_summary(e)}") from None
     if not isinstance(info, dict):
-        raise CheckpointError(f"corrupt checkpoint config {p}: not a mapping of keys to values")
+        raise CheckpointError(f"not a densitune checkpoint config: {p}")
     return info

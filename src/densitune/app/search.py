@@ -19,7 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from densitune.app.session import Outcome, RunOptions, failed, header, interrupted, run_store, start_ray, stop_ray
+from densitune.app.session import (
+    Outcome,
+    RunOptions,
+    failed,
+    header,
+    interrupted,
+    run_store,
+    start_ray,
+    stop_ray_unless_terminated,
+)
 from densitune.errors import ConfigError, DensituneError
 from densitune.run.console import log_to_file
 from densitune.run.resource_flags import check_resource_flags
@@ -134,9 +143,9 @@ def search(options: SearchOptions) -> SearchOutcome:
         try:
             run_search(spec, groups, run, resume=options.resume, verbose=1 if options.verbose else 0,
                        max_gpu_hours=options.max_gpu_hours, progress=not options.quiet)
-        except KeyboardInterrupt:
-            stop_ray()  # no trial writes after the account below is taken
-            return SearchOutcome(interrupted(search_status(run, spec, total), options.resume_hint), **where)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+            stop_ray_unless_terminated(stop)  # Ctrl-C: no trial writes after the account below is taken
+            return SearchOutcome(interrupted(search_status(run, spec, total), options.resume_hint, stop), **where)
         except DensituneError as e:  # failed trials, a fatal error, the GPU-hour budget
             return SearchOutcome(failed(e, search_status(run, spec, total), options.resume_hint), **where)
         return _finished(options, spec, run, total, where)

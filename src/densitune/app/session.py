@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from densitune.errors import DensituneError
+from densitune.kernels import pin_portable_kernels
 from densitune.run.cleanup import clean_run, record_session
-from densitune.run.console import Interrupted
+from densitune.run.console import Interrupted, Terminated, sigterm_as_interrupt, terminated
 from densitune.run.ray_runtime import init_ray
 from densitune.run.runstore import RunStore
 from densitune.run.storage import check_writable
@@ -44,6 +45,7 @@ class RunOptions:
     quiet: bool = False  # no header, progress bar or summary lines
     verbose: bool = False  # per-epoch / per-trial lines and Ray Tune's own output on the console
     resume_hint: str = LIBRARY_HINT  # how the user continues this run (named in the account of a stopped run)
+    reproducible: bool = False  # pin every process to portable kernels (densitune.kernels; README "Same numbers")
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,10 @@ class Outcome:
 
     @property
     def status(self) -> int:
-        """The exit status: 0 finished, 130 interrupted (Ctrl-C), 2 failed."""
+        """The exit status: 0 finished, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 2 failed."""
         if self.error is None:
             return 0
-        return Interrupted.exit_code if isinstance(self.error, Interrupted) else 2
+        return self.error.exit_code if isinstance(self.error, Interrupted) else 2
 
     def raise_for_status(self) -> None:
         """Raise the error of a stopped run (the library functions do: a notebook sees an exception)."""
@@ -65,9 +67,10 @@ class Outcome:
             raise self.error
 
 
-def interrupted(account: str, hint: str) -> Interrupted:
-    """The error of a run stopped by Ctrl-C: what finished, and the command that continues it."""
-    return Interrupted(f"{account}; continue with: {hint}")
+def interrupted(account: str, hint: str, cause: BaseException | None = None) -> Interrupted:
+    """The error of a run stopped by Ctrl-C or SIGTERM (``cause``): what finished, and the command that continues it."""
+    return Interrupted(f"{account}; continue with: {hint}",
+                       Terminated.exit_code if cause is not None and terminated(cause) else 130)
 
 
 def failed(e: DensituneError, account: str, hint: str) -> DensituneError:
@@ -100,7 +103,9 @@ def start_ray(options: RunOptions, store: RunStore) -> None:
     done = clean_run(store.local(), prune=False)
     if done.ignored:
         log.warning("ignoring %s (it proves no process of a crashed driver); no process signalled", done.ignored)
-    init_ray(options.address, options.num_cpus, verbose=options.verbose, quiet=options.quiet)
+    env_vars = pin_portable_kernels() if options.reproducible else None  # before Ray starts its workers
+    init_ray(options.address, options.num_cpus, verbose=options.verbose, quiet=options.quiet, env_vars=env_vars)
+    sigterm_as_interrupt()  # after ray.init, which installs a handler of its own
     if options.address is None:  # a Ray this process started (never a cluster's)
         record_session(store.local())
 
@@ -111,3 +116,12 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def stop_ray_unless_terminated(stop: BaseException) -> None:
+    """After Ctrl-C, shut Ray down before the account is taken (so no trial writes after it). After SIGTERM the
+    account comes first: whoever sent it (``ray job stop``, a batch scheduler) sends SIGKILL a few seconds later,
+    and Ray's shutdown takes about that long, so the account is printed at once and Ray stops as the process
+    exits. A trial that finishes meanwhile is recorded once more than the account says; ``--resume`` skips it."""
+    if not terminated(stop):
+        stop_ray()

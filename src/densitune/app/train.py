@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from densitune.app.session import Outcome, RunOptions, failed, header, interrupted, run_store, start_ray, stop_ray
+from densitune.app.session import (
+    Outcome,
+    RunOptions,
+    failed,
+    header,
+    interrupted,
+    run_store,
+    start_ray,
+    stop_ray_unless_terminated,
+)
 from densitune.errors import CheckpointError, ConfigError, DensituneError
 from densitune.run.console import log_to_file
 from densitune.run.resource_flags import check_resource_flags, check_seeds
@@ -142,9 +151,9 @@ def train(options: TrainOptions) -> TrainOutcome:
         try:
             tune_training(configs, run, gpus_per_trial=options.gpus_per_trial, max_gpu_hours=options.max_gpu_hours,
                           verbose=1 if options.verbose else 0, progress=not options.quiet)
-        except KeyboardInterrupt:
-            stop_ray()  # no trial writes after the account below is taken
-            return TrainOutcome(interrupted(train_status(run, configs), options.resume_hint), tuple(configs), models_dir)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+            stop_ray_unless_terminated(stop)  # Ctrl-C: no trial writes after the account below is taken
+            return TrainOutcome(interrupted(train_status(run, configs), options.resume_hint, stop), tuple(configs), models_dir)
         except DensituneError as e:  # a failed trial, a fatal error, the GPU-hour budget
             return TrainOutcome(failed(e, train_status(run, configs), options.resume_hint), tuple(configs), models_dir)
     return TrainOutcome(None, tuple(configs), models_dir)

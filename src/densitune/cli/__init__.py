@@ -9,14 +9,24 @@ status 2.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
 from densitune.cli.commands import command, error_line
 from densitune.cli.parser import ATTACK_NAMES, FORMATS, METRICS, PLOT_FORMATS, VIEWS, build_parser
 from densitune.cli.parser import search_values as _search_values
-from densitune.errors import DensituneError
-from densitune.run.console import Interrupted, close_progress, resume_command, setup_logging
+from densitune.errors import DensituneError, StorageError
+from densitune.run.console import (
+    Interrupted,
+    Terminated,
+    close_progress,
+    resume_command,
+    setup_logging,
+    sigterm_as_interrupt,
+    terminated,
+)
+from densitune.run.storage import describe
 
 __all__ = ("ATTACK_NAMES", "FORMATS", "METRICS", "PLOT_FORMATS", "VIEWS", "_search_values", "build_parser", "main")
 
@@ -24,21 +34,32 @@ __all__ = ("ATTACK_NAMES", "FORMATS", "METRICS", "PLOT_FORMATS", "VIEWS", "_sear
 RESUMABLE = ("train", "search", "demo", "run")
 
 
+#: A write that failed for want of room or permission on the file system: one line naming the folder, never a traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    sigterm_as_interrupt()
     try:
         return command(args.command)(args, argv)
     except (DensituneError, Interrupted) as e:
         close_progress()
         print(error_line(e), file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 2
-    except KeyboardInterrupt:
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        close_progress()  # a full disk (or quota, or a read-only mount) under any write of the driver: one line
+        print(error_line(StorageError(describe(e, e.filename or getattr(args, "out", "") or "."))), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM outside a run's account (densitune.run.console.Terminated)
         close_progress()
         how = f"; continue with: {resume_command(argv)}" if args.command in RESUMABLE else ""
         print(f"densitune: interrupted{how}", file=sys.stderr)
-        return 130
+        return Terminated.exit_code if terminated(stop) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

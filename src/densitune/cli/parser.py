@@ -47,6 +47,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no header, progress bar or summary)")
     p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output on the console")
+    p.add_argument("--reproducible", action="store_true",
+                   help="pin every process of the run to portable kernels, so that another CPU type gives the same bits "
+                        "(README \"Same numbers\"; its cost: bench/RESULTS.md)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -259,7 +262,8 @@ def _run_options(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """The :class:`densitune.app.session.RunOptions` fields of ``args``; ``argv``: the command line (for the resume hint)."""
     return {"out": args.out, "address": args.address, "num_cpus": args.num_cpus, "cpus_per_trial": args.cpus_per_trial,
             "gpus_per_trial": args.gpus_per_trial, "max_gpu_hours": args.max_gpu_hours, "resume": args.resume,
-            "quiet": args.quiet, "verbose": args.verbose, "resume_hint": resume_command(argv)}
+            "quiet": args.quiet, "verbose": args.verbose, "resume_hint": resume_command(argv),
+            "reproducible": args.reproducible}
 
 
 def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:

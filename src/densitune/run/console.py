@@ -12,7 +12,9 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +29,50 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Interrupted(Exception):
-    """A run stopped before it finished (Ctrl-C): the message says what finished and how to go on.
+    """A run stopped before it finished (Ctrl-C, SIGTERM): the message says what finished and how to go on.
 
-    The command exits with :attr:`exit_code` (130, as a shell does for SIGINT).
+    The command exits with :attr:`exit_code`: 130 for SIGINT, 143 for SIGTERM, as a shell reports them.
     """
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``ray job stop``, ``timeout``, batch schedulers and Kubernetes send), raised where Ctrl-C's
+    KeyboardInterrupt would be, so a run ends the same way: the honest account, the ``--resume`` hint; exit 143."""
+
+    exit_code = 143
+
+
+def terminated(stop: BaseException) -> bool:
+    """Whether the KeyboardInterrupt ``stop`` came from SIGTERM. Ray's core worker turns an exception raised by a
+    signal handler during one of its calls (``ray.wait``) into a KeyboardInterrupt of its own, so the handler also
+    leaves a mark the kernel keeps: it ignores further SIGTERMs (one is enough; SIGKILL may follow)."""
+    seen: set[int] = set()
+    e: BaseException | None = stop
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Terminated):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the mark :func:`terminated` reads
+    raise Terminated()
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in this (main) thread. Called when a command starts and
+    again after Ray has started (``ray.init`` installs its own handler)."""
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def resume_command(argv: Sequence[str]) -> str:

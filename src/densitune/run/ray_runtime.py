@@ -36,7 +36,7 @@ def _session_token() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,
-             quiet: bool = False) -> None:
+             quiet: bool = False, env_vars: dict[str, str] | None = None) -> None:
     """Start or join Ray once per process (later calls are no-ops).
 
     Without ``address`` an isolated local instance is started (``address="local"``), even
@@ -46,7 +46,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     Without ``verbose`` Ray and Tune keep quiet on the console: worker output stays in
     Ray's session logs (densitune's own lines go to the run's log file) and Ray logs
     warnings only (see :func:`densitune.run.console.quiet_ray`); ``quiet`` (``-q``) hides those too:
-    densitune's warnings and its one-line errors still show.
+    densitune's warnings and its one-line errors still show. ``env_vars`` (already in this process's environment
+    for a local Ray, whose processes inherit it) reach a cluster's trial processes through the job's runtime
+    environment.
     """
     import ray
 
@@ -58,7 +60,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        # a cluster's workers already run: settings every trial process needs (--reproducible) travel in the job's
+        # runtime environment (never credentials: those come from each node's own environment or role)
+        runtime_env: dict[str, Any] | None = {"env_vars": dict(env_vars)} if env_vars else None
+        ray.init(address=address, log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
                  ray.cluster_resources())
     else:

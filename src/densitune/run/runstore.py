@@ -505,3 +505,25 @@ def check_no_links(root: Path, experiment: str) -> None:
             for name in dirs:
                 if os.path.islink(os.path.join(folder, name)):
                     raise refuse(Path(folder, name))
+
+
+def refuse_links_below(root: Path, path: Path) -> None:
+    """Refuse to write ``path`` when it lies below the run ``root`` (resolved once) through a symbolic link.
+
+    Raises:
+        StorageError: one line naming the link.
+    """
+
+    base, target = Path(os.path.realpath(root)), Path(os.path.abspath(path))
+    if not target.is_relative_to(base):
+        return  # a folder of the user's own choosing, outside the run
+    p = base
+    for part in target.relative_to(base).parts:
+        p = p / part
+        try:
+            mode = os.lstat(p).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISLNK(mode):
+            raise StorageError(f"{PREFIX} {p}: it is a symbolic link, and densitune writes only inside the run "
+                               f"{base} (remove the link)")
