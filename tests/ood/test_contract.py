@@ -112,8 +112,27 @@ class TestDensityContract:
 
     def test_wrong_feature_dimension_raises(self, name, fit_data, queries) -> None:
         density = create_density(name).fit(*fit_data)
-        with pytest.raises(DensituneError):
+        with pytest.raises(DensituneError, match="dimension"):
             density.score_samples(queries[:, :-1])
+        with pytest.raises(DensituneError, match="shape"):
+            density.score_samples(queries[0])
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+    def test_non_finite_features_are_refused_by_fit(self, name, bad, fit_data) -> None:
+        z, y = fit_data
+        z_bad = z.clone()
+        z_bad[3, 1] = bad
+        with pytest.raises(DensituneError, match="NaN"):
+            create_density(name).fit(z_bad, y)
+
+    def test_gradient_matches_finite_differences(self, name, fit_data, queries) -> None:
+        density = create_density(name, chunk_size=5).fit(fit_data[0].double(), fit_data[1])
+        assert torch.autograd.gradcheck(density.score_samples, (queries[:6].double().clone().requires_grad_(True),))
+
+    def test_fit_does_not_keep_the_autograd_graph(self, name, fit_data, queries) -> None:
+        z, y = fit_data
+        density = create_density(name).fit(z.clone().requires_grad_(True), y)
+        assert not density.score_samples(queries).requires_grad
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,12 +12,11 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.neighbors import KernelDensity
 
-from densitune.errors import ConfigError, DensituneError, NotFittedError, UnknownNameError
+from densitune.errors import ConfigError, DensituneError, UnknownNameError
 from densitune.search.ood.densities import (
     DENSITIES,
     JITTERS,
     ClassConditionalGaussian,
-    Density,
     cholesky_with_jitter,
     create_density,
 )
@@ -356,90 +355,3 @@ def test_describe_gives_the_row_columns_name_params_and_fitted_scalars(kde_data)
     assert gmm.describe() == {"density": "gmm_max", "density_params": '{"chunk_size": null, "dtype": "float64", '
                               '"prior": false, "reg_covar": 0.0, "shrinkage": "none"}', "density_fit": None}
     assert repr(gmm) == "GMMMax(prior=False, chunk_size=None, reg_covar=0.0, shrinkage='none', dtype='float64')"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# contract tests, parametrised over every registered density
-# ---------------------------------------------------------------------------------------------------------
-
-ALL = DENSITIES.names()
-
-
-@pytest.fixture(scope="module")
-def fit_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    z, y = _class_data(seed=5)
-    q = torch.randn(12, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 2 + 3
-    return z, y, q
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_is_a_density_and_fit_returns_self(name: str, fit_data) -> None:
-    z, y, _ = fit_data
-    d = create_density(name)
-    assert isinstance(d, Density) and not d.is_fitted()
-    assert d.fit(z, y) is d and d.is_fitted() and d.n_features_in_ == 5
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_score_before_fit_raises(name: str, fit_data) -> None:
-    with pytest.raises(NotFittedError):
-        create_density(name).score_samples(fit_data[2])
-
-
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_contract_nonfinite_features_raise(name: str, fit_data, bad: float) -> None:
-    z, y, q = fit_data
-    z_bad = z.clone()
-    z_bad[3, 1] = bad
-    with pytest.raises(DensituneError, match="NaN"):
-        create_density(name).fit(z_bad, y)
-    d = create_density(name).fit(z, y)
-    q_bad = q.clone()
-    q_bad[0, 0] = bad
-    with pytest.raises(DensituneError, match="NaN"):
-        d.score_samples(q_bad)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_wrong_dimension_raises(name: str, fit_data) -> None:
-    z, y, q = fit_data
-    d = create_density(name).fit(z, y)
-    with pytest.raises(DensituneError, match="dimension"):
-        d.score_samples(q[:, :4])
-    with pytest.raises(DensituneError, match="shape"):
-        d.score_samples(q[0])
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_deterministic(name: str, fit_data) -> None:
-    z, y, q = fit_data
-    a = create_density(name).fit(z, y).score_samples(q)
-    b = create_density(name).fit(z, y).score_samples(q)
-    assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_float64_output_and_gradients_to_float32_input(name: str, fit_data) -> None:
-    z, y, q = fit_data
-    d = create_density(name).fit(z.float(), y)
-    q32 = q.float().requires_grad_(True)
-    out = d.score_samples(q32)
-    assert out.dtype == torch.float64 and out.shape == (12,) and torch.isfinite(out).all()
-    (grad,) = torch.autograd.grad(out.sum(), q32)
-    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and (grad != 0).all()
-    assert d.score_samples(q[:0]).shape == (0,)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_gradient_matches_finite_differences(name: str, fit_data) -> None:
-    z, y, q = fit_data
-    d = create_density(name, chunk_size=5).fit(z, y)
-    assert torch.autograd.gradcheck(d.score_samples, (q[:6].clone().requires_grad_(True),))
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_contract_fit_does_not_keep_the_autograd_graph(name: str, fit_data) -> None:
-    z, y, q = fit_data
-    d = create_density(name).fit(z.clone().requires_grad_(True), y)
-    assert not d.score_samples(q).requires_grad
