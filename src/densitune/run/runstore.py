@@ -482,21 +482,8 @@ def check_no_links(root: Path, experiment: str) -> None:
 
 
     base = Path(os.path.realpath(root))
-
-    def refuse(link: Path) -> StorageError:
-        return StorageError(f"{PREFIX} {link}: it is a symbolic link, and densitune writes only inside the run "
-                            f"{base} (remove the link)")
-
     for rel in WRITTEN:
-        p = base
-        for part in rel.format(experiment).split("/"):
-            p = p / part
-            try:
-                mode = os.lstat(p).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                break
-            if stat.S_ISLNK(mode):
-                raise refuse(p)
+        refuse_links_below(base, base / rel.format(experiment))
     for rel in WRITTEN_TREES:
         top = base / rel.format(experiment)
         if not top.is_dir() or top.is_symlink():
@@ -504,7 +491,7 @@ def check_no_links(root: Path, experiment: str) -> None:
         for folder, dirs, _files in os.walk(top, followlinks=False):
             for name in dirs:
                 if os.path.islink(os.path.join(folder, name)):
-                    raise refuse(Path(folder, name))
+                    raise _linked(Path(folder, name), base)
 
 
 def refuse_links_below(root: Path, path: Path) -> None:
@@ -525,5 +512,9 @@ def refuse_links_below(root: Path, path: Path) -> None:
         except (FileNotFoundError, NotADirectoryError):
             return
         if stat.S_ISLNK(mode):
-            raise StorageError(f"{PREFIX} {p}: it is a symbolic link, and densitune writes only inside the run "
-                               f"{base} (remove the link)")
+            raise _linked(p, base)
+
+
+def _linked(link: Path, run: Path) -> StorageError:
+    return StorageError(f"{PREFIX} {link}: it is a symbolic link, and densitune writes only inside the run "
+                        f"{run} (remove the link)")
