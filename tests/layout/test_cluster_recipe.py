@@ -80,3 +80,73 @@ def test_readme_cluster_commands_parse_and_use_the_tested_flags():
     assert outs[1].startswith("s3://")  # the bucket variant: tests/app/test_node_loss.py and tests/app/test_s3_run.py run it
     assert "ray up -y cluster.yaml" in block and "ray down -y cluster.yaml" in block
     assert "--working-dir ." in block
+
+
+# ------------------------------------------------------------------ issue 24, Build 1: what a paid cluster needs
+
+def _aws() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_every_worker_type_has_an_instance_profile():
+    """Ray gives its S3-capable profile to the head only: each worker type names its own (bucket access)."""
+    cfg = _aws()
+    workers = {n: t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
+    assert workers
+    for name, t in workers.items():
+        profile = t["node_config"].get("IamInstanceProfile") or {}
+        assert set(profile) & {"Arn", "Name"} and all(profile.values()), name
+
+
+def test_shared_folder_is_mounted_before_its_ownership_is_set():
+    """A chown before the NFS mount is hidden by the mount (a new EFS root belongs to root)."""
+    cmds = _aws()["setup_commands"]
+    mount = next(i for i, c in enumerate(cmds) if "mount -t nfs" in c)
+    target = cmds[mount].split()[-1]
+    chowns = [i for i, c in enumerate(cmds) if "chown" in c and target in c]
+    assert chowns and all(i > mount for i in chowns), cmds
+    assert any("2049" in str(p) for p in _aws()["provider"]["security_group"]["IpPermissions"])  # NFS let in
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("name", CONFIGS)
+def test_install_goes_into_a_venv_made_by_a_checked_python(name):
+    cfg = yaml.safe_load((ROOT / name).read_text())
+    cmds = [" ".join(c.split()) for c in cfg["setup_commands"]]
+    check = next(i for i, c in enumerate(cmds) if "sys.version_info >= (3, 11)" in c)
+    venv_at = next(i for i, c in enumerate(cmds) if " -m venv " in c)
+    venv = cmds[venv_at].split(" -m venv ")[1].split()[0]
+    assert check < venv_at
+    installs = [c for c in cmds if "pip install" in c]
+    assert installs and all(c.startswith(f"{venv}/bin/python -m pip") for c in installs)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):  # Ray (and densitune) from the venv
+        assert all(venv.removeprefix("~/") + "/bin" in c for c in cfg[key]), key
+        assert any("RAY_AUTH_MODE=token" in c for c in cfg[key]), key  # token auth as Ray recommends
+    # the check itself runs: this interpreter (>= 3.11) passes it
+    import subprocess
+    import sys
+
+    line = cmds[check].replace("python3 -c", f"{sys.executable} -c", 1)
+    assert subprocess.run(["bash", "-c", line], capture_output=True).returncode == 0  # noqa: S603
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rsync_leaves_the_venv_and_git_at_home(name):
+    """Ray's own rsync arguments for the config skip what .gitignore names (.venv, build) and .git."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    cfg = yaml.safe_load((ROOT / name).read_text())
+    args = SSHCommandRunner._create_rsync_filter_args(None, {k: cfg.get(k) for k in ("rsync_filter", "rsync_exclude")})
+    assert ["--filter", "dir-merge,- .gitignore"] == args[args.index("--filter"):args.index("--filter") + 2]
+    excluded = [args[i + 1] for i, a in enumerate(args) if a == "--exclude"]
+    assert "**/.git" in excluded and "**/.git/**" in excluded
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert ".venv/" in ignored and "build/" in ignored
+
+
+def test_gpu_workers_check_the_driver_and_cuda():
+    cfg = _aws()
+    for t in cfg["available_node_types"].values():
+        if t["resources"].get("GPU", 0) > 0:
+            cmds = " ".join(t["worker_setup_commands"])
+            assert "580" in cmds and "torch.cuda.is_available()" in cmds
