@@ -25,7 +25,13 @@ from densitune.results.sample_scores import write_sample_scores
 from densitune.results.store import COMPACT_EVERY, RollingCompaction, has_results, read_results, write_rows
 from densitune.run.console import log_to_file
 from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
-from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources, trial_slots
+from densitune.run.ray_runtime import (
+    compaction_callback,
+    progress_callback,
+    require_cuda_for_assigned_gpus,
+    trial_resources,
+    trial_slots,
+)
 from densitune.run.runstore import tune_storage
 from densitune.run.storage import fatal_storage
 from densitune.search.evaluate import workspace
@@ -65,6 +71,7 @@ def search_trainable(
     from ray import tune
 
     log_to_file(run.log_file)
+    require_cuda_for_assigned_gpus()  # given a GPU: CUDA or one fatal line, never the CPU silently
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     params = points[config["point"]] if "point" in config else params_from_config(config)
     trial_id = tune.get_context().get_trial_id()

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from densitune.errors import ConfigError
+from densitune.run.ray_runtime import FAKE_GPU_ENV
 from densitune.run.resource_flags import check_resource_flags
 
 
@@ -88,9 +89,11 @@ def short_tmp():
 
 @pytest.mark.ray
 @pytest.mark.process
-def test_search_trials_request_a_quarter_gpu_on_a_gpu_node(tmp_path, trained_models, short_tmp):
+def test_search_trials_request_a_quarter_gpu_on_a_gpu_node(tmp_path, trained_models, short_tmp, monkeypatch):
     """A cluster whose node declares a GPU: each search trial holds 0.25 of it, so four share it."""
     from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv(FAKE_GPU_ENV, "1")  # test-only: the node's fake GPU runs on the CPU (its trials inherit it)
 
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 4, "num_gpus": 1, "include_dashboard": False,
@@ -111,6 +114,31 @@ def test_search_trials_request_a_quarter_gpu_on_a_gpu_node(tmp_path, trained_mod
             q.check_returncode()
         assert "no node of this cluster has (or can start with) more than 1 GPU(s)" in q.stderr.strip().splitlines()[-1]
         assert not list((tmp_path / "r2").rglob("*.parquet"))
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.process
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_trial_given_a_fake_gpu_without_the_switch_fails_in_one_line(tmp_path, short_tmp, monkeypatch):
+    """A node that offers a GPU torch cannot use (here: a declared one): the trial fails in one line naming the
+    node, the run exits 2 and nothing trains on the CPU; never a silent CPU fallback."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv(FAKE_GPU_ENV, raising=False)
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False,
+                                      "object_store_memory": 150 * 1024 * 1024, "temp_dir": short_tmp})
+    try:
+        p = densitune("train", "--address", cluster.address, "--gpus-per-trial", "1", "--out", str(tmp_path / "run"),
+                      "-D", "4", "--epochs", "1", cwd=tmp_path, env={"RAY_TMPDIR": short_tmp})
+        assert p.returncode == 2, p.stderr[-3000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert re.search(r"\(cnn-D4-ce-s0-\w+, not retried\): node [\d.]+: given 1 GPU\(s\) but torch sees no CUDA "
+                         r"device \(no GPU, or a driver too old for CUDA [\w.]+\); not run on its CPU; ", last), last
+        assert "Traceback" not in p.stderr
+        assert not list((tmp_path / "run" / "results").rglob("*.parquet"))  # not one epoch trained on the CPU
     finally:
         cluster.shutdown()
 

@@ -23,7 +23,12 @@ from densitune.results.rows import provenance, result_row
 from densitune.results.store import COMPACT_EVERY, RollingCompaction, write_rows
 from densitune.run.console import log_to_file
 from densitune.run.failures import MAX_RETRIES, check_budget, fatal_stopper, guarded, raise_fatal
-from densitune.run.ray_runtime import compaction_callback, progress_callback, trial_resources
+from densitune.run.ray_runtime import (
+    compaction_callback,
+    progress_callback,
+    require_cuda_for_assigned_gpus,
+    trial_resources,
+)
 from densitune.run.runstore import RunPath, location, tune_storage
 from densitune.run.storage import fatal_storage, storage_failure
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
@@ -110,6 +115,7 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     from ray import tune
 
     log_to_file(run.log_file)
+    require_cuda_for_assigned_gpus()  # given a GPU: CUDA or one fatal line, never the CPU silently
     cfg = TrainConfig.from_dict(configs[config["key"]])
     torch.set_num_threads(max(1, int(run.cpus_per_trial)))
     resume = None

@@ -35,6 +35,22 @@ def _session_token() -> None:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+#: Credentials Ray Tune copies from the driver's environment into every trial's runtime env
+#: (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``). A runtime env is logged by every node's
+#: runtime_env_agent and served by the state API: credentials reach trials through each node's own environment,
+#: instance role or AWS configuration instead.
+TUNE_COPIED_CREDENTIALS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                                     "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune's copy of AWS credentials into its trials' runtime env (only that copy: the other variables it
+    propagates still travel). A local Ray and its trials inherit this process's environment anyway."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - TUNE_COPIED_CREDENTIALS
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,
              quiet: bool = False, env_vars: dict[str, str] | None = None) -> None:
     """Start or join Ray once per process (later calls are no-ops).
@@ -53,6 +69,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     import ray
 
     quiet_ray(verbose)
+    keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return
     if quiet:
@@ -62,6 +79,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
     if address:
         # a cluster's workers already run: settings every trial process needs (--reproducible) travel in the job's
         # runtime environment (never credentials: those come from each node's own environment or role)
+        env_vars = {**(env_vars or {}), **{k: v for k in (FAKE_GPU_ENV,) if (v := os.environ.get(k))}}  # test-only
         runtime_env: dict[str, Any] | None = {"env_vars": dict(env_vars)} if env_vars else None
         ray.init(address=address, log_to_driver=verbose, logging_level=level, runtime_env=runtime_env)
         log.info("joined the Ray cluster at %s: %d node(s), resources %s", address, len(alive_nodes()),
@@ -133,6 +151,30 @@ def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = 
     if gpus_per_trial > 0:
         res["gpu"] = float(gpus_per_trial)
     return res
+
+
+#: Test-only: ``DENSITUNE_TEST_FAKE_GPU=1`` lets a trial that Ray gave a (fake, declared) GPU run on the CPU. Tests set
+#: it on clusters whose nodes declare ``num_gpus`` without having one; never set it on a real cluster.
+FAKE_GPU_ENV = "DENSITUNE_TEST_FAKE_GPU"
+
+
+def require_cuda_for_assigned_gpus() -> None:
+    """Inside a trial: if Ray gave it a GPU, torch must see CUDA. Never train on the CPU of a (billed) GPU node
+    silently: the trial fails fatally, in one line naming the node (a retry would repeat it).
+
+    Raises:
+        ConfigError: the trial holds GPUs but no CUDA device is usable here (and ``DENSITUNE_TEST_FAKE_GPU`` is unset).
+    """
+    import ray
+
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    if gpus <= 0 or os.environ.get(FAKE_GPU_ENV) == "1":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"node {ray.util.get_node_ip_address()}: given {gpus:g} GPU(s) but torch sees no CUDA "
+                          f"device (no GPU, or a driver too old for CUDA {torch.version.cuda}); not run on its CPU")
 
 
 def trial_slots(resources: dict[str, float]) -> int:
