@@ -112,7 +112,10 @@ def test_search_trials_request_a_quarter_gpu_on_a_gpu_node(tmp_path, trained_mod
             q = densitune("search", "--address", cluster.address, "--gpus-per-trial", "2", "--out", str(tmp_path / "r2"),
                           "--models", str(models), cwd=tmp_path, env={"RAY_TMPDIR": short_tmp})
             q.check_returncode()
-        assert "no node of this cluster has (or can start with) more than 1 GPU(s)" in q.stderr.strip().splitlines()[-1]
+        last = q.stderr.strip().splitlines()[-1]
+        assert last.startswith("densitune: error: --cpus-per-trial 1 --gpus-per-trial 2: no node can run a trial of that "
+                               "size, and none that could can be started (checked the alive nodes; largest: "), last
+        assert "4 CPU, 1 GPU" in last
         assert not list((tmp_path / "r2").rglob("*.parquet"))
     finally:
         cluster.shutdown()

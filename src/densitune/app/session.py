@@ -18,7 +18,7 @@ from densitune.errors import DensituneError
 from densitune.kernels import pin_portable_kernels
 from densitune.run.cleanup import clean_run, record_session
 from densitune.run.console import Interrupted, Terminated, sigterm_as_interrupt, terminated
-from densitune.run.ray_runtime import init_ray
+from densitune.run.ray_runtime import init_ray, trial_resources
 from densitune.run.runstore import RunStore
 from densitune.run.storage import check_writable
 
@@ -106,6 +106,7 @@ def start_ray(options: RunOptions, store: RunStore) -> None:
     env_vars = pin_portable_kernels() if options.reproducible else None  # before Ray starts its workers
     init_ray(options.address, options.num_cpus, verbose=options.verbose, quiet=options.quiet, env_vars=env_vars)
     sigterm_as_interrupt()  # after ray.init, which installs a handler of its own
+    trial_resources(options.cpus_per_trial, options.gpus_per_trial)  # a trial no node can ever run: refused now
     if options.address is None:  # a Ray this process started (never a cluster's)
         record_session(store.local())
 

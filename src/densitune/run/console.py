@@ -167,6 +167,10 @@ def quiet_ray(verbose: bool) -> None:
                     logger.addHandler(h)
 
 
+#: Seconds trials may wait with none running before the bar is redrawn to say what they wait for.
+STUCK_AFTER_S = 10.0
+
+
 class Progress:
     """One live progress bar (tqdm on stderr) for a run of ``total`` trials.
 
@@ -178,10 +182,13 @@ class Progress:
     def __init__(self, total: int, what: str, metric: str, mode: str, *, enabled: bool = True) -> None:
         self.total, self.what, self.metric, self.mode = total, what, metric, mode
         self.done = self.failed = self.running = 0
+        self.waiting = ""  # trials that wait for resources, and one trial's demand ("2 waiting for 1 CPU, 1 GPU each")
         self.best: tuple[float, str] | None = None
         self.t0 = time.monotonic()
         self._step = max(1, total // 20)
         self._drawn = 0
+        self._stuck_since: float | None = None  # since when trials wait while none runs
+        self._stuck_drawn = False
         self._bar: Any = None
         if enabled and total > 0:
             from tqdm import tqdm
@@ -200,7 +207,8 @@ class Progress:
 
     def _postfix(self) -> str:
         best = f"best {self.metric} {self.best[0]:.4f}" if self.best else "no result yet"
-        return f"{self.running} running, {self.failed} failed; {best}"
+        waiting = f"{self.waiting}, " if self.waiting else ""
+        return f"{self.running} running, {waiting}{self.failed} failed; {best}"
 
     def finished(self, value: float | None, label: str, *, running: int, failed: bool = False) -> None:
         """One trial ended (``value`` its metric, None when it reported none)."""
@@ -228,6 +236,28 @@ class Progress:
         self.running = running
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def pending(self, count: int, demand: dict[str, float], now: float | None = None) -> None:
+        """``count`` trials wait for their resources (``demand``: one trial's request); shown in the bar. When trials
+        have waited :data:`STUCK_AFTER_S` with none running (an autoscaler starting a node, a busy cluster), the bar is
+        redrawn once and the log says so: "0 running" then says what the run waits for."""
+        text = f"{count} waiting for " + ", ".join(f"{v:g} {k}" for k, v in demand.items() if v > 0) + " each" if count else ""
+        now = time.monotonic() if now is None else now
+        if not count or self.running:
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        redraw = self._stuck_since is not None and now - self._stuck_since >= STUCK_AFTER_S and not self._stuck_drawn
+        self._stuck_drawn = (self._stuck_drawn or redraw) and self._stuck_since is not None
+        if text == self.waiting and not redraw:
+            return
+        self.waiting = text
+        if redraw:
+            log.info("%s: 0 running, %s", self.what, text)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            if redraw:
+                self._bar.refresh()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -266,6 +296,10 @@ def progress_callback(progress: Progress, metric: str):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._done(trials, trial, failed=True)
+
+        def on_step_end(self, iteration, trials, **info):
+            waiting = [t for t in trials if t.status == "PENDING"]
+            progress.pending(len(waiting), dict(waiting[0].placement_group_factory.required_resources) if waiting else {})
 
         def on_experiment_end(self, trials, **info):
             progress.close()

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from densitune.checks import error_summary
-from densitune.errors import ConfigError
 from densitune.run.cleanup import new_session_marker
 from densitune.run.console import Progress, quiet_ray
 from densitune.run.console import progress_callback as _progress_callback
 from densitune.run.failures import FATAL_KEY
+from densitune.run.feasibility import check_feasible
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +106,6 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def _node_type_gpus() -> list[float]:
-    """GPUs of each node type an autoscaling cluster may start (the launcher's config on the head)."""
-    path = Path(os.path.expanduser("~/ray_bootstrap_config.yaml"))
-    if not path.is_file():
-        return []
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-        types = cfg.get("available_node_types") or {}
-        return [float((t.get("resources") or {}).get("GPU", 0)) for t in types.values() if isinstance(t, dict)]
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-
-
 def _silence_ray() -> None:
     """Drop the records of Ray's loggers (they log to their own handlers, not through densitune's)."""
     ray_log = logging.getLogger("ray")
@@ -130,23 +115,20 @@ def _silence_ray() -> None:
 
 
 def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None) -> dict[str, float]:
-    """Resources for one trial, requested (not guessed), checked against what a node can have.
+    """Resources for one trial, requested (not guessed), checked against what a node has or can start with
+    (:func:`densitune.run.feasibility.check_feasible`; the services call this once right after Ray starts).
 
     ``gpus_per_trial=None`` (a local run only: :func:`densitune.run.resource_flags.check_resource_flags` refuses it with
     an address) means one GPU per trial when this machine has GPUs, else none.
 
     Raises:
-        ConfigError: a trial would need more GPUs than any node has or can ever have.
+        ConfigError: no node has, and no node type can start with, the CPUs and GPUs of one trial.
     """
     import ray
 
     if gpus_per_trial is None:
         gpus_per_trial = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    nodes = alive_nodes()
-    most_gpus = max([float(n["Resources"].get("GPU", 0)) for n in nodes] + _node_type_gpus(), default=0.0)
-    if gpus_per_trial > most_gpus:
-        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: no node of this cluster has (or can start with) "
-                          f"more than {most_gpus:g} GPU(s)")
+    check_feasible({"CPU": float(cpus_per_trial), "GPU": float(gpus_per_trial)})
     res = {"cpu": float(cpus_per_trial)}
     if gpus_per_trial > 0:
         res["gpu"] = float(gpus_per_trial)

@@ -12,6 +12,7 @@ Standard library only, so a bad flag fails in well under a second.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,20 @@ def check_seeds(flag: str, seeds: Sequence[Any] | None) -> None:
             raise ConfigError(f"{flag} must be integers >= 0, got {str(s)[:40]}")
 
 
+def check_local_cpus(args: Any) -> None:
+    """A local Ray (no ``--address``) is one node of ``--num-cpus`` (default: every CPU of this machine): a trial
+    asking for more would wait forever, so it is refused before Ray starts (a cluster's nodes are checked once
+    Ray runs, :func:`densitune.run.feasibility.check_feasible`)."""
+    cpus = getattr(args, "cpus_per_trial", None)
+    if getattr(args, "address", None) or cpus is None:
+        return
+    have = getattr(args, "num_cpus", None) or os.cpu_count() or 1
+    if cpus > have:
+        source = "--num-cpus" if getattr(args, "num_cpus", None) else "this machine's CPUs"
+        raise ConfigError(f"--cpus-per-trial {cpus:g}: no node can run a trial of that size: the local Ray has "
+                          f"{have:g} CPU(s) ({source}); ask for less per trial")
+
+
 def check_resource_flags(args: Any) -> None:
     """Every resource flag an ``argparse`` namespace has (absent ones are skipped)."""
     check_positive("--num-cpus", getattr(args, "num_cpus", None), whole=True)
@@ -58,6 +73,7 @@ def check_resource_flags(args: Any) -> None:
     check_gpus_per_trial(getattr(args, "gpus_per_trial", None))
     if getattr(args, "address", None) and getattr(args, "gpus_per_trial", 0) is None:
         raise ConfigError("with --address (a cluster) pass --gpus-per-trial explicitly (e.g. 1, 0.25, or 0 for CPU-only trials)")
+    check_local_cpus(args)
     check_positive("--max-gpu-hours", getattr(args, "max_gpu_hours", None))
     check_positive("--max-concurrent", getattr(args, "max_concurrent", None), whole=True)
     check_seeds("--seeds", getattr(args, "seeds", None))

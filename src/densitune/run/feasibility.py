@@ -1,0 +1,180 @@
+"""Can any node ever run one trial? A request that no node has, and no node type can start with, is refused.
+
+Ray queues a task or actor no node can run and waits: Tune then shows "0 running" forever. So before any trial
+starts, the per-trial request (CPUs and GPUs) is compared with the shape of every node that could run it:
+
+* every alive node (a local Ray, or a fixed cluster: nothing else will ever join);
+* on an autoscaling cluster also every worker type the autoscaler may start (``max_workers`` > 0), read from the
+  autoscaler's own config: the ``--autoscaling-config`` file its monitor process was started with (found through
+  the cluster's GCS address among this machine's processes: the driver of ``ray job submit`` or ``ray exec``
+  runs on the head), else ``~/ray_bootstrap_config.yaml`` (what ``ray up`` writes on the head).
+
+An autoscaler that reports its node groups to the GCS (KubeRay's) is read there first. A node type whose
+resources the config leaves to the provider (an AWS type without ``resources``) has an unknown shape, and a
+driver that finds no autoscaler config (one not on the head) cannot know what may start: then nothing is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from densitune.errors import ConfigError
+from densitune.run.files import DocumentError, read_document
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What one node has (``resources``: Ray's names, ``CPU``, ``GPU``, ...), and where that came from."""
+
+    name: str  # "node 10.0.0.3" or "type gpu_worker"
+    resources: Mapping[str, float] | None  # None: unknown (the provider decides)
+
+    def meets(self, request: Mapping[str, float]) -> bool:
+        if self.resources is None:
+            return True
+        return all(self.resources.get(k, 0.0) >= v for k, v in request.items() if v > 0)
+
+    def text(self, keys: Iterable[str]) -> str:
+        have = self.resources or {}
+        return f"{self.name}: " + ", ".join(f"{have.get(k, 0.0):g} {k}" for k in keys)
+
+
+def node_types(config: Mapping[str, Any]) -> list[NodeShape]:
+    """The node types of an autoscaler config that may ever run (the head type, and types with ``max_workers`` > 0
+    on a cluster whose ``max_workers`` is not 0)."""
+    types = config.get("available_node_types")
+    if not isinstance(types, Mapping):
+        return []
+    head = config.get("head_node_type")
+    cluster_max = config.get("max_workers")
+    shapes = []
+    for name, t in types.items():
+        if not isinstance(t, Mapping):
+            continue
+        most = t.get("max_workers")
+        startable = name == head or (cluster_max != 0 and (most is None or most > 0))
+        if not startable:
+            continue
+        res = t.get("resources")
+        if isinstance(res, Mapping) and all(isinstance(v, int | float) for v in res.values()):
+            shapes.append(NodeShape(f"type {name}", {str(k): float(v) for k, v in res.items()}))
+        else:
+            shapes.append(NodeShape(f"type {name}", None))
+    return shapes
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def monitor_config_path(gcs_address: str) -> tuple[bool, str | None]:
+    """(whether this cluster's autoscaler monitor runs on this machine, its ``--autoscaling-config`` or None)."""
+    flag = f"--gcs-address={gcs_address}"
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False, None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = _cmdline(entry.name)
+        if flag not in args or not any(a.endswith(("/monitor.py", "autoscaler.v2.monitor")) for a in args):
+            continue
+        paths = [a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")]
+        return True, (os.path.expanduser(paths[0]) if paths and paths[0] else None)
+    return False, None
+
+
+def autoscaler_types(gcs_address: str) -> tuple[list[NodeShape] | None, str]:
+    """The node types this cluster's autoscaler may start, and where they were read; None when they are unknown.
+
+    A monitor on this machine without a config is a fixed cluster (Ray's read-only provider): no type ([]).
+    """
+    found, path = monitor_config_path(gcs_address)
+    if found and path is None:
+        return [], "a fixed cluster (its autoscaler has no config)"
+    candidates = [path] if path else []
+    candidates.append(os.path.expanduser(BOOTSTRAP_CONFIG))
+    for candidate in candidates:
+        try:
+            config = read_document(candidate, "yaml")
+        except FileNotFoundError:
+            continue
+        except DocumentError as e:
+            log.warning("cannot read the autoscaler's config %s (%s); node types unknown", candidate, e)
+            return None, candidate
+        if isinstance(config, Mapping):
+            return node_types(config), candidate
+    return None, "no autoscaler config on this machine"
+
+
+def gcs_types() -> list[NodeShape] | None:
+    """The node groups an autoscaler reported to the GCS (KubeRay's autoscaler does), None when none did."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: its absence means "not reported"
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [NodeShape(f"type {g.name}", {str(k): float(v) for k, v in g.resources.items()})
+            for g in config.node_group_configs if g.max_count != 0]
+
+
+def _alive_shapes() -> list[NodeShape]:
+    import ray
+
+    return [NodeShape(f"node {n.get('NodeManagerAddress', '?')}", {k: float(v) for k, v in n["Resources"].items()})
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def check_feasible(request: Mapping[str, float]) -> None:
+    """Refuse ``request`` (Ray's resource names -> amounts per trial) when no node of this Ray can ever meet it.
+
+    A local Ray (``ray.init`` started it) is a fixed cluster: its monitor runs here without an autoscaler config.
+
+    Raises:
+        ConfigError: one line: the request, the flags that made it, and the largest nodes and node types.
+    """
+    import ray
+
+    shapes = _alive_shapes()
+    source = "the alive nodes"
+    types = gcs_types()
+    where = "the autoscaler's report to the GCS"
+    if types is None:
+        types, where = autoscaler_types(ray.get_runtime_context().gcs_address)
+    if types is None:  # an autoscaler this driver cannot see may start nodes of any shape
+        log.info("node types unknown (%s): a request no alive node meets waits for the autoscaler", where)
+        return
+    if types:
+        shapes += types
+        source += f" and the node types of {where}"
+    problem = refusal(request, shapes, source)
+    if problem:
+        raise ConfigError(problem)
+
+
+def refusal(request: Mapping[str, float], shapes: list[NodeShape], source: str) -> str | None:
+    """Why no node of ``shapes`` (checked in ``source``) can run a trial asking for ``request``; None when one can."""
+    if any(s.meets(request) for s in shapes):
+        return None
+    keys = [k for k, v in request.items() if v > 0]
+    flags = {"CPU": "--cpus-per-trial", "GPU": "--gpus-per-trial"}
+    asked = " ".join(f"{flags.get(k, k)} {v:g}" for k, v in request.items() if v > 0)
+    biggest = sorted(shapes, key=lambda s: tuple(-(s.resources or {}).get(k, 0.0) for k in keys))
+    have = "; ".join(s.text(keys) for s in biggest[:3]) or "no node"
+    return (f"{asked}: no node can run a trial of that size, and none that could can be started "
+            f"(checked {source}; largest: {have}); ask for less per trial")
