@@ -22,6 +22,7 @@ from densitune.app.search import search
 from densitune.app.train import train
 from densitune.cli.parser import demo_options, search_options, study_options, train_options
 from densitune.errors import ConfigError, DensituneError, ResultsError
+from densitune.results.experiments import ExperimentChoice, choose_experiment
 from densitune.results.sql import referenced_columns
 from densitune.run.console import Interrupted, close_progress
 from densitune.run.runstore import ObjectPath, location
@@ -57,6 +58,14 @@ def _say(args: argparse.Namespace, text: str) -> None:
     """A line on stdout (not with -q)."""
     if not getattr(args, "quiet", False):
         print(text, flush=True)
+
+
+def _experiment(args: argparse.Namespace, results: RunPath, *wheres: str | None) -> ExperimentChoice:
+    """The search experiment a reader keeps (the newest unless told otherwise); the choice is said on stderr."""
+    choice = choose_experiment(results, experiment=args.experiment, all_experiments=args.all_experiments, wheres=wheres)
+    if choice.note:
+        print(choice.note, file=sys.stderr, flush=True)
+    return choice
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -123,7 +132,8 @@ def cmd_best(args: argparse.Namespace, argv: list[str]) -> int:
     from densitune.results.store import results_dir_of
     from densitune.search.report.tables import best, best_config, read_search_rows
 
-    table = read_search_rows(results_dir_of(args.results), args.where)
+    results = results_dir_of(args.results)
+    table = read_search_rows(results, _experiment(args, results, args.where).where(args.where))
     if args.json:
         cfg = best_config(table, args.metric)
         cfg["density_params"] = json.loads(cfg["density_params"] or "{}")  # a nested object, not an escaped string
@@ -141,8 +151,10 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
     if args.n_boot < 1:
         raise ConfigError(f"--n-boot must be >= 1, got {args.n_boot}")
     results_dir = results_dir_of(args.results)
+    choice = _experiment(args, results_dir, args.a, args.b)
     table = read_results(results_dir)
-    print(render(compare_tables(table, results_dir, args.a, args.b, args.metric, n_boot=args.n_boot), args.format))
+    a, b = choice.where(args.a), choice.where(args.b)
+    print(render(compare_tables(table, results_dir, a, b, args.metric, n_boot=args.n_boot), args.format))
     return 0
 
 
@@ -176,7 +188,8 @@ def cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
 
     results = results_dir_of(args.results)
     out = args.out or _plot_dir(results)
-    for path in plot_results(str(results), out, experiment=args.experiment, metric=args.metric, scores=not args.no_scores,
+    experiment = _experiment(args, results, args.where).experiment
+    for path in plot_results(str(results), out, experiment=experiment, metric=args.metric, scores=not args.no_scores,
                              where=args.where, score=args.score, density=args.density, dims=args.dims, formats=args.formats):
         print(path)
     return 0
@@ -196,7 +209,9 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     from densitune.api import export_detector, read_manifest
     from densitune.results.store import results_dir_of
 
-    out = export_detector(str(results_dir_of(args.results)), args.out, where=args.where, metric=args.metric)
+    results = results_dir_of(args.results)
+    where = _experiment(args, results, args.where).where(args.where)
+    out = export_detector(str(results), args.out, where=where, metric=args.metric)
     m = read_manifest(out)
     what = f"{m['score']}" + (f" / {m['density']}" if m["density"] else "") + f", eps={m['eps']:g}"
     print(f"exported {what} ({len(m['members'])} detector(s), trial {m['source']['trial_id']}) to {out}\n"

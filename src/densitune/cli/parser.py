@@ -52,6 +52,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(README \"Same numbers\"; its cost: bench/RESULTS.md)")
 
 
+def _add_experiment_choice(p: argparse.ArgumentParser) -> None:
+    """--experiment / --all-experiments of the readers that pick one configuration (best, export, plot, compare)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--experiment", default=None,
+                   help="search experiment to read (default: the newest, said on stderr; a --where naming experiment chooses too)")
+    g.add_argument("--all-experiments", action="store_true", help="rank across every search experiment of the run")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="default", help="name of the training experiment (default: %(default)s)")
     p.add_argument("--dataset", default="digits", help="in-distribution data set (default: %(default)s)")
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
+            _add_experiment_choice(p)
 
     p = sub.add_parser("compare", help="A vs B on the same networks: paired test AUROC difference with a 95 %% interval")
     p.add_argument("results", metavar="RUN", help="the run folder (searched with --keep-scores all) or its results/ folder")
@@ -173,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric that picks each side's best trial (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (several seeds) (default: %(default)s)")
     p.add_argument("--format", default="markdown", choices=FORMATS, help="output format (default: %(default)s)")
+    _add_experiment_choice(p)
 
     p = sub.add_parser("query", help="run SQL over the results (DuckDB; the table is called `results`)")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
@@ -190,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="figures: metric vs ε, score histograms and ROC curves of the best configuration")
     p.add_argument("results", metavar="RUN", help="the run folder or its results/ folder")
     p.add_argument("--out", default=None, help="output directory, not inside the results folder (default: RUN/plots)")
-    p.add_argument("--experiment", default=None, help="experiment to plot (default: that of the best validation trial)")
+    _add_experiment_choice(p)
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to rank by and plot (default: %(default)s)")
     p.add_argument("--no-scores", action="store_true", help="only the ε plot (needs no checkpoints or stored spec)")
     p.add_argument("--where", default=None, help="SQL filter on the rows: what is drawn, e.g. \"score = 'density' AND D = 8\" "
@@ -206,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new folder for the detector")
     p.add_argument("--where", default=None, help="SQL filter on the rows; the best trial among them is exported (default: all rows)")
     p.add_argument("--metric", default="auroc", choices=tuple(METRICS), help="validation metric to pick the best trial by")
+    _add_experiment_choice(p)
 
     p = sub.add_parser("clean", help="stop the Ray processes a crashed driver of RUN left, remove RUN's Tune folders and cache locks")
     p.add_argument("run", help="run directory (the --out of train / search)")

@@ -1,0 +1,99 @@
+"""A researcher's own data (issue 26), in real processes: a run that holds several search experiments,
+and what the readers (`best`, `export`, `plot`, `compare`) take from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from densitune.results.store import read_results
+
+
+def densitune(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "densitune", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def search(run: Path, models: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
+    s = densitune("search", "--out", str(run), "--models", str(models), "--experiment", experiment, "--num-cpus", "2",
+                  "--test-ood", "noise-uniform", "--eval-limit", "60", "-q", *extra)
+    assert s.returncode == 0, s.stderr[-3000:]
+    return s
+
+
+def best_val(run: Path, experiment: str | None = None) -> tuple[str, float]:
+    """(experiment, validation AUROC) of the best validation row, read from the Parquet itself."""
+    t = read_results(run / "results", stage="search", columns=("experiment", "split", "auroc", "trial_id"))
+    t = t.filter(pc.equal(t["split"], "val"))
+    if experiment is not None:
+        t = t.filter(pc.equal(t["experiment"], experiment))
+    i = pc.index(t["auroc"], pc.max(t["auroc"])).as_py()
+    return t["experiment"][i].as_py(), t["auroc"][i].as_py()
+
+
+@pytest.fixture(scope="module")
+def two_experiments(tmp_path_factory, trained_models) -> Path:
+    """A run folder with two search experiments over the same networks: `older` (density, kde) then `newer` (msp)."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    search(run, trained_models / "t", "older", "--score", "density", "--density", "gmm_sum", "kde", "--eps-grid", "0",
+           "--keep-scores", "all")
+    search(run, trained_models / "t", "newer", "--score", "msp", "entropy", "--eps-grid", "0", "--keep-scores", "all")
+    return run
+
+
+@pytest.mark.process
+def test_best_takes_the_newest_experiment_and_says_so_on_stderr(two_experiments):
+    run = two_experiments
+    b = densitune("best", str(run), "--json")
+    assert b.returncode == 0, b.stderr[-2000:]
+    cfg = json.loads(b.stdout)  # stdout stays one valid JSON object: the note is on stderr only
+    assert cfg["experiment"] == "newer" and cfg["score"] in {"msp", "entropy"}
+    lines = b.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2 search experiments" in lines[0] and "using the newest, 'newer'" in lines[0]
+    assert "also: older" in lines[0] and "--all-experiments" in lines[0]
+
+    # --experiment takes another; --where naming the column chooses too; neither says anything
+    o = densitune("best", str(run), "--json", "--experiment", "older")
+    assert o.returncode == 0 and o.stderr == "" and json.loads(o.stdout)["experiment"] == "older"
+    assert json.loads(o.stdout)["score"] == "density"
+    w = densitune("best", str(run), "--json", "--where", "experiment = 'older'")
+    assert w.returncode == 0 and w.stderr == "" and json.loads(w.stdout) == json.loads(o.stdout)
+    # --all-experiments ranks across both: the experiment of the best validation row of all
+    a = densitune("best", str(run), "--json", "--all-experiments")
+    assert a.returncode == 0 and a.stderr == "" and json.loads(a.stdout)["experiment"] == best_val(run)[0]
+    # csv stays machine-readable too: the note is not in it
+    c = densitune("best", str(run), "--format", "csv")
+    assert c.returncode == 0 and "newest" not in c.stdout and "newer" in c.stdout and "older" not in c.stdout
+    # an unknown experiment, or both flags: one line, exit 2
+    u = densitune("best", str(run), "--experiment", "nosuch")
+    assert u.returncode == 2 and u.stderr.strip().splitlines() == [
+        f"densitune: error: no search experiment 'nosuch' in {run / 'results'} (search experiments: 'older', 'newer')"]
+    x = densitune("best", str(run), "--experiment", "older", "--all-experiments")
+    assert x.returncode == 2 and "not allowed with argument" in x.stderr
+
+
+@pytest.mark.process
+def test_export_plot_and_compare_take_the_newest_experiment(two_experiments, tmp_path):
+    run = two_experiments
+    e = densitune("export", str(run), str(tmp_path / "det"))
+    assert e.returncode == 0, e.stderr[-2000:]
+    manifest = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert manifest["score"] in {"msp", "entropy"} and "using the newest, 'newer'" in e.stderr
+    e2 = densitune("export", str(run), str(tmp_path / "det2"), "--experiment", "older")
+    assert e2.returncode == 0 and json.loads((tmp_path / "det2" / "detector.json").read_text())["score"] == "density"
+
+    p = densitune("plot", str(run), "--no-scores", "--out", str(tmp_path / "plots"), "--format", "svg")
+    assert p.returncode == 0, p.stderr[-2000:]
+    svg = (tmp_path / "plots" / "auroc_vs_eps.svg").read_text()  # SVG keeps text as text: the title names the experiment
+    assert "using the newest, 'newer'" in p.stderr and "newer" in svg and "older" not in svg
+
+    c = densitune("compare", str(run), "--a", "score = 'msp'", "--b", "score = 'entropy'", "--format", "json")
+    assert c.returncode == 0, c.stderr[-2000:]
+    assert json.loads(c.stdout) and "using the newest, 'newer'" in c.stderr
+    # the older experiment has no msp rows: compare confined to it finds nothing for A
+    c2 = densitune("compare", str(run), "--a", "score = 'msp'", "--b", "density = 'kde'", "--experiment", "older")
+    assert c2.returncode == 2 and "msp" in c2.stderr
