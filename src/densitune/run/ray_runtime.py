@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from densitune.checks import error_summary
+from densitune.errors import ConfigError
 from densitune.run.cleanup import new_session_marker
 from densitune.run.console import Progress, quiet_ray
 from densitune.run.console import progress_callback as _progress_callback
