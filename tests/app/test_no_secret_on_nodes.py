@@ -65,7 +65,7 @@ def test_credentials_never_reach_a_runtime_env_a_log_or_an_object(s3_server, tmp
                 cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
             cluster.wait_for_nodes()
             cli_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "TMPDIR": str(scratch)}
-            common = ["--address", cluster.address, "--gpus-per-trial", "0", "--out", run]
+            common = ["--address", cluster.address, "--gpus-per-trial", "0", "--out", run, "--no-doctor"]
             outputs = []
             for args in (["train", "-D", "4", "--epochs", "1", "--experiment", "t"],
                          ["search", "--experiment", "s", "--score", "density", "--density", "gmm_sum",
