@@ -88,6 +88,16 @@ def test_doctor_prints_the_table_and_names_the_node_with_another_install(tmp_pat
     assert all(f"--out {tmp_path / 'afile' / 'run'} is not writable there: {tmp_path / 'afile'} is not a folder" in ln
                for ln in errors)
 
+    # a data root no node can read, and less free disk than asked for: two lines per node
+    short = _densitune("doctor", "--address", c.address, "--data-root", str(tmp_path / "no-data"), "--min-free-gb",
+                       "1e9", cwd=tmp_path, tmp=tmp)
+    assert short.returncode == 2
+    errors = _errors(short)
+    assert len(errors) == 4
+    assert sum(f"--data-root {tmp_path / 'no-data'} is not readable there: does not exist" in ln for ln in errors) == 2
+    assert sum("GB free in" in ln and "(less than 1e+09 GB)" in ln for ln in errors) == 2
+    assert [row.split()[9] for row in short.stdout.strip().splitlines()[2:]] == ["FAIL", "FAIL"]  # --data-root
+
 
 def test_train_runs_the_doctor_at_its_start_on_a_cluster(tmp_path, cluster):
     c, good, other, overlay, tmp = cluster
