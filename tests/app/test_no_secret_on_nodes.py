@@ -2,7 +2,8 @@
 a search into a bucket on a 3-node Ray cluster on this machine leave the secret in no file of any node's Ray session
 folder, no object of the bucket, no log, no console output and no ``ray list actors --detail`` / ``ray list jobs``
 output. The nodes inherit the environment (as a node with its own credentials would have them), so the trials still
-write the bucket: credentials reach them from the node, never in a runtime env."""
+write the bucket: credentials reach them from the node, never in a runtime env. The doctor runs at both starts and
+leaves none of its probe objects behind."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_credentials_never_reach_a_runtime_env_a_log_or_an_object(s3_server, tmp
                 cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
             cluster.wait_for_nodes()
             cli_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "TMPDIR": str(scratch)}
-            common = ["--address", cluster.address, "--gpus-per-trial", "0", "--out", run]
+            common = ["--address", cluster.address, "--gpus-per-trial", "0", "--out", run]  # the doctor too: a probe object
             outputs = []
             for args in (["train", "-D", "4", "--epochs", "1", "--experiment", "t"],
                          ["search", "--experiment", "s", "--score", "density", "--density", "gmm_sum",
@@ -86,7 +87,8 @@ def test_credentials_never_reach_a_runtime_env_a_log_or_an_object(s3_server, tmp
             stages = {r["stage"] for r in read_results(f"{run}/results").to_pylist()}
             assert stages == {"train", "search"}  # the nodes wrote the bucket with credentials of their own
             objects = s3_server.objects(bucket)
-            assert objects
+            assert objects and not [k for k in objects if ".densitune-doctor-" in k]  # each node's probe removed
+            assert all("densitune doctor" in o for o in outputs[0:4:2])  # it ran at the start of train and search
             for needle in (secret, token):
                 assert not [k for k, body in objects.items() if needle.encode() in body]
                 assert not [o for o in outputs if needle in o]

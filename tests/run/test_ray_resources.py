@@ -134,14 +134,21 @@ def test_a_trial_given_a_fake_gpu_without_the_switch_fails_in_one_line(tmp_path,
                       head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False,
                                       "object_store_memory": 150 * 1024 * 1024, "temp_dir": short_tmp})
     try:
+        # --no-doctor: the trial's own check (what covers node types an autoscaler has not started yet)
         p = densitune("train", "--address", cluster.address, "--gpus-per-trial", "1", "--out", str(tmp_path / "run"),
-                      "-D", "4", "--epochs", "1", cwd=tmp_path, env={"RAY_TMPDIR": short_tmp})
+                      "-D", "4", "--epochs", "1", "--no-doctor", cwd=tmp_path, env={"RAY_TMPDIR": short_tmp})
         assert p.returncode == 2, p.stderr[-3000:]
+        assert "densitune doctor" not in p.stdout
         last = p.stderr.strip().splitlines()[-1]
         assert re.search(r"\(cnn-D4-ce-s0-\w+, not retried\): node [\d.]+: given 1 GPU\(s\) but torch sees no CUDA "
                          r"device \(no GPU, or a driver too old for CUDA [\w.]+\); not run on its CPU; ", last), last
         assert "Traceback" not in p.stderr
         assert not list((tmp_path / "run" / "results").rglob("*.parquet"))  # not one epoch trained on the CPU
+        # the doctor (on by default with --address) says the same before any trial starts
+        q = densitune("doctor", "--address", cluster.address, cwd=tmp_path, env={"RAY_TMPDIR": short_tmp})
+        assert q.returncode == 2 and re.fullmatch(r"densitune: error: node [\d.]+ \(\w{8}\): offers 1 GPU\(s\) but torch "
+                                                  r"sees no CUDA device \(no GPU, or a driver too old for the pinned "
+                                                  r"torch\)", q.stderr.strip().splitlines()[-1]), q.stderr[-2000:]
     finally:
         cluster.shutdown()
 

@@ -139,7 +139,7 @@ def search(options: SearchOptions) -> SearchOutcome:
         header(options, f"search {spec.experiment}: {total} trial(s) ({spec.sampler}) over {len(groups)} model group(s), "
                         f"selecting on {spec.protocol_label}", {"rows": run.results_dir, "log": run.log_file})
         write_spec(run.results_dir, spec.experiment, spec.to_dict())
-        start_ray(options, store)
+        start_ray(options, store, spec.data_root)
         try:
             run_search(spec, groups, run, resume=options.resume, verbose=1 if options.verbose else 0,
                        max_gpu_hours=options.max_gpu_hours, progress=not options.quiet)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from densitune.app.doctor import preflight
 from densitune.errors import DensituneError
 from densitune.kernels import pin_portable_kernels
 from densitune.run.cleanup import clean_run, record_session
@@ -46,6 +47,7 @@ class RunOptions:
     verbose: bool = False  # per-epoch / per-trial lines and Ray Tune's own output on the console
     resume_hint: str = LIBRARY_HINT  # how the user continues this run (named in the account of a stopped run)
     reproducible: bool = False  # pin every process to portable kernels (densitune.kernels; README "Same numbers")
+    doctor: bool = True  # with ``address``: check every node first (densitune doctor); False: --no-doctor
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,10 @@ def run_store(out: str) -> RunStore:
     return RunStore(out)
 
 
-def start_ray(options: RunOptions, store: RunStore) -> None:
+def start_ray(options: RunOptions, store: RunStore, data_root: str | None = None) -> None:
     """Stop what a crashed earlier driver of this run left running, start Ray (once per process), and record
-    its session (in the run folder, or for a run in a bucket in this machine's own folder for it)."""
+    its session (in the run folder, or for a run in a bucket in this machine's own folder for it). On a cluster,
+    check its nodes first (:func:`densitune.app.doctor.preflight`: ``--out`` and ``data_root``), unless ``--no-doctor``."""
 
     done = clean_run(store.local(), prune=False)
     if done.ignored:
@@ -107,6 +110,8 @@ def start_ray(options: RunOptions, store: RunStore) -> None:
     init_ray(options.address, options.num_cpus, verbose=options.verbose, quiet=options.quiet, env_vars=env_vars)
     sigterm_as_interrupt()  # after ray.init, which installs a handler of its own
     trial_resources(options.cpus_per_trial, options.gpus_per_trial)  # a trial no node can ever run: refused now
+    if options.address and options.doctor:
+        preflight(options, data_root)  # every node, before any trial starts: one line per problem, exit 2
     if options.address is None:  # a Ray this process started (never a cluster's)
         record_session(store.local())
 

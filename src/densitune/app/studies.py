@@ -738,6 +738,7 @@ def run_studies(options: StudyOptions) -> StudyOutcome:
     todo = [c for c in needed.values() if not is_trained(train_run, c)]
     for dataset in dict.fromkeys(c.dataset for c in todo):  # one training run per data set
         trained = train(TrainOptions(**common, networks=tuple(c for c in todo if c.dataset == dataset)))
+        common["doctor"] = False  # the first service's start checked the nodes (densitune doctor): once is enough
         if trained.error is not None:
             return StudyOutcome(trained.error)
     reports: list[StudyReport] = []
@@ -747,6 +748,7 @@ def run_studies(options: StudyOptions) -> StudyOutcome:
             write_search_spec(store.root, s, part, search_values(s, part, data_root=data_root),
                               [c.key for c in train_configs(s, part, data_root)])
             searched = search(SearchOptions(**common, spec=spec, groups=tuple(groups), max_concurrent=options.max_concurrent))
+            common["doctor"] = False
             if searched.error is not None:
                 return StudyOutcome(searched.error, tuple(reports))
             if searched.top:

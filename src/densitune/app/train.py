@@ -147,7 +147,7 @@ def train(options: TrainOptions) -> TrainOutcome:
         log_to_file(run.log_file)
         header(options, f"train {len(configs)} model(s) ({_grid_text(configs)}; {max(c.epochs for c in configs)} epochs) "
                         f"on {first.dataset}", {"models": models_dir, "rows": store.results, "log": run.log_file})
-        start_ray(options, store)
+        start_ray(options, store, first.data_root)
         try:
             tune_training(configs, run, gpus_per_trial=options.gpus_per_trial, max_gpu_hours=options.max_gpu_hours,
                           verbose=1 if options.verbose else 0, progress=not options.quiet)

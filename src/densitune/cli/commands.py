@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 from densitune.app import studies
 from densitune.app.demo import run_demo
+from densitune.app.doctor import doctor
 from densitune.app.maintenance import clean, compact
 from densitune.app.search import search
 from densitune.app.train import train
-from densitune.cli.parser import demo_options, search_options, study_options, train_options
+from densitune.cli.parser import demo_options, doctor_options, search_options, study_options, train_options
 from densitune.errors import ConfigError, DensituneError, ResultsError
 from densitune.results.experiments import ExperimentChoice, choose_experiment
 from densitune.results.sql import referenced_columns
@@ -43,7 +44,8 @@ def error_line(e: DensituneError | Interrupted) -> str:
     """How a stopped run or bad input reads on stderr."""
     if isinstance(e, Interrupted):
         return f"densitune: interrupted: {e}"
-    return f"densitune: error: {one_line(str(e))}"
+    problems = getattr(e, "problems", None) or [str(e)]  # densitune doctor: one line per problem
+    return "\n".join(f"densitune: error: {one_line(str(p))}" for p in problems)
 
 
 def _finish(outcome: Outcome) -> int:
@@ -254,6 +256,17 @@ def cmd_compact(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, argv: list[str]) -> int:
+    """The table of every node on stdout; one line per problem on stderr (exit 2)."""
+
+    outcome = doctor(doctor_options(args, argv))
+    if not args.quiet:
+        print(outcome.table, flush=True)
+    if outcome.error is not None:
+        print(error_line(outcome.error), file=sys.stderr)
+    return outcome.status
+
+
 def cmd_clean(args: argparse.Namespace, argv: list[str]) -> int:
 
     print(clean(args.run))
@@ -265,6 +278,7 @@ COMMANDS: tuple[tuple[str, Callable[[argparse.Namespace, list[str]], int]], ...]
     ("train", cmd_train), ("search", cmd_search), ("report", cmd_report), ("best", cmd_best), ("list", cmd_list),
     ("plot", cmd_plot), ("query", cmd_query), ("compare", cmd_compare), ("demo", cmd_demo), ("export", cmd_export),
     ("compact", cmd_compact), ("list-models", cmd_list_models), ("clean", cmd_clean), ("run", cmd_run),
+    ("doctor", cmd_doctor),
 )
 
 

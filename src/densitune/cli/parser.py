@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from densitune import __version__
 from densitune.app.demo import DemoOptions
+from densitune.app.doctor import DoctorOptions
 from densitune.app.search import SearchOptions
 from densitune.app.studies import StudyOptions
 from densitune.app.train import TrainGrid, TrainOptions
@@ -45,6 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gpu-hours", type=float, default=None,
                    help="stop the run (resumable) once its trials have used about this many GPU-hours (default: no limit)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted run of the same experiment")
+    p.add_argument("--no-doctor", action="store_true",
+                   help="with --address: skip the check of every node before the run (densitune doctor)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and results only (no header, progress bar or summary)")
     p.add_argument("--verbose", action="store_true", help="also per-epoch / per-trial lines and Ray Tune's own output on the console")
     p.add_argument("--reproducible", action="store_true",
@@ -234,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the networks, trials and estimated GPU-hours; run nothing")
     p.add_argument("--max-concurrent", type=int, default=None, help="search trials running at once (default: as many as fit)")
 
+    p = sub.add_parser("doctor", help="check every node of a cluster: versions, CUDA, --out writable, --data-root readable, disk")
+    p.add_argument("--address", default="auto", help="the Ray cluster (default: %(default)s)")
+    p.add_argument("--out", default=None, help="a run (folder or s3://bucket/prefix) every node must write (default: not checked)")
+    p.add_argument("--data-root", default=None, help="a folder every node must read (default: not checked)")
+    p.add_argument("--min-free-gb", type=float, default=1.0, help="least free disk on a node's temp folder (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="problems only (no table)")
+    p.add_argument("--verbose", action="store_true", help="also Ray's own log lines on the console")
+
     p = sub.add_parser("list-models", help="the trained networks of a run (key = readable name + config hash)")
     p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
     p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
@@ -274,7 +285,7 @@ def _run_options(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return {"out": args.out, "address": args.address, "num_cpus": args.num_cpus, "cpus_per_trial": args.cpus_per_trial,
             "gpus_per_trial": args.gpus_per_trial, "max_gpu_hours": args.max_gpu_hours, "resume": args.resume,
             "quiet": args.quiet, "verbose": args.verbose, "resume_hint": resume_command(argv),
-            "reproducible": args.reproducible}
+            "reproducible": args.reproducible, "doctor": not args.no_doctor}
 
 
 def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:
@@ -297,6 +308,13 @@ def study_options(args: argparse.Namespace, argv: list[str]) -> StudyOptions:
 
     return StudyOptions(**_run_options(args, argv), specs=tuple(args.spec), smoke=args.smoke,
                         data_root=abs_path(args.data_root), max_concurrent=args.max_concurrent)
+
+
+def doctor_options(args: argparse.Namespace, argv: list[str]) -> DoctorOptions:
+
+    out = args.out if args.out is None or "://" in args.out else abs_path(args.out)
+    return DoctorOptions(address=args.address, out=out, data_root=abs_path(args.data_root),
+                         min_free_gb=args.min_free_gb, quiet=args.quiet, verbose=args.verbose)
 
 
 def demo_options(args: argparse.Namespace, argv: list[str]) -> DemoOptions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from densitune.run.console import Progress, quiet_ray
 from densitune.run.console import progress_callback as _progress_callback
 from densitune.run.failures import FATAL_KEY
 from densitune.run.feasibility import check_feasible
+from densitune.run.node_probe import FAKE_GPU_ENV  # test-only: fake (declared) GPUs run on the CPU (README)
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +138,6 @@ def trial_resources(cpus_per_trial: float = 1.0, gpus_per_trial: float | None = 
     return res
 
 
-#: Test-only: ``DENSITUNE_TEST_FAKE_GPU=1`` lets a trial that Ray gave a (fake, declared) GPU run on the CPU. Tests set
-#: it on clusters whose nodes declare ``num_gpus`` without having one; never set it on a real cluster.
-FAKE_GPU_ENV = "DENSITUNE_TEST_FAKE_GPU"
-
-
 def require_cuda_for_assigned_gpus() -> None:
     """Inside a trial: if Ray gave it a GPU, torch must see CUDA. Never train on the CPU of a (billed) GPU node
     silently: the trial fails fatally, in one line naming the node (a retry would repeat it).
@@ -158,6 +155,33 @@ def require_cuda_for_assigned_gpus() -> None:
     if not torch.cuda.is_available():
         raise ConfigError(f"node {ray.util.get_node_ip_address()}: given {gpus:g} GPU(s) but torch sees no CUDA "
                           f"device (no GPU, or a driver too old for CUDA {torch.version.cuda}); not run on its CPU")
+
+
+def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[dict[str, Any], Any]]:
+    """Run ``fn(*args, gpus=<the node's GPUs>)`` once on every alive node (a zero-CPU task pinned to it) and return
+    ``(node, result)`` pairs; ``result`` is the exception where the task failed. ``fn``'s module is shipped by value,
+    so a node with another densitune install (or none) runs the driver's code (:mod:`densitune.run.node_probe`)."""
+    import ray
+    from ray import cloudpickle
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    nodes = alive_nodes()
+    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(*args, gpus=float(n["Resources"].get("GPU", 0))) for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out: list[tuple[dict[str, Any], Any]] = []
+    for node, ref in zip(nodes, refs, strict=True):
+        if ref not in ready:
+            out.append((node, TimeoutError(f"no answer within {timeout_s:g} s")))
+            ray.cancel(ref, force=True)
+            continue
+        try:
+            out.append((node, ray.get(ref)))
+        except Exception as e:  # noqa: BLE001 - the node's failure is its result
+            out.append((node, e))
+    return out
 
 
 def trial_slots(resources: dict[str, float]) -> int:
