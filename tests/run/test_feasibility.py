@@ -28,22 +28,30 @@ def _cluster_yaml() -> dict:
 
 
 def test_node_types_come_from_the_launcher_config():
-    """cluster.yaml: a CPU head that starts no workers of its type, and GPU workers from zero."""
-    shapes = {s.name: dict(s.resources or {}) for s in node_types(_cluster_yaml())}
-    assert set(shapes) == {"type head", "type gpu_worker"}
-    assert shapes["type gpu_worker"]["GPU"] == 1 and shapes["type head"].get("GPU", 0) == 0
+    """cluster.yaml: GPU workers from zero, up to max_workers of them (the head is one of the alive nodes)."""
+    (gpu,) = node_types(_cluster_yaml())
+    assert gpu.name == "type gpu_worker" and gpu.resources is not None and gpu.resources["GPU"] == 1
+    assert gpu.count == _cluster_yaml()["available_node_types"]["gpu_worker"]["max_workers"]
 
 
 def test_a_type_with_no_workers_or_no_known_shape():
     config = {"max_workers": 4, "head_node_type": "h", "available_node_types": {
         "h": {"resources": {"CPU": 2}, "max_workers": 0},
         "never": {"resources": {"CPU": 64, "GPU": 8}, "max_workers": 0},  # may never start
-        "aws": {"node_config": {"InstanceType": "p4d.24xlarge"}, "max_workers": 2},  # the provider fills resources in
+        "aws": {"node_config": {"InstanceType": "p4d.24xlarge"}, "max_workers": 8},  # the provider fills resources in
     }}
-    shapes = {s.name: s for s in node_types(config)}
-    assert set(shapes) == {"type h", "type aws"}
-    assert shapes["type aws"].resources is None and shapes["type aws"].meets({"GPU": 8, "CPU": 96})
-    assert node_types({**config, "max_workers": 0}) == [NodeShape("type h", {"CPU": 2.0})]  # a cluster of its head
+    (aws,) = node_types(config)
+    assert aws == NodeShape("type aws", None, 4)  # no more than the cluster's max_workers
+    assert aws.meets({"GPU": 8, "CPU": 96}) and aws.fits({"GPU": 8}) == 1
+    assert node_types({**config, "max_workers": 0}) == []  # a cluster of its head alone
+
+
+def test_trials_per_node():
+    """A node of 2 CPUs and 1 GPU runs four trials of 0.5 CPU and 0.25 GPU at once; one of 1 CPU and 1 GPU."""
+    node = NodeShape("type gpu_worker", {"CPU": 2.0, "GPU": 1.0}, 2)
+    assert node.fits({"CPU": 0.5, "GPU": 0.25}) == 4 and node.fits({"CPU": 1, "GPU": 1}) == 1
+    assert node.fits({"CPU": 0.3, "GPU": 0.3}) == 3 and node.fits({"CPU": 1, "GPU": 0}) == 2
+    assert node.fits({"CPU": 3}) == 0 and not node.meets({"CPU": 1, "GPU": 2})
 
 
 def test_one_node_must_meet_the_whole_request():
