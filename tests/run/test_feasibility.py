@@ -60,17 +60,18 @@ def test_one_node_must_meet_the_whole_request():
     gpu = NodeShape("type gpu_worker", {"CPU": 4.0, "GPU": 1.0})
     assert refusal({"CPU": 4, "GPU": 1}, [head, gpu], "x") is None
     assert refusal({"CPU": 8, "GPU": 0}, [head, gpu], "x") is None
-    why = refusal({"CPU": 6, "GPU": 1}, [head, gpu], "the alive nodes")
-    assert why == ("--cpus-per-trial 6 --gpus-per-trial 1: no node can run a trial of that size, and none that could "
-                   "can be started (checked the alive nodes; largest: node 10.0.0.1: 8 CPU, 0 GPU; "
-                   "type gpu_worker: 4 CPU, 1 GPU); ask for less per trial")
-    assert refusal({"CPU": 1, "GPU": 0.25}, [], "the alive nodes").endswith("largest: no node); ask for less per trial")
+    why = refusal({"CPU": 6, "GPU": 1}, [head, gpu], "/home/ubuntu/ray_bootstrap_config.yaml")
+    assert why == ("--cpus-per-trial 6 --gpus-per-trial 1: no node has, or can be started with, that much for one trial "
+                   "(largest: node 10.0.0.1: 8 CPU, 0 GPU; type gpu_worker: 4 CPU, 1 GPU; "
+                   "node types from /home/ubuntu/ray_bootstrap_config.yaml); ask for less")
+    assert refusal({"CPU": 1, "GPU": 0.25}, []) == ("--cpus-per-trial 1 --gpus-per-trial 0.25: no node has, or can be "
+                                                   "started with, that much for one trial (largest: no node); ask for less")
 
 
 def test_a_local_cpu_request_is_refused_before_ray():
     from argparse import Namespace
 
-    with pytest.raises(ConfigError, match=r"^--cpus-per-trial 3: .* the local Ray has 2 CPU\(s\) \(--num-cpus\)"):
+    with pytest.raises(ConfigError, match=r"^--cpus-per-trial 3: .* \(the local Ray has 2 CPU\(s\): --num-cpus\)"):
         check_resource_flags(Namespace(address=None, num_cpus=2, cpus_per_trial=3, gpus_per_trial=None))
     check_resource_flags(Namespace(address=None, num_cpus=2, cpus_per_trial=2, gpus_per_trial=None))
     check_resource_flags(Namespace(address="auto", num_cpus=None, cpus_per_trial=64, gpus_per_trial=0))  # Ray decides
@@ -90,9 +91,10 @@ def _densitune(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str],
 @pytest.mark.process
 @pytest.mark.parametrize("command", ["train", "search"])
 @pytest.mark.parametrize(("flags", "fragment"), [
-    (["--cpus-per-trial", "3"], "--cpus-per-trial 3: no node can run a trial of that size: the local Ray has 2 CPU(s)"),
-    (["--gpus-per-trial", "1"], "--cpus-per-trial 1 --gpus-per-trial 1: no node can run a trial of that size, and none "
-                                "that could can be started (checked the alive nodes; largest: node "),
+    (["--cpus-per-trial", "3"], "--cpus-per-trial 3: no node has, or can be started with, that much for one trial "
+                                "(the local Ray has 2 CPU(s): --num-cpus); ask for less"),
+    (["--gpus-per-trial", "1"], "--cpus-per-trial 1 --gpus-per-trial 1: no node has, or can be started with, that much "
+                                "for one trial (largest: node "),
 ])
 def test_a_local_request_larger_than_any_node_is_one_line(tmp_path, trained_models, command, flags, fragment):
     """On a local Ray of 2 CPUs and no GPU: 3 CPUs (refused before Ray starts) or 1 GPU (refused once Ray runs,

@@ -156,8 +156,8 @@ def _alive_shapes() -> list[NodeShape]:
 
 
 def node_shapes() -> tuple[list[NodeShape], str, bool]:
-    """Every alive node and every node type the autoscaler may start; where they were read; whether that is all
-    (False: an autoscaler this driver cannot see may start nodes of any shape).
+    """Every alive node and every node type the autoscaler may start; where the types were read ("" when there are
+    none); whether that is all (False: an autoscaler this driver cannot see may start nodes of any shape).
 
     A local Ray (``ray.init`` started it) is a fixed cluster: its monitor runs here without an autoscaler config.
     """
@@ -170,8 +170,8 @@ def node_shapes() -> tuple[list[NodeShape], str, bool]:
         types, where = autoscaler_types(ray.get_runtime_context().gcs_address)
     if types is None:
         log.info("node types unknown (%s): a request no alive node meets waits for the autoscaler", where)
-        return shapes, "the alive nodes", False
-    return shapes + types, "the alive nodes" + (f" and the node types of {where}" if types else ""), True
+        return shapes, "", False
+    return shapes + types, where if types else "", True
 
 
 def check_feasible(request: Mapping[str, float]) -> None:
@@ -180,8 +180,8 @@ def check_feasible(request: Mapping[str, float]) -> None:
     Raises:
         ConfigError: one line: the request, the flags that made it, and the largest nodes and node types.
     """
-    shapes, source, complete = node_shapes()
-    problem = refusal(request, shapes, source) if complete else None
+    shapes, types_from, complete = node_shapes()
+    problem = refusal(request, shapes, types_from) if complete else None
     if problem:
         raise ConfigError(problem)
 
@@ -193,14 +193,15 @@ def trial_capacity(request: Mapping[str, float]) -> int:
     return sum(s.count * s.fits(request) for s in shapes)
 
 
-def refusal(request: Mapping[str, float], shapes: list[NodeShape], source: str) -> str | None:
-    """Why no node of ``shapes`` (checked in ``source``) can run a trial asking for ``request``; None when one can."""
+def refusal(request: Mapping[str, float], shapes: list[NodeShape], types_from: str = "") -> str | None:
+    """Why no node of ``shapes`` (alive nodes, and node types read from ``types_from``) can run a trial asking for
+    ``request``; None when one can."""
     if any(s.meets(request) for s in shapes):
         return None
     keys = [k for k, v in request.items() if v > 0]
     flags = {"CPU": "--cpus-per-trial", "GPU": "--gpus-per-trial"}
     asked = " ".join(f"{flags.get(k, k)} {v:g}" for k, v in request.items() if v > 0)
     biggest = sorted(shapes, key=lambda s: tuple(-(s.resources or {}).get(k, 0.0) for k in keys))
-    have = "; ".join(s.text(keys) for s in biggest[:3]) or "no node"
-    return (f"{asked}: no node can run a trial of that size, and none that could can be started "
-            f"(checked {source}; largest: {have}); ask for less per trial")
+    have = "; ".join(s.text(keys) for s in biggest[:2]) or "no node"
+    types = f"; node types from {types_from}" if types_from else ""
+    return f"{asked}: no node has, or can be started with, that much for one trial (largest: {have}{types}); ask for less"
