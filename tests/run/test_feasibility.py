@@ -28,22 +28,30 @@ def _cluster_yaml() -> dict:
 
 
 def test_node_types_come_from_the_launcher_config():
-    """cluster.yaml: a CPU head that starts no workers of its type, and GPU workers from zero."""
-    shapes = {s.name: dict(s.resources or {}) for s in node_types(_cluster_yaml())}
-    assert set(shapes) == {"type head", "type gpu_worker"}
-    assert shapes["type gpu_worker"]["GPU"] == 1 and shapes["type head"].get("GPU", 0) == 0
+    """cluster.yaml: GPU workers from zero, up to max_workers of them (the head is one of the alive nodes)."""
+    (gpu,) = node_types(_cluster_yaml())
+    assert gpu.name == "type gpu_worker" and gpu.resources is not None and gpu.resources["GPU"] == 1
+    assert gpu.count == _cluster_yaml()["available_node_types"]["gpu_worker"]["max_workers"]
 
 
 def test_a_type_with_no_workers_or_no_known_shape():
     config = {"max_workers": 4, "head_node_type": "h", "available_node_types": {
         "h": {"resources": {"CPU": 2}, "max_workers": 0},
         "never": {"resources": {"CPU": 64, "GPU": 8}, "max_workers": 0},  # may never start
-        "aws": {"node_config": {"InstanceType": "p4d.24xlarge"}, "max_workers": 2},  # the provider fills resources in
+        "aws": {"node_config": {"InstanceType": "p4d.24xlarge"}, "max_workers": 8},  # the provider fills resources in
     }}
-    shapes = {s.name: s for s in node_types(config)}
-    assert set(shapes) == {"type h", "type aws"}
-    assert shapes["type aws"].resources is None and shapes["type aws"].meets({"GPU": 8, "CPU": 96})
-    assert node_types({**config, "max_workers": 0}) == [NodeShape("type h", {"CPU": 2.0})]  # a cluster of its head
+    (aws,) = node_types(config)
+    assert aws == NodeShape("type aws", None, 4)  # no more than the cluster's max_workers
+    assert aws.meets({"GPU": 8, "CPU": 96}) and aws.fits({"GPU": 8}) == 1
+    assert node_types({**config, "max_workers": 0}) == []  # a cluster of its head alone
+
+
+def test_trials_per_node():
+    """A node of 2 CPUs and 1 GPU runs four trials of 0.5 CPU and 0.25 GPU at once; one of 1 CPU and 1 GPU."""
+    node = NodeShape("type gpu_worker", {"CPU": 2.0, "GPU": 1.0}, 2)
+    assert node.fits({"CPU": 0.5, "GPU": 0.25}) == 4 and node.fits({"CPU": 1, "GPU": 1}) == 1
+    assert node.fits({"CPU": 0.3, "GPU": 0.3}) == 3 and node.fits({"CPU": 1, "GPU": 0}) == 2
+    assert node.fits({"CPU": 3}) == 0 and not node.meets({"CPU": 1, "GPU": 2})
 
 
 def test_one_node_must_meet_the_whole_request():
@@ -52,17 +60,18 @@ def test_one_node_must_meet_the_whole_request():
     gpu = NodeShape("type gpu_worker", {"CPU": 4.0, "GPU": 1.0})
     assert refusal({"CPU": 4, "GPU": 1}, [head, gpu], "x") is None
     assert refusal({"CPU": 8, "GPU": 0}, [head, gpu], "x") is None
-    why = refusal({"CPU": 6, "GPU": 1}, [head, gpu], "the alive nodes")
-    assert why == ("--cpus-per-trial 6 --gpus-per-trial 1: no node can run a trial of that size, and none that could "
-                   "can be started (checked the alive nodes; largest: node 10.0.0.1: 8 CPU, 0 GPU; "
-                   "type gpu_worker: 4 CPU, 1 GPU); ask for less per trial")
-    assert refusal({"CPU": 1, "GPU": 0.25}, [], "the alive nodes").endswith("largest: no node); ask for less per trial")
+    why = refusal({"CPU": 6, "GPU": 1}, [head, gpu], "/home/ubuntu/ray_bootstrap_config.yaml")
+    assert why == ("--cpus-per-trial 6 --gpus-per-trial 1: no node has, or can be started with, that much for one trial "
+                   "(largest: node 10.0.0.1: 8 CPU, 0 GPU; type gpu_worker: 4 CPU, 1 GPU; "
+                   "node types from /home/ubuntu/ray_bootstrap_config.yaml); ask for less")
+    assert refusal({"CPU": 1, "GPU": 0.25}, []) == ("--cpus-per-trial 1 --gpus-per-trial 0.25: no node has, or can be "
+                                                   "started with, that much for one trial (largest: no node); ask for less")
 
 
 def test_a_local_cpu_request_is_refused_before_ray():
     from argparse import Namespace
 
-    with pytest.raises(ConfigError, match=r"^--cpus-per-trial 3: .* the local Ray has 2 CPU\(s\) \(--num-cpus\)"):
+    with pytest.raises(ConfigError, match=r"^--cpus-per-trial 3: .* \(the local Ray has 2 CPU\(s\): --num-cpus\)"):
         check_resource_flags(Namespace(address=None, num_cpus=2, cpus_per_trial=3, gpus_per_trial=None))
     check_resource_flags(Namespace(address=None, num_cpus=2, cpus_per_trial=2, gpus_per_trial=None))
     check_resource_flags(Namespace(address="auto", num_cpus=None, cpus_per_trial=64, gpus_per_trial=0))  # Ray decides
@@ -82,9 +91,10 @@ def _densitune(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess[str],
 @pytest.mark.process
 @pytest.mark.parametrize("command", ["train", "search"])
 @pytest.mark.parametrize(("flags", "fragment"), [
-    (["--cpus-per-trial", "3"], "--cpus-per-trial 3: no node can run a trial of that size: the local Ray has 2 CPU(s)"),
-    (["--gpus-per-trial", "1"], "--cpus-per-trial 1 --gpus-per-trial 1: no node can run a trial of that size, and none "
-                                "that could can be started (checked the alive nodes; largest: node "),
+    (["--cpus-per-trial", "3"], "--cpus-per-trial 3: no node has, or can be started with, that much for one trial "
+                                "(the local Ray has 2 CPU(s): --num-cpus); ask for less"),
+    (["--gpus-per-trial", "1"], "--cpus-per-trial 1 --gpus-per-trial 1: no node has, or can be started with, that much "
+                                "for one trial (largest: node "),
 ])
 def test_a_local_request_larger_than_any_node_is_one_line(tmp_path, trained_models, command, flags, fragment):
     """On a local Ray of 2 CPUs and no GPU: 3 CPUs (refused before Ray starts) or 1 GPU (refused once Ray runs,

@@ -37,11 +37,17 @@ class NodeShape:
 
     name: str  # "node 10.0.0.3" or "type gpu_worker"
     resources: Mapping[str, float] | None  # None: unknown (the provider decides)
+    count: int = 1  # nodes of this shape there may be at once (a type's max_workers)
 
     def meets(self, request: Mapping[str, float]) -> bool:
+        return self.fits(request) > 0
+
+    def fits(self, request: Mapping[str, float]) -> int:
+        """How many trials asking for ``request`` one node of this shape runs at once (an unknown shape: one)."""
         if self.resources is None:
-            return True
-        return all(self.resources.get(k, 0.0) >= v for k, v in request.items() if v > 0)
+            return 1
+        have = [int(self.resources.get(k, 0.0) // v + 1e-9) for k, v in request.items() if v > 0]
+        return min(have) if have else 1
 
     def text(self, keys: Iterable[str]) -> str:
         have = self.resources or {}
@@ -49,8 +55,8 @@ class NodeShape:
 
 
 def node_types(config: Mapping[str, Any]) -> list[NodeShape]:
-    """The node types of an autoscaler config that may ever run (the head type, and types with ``max_workers`` > 0
-    on a cluster whose ``max_workers`` is not 0)."""
+    """The worker types of an autoscaler config that may ever start (``max_workers`` > 0, on a cluster whose
+    ``max_workers`` is not 0), each with the most nodes of it there may be at once. The head is an alive node."""
     types = config.get("available_node_types")
     if not isinstance(types, Mapping):
         return []
@@ -61,14 +67,16 @@ def node_types(config: Mapping[str, Any]) -> list[NodeShape]:
         if not isinstance(t, Mapping):
             continue
         most = t.get("max_workers")
-        startable = name == head or (cluster_max != 0 and (most is None or most > 0))
-        if not startable:
+        count = int(most) if isinstance(most, int) else int(cluster_max) if isinstance(cluster_max, int) else 1
+        if isinstance(cluster_max, int):
+            count = min(count, cluster_max)
+        if name == head or count <= 0:  # the head is one of the alive nodes; a type of no workers never starts
             continue
         res = t.get("resources")
+        known = None
         if isinstance(res, Mapping) and all(isinstance(v, int | float) for v in res.values()):
-            shapes.append(NodeShape(f"type {name}", {str(k): float(v) for k, v in res.items()}))
-        else:
-            shapes.append(NodeShape(f"type {name}", None))
+            known = {str(k): float(v) for k, v in res.items()}
+        shapes.append(NodeShape(f"type {name}", known, count))
     return shapes
 
 
@@ -80,8 +88,12 @@ def _cmdline(pid: str) -> list[str]:
 
 
 def monitor_config_path(gcs_address: str) -> tuple[bool, str | None]:
-    """(whether this cluster's autoscaler monitor runs on this machine, its ``--autoscaling-config`` or None)."""
-    flag = f"--gcs-address={gcs_address}"
+    """(whether this cluster's autoscaler monitor runs on this machine, its ``--autoscaling-config`` or None).
+
+    The monitor is the process running Ray's ``monitor.py`` with ``--gcs-address=HOST:PORT``; on one machine a port
+    names one GCS, so the port is compared (the driver may reach the head as 127.0.0.1 and the monitor by its IP).
+    """
+    port = gcs_address.rsplit(":", 1)[-1]
     proc = Path("/proc")
     if not proc.is_dir():
         return False, None
@@ -89,7 +101,9 @@ def monitor_config_path(gcs_address: str) -> tuple[bool, str | None]:
         if not entry.name.isdigit():
             continue
         args = _cmdline(entry.name)
-        if flag not in args or not any(a.endswith(("/monitor.py", "autoscaler.v2.monitor")) for a in args):
+        if not any(a.endswith(("/monitor.py", "autoscaler.v2.monitor")) for a in args[:3]):
+            continue
+        if not any(a.startswith("--gcs-address=") and a.rsplit(":", 1)[-1] == port for a in args):
             continue
         paths = [a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")]
         return True, (os.path.expanduser(paths[0]) if paths and paths[0] else None)
@@ -129,7 +143,8 @@ def gcs_types() -> list[NodeShape] | None:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return [NodeShape(f"type {g.name}", {str(k): float(v) for k, v in g.resources.items()})
+    return [NodeShape(f"type {g.name}", {str(k): float(v) for k, v in g.resources.items()},
+                      g.max_count if g.max_count > 0 else 1 << 20)
             for g in config.node_group_configs if g.max_count != 0]
 
 
@@ -140,41 +155,53 @@ def _alive_shapes() -> list[NodeShape]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def check_feasible(request: Mapping[str, float]) -> None:
-    """Refuse ``request`` (Ray's resource names -> amounts per trial) when no node of this Ray can ever meet it.
+def node_shapes() -> tuple[list[NodeShape], str, bool]:
+    """Every alive node and every node type the autoscaler may start; where the types were read ("" when there are
+    none); whether that is all (False: an autoscaler this driver cannot see may start nodes of any shape).
 
     A local Ray (``ray.init`` started it) is a fixed cluster: its monitor runs here without an autoscaler config.
-
-    Raises:
-        ConfigError: one line: the request, the flags that made it, and the largest nodes and node types.
     """
     import ray
 
     shapes = _alive_shapes()
-    source = "the alive nodes"
     types = gcs_types()
     where = "the autoscaler's report to the GCS"
     if types is None:
         types, where = autoscaler_types(ray.get_runtime_context().gcs_address)
-    if types is None:  # an autoscaler this driver cannot see may start nodes of any shape
+    if types is None:
         log.info("node types unknown (%s): a request no alive node meets waits for the autoscaler", where)
-        return
-    if types:
-        shapes += types
-        source += f" and the node types of {where}"
-    problem = refusal(request, shapes, source)
+        return shapes, "", False
+    return shapes + types, where if types else "", True
+
+
+def check_feasible(request: Mapping[str, float]) -> None:
+    """Refuse ``request`` (Ray's resource names -> amounts per trial) when no node of this Ray can ever meet it.
+
+    Raises:
+        ConfigError: one line: the request, the flags that made it, and the largest nodes and node types.
+    """
+    shapes, types_from, complete = node_shapes()
+    problem = refusal(request, shapes, types_from) if complete else None
     if problem:
         raise ConfigError(problem)
 
 
-def refusal(request: Mapping[str, float], shapes: list[NodeShape], source: str) -> str | None:
-    """Why no node of ``shapes`` (checked in ``source``) can run a trial asking for ``request``; None when one can."""
+def trial_capacity(request: Mapping[str, float]) -> int:
+    """How many trials asking for ``request`` the cluster runs at once, counting the nodes the autoscaler may start
+    (an autoscaling cluster's alive nodes alone would hold one trial at a time, or none, while it starts workers)."""
+    shapes, _, _ = node_shapes()
+    return sum(s.count * s.fits(request) for s in shapes)
+
+
+def refusal(request: Mapping[str, float], shapes: list[NodeShape], types_from: str = "") -> str | None:
+    """Why no node of ``shapes`` (alive nodes, and node types read from ``types_from``) can run a trial asking for
+    ``request``; None when one can."""
     if any(s.meets(request) for s in shapes):
         return None
     keys = [k for k, v in request.items() if v > 0]
     flags = {"CPU": "--cpus-per-trial", "GPU": "--gpus-per-trial"}
     asked = " ".join(f"{flags.get(k, k)} {v:g}" for k, v in request.items() if v > 0)
     biggest = sorted(shapes, key=lambda s: tuple(-(s.resources or {}).get(k, 0.0) for k in keys))
-    have = "; ".join(s.text(keys) for s in biggest[:3]) or "no node"
-    return (f"{asked}: no node can run a trial of that size, and none that could can be started "
-            f"(checked {source}; largest: {have}); ask for less per trial")
+    have = "; ".join(s.text(keys) for s in biggest[:2]) or "no node"
+    types = f"; node types from {types_from}" if types_from else ""
+    return f"{asked}: no node has, or can be started with, that much for one trial (largest: {have}{types}); ask for less"

@@ -19,7 +19,7 @@ from densitune.run.cleanup import new_session_marker
 from densitune.run.console import Progress, quiet_ray
 from densitune.run.console import progress_callback as _progress_callback
 from densitune.run.failures import FATAL_KEY
-from densitune.run.feasibility import check_feasible
+from densitune.run.feasibility import check_feasible, trial_capacity
 from densitune.run.node_probe import FAKE_GPU_ENV  # test-only: fake (declared) GPUs run on the CPU (README)
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,13 @@ def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[d
 
 
 def trial_slots(resources: dict[str, float]) -> int:
-    """How many trials with ``resources`` fit on the cluster at once.
+    """How many trials with ``resources`` fit on the cluster at once: on every alive node and on every node the
+    autoscaler may start (:func:`densitune.run.feasibility.trial_capacity`).
 
     Tune keeps only one trial pending when a search algorithm suggests the configs,
     so short trials run nearly one at a time unless max_concurrent_trials is set.
     """
-    import ray
-
-    have = ray.cluster_resources()
-    slots = [int(have.get(k.upper(), 0) // v) for k, v in resources.items() if v > 0]
-    return max(1, min(slots)) if slots else 1
+    return max(1, trial_capacity({k.upper(): v for k, v in resources.items()}))
 
 
 def compaction_callback(rolling: Any, files_of: Any):

@@ -62,8 +62,8 @@ def check_local_cpus(args: Any) -> None:
     have = getattr(args, "num_cpus", None) or os.cpu_count() or 1
     if cpus > have:
         source = "--num-cpus" if getattr(args, "num_cpus", None) else "this machine's CPUs"
-        raise ConfigError(f"--cpus-per-trial {cpus:g}: no node can run a trial of that size: the local Ray has "
-                          f"{have:g} CPU(s) ({source}); ask for less per trial")
+        raise ConfigError(f"--cpus-per-trial {cpus:g}: no node has, or can be started with, that much for one trial "
+                          f"(the local Ray has {have:g} CPU(s): {source}); ask for less")
 
 
 def check_resource_flags(args: Any) -> None:
