@@ -4,6 +4,7 @@ and what the readers (`best`, `export`, `plot`, `compare`) take from it."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,20 @@ def test_export_plot_and_compare_take_the_newest_experiment(two_experiments, tmp
     # the older experiment has no msp rows: compare confined to it finds nothing for A
     c2 = densitune("compare", str(run), "--a", "score = 'msp'", "--b", "density = 'kde'", "--experiment", "older")
     assert c2.returncode == 2 and "msp" in c2.stderr
+
+
+@pytest.mark.process
+def test_progress_line_counts_tunes_running_trials(tmp_path, trained_models):
+    """On 2 CPUs two trials run at once: every redraw of the bar while trials are left says so (issue 26, item 6).
+    12 trials (2 model groups x 3 densities x ε in {0, 0.01}): the bar redraws after every finished trial."""
+    s = densitune("search", "--out", str(tmp_path / "run"), "--models", str(trained_models / "t"), "--num-cpus", "2",
+                  "--density", "gmm_sum", "gmm_max", "kde", "--eps-grid", "0", "0.01", "--test-ood", "noise-uniform",
+                  "--eval-limit", "40")
+    assert s.returncode == 0, s.stderr[-3000:]
+    drawn = [(int(n), int(total), int(running))
+             for n, total, running in re.findall(r"(\d+)/(\d+) done, (\d+) running", s.stderr)]
+    assert drawn[-1][:2] == (12, 12), drawn
+    middle = [d for d in drawn if 0 < d[0] < 12]
+    assert len(middle) >= 6, drawn  # redrawn as trials finish
+    # Tune's RUNNING trials once the pool is refilled: both CPUs busy while two or more trials are left
+    assert [r for n, _, r in middle] == [min(2, 12 - n) for n, _, _ in middle], drawn
