@@ -260,15 +260,23 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
                     continue
                 rows.append({"ood_dataset": s, "split": split, **_stats(a), **_stats(b, "_ip")})
         first = r.plain if r.plain is not None else r.ip
-        eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
         v: Callable[[pd.Series | None], str] = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
         title = (f"{rank}. {_group_title(r.config)} {_method_title(r.config)} — ID test accuracy "
-                 f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; ip ε = {eps} (chosen on validation); "
+                 f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; {_eps_choice(r)}; "
                  f"val {metric}: no ip {v(r.plain)}, ip {v(r.ip)}")
         cols = ["ood_dataset", "split"] + [f"{m}{p}{s}" for p in ("", "_ip") for m in ("auroc", "auprc") for s in ("", "_std")]
         keys = {"rank": rank, **r.config, "eps_ip": None if r.ip is None else float(r.ip["eps"])}
         tables.append(Table(title, pd.DataFrame(rows, columns=cols), keys=keys))
     return tables
+
+
+def _eps_choice(r: ConfigResult) -> str:
+    """What validation chose for ε, in words: an ip ε only when it won (ties go to ε = 0, as in the ranking)."""
+    if r.ip is None:
+        return "ε = 0 (no ip searched)"
+    if r.plain is None or (r.rank_value == r.ip["val"] and r.plain["val"] != r.rank_value):
+        return f"ip ε = {r.ip['eps']:.4g} (chosen on validation)"
+    return f"ε = 0 (chosen on validation; best ip ε = {r.ip['eps']:.4g})"
 
 
 def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
