@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ def densitune(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "densitune", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def search(run: Path, models: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
-    s = densitune("search", "--out", str(run), "--models", str(models), "--experiment", experiment, "--num-cpus", "2",
+def search(run: Path, experiment: str, *extra: str) -> subprocess.CompletedProcess:
+    s = densitune("search", "--out", str(run), "--experiment", experiment, "--num-cpus", "2",
                   "--test-ood", "noise-uniform", "--eval-limit", "60", "-q", *extra)
     assert s.returncode == 0, s.stderr[-3000:]
     return s
@@ -38,11 +39,13 @@ def best_val(run: Path, experiment: str | None = None) -> tuple[str, float]:
 
 @pytest.fixture(scope="module")
 def two_experiments(tmp_path_factory, trained_models) -> Path:
-    """A run folder with two search experiments over the same networks: `older` (density, kde) then `newer` (msp)."""
+    """A run folder holding the session's three networks (cnn D=8 seeds 0, 1; D=4 seed 0) and two search
+    experiments over the D=8 ones: `older` (density: gmm_sum, kde), then `newer` (msp, entropy)."""
     run = tmp_path_factory.mktemp("two") / "run"
-    search(run, trained_models / "t", "older", "--score", "density", "--density", "gmm_sum", "kde", "--eps-grid", "0",
+    shutil.copytree(trained_models, run / "models")
+    search(run, "older", "-D", "8", "--score", "density", "--density", "gmm_sum", "kde", "--eps-grid", "0",
            "--keep-scores", "all")
-    search(run, trained_models / "t", "newer", "--score", "msp", "entropy", "--eps-grid", "0", "--keep-scores", "all")
+    search(run, "newer", "-D", "8", "--score", "msp", "entropy", "--eps-grid", "0", "--keep-scores", "all")
     return run
 
 
@@ -115,3 +118,33 @@ def test_progress_line_counts_tunes_running_trials(tmp_path, trained_models):
     assert len(middle) >= 6, drawn  # redrawn as trials finish
     # Tune's RUNNING trials once the pool is refilled: both CPUs busy while two or more trials are left
     assert [r for n, _, r in middle] == [min(2, 12 - n) for n, _, _ in middle], drawn
+
+
+@pytest.mark.process
+def test_list_models_shows_accuracies_epochs_and_settings(two_experiments):
+    """Per network: ID validation accuracy (its last epoch), ID test accuracy equal to the search rows'
+    `id_accuracy` for that checkpoint ("—" for the D=4 network no search scored), epochs, D, loss, λ, seed, size."""
+    run = two_experiments
+    j = densitune("list-models", str(run), "--format", "json")
+    assert j.returncode == 0, j.stderr[-2000:]
+    nets = {r["key"]: r for r in json.loads(j.stdout)}
+    assert len(nets) == 3
+    rows = read_results(run / "results", stage="search", columns=("checkpoints", "id_accuracy", "split", "ensemble"))
+    tested = {Path(r["checkpoints"][0]).name: r["id_accuracy"] for r in rows.to_pylist()
+              if r["split"] == "test" and len(r["checkpoints"]) == 1}
+    assert sorted(tested) == sorted(k for k, r in nets.items() if r["D"] == 8)
+    for key, r in nets.items():
+        meta = json.loads((run / "models" / "t" / key / "config.json").read_text())
+        # JSON output keeps 15 significant digits
+        assert r["val_accuracy"] == pytest.approx(meta["metrics"]["val_accuracy"], abs=1e-13) and r["epochs"] == "3/3"
+        want = tested.get(key)
+        assert r["test_accuracy"] == (None if want is None else pytest.approx(want, abs=1e-13))  # null: no search scored it
+        assert (r["loss"], r["λ"], r["seed"]) == ("ce", None, meta["config"]["seed"])
+        assert r["size_mb"] == round((run / "models" / "t" / key / "model.pt").stat().st_size / 1e6, 3)
+    m = densitune("list-models", str(run))
+    d4 = next(line for line in m.stdout.splitlines() if "cnn-D4-" in line)
+    cells = [c.strip() for c in d4.strip("|").split("|")]
+    header = [c.strip() for c in next(line for line in m.stdout.splitlines() if "val_accuracy" in line).strip("|").split("|")]
+    shown = dict(zip(header, cells, strict=True))
+    assert shown["test_accuracy"] == "—" and shown["λ"] == "—"
+    assert shown["val_accuracy"] == f"{nets[shown['key']]['val_accuracy']:.4f}"
