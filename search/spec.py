@@ -13,6 +13,7 @@ from typing import Any
 
 from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, check_path_text, describe
 from densitune.errors import ConfigError
+from densitune.ood_groups import parse_set
 from densitune.search.ood.metrics import METRICS, check_metric
 
 SAMPLERS = ("grid", "tpe")
@@ -134,7 +135,8 @@ class SearchSpec:
         _STRS, "OOD set(s) used for selection, e.g. one near and one far (default: per ID data set)",
         "--val-ood", nargs="+", nullable=True))
     test_ood: tuple[str, ...] = field(metadata=_key(
-        _STRS, "OOD sets reported, never used to select (default: per ID data set)", "--test-ood", nargs="+"))
+        _STRS, "OOD sets reported, never used to select; near:NAME=folder:PATH / far:... names a folder and its kind "
+        "(default: per ID data set)", "--test-ood", nargs="+"))
     val_agg: str = field(default="mean", metadata=_key(
         STRING, "several validation OOD sets: the objective is their mean or their worst (min)", "--val-agg",
         choices=VAL_AGGS))
@@ -238,8 +240,9 @@ class SearchSpec:
             if getattr(self, key, None) is not None:
                 check_path_text(getattr(self, key), key)
         for name in (*(self.val_ood or ()), *self.test_ood):
-            if isinstance(name, str) and name.startswith("folder:"):
-                check_path_text(name[len("folder:"):], "OOD set folder")
+            dataset = parse_set(name).dataset if isinstance(name, str) else name  # near:NAME=folder:PATH checked here
+            if isinstance(dataset, str) and dataset.startswith("folder:"):
+                check_path_text(dataset[len("folder:"):], "OOD set folder")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (tuples as lists)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from densitune.ood_groups import set_labels
 from densitune.results.rows import provenance, result_row
 from densitune.search.evaluate import (
     Workspace,
@@ -73,6 +74,7 @@ def run_trial(
     for _, ckpts in members:  # concurrent first trials share the work: decoding image files, and (ε > 0) the signs
         claim_splits(ws, spec, ckpts, params)
         claim_gradient_signs(ws, spec, ckpts, params)
+    labels = set_labels(group.dataset, [*(spec.val_ood or ()), *spec.test_ood])  # kind and short name per set
     val_sets = selection_sets(spec)
     per_set_val: list[list[float]] = [[] for _ in val_sets]  # sets x members
     rows: list[dict[str, Any]] = []
@@ -86,8 +88,9 @@ def run_trial(
             sample_scores[seed] = kept
         for ood, split, m in [*((v.pop("ood_dataset"), "val", v) for v in vals), *((o, "test", t) for o, t in tests.items())]:
             where = provenance(ws.device, data_checksums=m.pop("data_checksums"))
+            kind, name = (None, None) if ood is None else labels.get(ood, ("attack", ood))  # adv-/proxy-: attacks
             rows.append(result_row(**trial_columns, provenance=where, seed=seed, checkpoints=ckpts, ood_dataset=ood,
-                                   split=split, **m))
+                                   ood_kind=kind, ood_name=name, split=split, **m))
     duration = time.perf_counter() - t0
     objective = aggregate_objective(spec, per_set_val)
     for r in rows:

@@ -57,7 +57,7 @@ VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
 VIEWS = ("summary", "all", "methods", "configs")
 #: Order of the OOD groups in the summary (``near`` / ``far`` from the data registry, ``attack`` for adv-* sets).
-GROUP_ORDER = ("near", "far", "other", "attack")
+GROUP_ORDER = ("near", "far", "unknown", "attack")
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Table:
 
 #: The columns the tables are built from: ``report`` and ``best`` read only these (and those a ``--where`` or
 #: ``--by`` names) of the search rows, so thousands of per-trial files cost what these columns cost.
-READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "id_dataset", "ood_dataset", "split", *CONFIG_COLUMNS, "eps", "seed",
+READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "id_dataset", "ood_dataset", "ood_kind", "ood_name", "split", *CONFIG_COLUMNS, "eps", "seed",
                 "ensemble", "objective", *VALUES, "id_accuracy", "checkpoints"]
 
 
@@ -109,6 +109,10 @@ def search_frame(table: pa.Table) -> pd.DataFrame:
     df["density_params"] = df["density_params"].fillna("{}")
     df["n_models"] = df["checkpoints"].map(lambda c: 1 if c is None else len(c))
     df["ensemble"] = df["ensemble"].fillna(False).astype(bool)
+    if "ood_kind" in df.columns:  # rows written without them (by hand, not by a search): as the tables know the sets
+        missing = df["ood_kind"].isna() & df["ood_dataset"].notna()
+        df.loc[missing, "ood_kind"] = [ood_group_of(i, o) for i, o in zip(df.loc[missing, "id_dataset"], df.loc[missing, "ood_dataset"])]
+        df["ood_name"] = df["ood_name"].fillna(df["ood_dataset"])
     return df
 
 
@@ -327,10 +331,11 @@ def by_tables(df: pd.DataFrame, by: list[str], metric: str = "auroc") -> list[Ta
 
 
 def ood_group_of(id_dataset: str | None, ood_dataset: str) -> str:
-    """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``other``."""
+    """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``unknown``
+    (what a row without ``ood_kind`` is grouped by; a search records each set's kind, :mod:`densitune.ood_groups`)."""
     if ood_dataset.startswith("adv-"):
         return "attack"
-    return ood_group(id_dataset or "", ood_dataset) or "other"
+    return ood_group(id_dataset or "", ood_dataset) or "unknown"
 
 
 def _method_order(score: str, density: str) -> tuple[int, bool, str]:
@@ -339,7 +344,7 @@ def _method_order(score: str, density: str) -> tuple[int, bool, str]:
 
 #: Columns of the summary's tidy frame (one row per method x test OOD set).
 SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "eps_tuned", "val", "protocol",
-                   "ood_group", "ood_dataset", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
+                   "ood_group", "ood_dataset", "ood_name", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
                    "best_auroc", "best_fpr95"]
 
 
@@ -378,8 +383,8 @@ def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
                                 "density_params": json.loads(trial["density_params"] or "{}"),
                                 **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "eps_tuned": eps_tuned,
                                 "val": float(trial["val"]),
-                                "protocol": trial["protocol"], "ood_group": ood_group_of(t["id_dataset"].iloc[0], str(ood)),
-                                "ood_dataset": ood, "n_seeds": int(t["auroc"].notna().sum()),
+                                "protocol": trial["protocol"], "ood_group": t["ood_kind"].iloc[0],
+                                "ood_dataset": ood, "ood_name": t["ood_name"].iloc[0], "n_seeds": int(t["auroc"].notna().sum()),
                                 **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std")}})
     out = pd.DataFrame.from_records(records, columns=[c for c in SUMMARY_COLUMNS if not c.startswith("best_")])
     for m, pick in (("auroc", "max"), ("fpr95", "min")):
@@ -396,14 +401,16 @@ def _percent(mean: float, std: float, bold: bool) -> str:
 
 
 def _set_columns(tidy: pd.DataFrame) -> list[str]:
-    sets = tidy[["ood_group", "ood_dataset"]].drop_duplicates()
-    sets = sets.assign(_g=sets["ood_group"].map(GROUP_ORDER.index)).sort_values(["_g", "ood_dataset"], kind="mergesort")
+    sets = tidy[["ood_group", "ood_dataset", "ood_name"]].drop_duplicates("ood_dataset")
+    order = sets["ood_group"].map(lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
+    sets = sets.assign(_g=order).sort_values(["_g", "ood_name", "ood_dataset"], kind="mergesort")
     return list(sets["ood_dataset"])
 
 
 def _header(tidy: pd.DataFrame, ood: str) -> str:
-    group = tidy.loc[tidy["ood_dataset"] == ood, "ood_group"].iloc[0]
-    return ood if group in ("other", "attack") else f"{group}: {ood}"
+    """A set's column header: its kind and short name (the full text, e.g. a folder's path, stays in the rows)."""
+    row = tidy.loc[tidy["ood_dataset"] == ood].iloc[0]
+    return row["ood_name"] if row["ood_group"] in ("unknown", "attack") else f"{row['ood_group']}: {row['ood_name']}"
 
 
 def _wide(tidy: pd.DataFrame, sets: list[str], metrics: list[str], label: Callable[[str, str], str]) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
@@ -148,3 +149,57 @@ def test_list_models_shows_accuracies_epochs_and_settings(two_experiments):
     shown = dict(zip(header, cells, strict=True))
     assert shown["test_accuracy"] == "—" and shown["λ"] == "—"
     assert shown["val_accuracy"] == f"{nets[shown['key']]['val_accuracy']:.4f}"
+
+
+def image_folder(path: Path, n: int, fmt: str, mode: str, seed: int) -> Path:
+    """``n`` real 28x28 image files of one format (PNG grayscale, JPEG colour...) under ``path``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    for i in range(n):
+        shape = (28, 28) if mode == "L" else (28, 28, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path / f"img{i:03d}.{fmt}")
+    return path
+
+
+@pytest.mark.process
+def test_named_folder_sets_are_grouped_by_kind_under_their_short_names(tmp_path, trained_models):
+    """`near:NAME=folder:PATH` / `far:...` name a set and its kind; a plain `folder:` set is its folder's name
+    (made unique when two collide), kind "unknown"; rows keep the full text, reports show kind: short name."""
+    a = image_folder(tmp_path / "data" / "a" / "scans", 30, "png", "L", 0)
+    b = image_folder(tmp_path / "data" / "b" / "scans", 30, "jpg", "RGB", 1)  # same folder name as a
+    c = image_folder(tmp_path / "data" / "c" / "photos", 30, "png", "RGB", 2)
+    run = tmp_path / "run"
+    s = densitune("search", "--out", str(run), "--models", str(trained_models / "t"), "-D", "8", "--num-cpus", "2",
+                  "--eps-grid", "0", "--eval-limit", "60", "-q",
+                  "--test-ood", f"near:mine=folder:{a}", f"folder:{b}", f"folder:{c}", "noise-uniform", f"far:{c.name}2=folder:{c}")
+    assert s.returncode == 0, s.stderr[-3000:]
+    rows = read_results(run / "results", stage="search", columns=("ood_dataset", "ood_kind", "ood_name", "split"))
+    sets = {(r["ood_dataset"], r["ood_kind"], r["ood_name"]) for r in rows.to_pylist() if r["split"] == "test" and r["ood_dataset"]}
+    assert sets == {(f"near:mine=folder:{a}", "near", "mine"), (f"folder:{b}", "unknown", "scans"),
+                    (f"folder:{c}", "unknown", "photos"), ("noise-uniform", "far", "noise-uniform"),
+                    (f"far:photos2=folder:{c}", "far", "photos2")}
+    r = densitune("report", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| method"))
+    columns = [c.strip() for c in header.strip("|").split("|")][3:]
+    # near first, then far, then the sets of unknown kind; short names, no paths
+    assert columns == ["near: mine", "far: noise-uniform", "far: photos2", "photos", "scans"]
+    assert str(tmp_path) not in r.stdout.split("\n\n", 2)[1]
+    j = densitune("report", str(run), "--format", "json")
+    tidy = json.loads(j.stdout)
+    assert {(t["ood_group"], t["ood_name"], t["ood_dataset"]) for t in tidy} >= {("near", "mine", f"near:mine=folder:{a}")}
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("given", "message"), [
+    ("near:my set=folder:/x", "NAME must be letters, digits"),
+    ("far:x=svhn", "the named form is far:NAME=folder:PATH"),
+    ("near:..=folder:/x", "NAME must be letters, digits"),
+    ("near:x", "the named form is near:NAME=folder:PATH"),
+])
+def test_a_malformed_named_set_is_one_line_and_exit_2(given, message, tmp_path, trained_models):
+    s = densitune("search", "--out", str(tmp_path / "run"), "--models", str(trained_models / "t"), "--test-ood", given)
+    assert s.returncode == 2 and len(s.stderr.strip().splitlines()) == 1 and message in s.stderr, s.stderr
+    assert not (tmp_path / "run" / "results").exists()
