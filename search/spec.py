@@ -175,6 +175,10 @@ class SearchSpec:
     keep_scores: str = field(default="none", metadata=_key(
         STRING, "per-sample test scores kept for `densitune compare` (RUN/scores/): none or all trials", "--keep-scores",
         choices=("none", "all")))
+    orient: str = field(default="none", metadata=_key(
+        STRING, "validation: beside a diff trial whose validation AUROC says the negation ranks better, record the "
+        "negated variant diff_neg (still higher = more ID; the original is never flipped)", "--orient",
+        choices=("none", "validation")))
     #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
     attacks: tuple[str, ...] = field(default=(), metadata=_key(
         _STRS, "adversarial detection (rows adv-<name>)", "--attacks", nargs="*", choices=("fgsm", "bim", "pgd")))
@@ -189,6 +193,8 @@ class SearchSpec:
             object.__setattr__(self, "val_ood", tuple(self.val_ood))
         if self.keep_scores not in ("none", "all"):
             raise ConfigError(f"keep_scores must be none or all, got {self.keep_scores!r}")
+        if self.orient not in ("none", "validation"):
+            raise ConfigError(f"orient must be none or validation, got {self.orient!r}")
         if self.val_agg not in VAL_AGGS:
             raise ConfigError(f"unknown validation aggregation {self.val_agg!r}; known: {', '.join(VAL_AGGS)}")
         if self.val_ood is not None and len(set(self.val_ood)) != len(self.val_ood):

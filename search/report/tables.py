@@ -36,7 +36,7 @@ from densitune.ood_groups import ood_group
 from densitune.results.sql import referenced_columns
 from densitune.search.ood.density_defaults import default_params
 from densitune.search.ood.metrics import METRICS, check_metric
-from densitune.search.report.diagnostics import below_chance
+from densitune.search.report.diagnostics import BELOW, below_chance
 from densitune.search.report.markdown import cell, markdown, mean_std
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ FORMATS = ("markdown", "csv", "latex", "json")
 VIEWS = ("summary", "all", "methods", "configs")
 #: Order of the OOD groups in the summary (``near`` / ``far`` from the data registry, ``attack`` for adv-* sets).
 GROUP_ORDER = ("near", "far", "unknown", "attack")
+#: The summary's marker of a method whose validation AUROC is below 0.5 (it ranks OOD above ID).
+INVERTED = "†"
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Table:
     keys: dict[str, Any] = field(default_factory=dict)
     tidy: pd.DataFrame | None = None
     display: pd.DataFrame | None = None
+    #: one line markdown and latex print under the table (csv and json: the rows say it, e.g. ``inverted``)
+    note: str | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -344,7 +348,7 @@ def _method_order(score: str, density: str) -> tuple[int, bool, str]:
 
 #: Columns of the summary's tidy frame (one row per method x test OOD set).
 SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "eps_tuned", "val", "protocol",
-                   "ood_group", "ood_dataset", "ood_name", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
+                   "inverted", "ood_group", "ood_dataset", "ood_name", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
                    "best_auroc", "best_fpr95"]
 
 
@@ -377,12 +381,13 @@ def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
         for trial, eps_tuned in picks:
             name = _method_name(score, density, "", bool(trial["eps"] > 0))
             rows = _trial_rows(df, trial)
+            val_auroc = rows[rows["split"] == "val"].groupby("ood_dataset")["auroc"].mean()
             for ood, t in rows[rows["split"] == "test"].groupby("ood_dataset"):
                 st = _stats(t)
                 records.append({"method": name, "score": score, "density": density,
                                 "density_params": json.loads(trial["density_params"] or "{}"),
                                 **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "eps_tuned": eps_tuned,
-                                "val": float(trial["val"]),
+                                "val": float(trial["val"]), "inverted": bool((val_auroc < BELOW).any()),
                                 "protocol": trial["protocol"], "ood_group": t["ood_kind"].iloc[0],
                                 "ood_dataset": ood, "ood_name": t["ood_name"].iloc[0], "n_seeds": int(t["auroc"].notna().sum()),
                                 **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std")}})
@@ -438,6 +443,7 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
     ood_sets = [s for s in _set_columns(tidy) if not s.startswith("adv-")]
     attacks = [s for s in _set_columns(tidy) if s.startswith("adv-")]
     tables: list[Table] = []
+    note: str | None = None
     for m in ("auroc", "fpr95"):
         if not ood_sets:
             break
@@ -456,7 +462,13 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
                                  for k in wide["method"]])
             title += (f"; model and parameters of each method chosen on validation {metric} ({protocol}), "
                       "ε too where marked (tuned)")
-        tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide))
+            inverted = [bool(first.at[k, "inverted"]) for k in wide["method"]]
+            if any(inverted):  # a score that ranks OOD above ID on validation: marked here, not only under --full
+                wide["method"] = [f"{k} {INVERTED}" if inv else k for k, inv in zip(wide["method"], inverted)]
+                note = (f"{INVERTED} validation AUROC below 0.5: the score ranks OOD inputs above ID inputs (its sign "
+                        "is kept; `report --full` shows the reversed AUROC; `search --orient validation` adds a negated variant)")
+        tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide,
+                            note=note if m == "auroc" else None))
     if attacks:
         wide = _wide(tidy[tidy["ood_dataset"].isin(attacks)], attacks, ["auroc", "fpr95"], lambda o, m: f"{o} {m.upper()}")
         tables.append(Table("adversarial detection, clean vs attacked ID test inputs (%), mean ± std over seeds, "
@@ -539,7 +551,7 @@ def _markdown(t: Table) -> str:
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
-          "λ": r"$\lambda$", "—": "--"}
+          "λ": r"$\lambda$", "—": "--", "†": r"\dag{}"}
 
 
 def _latex_escape(s: str) -> str:
@@ -585,15 +597,17 @@ def _csv(tables: list[Table]) -> str:
 
 def _pandas_markdown(t: Table) -> str:
     assert t.display is not None
-    return f"### {t.title}\n\n" + str(t.display.to_markdown(index=False, disable_numparse=True))
+    return f"### {t.title}\n\n" + str(t.display.to_markdown(index=False, disable_numparse=True)) + (
+        f"\n\n{t.note}" if t.note else "")
 
 
 def _pandas_latex(t: Table) -> str:
     assert t.display is not None
     d = t.display.map(lambda v: re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", _latex_escape(str(v))))
     d.columns = [_latex_escape(str(c)) for c in d.columns]
-    return str(d.style.hide(axis="index").to_latex(caption=_latex_escape(t.title), hrules=True, position="h",
-                                               position_float="centering", environment="table"))
+    return (str(d.style.hide(axis="index").to_latex(caption=_latex_escape(t.title), hrules=True, position="h",
+                                               position_float="centering", environment="table"))) + (
+        f"\n{_latex_escape(t.note)}\n" if t.note else "")
 
 
 def render(tables: list[Table], fmt: str = "markdown") -> str:

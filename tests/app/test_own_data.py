@@ -203,3 +203,60 @@ def test_a_malformed_named_set_is_one_line_and_exit_2(given, message, tmp_path, 
     s = densitune("search", "--out", str(tmp_path / "run"), "--models", str(trained_models / "t"), "--test-ood", given)
     assert s.returncode == 2 and len(s.stderr.strip().splitlines()) == 1 and message in s.stderr, s.stderr
     assert not (tmp_path / "run" / "results").exists()
+
+
+def orient_run(tmp_path: Path, models: Path, name: str, test_ood: str, *extra: str) -> dict[str, list[dict]]:
+    """A real search of `diff` (gmm_sum, ε = 0.01) on the digits; its rows by score."""
+    run = tmp_path / name
+    s = densitune("search", "--out", str(run), "--models", str(models), "--num-cpus", "2", "--score", "diff",
+                  "--eps-grid", "0.01", "--eval-limit", "80", "--test-ood", test_ood, "-q", *extra)
+    assert s.returncode == 0, s.stderr[-3000:]
+    out: dict[str, list[dict]] = {}
+    for r in read_results(run / "results", stage="search").to_pylist():
+        out.setdefault(r["score"], []).append(r)
+    return out
+
+
+@pytest.mark.process
+def test_orient_validation_adds_the_negated_diff_variant_and_reads_no_test_set(tmp_path, trained_models):
+    """`--orient validation` adds `diff_neg` (= −diff, its own trial) beside each `diff` trial whose validation AUROC
+    is below 0.5; `diff` stays as it is. Leakage: another test set changes nothing the decision or the variant's
+    validation rows depend on. The default report marks an inverted score with † and a note under the table."""
+    models = trained_models / "t"
+    plain = orient_run(tmp_path, models, "plain", "noise-uniform")
+    assert set(plain) == {"diff"}  # off by default
+    a = orient_run(tmp_path, models, "a", "noise-uniform", "--orient", "validation")
+    b = orient_run(tmp_path, models, "b", "digits-hflip", "--orient", "validation")
+    for rows in (a, b):
+        assert set(rows) == {"diff", "diff_neg"}
+        diff = {(r["trial_id"], r["split"], r["ood_dataset"], r["seed"]): r for r in rows["diff"]}
+        neg = rows["diff_neg"]
+        per_trial: dict[str, list[float]] = {}
+        for r in rows["diff"]:
+            if r["split"] == "val":  # one validation set (the digits' default): mean over seeds below 0.5
+                per_trial.setdefault(r["trial_id"], []).append(r["auroc"])
+        inverted = {t for t, v in per_trial.items() if sum(v) / len(v) < 0.5}
+        assert {r["trial_id"] for r in neg} == {f"{t}-diff_neg" for t in inverted} and inverted
+        for r in neg:  # the same scores negated: AUROC reverses exactly, still higher = more ID
+            o = diff[(r["trial_id"].removesuffix("-diff_neg"), r["split"], r["ood_dataset"], r["seed"])]
+            assert r["auroc"] == pytest.approx(1.0 - o["auroc"], abs=1e-12) and r["auroc"] > 0.5
+            assert (r["eps"], r["density"], r["checkpoints"]) == (o["eps"], o["density"], o["checkpoints"])
+        # the originals keep their sign: diff's rows are those of the search without --orient
+        same = lambda rs: sorted((r["checkpoints"][0], r["split"], r["ood_dataset"], r["auroc"]) for r in rs)  # noqa: E731
+        assert same(r for r in rows["diff"] if r["split"] == "val") == same(r for r in plain["diff"] if r["split"] == "val")
+    # leakage: the test set differs (noise-uniform vs digits-hflip); what validation decided does not
+    val = lambda rows: sorted((r["score"], r["checkpoints"][0], r["ood_dataset"], r["auroc"], r["objective"])  # noqa: E731
+                              for s in ("diff", "diff_neg") for r in rows[s] if r["split"] == "val")
+    assert val(a) == val(b)
+    assert {r["ood_dataset"] for r in a["diff_neg"] if r["split"] == "test"} == {"noise-uniform"}
+    assert {r["ood_dataset"] for r in b["diff_neg"] if r["split"] == "test"} == {"digits-hflip"}
+
+    r = densitune("report", str(tmp_path / "plain"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    marked = [line for line in lines if line.startswith("| diff") and "†" in line]
+    assert marked and lines[lines.index(marked[-1]) + 2].startswith("† validation AUROC below 0.5")
+    j = densitune("report", str(tmp_path / "plain"), "--format", "json")
+    assert all(t["inverted"] for t in json.loads(j.stdout)) and "†" not in j.stdout
+    ra = densitune("report", str(tmp_path / "a"))
+    assert any(line.startswith("| diff_neg:gmm_sum+ip ") and "†" not in line for line in ra.stdout.splitlines())
