@@ -236,9 +236,10 @@ class SearchSpec:
                 raise ConfigError("protocol id-only cannot select eps (ip raises every likelihood): use eps_grid [0]")
         if not self.test_ood:
             raise ConfigError("at least one test OOD set is needed")
+        tested = {parse_set(n).dataset: n for n in self.test_ood if isinstance(n, str)}
         for name in self.val_ood or ():
-            if name in self.test_ood:
-                # The selection sets must be distinct from every reported set (no test leakage).
+            if isinstance(name, str) and parse_set(name).dataset in tested:
+                # The selection sets must be distinct from every reported set (no test leakage), whatever they are named.
                 raise ConfigError(f"validation OOD set {name!r} is also a test OOD set; choose a distinct one")
         check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
                                    "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)

@@ -260,3 +260,14 @@ def test_orient_validation_adds_the_negated_diff_variant_and_reads_no_test_set(t
     assert all(t["inverted"] for t in json.loads(j.stdout)) and "†" not in j.stdout
     ra = densitune("report", str(tmp_path / "a"))
     assert any(line.startswith("| diff_neg:gmm_sum+ip ") and "†" not in line for line in ra.stdout.splitlines())
+
+
+def test_a_folder_is_one_set_named_or_not_for_the_validation_test_split():
+    """Naming a folder does not make it another set: validation and test sets stay distinct by their data."""
+    from densitune.errors import ConfigError
+    from densitune.search.spec import SearchSpec
+
+    for val, test in ((("near:a=folder:/x",), ("folder:/x",)), (("folder:/x",), ("far:b=folder:/x", "noise-uniform"))):
+        with pytest.raises(ConfigError, match="is also a test OOD set"):
+            SearchSpec(experiment="e", val_ood=val, test_ood=test)
+    assert SearchSpec(experiment="e", val_ood=("folder:/y",), test_ood=("far:b=folder:/x",)).test_ood == ("far:b=folder:/x",)
