@@ -53,6 +53,12 @@ def group_key(config: TrainConfig) -> str:
 
 def _read_entry(cfg_file: RunPath) -> tuple[TrainConfig, int]:
     """The config and epoch of one ``config.json``; :class:`CheckpointError` naming the file if foreign or corrupt."""
+    cfg, epoch, _ = _read_meta(cfg_file)
+    return cfg, epoch
+
+
+def _read_meta(cfg_file: RunPath) -> tuple[TrainConfig, int, dict[str, Any]]:
+    """:func:`_read_entry` and the metrics of the checkpoint's last epoch (``val_accuracy``...)."""
     meta = read_config(cfg_file.parent)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"not a densitune checkpoint config: {cfg_file}")
@@ -62,7 +68,8 @@ def _read_entry(cfg_file: RunPath) -> tuple[TrainConfig, int]:
     epoch = meta.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool):
         raise CheckpointError(f"bad checkpoint config in {cfg_file}: epoch must be an integer, got {epoch!r}")
-    return cfg, epoch
+    metrics = meta.get("metrics")
+    return cfg, epoch, metrics if isinstance(metrics, dict) else {}
 
 
 def _shared_settings(cfg: TrainConfig) -> dict:
@@ -165,23 +172,57 @@ def select(
     return groups
 
 
-def list_models(models_dir: str | RunPath) -> list[dict[str, Any]]:
-    """One record per trained (or training) network under ``models_dir``: experiment, key, settings, epochs.
+def list_models(models_dir: str | RunPath, results_dir: str | RunPath | None = None) -> list[dict[str, Any]]:
+    """One record per trained (or training) network under ``models_dir``: experiment, key, settings, epochs,
+    ID validation accuracy (its last epoch's), ID test accuracy (the ``id_accuracy`` of the search rows of
+    ``results_dir`` that scored this network alone; None where no search did) and the size of its weights file.
 
-    Reads only the ``config.json`` files; an unreadable one is listed with its error.
+    Reads only the ``config.json`` files (and the rows' ``checkpoints`` / ``id_accuracy``); an unreadable
+    config is listed with its error.
     """
     root = location(models_dir)
     if not root.is_dir():
         raise CheckpointError(f"models directory not found: {root}")
+    tested = _test_accuracies(results_dir)
     out: list[dict[str, Any]] = []
     for cfg_file in glob(root, CONFIG_FILE, recursive=True):
         rel = PurePosixPath(str(cfg_file.parent)[len(str(root)):].lstrip("/")).parts
         try:
-            cfg, epoch = _read_entry(cfg_file)
+            cfg, epoch, metrics = _read_meta(cfg_file)
         except (CheckpointError, ConfigError) as e:
             out.append({"experiment": rel[0] if len(rel) > 1 else "", "key": cfg_file.parent.name, "error": str(e)})
             continue
+        val = metrics.get("val_accuracy")
+        weights = cfg_file.parent / MODEL_FILE
         out.append({"experiment": cfg.experiment, "key": cfg.key, "backbone": cfg.backbone, "D": cfg.feature_dim,
-                    "loss": cfg.loss, "seed": cfg.seed, "epochs": f"{epoch}/{cfg.epochs}", "lr": cfg.lr,
-                    "dataset": cfg.dataset, "path": str(cfg_file.parent)})
+                    "loss": cfg.loss, "λ": None if cfg.loss == "ce" else cfg.lam, "seed": cfg.seed,
+                    "epochs": f"{epoch}/{cfg.epochs}",
+                    "val_accuracy": float(val) if isinstance(val, int | float) and not isinstance(val, bool) else None,
+                    "test_accuracy": tested.get(_tail(str(cfg_file.parent))),
+                    "size_mb": round(weights.stat().st_size / 1e6, 3) if weights.exists() else None,
+                    "lr": cfg.lr, "dataset": cfg.dataset, "path": str(cfg_file.parent)})
     return out
+
+
+def _tail(path: str) -> tuple[str, ...]:
+    """``<experiment>/<key>`` of a network folder: how rows and the model store name one network, wherever
+    the run was mounted when it was searched."""
+    return PurePosixPath(path.rstrip("/")).parts[-2:]
+
+
+def _test_accuracies(results_dir: str | RunPath | None) -> dict[tuple[str, ...], float]:
+    """ID test accuracy per network (:func:`_tail`) from the newest search row that scored it alone."""
+    from densitune.results.store import read_results, result_files
+
+    if results_dir is None or not location(results_dir).is_dir() or not result_files(results_dir):
+        return {}
+    rows = read_results(results_dir, stage="search", columns=("checkpoints", "id_accuracy", "split", "started_at"))
+    found: dict[tuple[str, ...], tuple[Any, float]] = {}
+    for r in rows.to_pylist():
+        ckpts, acc = r["checkpoints"], r["id_accuracy"]
+        if r["split"] != "test" or acc is None or not ckpts or len(ckpts) != 1:
+            continue
+        key = _tail(ckpts[0])
+        if key not in found or (r["started_at"], acc) > found[key]:
+            found[key] = (r["started_at"], acc)
+    return {k: acc for k, (_, acc) in found.items()}

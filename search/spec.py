@@ -13,6 +13,7 @@ from typing import Any
 
 from densitune.checks import INTEGER, MAPPING, NUMBER, STRING, Interval, ListOf, check_params, check_path_text, describe
 from densitune.errors import ConfigError
+from densitune.ood_groups import parse_set
 from densitune.search.ood.metrics import METRICS, check_metric
 
 SAMPLERS = ("grid", "tpe")
@@ -134,7 +135,8 @@ class SearchSpec:
         _STRS, "OOD set(s) used for selection, e.g. one near and one far (default: per ID data set)",
         "--val-ood", nargs="+", nullable=True))
     test_ood: tuple[str, ...] = field(metadata=_key(
-        _STRS, "OOD sets reported, never used to select (default: per ID data set)", "--test-ood", nargs="+"))
+        _STRS, "OOD sets reported, never used to select; near:NAME=folder:PATH / far:... names a folder and its kind "
+        "(default: per ID data set)", "--test-ood", nargs="+"))
     val_agg: str = field(default="mean", metadata=_key(
         STRING, "several validation OOD sets: the objective is their mean or their worst (min)", "--val-agg",
         choices=VAL_AGGS))
@@ -173,6 +175,10 @@ class SearchSpec:
     keep_scores: str = field(default="none", metadata=_key(
         STRING, "per-sample test scores kept for `densitune compare` (RUN/scores/): none or all trials", "--keep-scores",
         choices=("none", "all")))
+    orient: str = field(default="none", metadata=_key(
+        STRING, "validation: beside a diff trial whose validation AUROC says the negation ranks better, record the "
+        "negated variant diff_neg (still higher = more ID; the original is never flipped)", "--orient",
+        choices=("none", "validation")))
     #: adversarial-example detection (note §1.9): attacks on the ID test set, reported like test OOD sets
     attacks: tuple[str, ...] = field(default=(), metadata=_key(
         _STRS, "adversarial detection (rows adv-<name>)", "--attacks", nargs="*", choices=("fgsm", "bim", "pgd")))
@@ -187,6 +193,8 @@ class SearchSpec:
             object.__setattr__(self, "val_ood", tuple(self.val_ood))
         if self.keep_scores not in ("none", "all"):
             raise ConfigError(f"keep_scores must be none or all, got {self.keep_scores!r}")
+        if self.orient not in ("none", "validation"):
+            raise ConfigError(f"orient must be none or validation, got {self.orient!r}")
         if self.val_agg not in VAL_AGGS:
             raise ConfigError(f"unknown validation aggregation {self.val_agg!r}; known: {', '.join(VAL_AGGS)}")
         if self.val_ood is not None and len(set(self.val_ood)) != len(self.val_ood):
@@ -228,9 +236,10 @@ class SearchSpec:
                 raise ConfigError("protocol id-only cannot select eps (ip raises every likelihood): use eps_grid [0]")
         if not self.test_ood:
             raise ConfigError("at least one test OOD set is needed")
+        tested = {parse_set(n).dataset: n for n in self.test_ood if isinstance(n, str)}
         for name in self.val_ood or ():
-            if name in self.test_ood:
-                # The selection sets must be distinct from every reported set (no test leakage).
+            if isinstance(name, str) and parse_set(name).dataset in tested:
+                # The selection sets must be distinct from every reported set (no test leakage), whatever they are named.
                 raise ConfigError(f"validation OOD set {name!r} is also a test OOD set; choose a distinct one")
         check_params(vars(self), {"num_samples": [Interval(int, 1, None), None], "eval_limit": [Interval(int, 1, None), None],
                                    "seed": [INTEGER], "batch_size": [Interval(int, 1, None)]}, labels=_LABELS)
@@ -238,8 +247,9 @@ class SearchSpec:
             if getattr(self, key, None) is not None:
                 check_path_text(getattr(self, key), key)
         for name in (*(self.val_ood or ()), *self.test_ood):
-            if isinstance(name, str) and name.startswith("folder:"):
-                check_path_text(name[len("folder:"):], "OOD set folder")
+            dataset = parse_set(name).dataset if isinstance(name, str) else name  # near:NAME=folder:PATH checked here
+            if isinstance(dataset, str) and dataset.startswith("folder:"):
+                check_path_text(dataset[len("folder:"):], "OOD set folder")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (tuples as lists)."""

@@ -9,13 +9,16 @@ Ensemble scores use all seeds at once and write rows with an empty ``seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from torch import Tensor
 
+from densitune.ood_groups import set_labels
 from densitune.results.rows import provenance, result_row
 from densitune.search.evaluate import (
     Workspace,
@@ -27,7 +30,7 @@ from densitune.search.evaluate import (
     test_metrics,
 )
 from densitune.search.models import ModelGroup
-from densitune.search.ood.scores import score_class
+from densitune.search.ood.scores import ORIENTED, score_class
 from densitune.search.space import TrialParams
 from densitune.search.spec import SearchSpec
 
@@ -73,6 +76,7 @@ def run_trial(
     for _, ckpts in members:  # concurrent first trials share the work: decoding image files, and (ε > 0) the signs
         claim_splits(ws, spec, ckpts, params)
         claim_gradient_signs(ws, spec, ckpts, params)
+    labels = set_labels(group.dataset, [*(spec.val_ood or ()), *spec.test_ood])  # kind and short name per set
     val_sets = selection_sets(spec)
     per_set_val: list[list[float]] = [[] for _ in val_sets]  # sets x members
     rows: list[dict[str, Any]] = []
@@ -86,11 +90,34 @@ def run_trial(
             sample_scores[seed] = kept
         for ood, split, m in [*((v.pop("ood_dataset"), "val", v) for v in vals), *((o, "test", t) for o, t in tests.items())]:
             where = provenance(ws.device, data_checksums=m.pop("data_checksums"))
+            kind, name = (None, None) if ood is None else labels.get(ood, ("attack", ood))  # adv-/proxy-: attacks
             rows.append(result_row(**trial_columns, provenance=where, seed=seed, checkpoints=ckpts, ood_dataset=ood,
-                                   split=split, **m))
+                                   ood_kind=kind, ood_name=name, split=split, **m))
     duration = time.perf_counter() - t0
     objective = aggregate_objective(spec, per_set_val)
     for r in rows:
         r["duration_s"] = duration
         r["objective"] = objective
+    if spec.orient == "validation" and params.score in ORIENTED and negation_ranks_better(spec, rows):
+        # a separately named trial of the negated score (its own rows, never seen by the sampler)
+        variant = dataclasses.replace(params, score=ORIENTED[params.score])
+        rows += run_trial(ws, spec, group, variant, f"{trial_id}-{variant.score}", search_params={"variant_of": trial_id})[1]
     return objective, rows
+
+
+def negation_ranks_better(spec: SearchSpec, rows: list[dict[str, Any]]) -> bool:
+    """Whether the negated score ranks better on validation than the score of ``rows`` (a trial's rows).
+
+    Reads the validation rows only (the test sets never decide): negating a score turns each validation set's
+    AUROC into 1 − AUROC (exactly: every ID/OOD pair reverses, a tie counts ½ either way); the sets' means over
+    seeds are combined as the objective is (``spec.val_agg``)."""
+    per_set: dict[str, list[float]] = {}
+    for r in rows:
+        if r["split"] == "val" and r.get("auroc") is not None:
+            per_set.setdefault(str(r["ood_dataset"]), []).append(float(r["auroc"]))
+    if not per_set:
+        return False
+    means = [math.fsum(v) / len(v) for v in per_set.values()]
+    if spec.val_agg == "min":
+        return min(1.0 - m for m in means) > min(means)
+    return math.fsum(means) / len(means) < 0.5

@@ -115,7 +115,9 @@ def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[
     table = read_results(results_dir, experiment=experiment, stage="search")
     out = {}
     for tid, params, obj in zip(*(table.column(c).to_pylist() for c in ("trial_id", "search_params", "objective"))):
-        out[tid] = (json.loads(params), obj)
+        loaded = json.loads(params)
+        if "variant_of" not in loaded:  # an oriented variant (--orient validation) rides on its trial: no trial itself
+            out[tid] = (loaded, obj)
     return out
 
 

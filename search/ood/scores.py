@@ -35,7 +35,8 @@ classifier head as ``model.head`` (an ``nn.Linear``); the search hands it over w
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -193,6 +194,26 @@ class DiffScore(DensityScore):
             return (self(x_t) - self(x)).detach()
 
 
+class NegatedDiffScore(DiffScore):
+    """−(log q(f(x̃)) − log q(f(x))), named ``diff_neg``: ``diff`` with the other sign, the same x̃. Still higher =
+    more in-distribution: where OOD inputs gain more log-density from the step than ID inputs (``diff`` on the
+    digits), gaining less is the in-distribution sign. Not registered in :data:`SCORES` (never searched by name):
+    ``search --orient validation`` adds it beside a ``diff`` trial whose validation AUROC says it ranks better
+    (:data:`ORIENTED`)."""
+
+    def evaluate(self, x: Tensor, eps: float) -> Tensor:
+        return -super().evaluate(x, eps)
+
+    def evaluate_signed(self, x: Tensor, sign: Tensor, eps: float) -> Tensor:
+        return -super().evaluate_signed(x, sign, eps)
+
+
+#: Scores whose sign convention is open to question -> their separately named negated variant
+#: (``search --orient validation``); the original is never flipped.
+ORIENTED: Mapping[str, str] = MappingProxyType({"diff": "diff_neg"})
+_VARIANTS: Mapping[str, type[Score]] = MappingProxyType({"diff_neg": NegatedDiffScore})
+
+
 @SCORES.register("msp")
 class MaxSoftmax(Score):
     """Maximum softmax probability (the softmax baseline)."""
@@ -312,8 +333,9 @@ class ViMScore(DensityScore):
 
 def create_score(name: str, models: Sequence[FeatureModel], density: Density | None = None, **params: Any) -> Score:
     """Build the registered score ``name`` with its ``params`` (unknown names list the known ones)."""
-    return SCORES.get(name)(models, density, **params)
+    return score_class(name)(models, density, **params)
 
 
 def score_class(name: str) -> type[Score]:
-    return SCORES.get(name)
+    """The class of score ``name``: a registered one, or an oriented variant (:data:`ORIENTED`)."""
+    return _VARIANTS.get(name) or SCORES.get(name)

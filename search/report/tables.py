@@ -36,7 +36,7 @@ from densitune.ood_groups import ood_group
 from densitune.results.sql import referenced_columns
 from densitune.search.ood.density_defaults import default_params
 from densitune.search.ood.metrics import METRICS, check_metric
-from densitune.search.report.diagnostics import below_chance
+from densitune.search.report.diagnostics import BELOW, below_chance
 from densitune.search.report.markdown import cell, markdown, mean_std
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
 VIEWS = ("summary", "all", "methods", "configs")
 #: Order of the OOD groups in the summary (``near`` / ``far`` from the data registry, ``attack`` for adv-* sets).
-GROUP_ORDER = ("near", "far", "other", "attack")
+GROUP_ORDER = ("near", "far", "unknown", "attack")
+#: The summary's marker of a method whose validation AUROC is below 0.5 (it ranks OOD above ID).
+INVERTED = "†"
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Table:
     keys: dict[str, Any] = field(default_factory=dict)
     tidy: pd.DataFrame | None = None
     display: pd.DataFrame | None = None
+    #: one line markdown and latex print under the table (csv and json: the rows say it, e.g. ``inverted``)
+    note: str | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -82,7 +86,7 @@ class Table:
 
 #: The columns the tables are built from: ``report`` and ``best`` read only these (and those a ``--where`` or
 #: ``--by`` names) of the search rows, so thousands of per-trial files cost what these columns cost.
-READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "id_dataset", "ood_dataset", "split", *CONFIG_COLUMNS, "eps", "seed",
+READ_COLUMNS = ["experiment", "trial_id", "stage", "protocol", "id_dataset", "ood_dataset", "ood_kind", "ood_name", "split", *CONFIG_COLUMNS, "eps", "seed",
                 "ensemble", "objective", *VALUES, "id_accuracy", "checkpoints"]
 
 
@@ -109,6 +113,10 @@ def search_frame(table: pa.Table) -> pd.DataFrame:
     df["density_params"] = df["density_params"].fillna("{}")
     df["n_models"] = df["checkpoints"].map(lambda c: 1 if c is None else len(c))
     df["ensemble"] = df["ensemble"].fillna(False).astype(bool)
+    if "ood_kind" in df.columns:  # rows written without them (by hand, not by a search): as the tables know the sets
+        missing = df["ood_kind"].isna() & df["ood_dataset"].notna()
+        df.loc[missing, "ood_kind"] = [ood_group_of(i, o) for i, o in zip(df.loc[missing, "id_dataset"], df.loc[missing, "ood_dataset"])]
+        df["ood_name"] = df["ood_name"].fillna(df["ood_dataset"])
     return df
 
 
@@ -260,15 +268,23 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
                     continue
                 rows.append({"ood_dataset": s, "split": split, **_stats(a), **_stats(b, "_ip")})
         first = r.plain if r.plain is not None else r.ip
-        eps = f"{r.ip['eps']:.4g}" if r.ip is not None else "-"
         v: Callable[[pd.Series | None], str] = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
         title = (f"{rank}. {_group_title(r.config)} {_method_title(r.config)} — ID test accuracy "
-                 f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; ip ε = {eps} (chosen on validation); "
+                 f"{_accuracy(plain if len(plain) else ip)}; {_members(first)}; {_eps_choice(r)}; "
                  f"val {metric}: no ip {v(r.plain)}, ip {v(r.ip)}")
         cols = ["ood_dataset", "split"] + [f"{m}{p}{s}" for p in ("", "_ip") for m in ("auroc", "auprc") for s in ("", "_std")]
         keys = {"rank": rank, **r.config, "eps_ip": None if r.ip is None else float(r.ip["eps"])}
         tables.append(Table(title, pd.DataFrame(rows, columns=cols), keys=keys))
     return tables
+
+
+def _eps_choice(r: ConfigResult) -> str:
+    """What validation chose for ε, in words: an ip ε only when it won (ties go to ε = 0, as in the ranking)."""
+    if r.ip is None:
+        return "ε = 0 (no ip searched)"
+    if r.plain is None or (r.rank_value == r.ip["val"] and r.plain["val"] != r.rank_value):
+        return f"ip ε = {r.ip['eps']:.4g} (chosen on validation)"
+    return f"ε = 0 (chosen on validation; best ip ε = {r.ip['eps']:.4g})"
 
 
 def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
@@ -319,10 +335,11 @@ def by_tables(df: pd.DataFrame, by: list[str], metric: str = "auroc") -> list[Ta
 
 
 def ood_group_of(id_dataset: str | None, ood_dataset: str) -> str:
-    """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``other``."""
+    """``near`` / ``far`` as the data registry knows them, ``attack`` for ``adv-*`` rows, else ``unknown``
+    (what a row without ``ood_kind`` is grouped by; a search records each set's kind, :mod:`densitune.ood_groups`)."""
     if ood_dataset.startswith("adv-"):
         return "attack"
-    return ood_group(id_dataset or "", ood_dataset) or "other"
+    return ood_group(id_dataset or "", ood_dataset) or "unknown"
 
 
 def _method_order(score: str, density: str) -> tuple[int, bool, str]:
@@ -331,7 +348,7 @@ def _method_order(score: str, density: str) -> tuple[int, bool, str]:
 
 #: Columns of the summary's tidy frame (one row per method x test OOD set).
 SUMMARY_COLUMNS = ["method", "score", "density", "density_params", *GROUP_COLUMNS, "eps", "eps_tuned", "val", "protocol",
-                   "ood_group", "ood_dataset", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
+                   "inverted", "ood_group", "ood_dataset", "ood_name", "n_seeds", "auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std",
                    "best_auroc", "best_fpr95"]
 
 
@@ -364,14 +381,15 @@ def summary_frame(df: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
         for trial, eps_tuned in picks:
             name = _method_name(score, density, "", bool(trial["eps"] > 0))
             rows = _trial_rows(df, trial)
+            val_auroc = rows[rows["split"] == "val"].groupby("ood_dataset")["auroc"].mean()
             for ood, t in rows[rows["split"] == "test"].groupby("ood_dataset"):
                 st = _stats(t)
                 records.append({"method": name, "score": score, "density": density,
                                 "density_params": json.loads(trial["density_params"] or "{}"),
                                 **{c: trial[c] for c in GROUP_COLUMNS}, "eps": float(trial["eps"]), "eps_tuned": eps_tuned,
-                                "val": float(trial["val"]),
-                                "protocol": trial["protocol"], "ood_group": ood_group_of(t["id_dataset"].iloc[0], str(ood)),
-                                "ood_dataset": ood, "n_seeds": int(t["auroc"].notna().sum()),
+                                "val": float(trial["val"]), "inverted": bool((val_auroc < BELOW).any()),
+                                "protocol": trial["protocol"], "ood_group": t["ood_kind"].iloc[0],
+                                "ood_dataset": ood, "ood_name": t["ood_name"].iloc[0], "n_seeds": int(t["auroc"].notna().sum()),
                                 **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std", "fpr95", "fpr95_std")}})
     out = pd.DataFrame.from_records(records, columns=[c for c in SUMMARY_COLUMNS if not c.startswith("best_")])
     for m, pick in (("auroc", "max"), ("fpr95", "min")):
@@ -388,14 +406,16 @@ def _percent(mean: float, std: float, bold: bool) -> str:
 
 
 def _set_columns(tidy: pd.DataFrame) -> list[str]:
-    sets = tidy[["ood_group", "ood_dataset"]].drop_duplicates()
-    sets = sets.assign(_g=sets["ood_group"].map(GROUP_ORDER.index)).sort_values(["_g", "ood_dataset"], kind="mergesort")
+    sets = tidy[["ood_group", "ood_dataset", "ood_name"]].drop_duplicates("ood_dataset")
+    order = sets["ood_group"].map(lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
+    sets = sets.assign(_g=order).sort_values(["_g", "ood_name", "ood_dataset"], kind="mergesort")
     return list(sets["ood_dataset"])
 
 
 def _header(tidy: pd.DataFrame, ood: str) -> str:
-    group = tidy.loc[tidy["ood_dataset"] == ood, "ood_group"].iloc[0]
-    return ood if group in ("other", "attack") else f"{group}: {ood}"
+    """A set's column header: its kind and short name (the full text, e.g. a folder's path, stays in the rows)."""
+    row = tidy.loc[tidy["ood_dataset"] == ood].iloc[0]
+    return row["ood_name"] if row["ood_group"] in ("unknown", "attack") else f"{row['ood_group']}: {row['ood_name']}"
 
 
 def _wide(tidy: pd.DataFrame, sets: list[str], metrics: list[str], label: Callable[[str, str], str]) -> pd.DataFrame:
@@ -423,6 +443,7 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
     ood_sets = [s for s in _set_columns(tidy) if not s.startswith("adv-")]
     attacks = [s for s in _set_columns(tidy) if s.startswith("adv-")]
     tables: list[Table] = []
+    note: str | None = None
     for m in ("auroc", "fpr95"):
         if not ood_sets:
             break
@@ -441,7 +462,13 @@ def summary_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
                                  for k in wide["method"]])
             title += (f"; model and parameters of each method chosen on validation {metric} ({protocol}), "
                       "ε too where marked (tuned)")
-        tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide))
+            inverted = [bool(first.at[k, "inverted"]) for k in wide["method"]]
+            if any(inverted):  # a score that ranks OOD above ID on validation: marked here, not only under --full
+                wide["method"] = [f"{k} {INVERTED}" if inv else k for k, inv in zip(wide["method"], inverted)]
+                note = (f"{INVERTED} validation AUROC below 0.5: the score ranks OOD inputs above ID inputs (its sign "
+                        "is kept; `report --full` shows the reversed AUROC; `search --orient validation` adds a negated variant)")
+        tables.append(Table(title, wide, tidy=tidy if not tables else tidy.iloc[0:0], display=wide,
+                            note=note if m == "auroc" else None))
     if attacks:
         wide = _wide(tidy[tidy["ood_dataset"].isin(attacks)], attacks, ["auroc", "fpr95"], lambda o, m: f"{o} {m.upper()}")
         tables.append(Table("adversarial detection, clean vs attacked ID test inputs (%), mean ± std over seeds, "
@@ -524,7 +551,7 @@ def _markdown(t: Table) -> str:
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
-          "λ": r"$\lambda$", "—": "--"}
+          "λ": r"$\lambda$", "—": "--", "†": r"\dag{}"}
 
 
 def _latex_escape(s: str) -> str:
@@ -570,15 +597,17 @@ def _csv(tables: list[Table]) -> str:
 
 def _pandas_markdown(t: Table) -> str:
     assert t.display is not None
-    return f"### {t.title}\n\n" + str(t.display.to_markdown(index=False, disable_numparse=True))
+    return f"### {t.title}\n\n" + str(t.display.to_markdown(index=False, disable_numparse=True)) + (
+        f"\n\n{t.note}" if t.note else "")
 
 
 def _pandas_latex(t: Table) -> str:
     assert t.display is not None
     d = t.display.map(lambda v: re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", _latex_escape(str(v))))
     d.columns = [_latex_escape(str(c)) for c in d.columns]
-    return str(d.style.hide(axis="index").to_latex(caption=_latex_escape(t.title), hrules=True, position="h",
-                                               position_float="centering", environment="table"))
+    return (str(d.style.hide(axis="index").to_latex(caption=_latex_escape(t.title), hrules=True, position="h",
+                                               position_float="centering", environment="table"))) + (
+        f"\n{_latex_escape(t.note)}\n" if t.note else "")
 
 
 def render(tables: list[Table], fmt: str = "markdown") -> str:

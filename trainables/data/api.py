@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from densitune.errors import ConfigError, UnknownNameError
+from densitune.ood_groups import parse_set
 from densitune.trainables.data import embedded, torchvision_sets  # noqa: F401  (they register their sets)
 from densitune.trainables.data.base import DATASETS, DatasetFactory, DatasetInfo
 from densitune.trainables.data.folder import PREFIX as FOLDER_PREFIX
@@ -24,8 +25,10 @@ logger = logging.getLogger(__name__)
 def get_dataset(name: str) -> DatasetFactory:
     """The factory of a registered name, or of a ``folder:PATH`` name.
 
+    A named OOD set, ``near:NAME=folder:PATH`` or ``far:...``, is the data set ``folder:PATH``.
     Raises :class:`UnknownNameError` naming the known data sets.
     """
+    name = parse_set(name).dataset
     if name.startswith(FOLDER_PREFIX):
         path = name[len(FOLDER_PREFIX):]
         if not path.strip():
@@ -123,7 +126,7 @@ def split_identity(
     into memory whole (a split converted batch by batch is never held whole, so never cached). The other
     arguments are those of :func:`load_split`; a cache key holds them beside this identity.
     """
-    if not name.startswith(FOLDER_PREFIX):
+    if not parse_set(name).dataset.startswith(FOLDER_PREFIX):
         return None
     factory = get_dataset(name)
     assert isinstance(factory, FolderSet)

@@ -243,8 +243,13 @@ def cmd_list_models(args: argparse.Namespace, argv: list[str]) -> int:
     from densitune.search.report.tables import Table, render
 
     run = location(args.results)
-    records = list_models(run / "models" if (run / "models").is_dir() else run)
-    print(render([Table(f"trained networks in {run}", pd.DataFrame.from_records(records))], args.format))
+    has_models = (run / "models").is_dir()
+    records = list_models(run / "models" if has_models else run, run / "results" if has_models else None)
+    frame = pd.DataFrame.from_records(records)
+    shown = frame.astype(object).apply(lambda col: [  # accuracies to 4 decimals; no figure: "—"
+        "—" if v is None or v != v else f"{v:.4f}" if col.name.endswith("accuracy") else f"{v:g}" if isinstance(v, float)
+        else str(v) for v in col])
+    print(render([Table(f"trained networks in {run}", frame, display=shown)], args.format))
     return 0
 
 

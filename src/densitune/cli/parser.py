@@ -267,7 +267,10 @@ def abs_path(path: str | None) -> str | None:
 
 
 def abs_dataset(name: str | None) -> str | None:
-    """``folder:PATH`` with PATH made absolute (other names unchanged)."""
+    """``folder:PATH`` (also inside ``near:NAME=folder:PATH`` / ``far:...``) with PATH made absolute (other names unchanged)."""
+    if name and name.startswith(("near:", "far:")) and "=folder:" in name:
+        head, _, folder = name.partition("=")
+        return f"{head}={abs_dataset(folder)}"
     if name and name.startswith("folder:"):
         return "folder:" + abs_path(name[len("folder:"):])
     return name

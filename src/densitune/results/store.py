@@ -44,16 +44,17 @@ import pyarrow.parquet as pq
 
 from densitune.checks import error_summary
 from densitune.errors import ResultsError
+from densitune.ood_groups import is_attack, set_labels
 from densitune.results.sql import _arrow, filter_table, run_query
 from densitune.run.files import DocumentError, fsync_dir, read_document
 from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under, glob, location, publish
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`: :func:`upgrade_v3`,
-#: :func:`upgrade_v4`).
-READABLE_VERSIONS = (3, 4, 5)
+#: :func:`upgrade_v4`, :func:`upgrade_v5`).
+READABLE_VERSIONS = (3, 4, 5, 6)
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -112,6 +113,9 @@ SCHEMA = pa.schema(
         ("cuda", pa.string()),  # CUDA and cuDNN versions on a GPU ("12.8 cudnn 91002"), null on the CPU
         ("deterministic", pa.bool_()),  # torch.use_deterministic_algorithms (and cuDNN deterministic on a GPU)
         ("reproducible", pa.bool_()),  # computed under --reproducible (kernels pinned to the portable baseline)
+        # the OOD set as a person names it (schema v6; densitune.ood_groups.set_labels); ood_dataset keeps the full text
+        ("ood_kind", pa.string()),  # near | far | unknown (a set no table or name places) | attack; null: no OOD side
+        ("ood_name", pa.string()),  # short name: NAME of near:NAME=folder:PATH, a folder's own name, a registered name
     ]
 )
 
@@ -497,6 +501,8 @@ def _check_file(f: RunPath) -> int:
             raise ResultsError(f"{f} has results schema {found}; this densitune reads {readable}")
         if schema.equals(SCHEMA):
             return SCHEMA_VERSION
+        if schema.equals(SCHEMA_V5) and versions <= {5}:
+            return 5
         if schema.equals(SCHEMA_V4) and versions <= {4}:
             return 4
         if schema.equals(SCHEMA_V3) and versions <= {3}:
@@ -637,7 +643,8 @@ def _read_file(f: RunPath, columns: list[str], stage: str | None) -> tuple[int, 
             if set(table.column("schema_version").to_pylist()) - {SCHEMA_VERSION}:
                 version = _check_file(f)  # raises: another version's rows under the current columns
         else:
-            table = (upgrade_v4(pf.read()) if version == 4 else upgrade_v3(pf.read())).select(columns)
+            upgrade = {5: upgrade_v5, 4: upgrade_v4}.get(version, upgrade_v3)
+            table = upgrade(pf.read()).select(columns)
     except (pa.ArrowException, OSError) as e:
         raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
     if stage is not None:
@@ -655,16 +662,39 @@ SCHEMA_V3 = pa.schema(
 
 #: The columns schema v5 added (null in rows of older files).
 V5_COLUMNS = ("cpu", "cpu_capability", "onednn_isa", "cuda", "deterministic", "reproducible")
+#: The columns schema v6 added (derived from ``id_dataset`` / ``ood_dataset`` in rows of older files).
+V6_COLUMNS = ("ood_kind", "ood_name")
+#: Schema v5 (the kernel columns, before the OOD set's kind and short name).
+SCHEMA_V5 = pa.schema([f for f in SCHEMA if f.name not in V6_COLUMNS])
 #: Schema v4 (the provenance columns, before the v5 kernel columns).
-SCHEMA_V4 = pa.schema([f for f in SCHEMA if f.name not in V5_COLUMNS])
+SCHEMA_V4 = pa.schema([f for f in SCHEMA_V5 if f.name not in V5_COLUMNS])
+
+
+def upgrade_v5(table: pa.Table) -> pa.Table:
+    """A schema v5 table as :data:`SCHEMA`: each row's OOD set kind and short name as a v6 search would have
+    recorded them (:func:`densitune.ood_groups.set_labels` over the sets of its in-distribution data set; an
+    attack row's kind "attack"); ``schema_version`` stays 5 (what wrote the row)."""
+    ids, oods = table.column("id_dataset").to_pylist(), table.column("ood_dataset").to_pylist()
+    labels: dict[tuple[str | None, str], tuple[str, str]] = {}
+    for id_dataset in dict.fromkeys(ids):
+        sets = [o for i, o in zip(ids, oods, strict=True) if i == id_dataset and o is not None]
+        for o, kind_name in set_labels(id_dataset or "", [o for o in sets if not is_attack(o)]).items():
+            labels[(id_dataset, o)] = kind_name
+        labels.update({(id_dataset, o): ("attack", o) for o in sets if is_attack(o)})
+    picked = [None if o is None else labels[(i, o)] for i, o in zip(ids, oods, strict=True)]
+    for n, name in enumerate(V6_COLUMNS):
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.array([None if p is None else p[n] for p in picked], pa.string()))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def upgrade_v4(table: pa.Table) -> pa.Table:
-    """A schema v4 table as :data:`SCHEMA`: the v5 kernel columns null; ``schema_version`` stays 4."""
+    """A schema v4 table as :data:`SCHEMA`: the v5 kernel columns null, the v6 ones as :func:`upgrade_v5`;
+    ``schema_version`` stays 4."""
     for name in V5_COLUMNS:
         if name not in table.column_names:
             table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    return upgrade_v5(table.select(SCHEMA_V5.names).cast(SCHEMA_V5))
 
 
 def upgrade_v3(table: pa.Table) -> pa.Table:

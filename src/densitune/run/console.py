@@ -177,16 +177,25 @@ class Progress:
     Shows done / running / failed, the best value so far and the ETA. It redraws when a
     twentieth of the trials more have finished, when a trial fails, and at the end, so a
     long run adds a bounded number of lines to a terminal or a captured log.
+
+    "running" is Tune's count of RUNNING trials (:meth:`observe`, after every step of Tune's loop). A finished
+    trial's redraw waits until Tune has started the trials that take its place (the count is back at its peak,
+    or at the trials left), at most :attr:`REFILL_WAIT` seconds: drawn at the finish, the bar would always show
+    one running fewer than run (a finished trial leaves RUNNING a step before the next one enters it).
     """
+
+    #: Longest a due redraw waits for the next trial to start (s): resources may have gone, the searcher may wait.
+    REFILL_WAIT = 30.0
 
     def __init__(self, total: int, what: str, metric: str, mode: str, *, enabled: bool = True) -> None:
         self.total, self.what, self.metric, self.mode = total, what, metric, mode
-        self.done = self.failed = self.running = 0
+        self.done = self.failed = self.running = self.peak = 0
         self.waiting = ""  # trials that wait for resources, and one trial's demand ("2 waiting for 1 CPU, 1 GPU each")
         self.best: tuple[float, str] | None = None
         self.t0 = time.monotonic()
         self._step = max(1, total // 20)
         self._drawn = 0
+        self._due: float | None = None  # when a redraw became due (monotonic s), None if none is
         self._stuck_since: float | None = None  # since when trials wait while none runs
         self._stuck_drawn = False
         self._bar: Any = None
@@ -210,11 +219,10 @@ class Progress:
         waiting = f"{self.waiting}, " if self.waiting else ""
         return f"{self.running} running, {waiting}{self.failed} failed; {best}"
 
-    def finished(self, value: float | None, label: str, *, running: int, failed: bool = False) -> None:
-        """One trial ended (``value`` its metric, None when it reported none)."""
+    def finished(self, value: float | None, label: str, *, failed: bool = False) -> None:
+        """One trial ended (``value`` its metric, None when it reported none); a redraw may become due."""
         self.done += 1
         self.failed += int(failed)
-        self.running = running
         if value is not None and not failed:
             better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
             if better:
@@ -223,19 +231,21 @@ class Progress:
         eta = elapsed / self.done * (self.total - self.done)
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else "no result yet"
         log.info("%s %d/%d done, %d running, %d failed; %s; elapsed %.0fs, ETA %.0fs%s", self.what, self.done, self.total,
-                 running, self.failed, best, elapsed, eta, f" ({label} FAILED)" if failed else "")
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-            if self.done < self.total and (failed or self.done - self._drawn >= self._step):  # close() draws the last
-                self._bar.n = self.done
-                self._bar.refresh()
-                self._drawn = self.done
+                 max(self.running - 1, 0), self.failed, best, elapsed, eta, f" ({label} FAILED)" if failed else "")
+        if self._due is None and self.done < self.total and (failed or self.done - self._drawn >= self._step):
+            self._due = time.monotonic()  # close() draws the last
 
-    def started(self, running: int) -> None:
-        """A trial started: counted in the next redraw."""
-        self.running = running
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
+    def observe(self, running: int) -> None:
+        """Tune's RUNNING trials now (after a step of its loop); draws a due redraw once the pool is refilled."""
+        self.running, self.peak = running, max(self.peak, running)
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(self._postfix(), refresh=False)
+        refilled = running >= min(self.peak, self.total - self.done)
+        if self._due is not None and (refilled or time.monotonic() - self._due >= self.REFILL_WAIT):
+            self._bar.n = self.done
+            self._bar.refresh()
+            self._drawn, self._due = self.done, None
 
     def pending(self, count: int, demand: dict[str, float], now: float | None = None) -> None:
         """``count`` trials wait for their resources (``demand``: one trial's request); shown in the bar. When trials
@@ -285,11 +295,7 @@ def progress_callback(progress: Progress, metric: str):
         def _done(self, trials, trial, failed: bool) -> None:
             value = (trial.last_result or {}).get(metric)
             label = str(trial.config.get("point") or trial.config.get("key") or trial.trial_id)
-            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-            progress.finished(value, label, running=running, failed=failed)
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            progress.started(sum(t.status == "RUNNING" or t is trial for t in trials))
+            progress.finished(value, label, failed=failed)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._done(trials, trial, failed=False)
@@ -297,7 +303,8 @@ def progress_callback(progress: Progress, metric: str):
         def on_trial_error(self, iteration, trials, trial, **info):
             self._done(trials, trial, failed=True)
 
-        def on_step_end(self, iteration, trials, **info):
+        def on_step_end(self, iteration, trials, **info):  # trial statuses are settled between steps
+            progress.observe(sum(t.status == "RUNNING" for t in trials))
             waiting = [t for t in trials if t.status == "PENDING"]
             progress.pending(len(waiting), dict(waiting[0].placement_group_factory.required_resources) if waiting else {})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -85,3 +86,16 @@ def test_every_reader_takes_the_run_folder(tmp_path, capsys):
     assert main(["plot", str(run), "--no-scores"]) == 0
     pngs = capsys.readouterr().out.split()
     assert pngs and all(p.startswith(str(run / "plots")) and p.endswith(".png") for p in pngs)
+
+
+def test_eps_wording_follows_what_validation_chose(tmp_path):
+    """"chosen on validation" names an ip ε only when validation chose it over ε = 0 (issue 26, item 5)."""
+    write_trial(tmp_path, "plain", eps=0.0, val=0.90, test=0.70)
+    write_trial(tmp_path, "ip", eps=0.01, val=0.80, test=0.95)  # worse on validation: not chosen
+    write_trial(tmp_path, "plain-D4", eps=0.0, val=0.50, test=0.50, D=4)  # no ip searched for D=4
+    write_trial(tmp_path, "ip-D16", eps=0.02, val=0.70, test=0.70, D=16)
+    write_trial(tmp_path, "plain-D16", eps=0.0, val=0.60, test=0.80, D=16)
+    text = report(read_results(tmp_path), view="configs")
+    titles = [line for line in text.splitlines() if line.startswith("### ")]
+    assert [re.search(r"(ip )?ε = [0-9.]+ \([^)]*\)", t)[0] for t in titles] == [
+        "ε = 0 (chosen on validation; best ip ε = 0.01)", "ip ε = 0.02 (chosen on validation)", "ε = 0 (no ip searched)"]
