@@ -131,7 +131,7 @@ def test_a_pending_request_shows_its_demand_in_the_progress_line(capsys, caplog)
     assert [r.getMessage() for r in caplog.records] == ["train: 0 running, 4 waiting for 1 CPU, 1 GPU each"]
     p.pending(4, {"CPU": 1.0, "GPU": 1.0}, now=200.0 + STUCK_AFTER_S)
     assert "waiting" not in capsys.readouterr().err and len(caplog.records) == 1  # once per wait
-    p.started(1)
+    p.observe(1)  # Tune reports one RUNNING trial
     p.pending(3, {"CPU": 1.0, "GPU": 0.25}, now=300.0)
     assert p._postfix() == "1 running, 3 waiting for 1 CPU, 0.25 GPU each, 0 failed; no result yet"
     p.pending(0, {}, now=301.0)
