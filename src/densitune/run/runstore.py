@@ -29,7 +29,7 @@ Layout of a run (:class:`RunStore`)::
     RUN/results/experiment=<name>/*.parquet  result rows (densitune.results.store)
     RUN/tune/                                Ray Tune's experiment state and per-epoch training state
     RUN/locks/<experiment>.json              the writer lock (densitune.run.runlock)
-    RUN/optuna/journal.log                   the searches' Optuna study
+    RUN/optuna/<experiment>/                 each search's Optuna study (densitune.search.optuna_study)
     RUN/cache/, RUN/densitune.log, RUN/ray-session.json, RUN/plots/
 
 For a run in a bucket, the node-local parts (the disk cache, the log file, the Ray session record)
@@ -121,18 +121,19 @@ def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
-def bounded(what: str, call: Callable[[], T], *, budget: float | None = None) -> T:
+def bounded(what: str, call: Callable[[], T], *, budget: float | None = None, thread: bool = False) -> T:
     """``call()``, which talks to the object store, given at most ``budget`` seconds (:func:`call_budget`).
 
     On the main thread the call runs on a daemon helper thread while the main thread waits: the wait is
     interruptible, so Ctrl-C (KeyboardInterrupt) ends it at once even when the store does not answer.
-    Elsewhere it runs in place (the client's own timeouts and attempts bound it).
+    Elsewhere it runs in place (the client's own timeouts and attempts bound it), unless ``thread`` asks for
+    the helper thread there too (a caller that must not wait past ``budget``).
 
     Raises:
         StoreStalled: no answer within the budget (``what`` names the operation and the object).
     """
     limit = call_budget() if budget is None else budget
-    if threading.current_thread() is not threading.main_thread():
+    if not thread and threading.current_thread() is not threading.main_thread():
         return call()
     box: dict[str, Any] = {}
     done = threading.Event()
@@ -420,11 +421,15 @@ def glob(root: RunPath, pattern: str, *, recursive: bool = False) -> list[RunPat
     return sorted(found, key=str)
 
 
-def tune_storage(path: str | os.PathLike[str]) -> str:
-    """Ray Tune's ``storage_path`` for a run's ``tune`` folder: an absolute local path, or the bucket URI
-    (Tune, its workers on every node and its checkpoints then write through pyarrow.fs to the bucket)."""
+def tune_storage(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``RunConfig`` keywords for a run's ``tune`` folder: ``storage_path``, an absolute local path, or for a
+    bucket its key with ``storage_filesystem``, the store's own client (the timeouts and attempts of
+    :func:`storage_timeout`, not pyarrow's defaults, whose ~3 s response limit a slow endpoint fails; Tune
+    hands it to its workers on every node, without credentials, which each node takes from its environment)."""
     p = location(path)
-    return str(p) if isinstance(p, ObjectPath) else str(p.resolve())
+    if isinstance(p, ObjectPath):
+        return {"storage_path": p.key, "storage_filesystem": p.fs}
+    return {"storage_path": str(p.resolve())}
 
 
 def arrow_files(files: list[RunPath]) -> tuple[list[str], Any]:
