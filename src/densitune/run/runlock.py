@@ -180,7 +180,7 @@ class HeldLock:
         """Mark the lock lost; from another thread, stop the main thread the way Ctrl-C does."""
         if self.lost is None:
             self.lost = why
-            log.error("%s", why)
+            log.info("%s", why)  # the command says it in its one line
         if interrupt and threading.current_thread() is not threading.main_thread():
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
