@@ -32,7 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from optuna.storages.journal import BaseJournalBackend
+import optuna
+from optuna.distributions import CategoricalDistribution as Cat
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 
 from densitune.run.failures import FATAL_KEY
 from densitune.run.runlock import LockLost
@@ -102,9 +104,6 @@ def local_journal(path: str | RunPath) -> Path:
 
 def open_storage(path: str | RunPath):
     """The Optuna storage of the study at ``path`` (:func:`journal_path`; what ``optuna.load_study`` is given)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
     folder = location(path)
     if isinstance(folder, ObjectPath):
         return optuna.storages.JournalStorage(RecordBackend(folder))
@@ -120,14 +119,10 @@ class _Replay:
         self.distributions: dict[str, Any] = {}
 
     def suggest_categorical(self, name, choices):
-        import optuna
-
         self.distributions[name] = optuna.distributions.CategoricalDistribution(choices)
         return self.params[name]
 
     def suggest_float(self, name, low, high, *, log=False):
-        import optuna
-
         self.distributions[name] = optuna.distributions.FloatDistribution(low, high, log=log)
         return self.params[name]
 
@@ -137,8 +132,6 @@ class StudyMirror:
 
     def __init__(self, path: str | RunPath, spec: SearchSpec, groups: list[ModelGroup], points: dict[str, TrialParams],
                  fence: Callable[[], None] | None = None) -> None:
-        import optuna
-
         self.path, self.spec, self.points, self.fence = location(path), spec, points, fence
         self.groups = sorted(g.key for g in groups)
         self.ensemble_groups = sorted(g.key for g in groups if len(g.seeds) >= 2)
@@ -149,8 +142,6 @@ class StudyMirror:
     @property
     def study(self):
         """The study, opened (or created) on first use."""
-        import optuna
-
         if self._study is None:
             self._study = optuna.create_study(storage=open_storage(self.path), study_name=self.spec.experiment,
                                               load_if_exists=True, direction="minimize" if self.spec.mode == "min" else "maximize")
@@ -161,8 +152,6 @@ class StudyMirror:
         return {**self.__dict__, "_study": None}
 
     def _grid_params(self, p: TrialParams) -> tuple[dict[str, Any], dict[str, Any]]:
-        from optuna.distributions import CategoricalDistribution as Cat
-
         cls = score_class(p.score)
         key = "ensemble_model" if cls.ensemble else "model"
         params: dict[str, Any] = {"score": p.score, key: p.group}
@@ -181,8 +170,6 @@ class StudyMirror:
 
     def add(self, trial_id: str, search_params: dict[str, Any], value: float) -> None:
         """Record one finished trial (``search_params``: the trial's Tune config), once."""
-        import optuna
-
         if trial_id in self.known:
             return
         if self.fence is not None:  # never a record from a writer whose lock may have lapsed

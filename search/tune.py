@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
 import torch
 
 from densitune.checks import error_summary
@@ -119,7 +120,6 @@ def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[
 
 def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str, Any], float]]):
     """An in-memory Optuna storage holding the finished trials, so TPE resumes informed."""
-    import optuna
 
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name="optuna", direction="minimize" if spec.mode == "min" else "maximize")
@@ -150,7 +150,6 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         SearchError: a trial still failed after its retries (the trials finished before it stay in
             the results); the one-line message counts the failures and gives the last line of the first one.
     """
-    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
