@@ -4,13 +4,22 @@ The Parquet results stay the record (resume reads them, never this study). The m
 from a Tune callback as each trial finishes, and brought up to date from the results when a search
 (re)starts, so a trial finished just before a crash is not missing from it.
 
-Storage: a journal file, ``RUN/optuna/journal.log`` (one study per search experiment, named after
-it). Parameters are the grid's own, not one opaque ``point`` string: ``model`` (or ``ensemble_model``),
+Storage: one study per search experiment (named after it), under that experiment's own prefix
+``RUN/optuna/<experiment>/``, written only by the holder of the experiment's writer lock (each write
+behind its fence, :class:`densitune.run.runlock.HeldLock`), and only ever appended to:
+
+* a local run: an Optuna journal file, ``RUN/optuna/<experiment>/journal.log``;
+* a run in a bucket: one record object per append (``records/<number of its first log>.jsonl``, the
+  journal's own lines), merged in order on read (:class:`RecordBackend`); no object is rewritten, so two
+  experiments searched at once, from two machines, keep both studies whole. :func:`local_journal`
+  concatenates them into a journal file for ``optuna-dashboard`` or ``JournalFileBackend``.
+
+Parameters are the grid's own, not one opaque ``point`` string: ``model`` (or ``ensemble_model``),
 ``score``, ``density``, ``<density>.<parameter>`` and ``eps``, as the TPE space names them.
 
     study = optuna.load_study(study_name="demo-search",
                               storage=optuna.storages.JournalStorage(
-                                  optuna.storages.journal.JournalFileBackend("RUN/optuna/journal.log")))
+                                  optuna.storages.journal.JournalFileBackend("RUN/optuna/demo-search/journal.log")))
 """
 
 from __future__ import annotations
@@ -19,10 +28,16 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.distributions import CategoricalDistribution as Cat
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
+
 from densitune.run.failures import FATAL_KEY
+from densitune.run.runlock import LockLost
 from densitune.run.runstore import ObjectPath, RunPath, location, publish
 from densitune.search.models import ModelGroup
 from densitune.search.ood.scores import score_class
@@ -32,36 +47,68 @@ from densitune.search.spec import SearchSpec
 log = logging.getLogger(__name__)
 
 
-def journal_path(results_dir: str | RunPath) -> RunPath:
-    """Where the study of a run's searches lives: ``RUN/optuna/journal.log`` beside ``RUN/results``."""
-    return location(results_dir).parent / "optuna" / "journal.log"
+def journal_path(results_dir: str | RunPath, experiment: str) -> RunPath:
+    """The prefix of one experiment's study: ``RUN/optuna/<experiment>/`` beside ``RUN/results``."""
+    return location(results_dir).parent / "optuna" / experiment
 
 
-def _local_copy(path: ObjectPath) -> Path:
-    return Path(tempfile.gettempdir()) / "densitune" / f"optuna-{hashlib.sha1(str(path).encode()).hexdigest()[:12]}" / path.name
+JOURNAL_FILE = "journal.log"
+RECORDS = "records"
 
 
-def staged_journal(path: RunPath) -> Path:
-    """The local file an Optuna journal is used through: ``path`` itself, or for a run in a bucket a copy in
-    the temporary folder (downloaded when the study is opened, uploaded after each trial it records)."""
-    if isinstance(path, Path):
-        return path
-    local = _local_copy(path)
+def _lines(logs: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in logs)
+
+
+class RecordBackend(BaseJournalBackend):
+    """An Optuna journal in a bucket as append-only record objects: :meth:`append_logs` publishes one object
+    (one PUT, seen whole or not at all) named by the number of its first log, zero-padded; :meth:`read_logs`
+    lists the objects and merges them in that order. Only the experiment's lock holder appends."""
+
+    def __init__(self, folder: ObjectPath) -> None:
+        self.folder = folder / RECORDS
+        self._logs: list[dict[str, Any]] = []
+        self._read: set[str] = set()
+
+    def _refresh(self) -> None:
+        for p in sorted(self.folder.glob("*.jsonl"), key=lambda p: p.name):
+            if p.name in self._read:
+                continue
+            self._logs.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
+            self._read.add(p.name)
+
+    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
+        self._refresh()
+        return self._logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._refresh()
+        name = f"{len(self._logs):012d}.jsonl"
+        publish(self.folder / name, _lines(logs))
+        self._logs.extend(logs)
+        self._read.add(name)
+
+
+def local_journal(path: str | RunPath) -> Path:
+    """A journal file of the study at ``path`` (:func:`journal_path`) for ``JournalFileBackend`` or
+    ``optuna-dashboard``: the run's own file, or for a run in a bucket its records merged into a copy in the
+    temporary folder."""
+    folder = location(path)
+    if isinstance(folder, Path):
+        return folder / JOURNAL_FILE
+    local = Path(tempfile.gettempdir()) / "densitune" / f"optuna-{hashlib.sha1(str(folder).encode()).hexdigest()[:12]}.log"
     local.parent.mkdir(parents=True, exist_ok=True)
-    local.unlink(missing_ok=True)
-    if path.is_file():
-        local.write_bytes(path.read_bytes())
+    publish(local, _lines(RecordBackend(folder).read_logs(0)))
     return local
 
 
 def open_storage(path: str | RunPath):
-    """The journal-file storage at ``path`` (what ``optuna.load_study`` is given; see :func:`staged_journal`)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    local = staged_journal(location(path))
-    local.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(local)))
+    """The Optuna storage of the study at ``path`` (:func:`journal_path`; what ``optuna.load_study`` is given)."""
+    folder = location(path)
+    if isinstance(folder, ObjectPath):
+        return optuna.storages.JournalStorage(RecordBackend(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
 
 
 class _Replay:
@@ -72,14 +119,10 @@ class _Replay:
         self.distributions: dict[str, Any] = {}
 
     def suggest_categorical(self, name, choices):
-        import optuna
-
         self.distributions[name] = optuna.distributions.CategoricalDistribution(choices)
         return self.params[name]
 
     def suggest_float(self, name, low, high, *, log=False):
-        import optuna
-
         self.distributions[name] = optuna.distributions.FloatDistribution(low, high, log=log)
         return self.params[name]
 
@@ -87,10 +130,9 @@ class _Replay:
 class StudyMirror:
     """An Optuna study holding one finished trial per search trial (matched by Tune trial id)."""
 
-    def __init__(self, path: str | RunPath, spec: SearchSpec, groups: list[ModelGroup], points: dict[str, TrialParams]) -> None:
-        import optuna
-
-        self.path, self.spec, self.points = location(path), spec, points
+    def __init__(self, path: str | RunPath, spec: SearchSpec, groups: list[ModelGroup], points: dict[str, TrialParams],
+                 fence: Callable[[], None] | None = None) -> None:
+        self.path, self.spec, self.points, self.fence = location(path), spec, points, fence
         self.groups = sorted(g.key for g in groups)
         self.ensemble_groups = sorted(g.key for g in groups if len(g.seeds) >= 2)
         self.space = DefineByRun(spec, groups) if spec.sampler == "tpe" else None
@@ -100,8 +142,6 @@ class StudyMirror:
     @property
     def study(self):
         """The study, opened (or created) on first use."""
-        import optuna
-
         if self._study is None:
             self._study = optuna.create_study(storage=open_storage(self.path), study_name=self.spec.experiment,
                                               load_if_exists=True, direction="minimize" if self.spec.mode == "min" else "maximize")
@@ -112,8 +152,6 @@ class StudyMirror:
         return {**self.__dict__, "_study": None}
 
     def _grid_params(self, p: TrialParams) -> tuple[dict[str, Any], dict[str, Any]]:
-        from optuna.distributions import CategoricalDistribution as Cat
-
         cls = score_class(p.score)
         key = "ensemble_model" if cls.ensemble else "model"
         params: dict[str, Any] = {"score": p.score, key: p.group}
@@ -132,10 +170,10 @@ class StudyMirror:
 
     def add(self, trial_id: str, search_params: dict[str, Any], value: float) -> None:
         """Record one finished trial (``search_params``: the trial's Tune config), once."""
-        import optuna
-
         if trial_id in self.known:
             return
+        if self.fence is not None:  # never a record from a writer whose lock may have lapsed
+            self.fence()
         if "point" in search_params:
             label = search_params["point"]
             params, dists = self._grid_params(self.points[label])
@@ -148,8 +186,6 @@ class StudyMirror:
         self.study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value),
                                                        user_attrs={"trial_id": trial_id, "label": label}))
         self.known.add(trial_id)
-        if not isinstance(self.path, Path):  # a run in a bucket: publish the staged journal
-            publish(self.path, _local_copy(self.path).read_bytes())
 
     def sync(self, done: dict[str, tuple[dict[str, Any], float]]) -> None:
         """Add the trials of the results (``completed_trials``) that the study lacks."""
@@ -171,6 +207,8 @@ def mirror_callback(mirror: StudyMirror):
                 return
             try:
                 mirror.add(trial.trial_id, dict(trial.config), value)
+            except LockLost:
+                raise  # the run stops: this driver may no longer write
             except Exception as e:  # noqa: BLE001 - the mirror must never stop a search
                 log.warning("Optuna study %s: trial %s not mirrored: %s", mirror.path, trial.trial_id, json.dumps(str(e)))
 

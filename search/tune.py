@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
 import torch
 
 from densitune.checks import error_summary
@@ -32,6 +33,7 @@ from densitune.run.ray_runtime import (
     trial_resources,
     trial_slots,
 )
+from densitune.run.runlock import Fence, HeldLock
 from densitune.run.runstore import tune_storage
 from densitune.run.storage import fatal_storage
 from densitune.search.evaluate import workspace
@@ -62,6 +64,8 @@ class SearchRun:
     # the gradient-sign cache of ε > 0 trials, decided here on the driver (default: DENSITUNE_IP_CACHE, on) and
     # handed to each trial with the run, so a worker on any node follows it whatever its own environment says
     ip_cache: bool = field(default_factory=ip_cache_default)
+    # the driver's writer lock, which each trial checks is still its driver's before it publishes rows
+    fence: Fence | None = None
 
 
 def search_trainable(
@@ -81,6 +85,8 @@ def search_trainable(
                                 sample_scores=kept)
     name = trial_file_name(config, points, trial_id)
     with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
+        if run.fence is not None:  # never publish for a driver that lost its lock (densitune.run.runlock)
+            run.fence.check()
         if kept is not None:  # before the rows: a trial with rows always has its scores
             write_sample_scores(run.results_dir, spec.experiment, name, trial_id, kept)
         write_rows(run.results_dir, rows, name=name)
@@ -123,7 +129,6 @@ def completed_trials(results_dir: str, experiment: str) -> dict[str, tuple[dict[
 
 def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str, Any], float]]):
     """An in-memory Optuna storage holding the finished trials, so TPE resumes informed."""
-    import optuna
 
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name="optuna", direction="minimize" if spec.mode == "min" else "maximize")
@@ -136,7 +141,7 @@ def warm_storage(spec: SearchSpec, space: DefineByRun, done: list[tuple[dict[str
 
 
 def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, resume: bool = False, verbose: int = 0,
-               max_gpu_hours: float | None = None, progress: bool = True):
+               max_gpu_hours: float | None = None, progress: bool = True, lease: HeldLock | None = None):
     """Run the search; returns Tune's ResultGrid (None when nothing was left to run).
 
     Rows land in ``run.results_dir``. With ``resume``, the trials already in the results
@@ -144,6 +149,8 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     TPE runs the rest of its budget with the finished trials given to the sampler.
     A trial lost with its node is run again from scratch (:mod:`densitune.run.failures`); a
     fatal error, or reaching ``max_gpu_hours``, stops the whole search (resumable).
+    ``lease``: the writer lock the driver holds; its fence is checked before the driver publishes an Optuna
+    record or a merged result file (each trial checks ``run.fence`` before its rows).
     ``progress`` shows a live progress bar on stderr. Ctrl-C raises KeyboardInterrupt here;
     the finished trials are in the results and ``resume`` runs the rest.
 
@@ -152,7 +159,6 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         SearchError: a trial still failed after its retries (the trials finished before it stay in
             the results); the one-line message counts the failures and gives the last line of the first one.
     """
-    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -175,10 +181,17 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
             storage = warm_storage(spec, space, list(done.values()))
     if done:
         log.info("resuming search %s: %d trial(s) already in the results, %d to run", spec.experiment, len(done), len(todo))
-    mirror = StudyMirror(journal_path(run.results_dir), spec, groups, points)  # optuna-dashboard / optuna.load_study
+    fence = lease.check if lease is not None else None
+    mirror = StudyMirror(journal_path(run.results_dir, spec.experiment), spec, groups, points, fence=fence)  # optuna.load_study
     mirror.sync(done)
     if not todo:
         return None
+
+    def fenced_files(trial: Any) -> list[str]:
+        """A finished trial's file, for merging: only while the driver holds the lock."""
+        if fence is not None:
+            fence()
+        return [trial_file_name(trial.config, points, trial.trial_id)]
     resources = trial_resources(run.cpus_per_trial, run.gpus_per_trial)
     trainable = tune.with_resources(
         tune.with_parameters(guarded(search_trainable, spec.objective), spec=spec, groups={g.key: g for g in groups},
@@ -193,12 +206,12 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
         tune_config=tune.TuneConfig(search_alg=algo, num_samples=len(todo), reuse_actors=True, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(
             name=f"search-{spec.experiment}",
-            storage_path=tune_storage(run.storage_path),
+            **tune_storage(run.storage_path),
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             callbacks=[progress_callback(len(todo), spec.objective, spec.mode, what="search", show=progress),
                        mirror_callback(mirror),
                        compaction_callback(RollingCompaction(run.results_dir, spec.experiment, run.compact_every),
-                                           lambda trial: [trial_file_name(trial.config, points, trial.trial_id)])],
+                                           fenced_files)],
             stop=stopper,
             verbose=verbose,
         ),

@@ -118,8 +118,10 @@ class S3Server:
         return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+def start_moto(env: dict[str, str] | None = None) -> S3Server:
+    """moto's S3 server as a process of its own on a free loopback port, once it answers (``env``: extra variables,
+    e.g. ``INITIAL_NO_AUTH_ACTION_COUNT`` to turn its IAM checks on)."""
+    import os
     import socket
     import subprocess
     import sys
@@ -130,7 +132,7 @@ def s3_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -141,9 +143,24 @@ def s3_server():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("moto's S3 server did not start") from None
             time.sleep(0.2)
-    yield S3Server(proc, endpoint)
-    proc.terminate()
-    proc.wait(timeout=30)
+    return S3Server(proc, endpoint)
+
+
+def stop_moto(server: S3Server) -> None:
+    """Stop a server of :func:`start_moto` (continued first, in case a test paused it with SIGSTOP)."""
+    import signal
+
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGCONT)
+        server.proc.terminate()
+    server.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_moto()
+    yield server
+    stop_moto(server)
 
 
 @pytest.fixture

@@ -240,7 +240,7 @@ def test_demo_exports_reproduce_the_search(demo_run, tmp_path, where, n_members)
 @pytest.mark.slow
 @pytest.mark.process
 def test_optuna_load_study_opens_the_demos_study(demo_run):
-    """The README's snippet: optuna.load_study on RUN/optuna/journal.log sees all 228 trials with their parameters."""
+    """The README's snippet: optuna.load_study on RUN/optuna/demo-search/journal.log sees all 228 trials with their parameters."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -248,7 +248,7 @@ def test_optuna_load_study_opens_the_demos_study(demo_run):
     out, rc, console = demo_run
     assert rc == 0, console[-3000:]
     study = optuna.load_study(study_name="demo-search",
-                              storage=JournalStorage(JournalFileBackend(str(out / "optuna" / "journal.log"))))
+                              storage=JournalStorage(JournalFileBackend(str(out / "optuna" / "demo-search" / "journal.log"))))
     rows = [r for f in sorted((out / "results" / "experiment=demo-search").glob("*.parquet"))
             for r in pq.read_table(f).to_pylist()]
     record = {r["trial_id"]: r for r in rows}

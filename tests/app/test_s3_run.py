@@ -104,7 +104,7 @@ def test_the_same_run_on_a_local_folder_and_on_a_bucket_gives_the_same_rows(tmp_
     from densitune.search.optuna_study import journal_path, open_storage
 
     trials = {r["trial_id"] for r in read_results(runs["s3"] + "/results", experiment="s", stage="search").to_pylist()}
-    study = optuna.load_study(study_name="s", storage=open_storage(journal_path(runs["s3"] + "/results")))
+    study = optuna.load_study(study_name="s", storage=open_storage(journal_path(runs["s3"] + "/results", "s")))
     assert sorted(t.user_attrs["trial_id"] for t in study.trials) == sorted(trials)  # every trial, mirrored once
 
 

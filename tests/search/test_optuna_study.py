@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ray
 
 
 def _study(results_dir, name):
-    return optuna.load_study(study_name=name, storage=open_storage(journal_path(results_dir)))
+    return optuna.load_study(study_name=name, storage=open_storage(journal_path(results_dir, name)))
 
 
 def _by_trial(rows):
@@ -59,7 +59,7 @@ def test_a_resumed_search_fills_the_study_from_the_results(ray_session, trained_
                     eps_grid=(0.0, 0.01, 0.02))
     run = SearchRun(results_dir=str(tmp_path / "results"), storage_path=str(tmp_path / "tune"))
     run_search(sp, groups, run)
-    journal_path(run.results_dir).unlink()  # the mirror lost (e.g. killed before a callback wrote it)
+    (journal_path(run.results_dir, sp.experiment) / "journal.log").unlink()  # the mirror lost (e.g. killed before a callback wrote it)
     assert run_search(sp, groups, run, resume=True) is None  # nothing left to run
     trials = _study(run.results_dir, sp.experiment).get_trials()
     assert sorted(t.params["eps"] for t in trials) == [0.0, 0.01, 0.02]

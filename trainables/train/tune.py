@@ -214,7 +214,7 @@ def run_training(
         tune_config=tune.TuneConfig(reuse_actors=True, metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
             name=f"train-{run.experiment}",
-            storage_path=tune_storage(run.storage_path),
+            **tune_storage(run.storage_path),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             callbacks=[progress_callback(len(todo), "val_accuracy", "max", what="train", show=progress),

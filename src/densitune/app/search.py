@@ -12,6 +12,7 @@ or left trials missing is never reported as finished: its outcome counts what wa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -32,7 +33,7 @@ from densitune.app.session import (
 from densitune.errors import ConfigError, DensituneError
 from densitune.run.console import log_to_file
 from densitune.run.resource_flags import check_resource_flags
-from densitune.run.runlock import writer_lock
+from densitune.run.runlock import LockLost, writer_lease
 
 if TYPE_CHECKING:
     from densitune.search.models import ModelGroup
@@ -131,7 +132,8 @@ def search(options: SearchOptions) -> SearchOutcome:
                     gpus_per_trial=options.gpus_per_trial, max_concurrent=options.max_concurrent,
                     cache_dir=str(store.cache), log_file=str(store.log_file))
     where: dict[str, Any] = {"experiment": spec.experiment, "run": str(store), "results_dir": run.results_dir, "log_file": str(run.log_file)}
-    with writer_lock(store.root, "search", spec.experiment):
+    with writer_lease(store.root, "search", spec.experiment) as lease:
+        run = dataclasses.replace(run, fence=lease.fence)  # each trial checks it before it publishes
         remove_stale_temp_files(run.results_dir, spec.experiment)  # only the lock holder may
         check_experiment(run.results_dir, spec, options.resume)
         log_to_file(run.log_file)
@@ -142,9 +144,11 @@ def search(options: SearchOptions) -> SearchOutcome:
         start_ray(options, store, spec.data_root)
         try:
             run_search(spec, groups, run, resume=options.resume, verbose=1 if options.verbose else 0,
-                       max_gpu_hours=options.max_gpu_hours, progress=not options.quiet)
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+                       max_gpu_hours=options.max_gpu_hours, progress=not options.quiet, lease=lease)
+        except (KeyboardInterrupt, LockLost) as stop:  # Ctrl-C, SIGTERM (Terminated), or the lock lost (fencing)
             stop_ray_unless_terminated(stop)  # Ctrl-C: no trial writes after the account below is taken
+            if lease.lost is not None:  # another writer holds the experiment now: say so, and nothing more
+                return SearchOutcome(LockLost(f"{lease.lost}; this search stopped without writing more"), **where)
             return SearchOutcome(interrupted(search_status(run, spec, total), options.resume_hint, stop), **where)
         except DensituneError as e:  # failed trials, a fatal error, the GPU-hour budget
             return SearchOutcome(failed(e, search_status(run, spec, total), options.resume_hint), **where)

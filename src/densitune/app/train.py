@@ -28,7 +28,7 @@ from densitune.app.session import (
 from densitune.errors import CheckpointError, ConfigError, DensituneError
 from densitune.run.console import log_to_file
 from densitune.run.resource_flags import check_resource_flags, check_seeds
-from densitune.run.runlock import writer_lock
+from densitune.run.runlock import LockLost, writer_lease
 
 if TYPE_CHECKING:
     from densitune.trainables.train.config import TrainConfig
@@ -142,7 +142,7 @@ def train(options: TrainOptions) -> TrainOutcome:
                    storage_path=store.tune, cpus_per_trial=options.cpus_per_trial, resume=options.resume,
                    log_file=str(store.log_file), compile=options.compile)
     models_dir = str(store.models / first.experiment)
-    with writer_lock(store.root, "train", first.experiment):
+    with writer_lease(store.root, "train", first.experiment) as lease:
         remove_stale_temp_files(run.results_dir, first.experiment)  # only the lock holder may
         log_to_file(run.log_file)
         header(options, f"train {len(configs)} model(s) ({_grid_text(configs)}; {max(c.epochs for c in configs)} epochs) "
@@ -153,6 +153,9 @@ def train(options: TrainOptions) -> TrainOutcome:
                           verbose=1 if options.verbose else 0, progress=not options.quiet)
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
             stop_ray_unless_terminated(stop)  # Ctrl-C: no trial writes after the account below is taken
+            if lease.lost is not None:  # the lock was lost (densitune.run.runlock): say so, and nothing more
+                return TrainOutcome(LockLost(f"{lease.lost}; this training stopped without writing more"),
+                                    tuple(configs), models_dir)
             return TrainOutcome(interrupted(train_status(run, configs), options.resume_hint, stop), tuple(configs), models_dir)
         except DensituneError as e:  # a failed trial, a fatal error, the GPU-hour budget
             return TrainOutcome(failed(e, train_status(run, configs), options.resume_hint), tuple(configs), models_dir)

@@ -10,6 +10,7 @@ status 2.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,7 +27,8 @@ from densitune.run.console import (
     sigterm_as_interrupt,
     terminated,
 )
-from densitune.run.storage import describe
+from densitune.run.runstore import stuck_calls, use_storage_timeout
+from densitune.run.storage import describe, storage_error
 
 __all__ = ("ATTACK_NAMES", "FORMATS", "METRICS", "PLOT_FORMATS", "VIEWS", "_search_values", "build_parser", "main")
 
@@ -39,18 +41,32 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if stuck_calls():  # a storage call that never answered: exit now, not when the store answers (pyarrow's atexit)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     sigterm_as_interrupt()
     try:
+        use_storage_timeout(getattr(args, "storage_timeout", None))
         return command(args.command)(args, argv)
     except (DensituneError, Interrupted) as e:
         close_progress()
         print(error_line(e), file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 2
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
+    except (OSError, ValueError) as e:
+        if (mapped := storage_error(e)) is not None and getattr(e, "errno", None) not in DISK_ERRNOS:
+            close_progress()  # wrong credentials, a missing bucket, vanished Tune state, a failed request: one line
+            print(error_line(mapped), file=sys.stderr)
+            return 2
+        if not isinstance(e, OSError) or e.errno not in DISK_ERRNOS:
             raise
         close_progress()  # a full disk (or quota, or a read-only mount) under any write of the driver: one line
         print(error_line(StorageError(describe(e, e.filename or getattr(args, "out", "") or "."))), file=sys.stderr)

@@ -53,6 +53,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reproducible", action="store_true",
                    help="pin every process of the run to portable kernels, so that another CPU type gives the same bits "
                         "(README \"Same numbers\"; its cost: bench/RESULTS.md)")
+    _add_storage_timeout(p)
+
+
+def _add_storage_timeout(p: argparse.ArgumentParser) -> None:
+    """``--storage-timeout``: every command that may touch a bucket takes it (README "The run folder")."""
+    p.add_argument("--storage-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds each object-store request may take to connect and to answer before it is retried "
+                        "(4 attempts); also DENSITUNE_STORAGE_TIMEOUT (default: 30)")
 
 
 def _add_experiment_choice(p: argparse.ArgumentParser) -> None:
@@ -249,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", metavar="RUN", help="the run folder (its models/ folder is listed)")
     p.add_argument("--format", default="markdown", choices=("markdown", "csv", "latex", "json"),
                    help="output format (default: %(default)s)")
+    for name, p in sub.choices.items():
+        if name != "list" and "--storage-timeout" not in p._option_string_actions:
+            _add_storage_timeout(p)
     return parser
 
 

@@ -16,13 +16,20 @@ stored in a run, a row, a log line or an error message. Throttled or dropped req
 backoff by the S3 client (:data:`S3_ATTEMPTS` attempts), which is the store's part of the retry policy
 (:mod:`densitune.run.failures`).
 
+Every request is bounded: a connect and a response timeout of :func:`storage_timeout` seconds
+(``--storage-timeout``, ``DENSITUNE_STORAGE_TIMEOUT``; default :data:`DEFAULT_TIMEOUT_S`, which tolerates
+responses of several seconds), :data:`S3_ATTEMPTS` attempts, so one call gives up after about
+:func:`call_budget` seconds with :class:`StoreStalled`, one line naming the operation and the endpoint.
+Calls made on the main thread run on a helper thread while the main thread waits interruptibly, so the
+first Ctrl-C ends a command even inside a stuck call.
+
 Layout of a run (:class:`RunStore`)::
 
     RUN/models/<experiment>/<network key>/   final weights (model.pt, config.json)
     RUN/results/experiment=<name>/*.parquet  result rows (densitune.results.store)
     RUN/tune/                                Ray Tune's experiment state and per-epoch training state
     RUN/locks/<experiment>.json              the writer lock (densitune.run.runlock)
-    RUN/optuna/journal.log                   the searches' Optuna study
+    RUN/optuna/<experiment>/                 each search's Optuna study (densitune.search.optuna_study)
     RUN/cache/, RUN/densitune.log, RUN/ray-session.json, RUN/plots/
 
 For a run in a bucket, the node-local parts (the disk cache, the log file, the Ray session record)
@@ -36,17 +43,19 @@ import fnmatch
 import functools
 import hashlib
 import io
+import math
 import os
 import posixpath
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from densitune.errors import STORAGE_PREFIX as PREFIX
 from densitune.errors import ConfigError, StorageError
@@ -56,9 +65,103 @@ from densitune.run.files import atomic_write
 __all__ = ["ObjectPath", "RunPath", "RunStore", "is_remote", "location", "publish", "arrow_files", "arrow_file",
            "files_under"]
 
-#: Attempts per S3 request (throttling, dropped connections) before an error is raised.
-S3_ATTEMPTS = 6
+#: Attempts per S3 request (throttling, dropped connections, timeouts) before an error is raised.
+S3_ATTEMPTS = 4
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
+#: Where the per-request timeout is read from (``--storage-timeout`` sets it for the command and its workers).
+TIMEOUT_ENV = "DENSITUNE_STORAGE_TIMEOUT"
+#: Seconds a storage request may take to connect, and to answer, before it is retried.
+DEFAULT_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+#: The name of the helper thread of a storage call made on the main thread (:func:`bounded`).
+CALL_THREAD = "densitune-storage-call"
+
+
+class StoreStalled(StorageError):
+    """A storage call that got no answer within its budget (timeouts x attempts): one line naming the call."""
+
+
+def storage_timeout() -> float:
+    """Seconds one storage request may take (:data:`TIMEOUT_ENV`, else :data:`DEFAULT_TIMEOUT_S`).
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{TIMEOUT_ENV} / --storage-timeout must be a positive number of seconds, not {text[:40]!r}")
+    return value
+
+
+def use_storage_timeout(seconds: float | None) -> None:
+    """``--storage-timeout``: this process and the Ray workers it starts use ``seconds`` per request.
+
+    Raises:
+        ConfigError: not a positive number.
+    """
+    if seconds is not None:
+        os.environ[TIMEOUT_ENV] = repr(float(seconds))
+    storage_timeout()  # checked before anything runs
+
+
+def call_budget() -> float:
+    """Seconds after which one storage call, with all its attempts and their backoff, has certainly given up."""
+    return storage_timeout() * S3_ATTEMPTS + 2.0 * S3_ATTEMPTS + 5.0
+
+
+def endpoint() -> str:
+    """The object store's endpoint as the user configured it (no credentials are part of it)."""
+    return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def bounded(what: str, call: Callable[[], T], *, budget: float | None = None, thread: bool = False) -> T:
+    """``call()``, which talks to the object store, given at most ``budget`` seconds (:func:`call_budget`).
+
+    On the main thread the call runs on a daemon helper thread while the main thread waits: the wait is
+    interruptible, so Ctrl-C (KeyboardInterrupt) ends it at once even when the store does not answer.
+    Elsewhere it runs in place (the client's own timeouts and attempts bound it), unless ``thread`` asks for
+    the helper thread there too (a caller that must not wait past ``budget``).
+
+    Raises:
+        StoreStalled: no answer within the budget (``what`` names the operation and the object).
+    """
+    limit = call_budget() if budget is None else budget
+    if not thread and threading.current_thread() is not threading.main_thread():
+        return call()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+        done.set()
+
+    threading.Thread(target=run, name=CALL_THREAD, daemon=True).start()
+    if not done.wait(limit):
+        raise StoreStalled(stalled(what, limit))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def stuck_calls() -> int:
+    """How many storage calls of :func:`bounded` were given up (stalled, or left at Ctrl-C) and still hang."""
+    return sum(1 for t in threading.enumerate() if t.name == CALL_THREAD and t.is_alive())
+
+
+def stalled(what: str, seconds: float) -> str:
+    """The one line of a storage call that got no answer in time."""
+    return (f"storage stalled: the object store at {endpoint()} did not answer {what} within {seconds:.0f} s "
+            f"({S3_ATTEMPTS} attempts of --storage-timeout {storage_timeout():g} s)")
 
 
 def is_remote(uri: str | os.PathLike[str] | ObjectPath) -> bool:
@@ -66,8 +169,13 @@ def is_remote(uri: str | os.PathLike[str] | ObjectPath) -> bool:
     return isinstance(uri, ObjectPath) or (isinstance(uri, str) and uri.split("://", 1)[0] in REMOTE_SCHEMES and "://" in uri)
 
 
-@functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, bucket: str) -> Any:
+    """The ``pyarrow.fs`` file system of a bucket, with the timeouts of :func:`storage_timeout` (one per value)."""
+    return _cached_filesystem(scheme, bucket, storage_timeout())
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_filesystem(scheme: str, bucket: str, timeout: float) -> Any:
     import pyarrow.fs as pafs
 
     if scheme == "s3":
@@ -77,7 +185,9 @@ def _filesystem(scheme: str, bucket: str) -> Any:
                 region = pafs.resolve_s3_region(bucket)
             except OSError:
                 region = None
-        kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
+        # request_timeout also bounds a slow answer: without it the AWS SDK gives up on a response slower than ~3 s
+        kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+                                  "connect_timeout": timeout, "request_timeout": timeout}
         if region:
             kwargs["region"] = region
         if os.environ.get("AWS_ENDPOINT_URL"):
@@ -85,6 +195,9 @@ def _filesystem(scheme: str, bucket: str) -> Any:
         return pafs.S3FileSystem(**kwargs)
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
+
+
+_filesystem.cache_clear = _cached_filesystem.cache_clear  # type: ignore[attr-defined]
 
 
 class ObjectPath:
@@ -160,7 +273,7 @@ class ObjectPath:
 
     # -- queries
     def _info(self) -> Any:
-        return self.fs.get_file_info(self.key)
+        return bounded(f"HEAD {self}", lambda: self.fs.get_file_info(self.key))
 
     def exists(self) -> bool:
         import pyarrow.fs as pafs
@@ -186,7 +299,7 @@ class ObjectPath:
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.key, recursive=recursive, allow_not_found=True)
-        for info in self.fs.get_file_info(selector):
+        for info in bounded(f"LIST {self}", lambda: list(self.fs.get_file_info(selector))):
             yield ObjectPath(f"{self.scheme}://{info.path}"), info.type == pafs.FileType.Directory
 
     def iterdir(self) -> Iterator[ObjectPath]:
@@ -207,9 +320,12 @@ class ObjectPath:
 
     # -- contents
     def read_bytes(self) -> bytes:
-        try:
+        def read() -> bytes:
             with self.fs.open_input_stream(self.key) as f:
                 return bytes(f.read())
+
+        try:
+            return bounded(f"GET {self}", read)
         except FileNotFoundError:
             raise
         except OSError as e:
@@ -222,16 +338,19 @@ class ObjectPath:
 
     def write_bytes(self, data: bytes) -> int:
         """Publish the object with one PUT (readers see all of it or the old one)."""
-        with self.fs.open_output_stream(self.key) as f:
-            f.write(data)
-        return len(data)
+        def write() -> int:
+            with self.fs.open_output_stream(self.key) as f:
+                f.write(data)
+            return len(data)
+
+        return bounded(f"PUT {self}", write)
 
     def write_text(self, text: str) -> int:
         return self.write_bytes(text.encode("utf-8"))
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
-            self.fs.delete_file(self.key)
+            bounded(f"DELETE {self}", lambda: self.fs.delete_file(self.key))
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -302,11 +421,15 @@ def glob(root: RunPath, pattern: str, *, recursive: bool = False) -> list[RunPat
     return sorted(found, key=str)
 
 
-def tune_storage(path: str | os.PathLike[str]) -> str:
-    """Ray Tune's ``storage_path`` for a run's ``tune`` folder: an absolute local path, or the bucket URI
-    (Tune, its workers on every node and its checkpoints then write through pyarrow.fs to the bucket)."""
+def tune_storage(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``RunConfig`` keywords for a run's ``tune`` folder: ``storage_path``, an absolute local path, or for a
+    bucket its key with ``storage_filesystem``, the store's own client (the timeouts and attempts of
+    :func:`storage_timeout`, not pyarrow's defaults, whose ~3 s response limit a slow endpoint fails; Tune
+    hands it to its workers on every node, without credentials, which each node takes from its environment)."""
     p = location(path)
-    return str(p) if isinstance(p, ObjectPath) else str(p.resolve())
+    if isinstance(p, ObjectPath):
+        return {"storage_path": p.key, "storage_filesystem": p.fs}
+    return {"storage_path": str(p.resolve())}
 
 
 def arrow_files(files: list[RunPath]) -> tuple[list[str], Any]:
@@ -335,7 +458,9 @@ def _s3_client() -> Any:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}))
+    timeout = storage_timeout()
+    return boto3.client("s3", config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                            retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}))
 
 
 def _split(path: ObjectPath) -> tuple[str, str]:
@@ -357,7 +482,9 @@ def create_object(path: ObjectPath, body: bytes, *, replacing: str | None = None
     bucket, key = _split(path)
     cond = {"IfMatch": replacing} if replacing else {"IfNoneMatch": "*"}
     try:
-        r = _s3_client().put_object(Bucket=bucket, Key=key, Body=body, **cond)
+        r = bounded(f"PUT {path}", lambda: _s3_client().put_object(Bucket=bucket, Key=key, Body=body, **cond))
+    except StoreStalled:
+        raise
     except Exception as e:  # botocore.exceptions.ClientError
         if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
@@ -369,21 +496,26 @@ def read_object(path: ObjectPath) -> tuple[bytes, str, float] | None:
     """``(body, etag, age in seconds by the store's clock)`` of ``path``, or None if it does not exist."""
     bucket, key = _split(path)
     try:
-        r = _s3_client().get_object(Bucket=bucket, Key=key)
+        r = bounded(f"GET {path}", lambda: _s3_client().get_object(Bucket=bucket, Key=key))
+        body = bounded(f"GET {path}", r["Body"].read)
+    except StoreStalled:
+        raise
     except Exception as e:
         if getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise OSError(f"cannot read {path}: {redact(e)}") from None
     now = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     age = (parsedate_to_datetime(now) - r["LastModified"]).total_seconds() if now else 0.0
-    return r["Body"].read(), r["ETag"], max(0.0, age)
+    return body, r["ETag"], max(0.0, age)
 
 
 def delete_object(lock: ObjectLock) -> bool:
     """Delete the lock object if it is still the version this process wrote (``If-Match``)."""
     bucket, key = _split(lock.path)
     try:
-        _s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=lock.etag)
+        bounded(f"DELETE {lock.path}", lambda: _s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=lock.etag))
+    except StoreStalled:
+        raise
     except Exception as e:
         if _precondition(e) or getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return False

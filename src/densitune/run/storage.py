@@ -20,9 +20,44 @@ from typing import Any
 
 from densitune.errors import STORAGE_PREFIX as PREFIX
 from densitune.errors import StorageError
-from densitune.run.runstore import ObjectPath, location, redact
+from densitune.run.runstore import ObjectPath, endpoint, location, redact
 
-__all__ = ["PREFIX", "StorageError", "check_writable", "describe", "fatal_storage", "storage_failure"]
+__all__ = ["PREFIX", "StorageError", "check_writable", "describe", "fatal_storage", "storage_error", "storage_failure"]
+
+#: Codes of an object store that refused the credentials, by the names boto3 and pyarrow's AWS SDK give them.
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "INVALID_ACCESS_KEY_ID",
+           "SIGNATURE_DOES_NOT_MATCH", "ExpiredToken", "InvalidToken", "403")
+_NO_BUCKET = ("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist", "Bucket does not exist")
+#: What Ray Tune raises when the experiment state it wrote is gone from the store (emptied, restarted empty).
+_TUNE_GONE = ("No experiment snapshot file", "experiment_state")
+
+
+def storage_error(e: BaseException) -> StorageError | None:
+    """One line for an error of the object store that escaped a command (wrong credentials, a missing bucket,
+    a run whose Tune state vanished, a request that failed for good), or None when ``e`` is not one."""
+    text = str(e)
+    where = m.group(0) if (m := re.search(r"(?:s3|gs|gcs)://[^\s'\",)]+", text)) else None
+    if not where and (m := re.search(r"key '([^']*)' in bucket '([^']+)'", text)):
+        where = f"s3://{m.group(2)}/{m.group(1)}"
+    elif not where and (m := re.search(r"bucket '([^']+)'", text)):
+        where = f"s3://{m.group(1)}"
+    cause = m.group(0) if (m := re.search(r"\b[A-Z][A-Z_]+ during \w+", text)) else redact(e)
+    at = f"the object store at {endpoint()}"
+    if isinstance(e, ValueError) and not isinstance(e, StorageError):
+        if any(k in text for k in _TUNE_GONE[:1]):
+            return StorageError(f"the run's Ray Tune state vanished from {at} ({redact(e)}); the rows "
+                                "already written stand: rerun without --resume into a new --experiment, or restore the store")
+        return None
+    if not isinstance(e, OSError):
+        return None
+    if any(k in text for k in _NO_BUCKET):
+        return StorageError(f"{where or 'the run'}: no such bucket at {at} (create it, or check the name)")
+    if any(k in text for k in _DENIED):
+        return StorageError(f"{where or 'the run'}: {at} refused the credentials ({cause}); check "
+                            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE")
+    if "AWS Error" in text or "curlCode" in text or where:
+        return StorageError(f"{where or 'the run'}: {at} failed: {cause}")
+    return None
 
 
 def describe(e: OSError, path: str | Path) -> str:
