@@ -187,6 +187,8 @@ def test_named_folder_sets_are_grouped_by_kind_under_their_short_names(tmp_path,
     # near first, then far, then the sets of unknown kind; short names, no paths
     assert columns == ["near: mine", "far: noise-uniform", "far: photos2", "photos", "scans"]
     assert str(tmp_path) not in r.stdout.split("\n\n", 2)[1]
+    full = densitune("report", str(run), "--full")  # every table: short names, never the folders' paths
+    assert full.returncode == 0 and str(tmp_path / "data") not in full.stdout and "| mine " in full.stdout
     j = densitune("report", str(run), "--format", "json")
     tidy = json.loads(j.stdout)
     assert {(t["ood_group"], t["ood_name"], t["ood_dataset"]) for t in tidy} >= {("near", "mine", f"near:mine=folder:{a}")}
