@@ -87,7 +87,6 @@ class RehearsalCluster(AutoscalingCluster):
         self.config_path = os.path.join(self.temp_dir, "autoscaling.json")
         Path(self.config_path).write_text(json.dumps(self._config))
         env = {**self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", **(override_env or {})}
-        env.setdefault("RAY_raylet_start_wait_time_s", "120")  # 2 shared cores: a raylet may take a while
         head = self._config["available_node_types"]["ray.head.default"]["resources"]
         ray_start(self.temp_dir, "--head", f"--autoscaling-config={self.config_path}", f"--num-cpus={head['CPU']}",
                   f"--num-gpus={head['GPU']}", "--include-dashboard=false", "--object-store-memory=80000000",

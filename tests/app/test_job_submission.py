@@ -147,6 +147,16 @@ def test_job_submission_survives_a_killed_raylet_and_resumes_after_job_stop(clus
     run = f"{s3_bucket}/run"
     common = ["--address", "auto", "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--out", run, "-q"]
 
+    # --- a fixed cluster (nodes of `ray start`, no autoscaler): a trial no node can run fails the job in one line
+    t0 = time.monotonic()
+    cluster.submit("too-big", "train", *common, "-D", "4", "--epochs", "1", "--cpus-per-trial", "2")
+    status, logs = cluster.wait("too-big")
+    lines = [ln for ln in logs.splitlines() if ln.strip()]
+    assert status == "FAILED" and lines[-1].startswith("densitune: error: --cpus-per-trial 2: no node has, or can be "
+                                                       "started with, that much for one trial (largest: node "), logs
+    assert lines[-1].endswith(": 1 CPU); ask for less"), lines[-1]  # no node types: nothing else may start
+    print(f"too big a trial refused in a submitted job: {time.monotonic() - t0:.0f} s from submission")
+
     cluster.submit("train", "train", *common, "-D", "4", "8", "--epochs", "2", "--experiment", "n")
     status, logs = cluster.wait("train")
     assert status == "SUCCEEDED", logs[-3000:]
