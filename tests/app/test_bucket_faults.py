@@ -109,6 +109,7 @@ def test_a_writer_paused_past_its_lease_stops_without_writing_again(tmp_path, s3
     lines = _lines(err1)
     assert len(lines) == 1 and "lost the writer lock" in lines[0], err1[-3000:]
     assert stopped_in < 60, stopped_in
+    print(f"the paused writer stopped {stopped_in:.0f} s after it was continued: {lines[0]}")
     rows = _rows(run, "f")
     points = Counter(eps for _, eps in {(r["trial_id"], r["eps"]) for r in rows})  # trials per point
     assert sorted(points) == sorted(float(e) for e in EPS) and set(points.values()) == {1}  # each point once
@@ -156,6 +157,7 @@ def test_a_server_paused_for_good_ends_the_search_by_itself(tmp_path, trained_mo
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert server.endpoint in lines[0] or "writer lock" in lines[0], lines[0]
     assert took < 20 + 4 * 3 * 2 + 60, took  # the lease, a stalled call's attempts, Ray's shutdown
+    print(f"the paused server's search stopped {took:.0f} s after the pause: {lines[0]}")
 
 
 class _SlowProxy:

@@ -44,7 +44,15 @@ def test_a_stuck_call_gives_up_within_its_budget_naming_the_call_and_the_endpoin
     assert bounded("PUT s3://b/k", lambda: 42, budget=1.0) == 42
 
 
-def test_a_first_sigint_ends_the_wait_for_a_stuck_call():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as the CLI has it (a Tune run in this process may have left its own)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_a_first_sigint_ends_the_wait_for_a_stuck_call(python_sigint):
     never = threading.Event()
     main = threading.main_thread().ident
     threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
@@ -90,7 +98,7 @@ def test_a_holder_whose_lease_may_have_lapsed_publishes_only_while_the_lock_is_s
     assert json.loads(held.path.read_text())["token"] == "someone-else"  # never deletes another writer's lock
 
 
-def test_the_renewal_thread_stops_the_main_thread_when_the_lock_was_taken_over(tmp_path, monkeypatch):
+def test_the_renewal_thread_stops_the_main_thread_when_the_lock_was_taken_over(tmp_path, monkeypatch, python_sigint):
     monkeypatch.setenv("DENSITUNE_LOCK_LEASE_S", "3")  # renewals every 0.5 s
     with writer_lease(tmp_path, "search", "e") as held:
         _take_over(held.path)

@@ -187,7 +187,9 @@ def _cached_filesystem(scheme: str, bucket: str, timeout: float) -> Any:
                 region = None
         # request_timeout also bounds a slow answer: without it the AWS SDK gives up on a response slower than ~3 s
         kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
-                                  "connect_timeout": timeout, "request_timeout": timeout}
+                                  "connect_timeout": timeout, "request_timeout": timeout,
+                                  # a small object is then one PutObject, not a multipart upload's three requests
+                                  "allow_delayed_open": True}
         if region:
             kwargs["region"] = region
         if os.environ.get("AWS_ENDPOINT_URL"):
