@@ -21,7 +21,15 @@ from densitune.app.doctor import doctor
 from densitune.app.maintenance import clean, compact
 from densitune.app.search import search
 from densitune.app.train import train
-from densitune.cli.parser import demo_options, doctor_options, search_options, study_options, train_options
+from densitune.app.tune import tune
+from densitune.cli.parser import (
+    demo_options,
+    doctor_options,
+    search_options,
+    study_options,
+    train_options,
+    tune_options,
+)
 from densitune.errors import ConfigError, DensituneError, ResultsError
 from densitune.results.experiments import ExperimentChoice, choose_experiment
 from densitune.results.sql import referenced_columns
@@ -74,6 +82,16 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     outcome = train(train_options(args, argv))
     if outcome.error is None:
+        _say(args, outcome.summary)
+    return _finish(outcome)
+
+
+def cmd_tune(args: argparse.Namespace, argv: list[str]) -> int:
+
+    outcome = tune(tune_options(args, argv))
+    if outcome.error is None or outcome.trials:
+        if outcome.final is not None and outcome.final.best:
+            print(outcome.final.best)
         _say(args, outcome.summary)
     return _finish(outcome)
 
@@ -280,7 +298,7 @@ def cmd_clean(args: argparse.Namespace, argv: list[str]) -> int:
 
 #: The commands by name (a tuple: nothing here changes at run time).
 COMMANDS: tuple[tuple[str, Callable[[argparse.Namespace, list[str]], int]], ...] = (
-    ("train", cmd_train), ("search", cmd_search), ("report", cmd_report), ("best", cmd_best), ("list", cmd_list),
+    ("train", cmd_train), ("tune", cmd_tune), ("search", cmd_search), ("report", cmd_report), ("best", cmd_best), ("list", cmd_list),
     ("plot", cmd_plot), ("query", cmd_query), ("compare", cmd_compare), ("demo", cmd_demo), ("export", cmd_export),
     ("compact", cmd_compact), ("list-models", cmd_list_models), ("clean", cmd_clean), ("run", cmd_run),
     ("doctor", cmd_doctor),
