@@ -1,0 +1,125 @@
+"""``densitune tune`` end to end on the embedded digits: real Ray Tune (OptunaSearch + ASHA), real training, real rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from densitune.cli import main
+from densitune.results.store import read_results
+
+
+def densitune(*args: object, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "densitune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tune_rows(out) -> tuple[list[dict], list[dict]]:
+    """(outer-trial rows, rung rows) of a run."""
+    rows = read_results(out / "results", stage="tune").to_pylist()
+    return [r for r in rows if r["tune_status"] != "rung"], [r for r in rows if r["tune_status"] == "rung"]
+
+
+def train_epochs(out) -> Counter:
+    """(network key, epoch) -> how many rows of stage train record it."""
+    rows = read_results(out / "results", stage="train").to_pylist()
+    return Counter((r["trial_id"], r["epoch"]) for r in rows)
+
+
+BAD = {
+    "D range upside down": (["--D-range", "64", "2"], "--D-range LO HI needs 1 <= LO < HI, got 64 2"),
+    "unknown loss": (["-D", "8", "--loss", "hinge"], "unknown loss 'hinge'"),
+    "bad rung point": (["--rung-grid", "gmm_sum:small"], "argument --rung-grid: 'gmm_sum:small' is not DENSITY:EPS"),
+    "unknown rung density": (["--rung-grid", "parzen:0"], "unknown density 'parzen'"),
+    "no networks": (["--num-networks", "0"], "--num-networks must be >= 1, got 0"),
+    "lam range at 0": (["--lam-range", "0", "1"], "--lam-range LO HI needs 0 < LO < HI"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
+    flags, text = BAD[case]
+    try:
+        status = main(["tune", "--out", str(tmp_path / "run"), *flags])
+    except SystemExit as e:  # argparse's own usage errors
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("densitune: error: ") and text in err[0]
+    assert not (tmp_path / "run" / "results").exists() and not (tmp_path / "run" / "models").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_tune_on_digits_draws_d_stops_weak_networks_and_best_reads_the_final_search(tmp_path):
+    out = tmp_path / "run"
+    p = densitune("tune", "--out", out, "--D-range", 2, 64, "--loss", "ce", "contrastive", "--num-networks", 8,
+                  "--epochs", 9, "--num-cpus", 2, "--keep", 1, "--eps-grid", 0, 0.01, "-q")
+    assert p.returncode == 0, p.stderr
+    trials, rung_rows = tune_rows(out)
+    assert len(trials) == 8 and len({r["trial_id"] for r in trials}) == 8
+    dims = {r["D"] for r in trials}
+    assert len(dims) >= 2 and all(2 <= d <= 64 for d in dims) and any(d & (d - 1) for d in dims)
+    stopped = [r for r in trials if r["tune_status"] == "stopped"]
+    finished = [r for r in trials if r["tune_status"] == "finished"]
+    assert stopped and finished and len(stopped) + len(finished) == 8
+    assert all(r["epoch"] in (1, 3) for r in stopped) and all(r["epoch"] == 9 for r in finished)
+    assert all(r["gpu_seconds"] == 0.0 for r in trials)  # no GPU on this machine
+    assert all(r["center_loss"] is None for r in trials if r["loss"] == "ce")
+    # every rung a trial reached was scored once, on validation only
+    assert {r["split"] for r in rung_rows} == {"val"}
+    for r in trials:
+        reached = {x["epoch"] for x in rung_rows if x["trial_id"] == r["trial_id"]}
+        assert max(reached) == r["epoch"] and reached <= {1, 3, 9}
+    assert all(n == 1 for n in train_epochs(out).values())  # each (network, epoch) trained and recorded once
+    best = densitune("best", out, "--json")
+    assert best.returncode == 0, best.stderr
+    chosen = json.loads(best.stdout)
+    winner = min(finished, key=lambda r: -r["objective"])
+    assert chosen["experiment"] == "default-final" and chosen["D"] == winner["D"] and chosen["loss"] == winner["loss"]
+    assert densitune("report", out).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_a_network_trained_before_is_reused_not_retrained(tmp_path):
+    out = tmp_path / "run"
+    t = densitune("train", "--out", out, "-D", 8, "--loss", "ce", "--epochs", 2, "--num-cpus", 2, "-q")
+    assert t.returncode == 0, t.stderr
+    (model,) = (out / "models" / "default").iterdir()
+    before = (model / "model.pt").stat().st_mtime_ns, train_epochs(out)
+    p = densitune("tune", "--out", out, "-D", 8, "--loss", "ce", "--num-networks", 1, "--epochs", 2, "--num-cpus", 2,
+                  "--keep", 0, "-q")
+    assert p.returncode == 0, p.stderr
+    assert [d.name for d in (out / "models" / "default").iterdir()] == [model.name]  # same hash, no other network
+    assert ((model / "model.pt").stat().st_mtime_ns, train_epochs(out)) == before  # no second training
+    (trial,), rung_rows = tune_rows(out)
+    params = json.loads(trial["search_params"])
+    assert params["network"] == model.name and params["reused"] is True
+    assert trial["tune_status"] == "finished" and trial["epoch"] == 2 and len(rung_rows) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_time_budget_stops_with_exit_2_and_resume_finishes_each_network_once(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--out", out, "--D-range", 2, 64, "--loss", "ce", "--num-networks", 4, "--epochs", 3, "--num-cpus", 2,
+             "--keep", 0, "-q"]
+    p = densitune("tune", *flags, "--time-budget", 3)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()[-1]
+    assert "time budget (3 s) stopped the tune after" in err and "--resume" in err
+    recorded = len(tune_rows(out)[0])
+    assert recorded < 4
+    r = densitune("tune", *flags, "--resume")
+    assert r.returncode == 0, r.stderr
+    trials, _ = tune_rows(out)
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert all(n == 1 for n in train_epochs(out).values())
