@@ -19,7 +19,9 @@ def densitune(*args: object, timeout: float = 900) -> subprocess.CompletedProces
 
 
 def tune_rows(out) -> tuple[list[dict], list[dict]]:
-    """(outer-trial rows, rung rows) of a run."""
+    """(outer-trial rows, rung rows) of a run (none before its first row)."""
+    if not (out / "results").is_dir():
+        return [], []
     rows = read_results(out / "results", stage="tune").to_pylist()
     return [r for r in rows if r["tune_status"] != "rung"], [r for r in rows if r["tune_status"] == "rung"]
 
