@@ -165,8 +165,11 @@ def rung_objective(run: TuneRun, config: TrainConfig, checkpoint: str, epoch: in
     return best, rows
 
 
-def tune_trainable(config: dict[str, Any], run: TuneRun) -> None:
-    """Tune function trainable: train one network epoch by epoch (or reuse it), report the rung objective."""
+def tune_trainable(config: dict[str, Any], run: TuneRun, claims: Any = None) -> None:
+    """Tune function trainable: train one network epoch by epoch (or reuse it), report the rung objective.
+
+    ``claims`` (a :class:`_NetworkClaims` actor): a network that two running trials drew is trained by one of
+    them; the other waits, then reuses it, or continues it from its last saved epoch (a stopped trial's)."""
     import ray
     from ray import tune
 
@@ -177,17 +180,23 @@ def tune_trainable(config: dict[str, Any], run: TuneRun) -> None:
     trial_id = tune.get_context().get_trial_id()
     gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     started, t0 = datetime.now(UTC), time.perf_counter()
-    metric = run.spec.objective
+    while claims is not None and not ray.get(claims.claim.remote(cfg.key, trial_id)):
+        time.sleep(1.0)
+    reused = is_trained(run.train, cfg)
 
     def report(epoch: int, checkpoint: str) -> None:
         objective, rows = rung_objective(run, cfg, checkpoint, epoch, trial_id, started)
         with fatal_storage(run.results_dir):
             write_rows(run.results_dir, rows, name=f"{trial_id}-e{epoch:04d}")
-        log.info("tune %s %s epoch %d: %s=%.4f", trial_id, cfg.key, epoch, metric, objective)
-        tune.report({metric: objective, "epoch": epoch, "network": cfg.key,
+        log.info("tune %s %s epoch %d: %s=%.4f", trial_id, cfg.key, epoch, run.spec.objective, objective)
+        if claims is not None:  # the scheduler may stop the trial at this report: let the network go first
+            ray.get(claims.release.remote(cfg.key, trial_id))
+        tune.report({run.spec.objective: objective, "epoch": epoch, "network": cfg.key,
                      "gpu_seconds": gpus * (time.perf_counter() - t0), "reused": reused})
+        if claims is not None and epoch < cfg.epochs:  # it goes on: hold the network again
+            while not ray.get(claims.claim.remote(cfg.key, trial_id)):
+                time.sleep(1.0)
 
-    reused = is_trained(run.train, cfg)
     if reused:  # trained before (by train, or an earlier trial): scored once, at its last epoch
         log.info("tune %s: %s is trained already; reusing it", trial_id, cfg.key)
         report(cfg.epochs, str(run.train.model_dir(cfg)))
@@ -196,11 +205,24 @@ def tune_trainable(config: dict[str, Any], run: TuneRun) -> None:
     for st in fit(cfg, resume=saved_state(replace(run.train, resume=True), cfg), compile=run.train.compile):
         args = record_epoch(run.train, cfg, st, started, t0)
         if st.epoch in milestones:
-            if st.epoch == cfg.epochs:
-                checkpoint = str(run.train.model_dir(cfg))
-            else:
-                checkpoint = str(save_checkpoint(run.rung_dir(cfg, st.epoch), **args))
-            report(st.epoch, checkpoint)
+            final = st.epoch == cfg.epochs
+            checkpoint = run.train.model_dir(cfg) if final else save_checkpoint(run.rung_dir(cfg, st.epoch), **args)
+            report(st.epoch, str(checkpoint))
+
+
+class _NetworkClaims:
+    """Which running trial trains which network: a Ray actor the driver starts for one tune (:func:`run_tune`),
+    so that a network two running trials drew is trained by one of them (:func:`tune_trainable`)."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, str] = {}
+
+    def claim(self, key: str, trial_id: str) -> bool:
+        return self.holders.setdefault(key, trial_id) == trial_id
+
+    def release(self, key: str, trial_id: str) -> None:
+        if self.holders.get(key) == trial_id:
+            del self.holders[key]
 
 
 def trial_row(run: TuneRun, trial_id: str, params: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +292,7 @@ def run_tune(run: TuneRun, *, num_networks: int, resume: bool = False, seed: int
         DensituneError: a trial failed fatally, ``max_gpu_hours`` or ``time_budget_s`` stopped the run
             before ``num_networks`` trials ended (resumable), or trials failed.
     """
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -287,7 +310,9 @@ def run_tune(run: TuneRun, *, num_networks: int, resume: bool = False, seed: int
                             storage=warm_storage(run, done) if done else None)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=run.base.epochs, grace_period=1, reduction_factor=3)
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(guarded(tune_trainable, run.spec.objective), run=run), resources),
+            tune.with_resources(tune.with_parameters(guarded(tune_trainable, run.spec.objective), run=run,
+                                                     claims=ray.remote(_NetworkClaims).options(num_cpus=0).remote()),
+                                resources),
             tune_config=tune.TuneConfig(search_alg=algo, scheduler=scheduler, num_samples=todo, metric=run.spec.objective,
                                         mode=run.spec.mode, max_concurrent_trials=trial_slots(resources),
                                         time_budget_s=time_budget_s, reuse_actors=False),

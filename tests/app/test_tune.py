@@ -61,7 +61,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
 def test_tune_on_digits_draws_d_stops_weak_networks_and_best_reads_the_final_search(tmp_path):
     out = tmp_path / "run"
     p = densitune("tune", "--out", out, "--D-range", 2, 64, "--loss", "ce", "contrastive", "--num-networks", 8,
-                  "--epochs", 9, "--num-cpus", 2, "--keep", 1, "--eps-grid", 0, 0.01, "-q")
+                  "--epochs", 9, "--num-cpus", 2, "--keep", 1, "--final-seeds", 2, "--eps-grid", 0, 0.01, "-q")
     assert p.returncode == 0, p.stderr
     trials, rung_rows = tune_rows(out)
     assert len(trials) == 8 and len({r["trial_id"] for r in trials}) == 8
@@ -79,10 +79,17 @@ def test_tune_on_digits_draws_d_stops_weak_networks_and_best_reads_the_final_sea
         reached = {x["epoch"] for x in rung_rows if x["trial_id"] == r["trial_id"]}
         assert max(reached) == r["epoch"] and reached <= {1, 3, 9}
     assert all(n == 1 for n in train_epochs(out).values())  # each (network, epoch) trained and recorded once
+    winner = min(finished, key=lambda r: -r["objective"])
+    key = json.loads(winner["search_params"])["network"]
+    # --final-seeds 2: the winner's config trained on seed 1 too (the same key but the seed), all epochs
+    seed1 = key.replace("-s0-", "-s1-").rsplit("-", 1)[0]
+    assert sorted(e for (k, e) in train_epochs(out) if k.startswith(seed1 + "-")) == list(range(1, 10))
+    final = read_results(out / "results", experiment="default-final", stage="search").to_pylist()
+    assert {(r["D"], r["loss"]) for r in final} == {(winner["D"], winner["loss"])}  # --keep 1
+    assert {r["seed"] for r in final if r["split"] == "val"} == {0, 1}
     best = densitune("best", out, "--json")
     assert best.returncode == 0, best.stderr
     chosen = json.loads(best.stdout)
-    winner = min(finished, key=lambda r: -r["objective"])
     assert chosen["experiment"] == "default-final" and chosen["D"] == winner["D"] and chosen["loss"] == winner["loss"]
     assert densitune("report", out).returncode == 0
 
