@@ -132,3 +132,28 @@ def test_time_budget_stops_with_exit_2_and_resume_finishes_each_network_once(tmp
     trials, _ = tune_rows(out)
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
     assert all(n == 1 for n in train_epochs(out).values())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_swapping_every_test_set_changes_no_rung_no_stop_and_no_choice(tmp_path):
+    """Leakage, end to end (one CPU: trials in turn, so the scheduler's decisions are reproducible): two tunes that
+    differ only in their test OOD sets have the same rung objectives, stop the same networks and choose the same
+    configuration. (tests/search/test_ondemand.py also makes the ID test split unreadable to the rungs.)"""
+    seen = []
+    for n, test_ood in enumerate((["digits-rot90", "noise-uniform"], ["photo-patches"])):
+        out = tmp_path / f"run{n}"
+        p = densitune("tune", "--out", out, "-D", 4, 8, 16, "--loss", "ce", "contrastive", "--num-networks", 4,
+                      "--epochs", 3, "--num-cpus", 1, "--keep", 1, "--test-ood", *test_ood, "-q")
+        assert p.returncode == 0, p.stderr
+        trials, rung_rows = tune_rows(out)
+        best = densitune("best", out, "--json")
+        assert best.returncode == 0, best.stderr
+        chosen = {k: v for k, v in json.loads(best.stdout).items()
+                  if k in ("D", "loss", "center_loss", "score", "density", "density_params", "eps")}
+        seen.append((sorted((json.loads(r["search_params"])["network"], r["epoch"], r["eps"], r["ood_dataset"], r["objective"])
+                            for r in rung_rows),
+                     sorted((r["D"], r["loss"], r["tune_status"], r["epoch"]) for r in trials), chosen))
+    assert seen[0] == seen[1]
+    assert len(seen[0][1]) == 4 and seen[0][2]["D"] in (4, 8, 16)
