@@ -140,6 +140,12 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
+    if args.view == "tune":  # its own rows (stage tune), not the search's
+        from densitune.search.report.tables import render
+        from densitune.search.report.tune_view import tune_tables
+
+        print(render(tune_tables(results_dir_of(args.results)), args.format))
+        return 0
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
     table = read_search_rows(results_dir_of(args.results), args.where, by)
     view = args.view or ("all" if args.full or args.top is not None else "summary")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: which are not imported here: ``densitune --help`` stays fast).
 FORMATS = ("markdown", "csv", "latex", "json")
 METRICS = ("auroc", "auprc", "fpr95")
-VIEWS = ("summary", "all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs", "tune")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
 PLOT_FORMATS = ("png", "svg", "pdf")
 
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="every table (--view all) instead of the one-screen summary of methods x OOD sets")
             p.add_argument("--view", default=None, choices=VIEWS,
                            help="summary (methods x OOD sets, AUROC and FPR95), methods (the note's method comparison per "
-                                "model group), configs (ip side by side) or all (default: summary; all with --full or --top)")
+                                "model group), configs (ip side by side), tune (densitune tune's networks: D, loss, λ, rung objectives, "
+                                "where each was stopped) or all (default: summary; all with --full or --top)")
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
