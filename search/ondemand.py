@@ -266,6 +266,14 @@ def finished_trials(results_dir: str, experiment: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["started_at"])
 
 
+class _ReplayNetwork(_Replay):
+    """:class:`densitune.search.optuna_study._Replay` with the integer D of ``--D-range``."""
+
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False) -> int:
+        self.distributions[name] = optuna.distributions.IntDistribution(low, high, log=log)
+        return int(self.params[name])
+
+
 def warm_storage(run: TuneRun, done: list[dict[str, Any]]) -> optuna.storages.InMemoryStorage:
     """An Optuna storage holding the outer trials already run, so that TPE continues informed on ``--resume``."""
     storage = optuna.storages.InMemoryStorage()
@@ -274,7 +282,7 @@ def warm_storage(run: TuneRun, done: list[dict[str, Any]]) -> optuna.storages.In
         if r["objective"] is None:
             continue
         params = json.loads(r["search_params"])
-        replay = _Replay(params)
+        replay = _ReplayNetwork(params)
         run.space(replay)
         study.add_trial(optuna.trial.create_trial(params={k: params[k] for k in replay.distributions},
                                                   distributions=replay.distributions, value=r["objective"]))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -92,6 +95,10 @@ def test_tune_on_digits_draws_d_stops_weak_networks_and_best_reads_the_final_sea
     chosen = json.loads(best.stdout)
     assert chosen["experiment"] == "default-final" and chosen["D"] == winner["D"] and chosen["loss"] == winner["loss"]
     assert densitune("report", out).returncode == 0
+    view = densitune("report", out, "--view", "tune", "--format", "json")
+    assert view.returncode == 0, view.stderr
+    listed = json.loads(view.stdout)
+    assert sorted((r["D"], r["status"], r["epochs"]) for r in listed) == sorted((r["D"], r["tune_status"], r["epoch"]) for r in trials)
 
 
 @pytest.mark.slow
@@ -157,3 +164,29 @@ def test_swapping_every_test_set_changes_no_rung_no_stop_and_no_choice(tmp_path)
                      sorted((r["D"], r["loss"], r["tune_status"], r["epoch"]) for r in trials), chosen))
     assert seen[0] == seen[1]
     assert len(seen[0][1]) == 4 and seen[0][2]["D"] in (4, 8, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_killed_tune_resumes_with_each_network_once(tmp_path):
+    out = tmp_path / "run"
+    args = ["tune", "--out", str(out), "--D-range", "2", "64", "--loss", "ce", "contrastive", "--num-networks", "6",
+            "--epochs", "3", "--num-cpus", "2", "--keep", "0", "-q"]
+    p = subprocess.Popen([sys.executable, "-m", "densitune", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = out / "results" / "experiment=default"
+    t0 = time.monotonic()
+    while not list(part.glob("tune-*-trial.parquet")) and time.monotonic() - t0 < 300:
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)  # the driver only, as a crash or `kill -9` would
+    p.wait(timeout=30)
+    time.sleep(2)
+    recorded = len(tune_rows(out)[0])
+    assert 1 <= recorded < 6
+    done = densitune(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials, rung_rows = tune_rows(out)
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6
+    assert all(n == 1 for n in train_epochs(out).values())  # each (network, epoch) once, the killed ones continued
+    assert Counter((r["trial_id"], r["epoch"], r["eps"], r["ood_dataset"]) for r in rung_rows
+                   if r["trial_id"] in {t["trial_id"] for t in trials}).most_common(1)[0][1] == 1

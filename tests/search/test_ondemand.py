@@ -98,3 +98,16 @@ def test_rung_objective_reads_validation_only(trained_models, tmp_path, monkeypa
         assert objective == max(per_point.values()) and all(math.isfinite(v) for v in per_point.values())
     assert results[0] == results[1]
     assert loaded and {split for _, split in loaded} <= {"train", "val"}
+
+
+def test_resume_warm_starts_tpe_with_the_recorded_networks(tmp_path):
+    run = replace(_run(tmp_path, ("photo-patches",)),
+                  space=NetworkSpace(backbones=("cnn",), losses=("ce", "contrastive"), d_range=(2, 64), lam_range=(0.01, 1.0)))
+    done = [{"objective": 0.8, "search_params": json.dumps({"backbone": "cnn", "D": 12, "loss": "contrastive", "lam": 0.3,
+                                                            "network": "x", "reused": False})},
+            {"objective": 0.7, "search_params": json.dumps({"backbone": "cnn", "D": 5, "loss": "ce", "network": "y"})},
+            {"objective": None, "search_params": json.dumps({"backbone": "cnn", "D": 7, "loss": "ce"})}]
+    study = optuna.load_study(study_name=None, storage=ondemand.warm_storage(run, done))
+    assert [(t.params, t.value) for t in study.trials] == [
+        ({"backbone": "cnn", "D": 12, "loss": "contrastive", "lam": 0.3}, 0.8), ({"backbone": "cnn", "D": 5, "loss": "ce"}, 0.7)]
+    assert isinstance(study.trials[0].distributions["D"], optuna.distributions.IntDistribution)
