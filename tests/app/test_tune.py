@@ -190,3 +190,26 @@ def test_killed_tune_resumes_with_each_network_once(tmp_path):
     assert all(n == 1 for n in train_epochs(out).values())  # each (network, epoch) once, the killed ones continued
     assert Counter((r["trial_id"], r["epoch"], r["eps"], r["ood_dataset"]) for r in rung_rows
                    if r["trial_id"] in {t["trial_id"] for t in trials}).most_common(1)[0][1] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.process
+def test_tune_into_a_bucket(s3_bucket):
+    """``--out s3://...`` on a loopback S3 server (moto): networks, rung checkpoints, rows and the final search all
+    land in the bucket, and `best` / `report --view tune` read them back from it."""
+    from densitune.run.runstore import location
+
+    run = f"{s3_bucket}/run"
+    p = densitune("tune", "--out", run, "-D", 4, 8, "--loss", "ce", "--num-networks", 3, "--epochs", 3,
+                  "--num-cpus", 2, "--keep", 1, "-q")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_results(f"{run}/results", stage="tune").to_pylist()
+    trials = [r for r in rows if r["tune_status"] != "rung"]
+    assert len(trials) == 3 and {r["D"] for r in trials} <= {4, 8}
+    finished = {json.loads(r["search_params"])["network"] for r in trials if r["tune_status"] == "finished"}
+    assert finished and all((location(run) / "models" / "default" / key / "model.pt").is_file() for key in finished)
+    assert all(c.startswith(run) for r in rows for c in r["checkpoints"] or [])
+    best = densitune("best", run, "--json")
+    assert best.returncode == 0 and json.loads(best.stdout)["experiment"] == "default-final", best.stderr
+    assert densitune("report", run, "--view", "tune").returncode == 0
