@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 
 from densitune.cli import main
 from densitune.results.rows import provenance
-from densitune.results.store import write_rows
+from densitune.results.store import read_results, write_rows
+from densitune.search.report.plots import tune_figure
+from densitune.search.report.tune_view import tune_frame
 
 
 def _row(trial: str, status: str, epoch: int, objective: float, **kw) -> dict:
@@ -37,6 +39,13 @@ def test_tune_view_lists_each_network_with_its_rungs_best_finished_first(tmp_pat
     assert all(r["gpu_s"] == 12.5 for r in got)
     assert main(["report", str(tmp_path), "--view", "tune"]) == 0
     assert "3 network(s), 1 stopped early by the scheduler" in capsys.readouterr().out
+    # the figure `densitune plot` draws from the same rows: objective against D, hollow where stopped
+    fig = tune_figure(tune_frame(read_results(results, stage="tune").to_pylist()))
+    (ax,) = fig.axes
+    points = {c.get_label(): [tuple(map(float, xy)) for xy in c.get_offsets()] for c in ax.collections}
+    assert points == {"ce (finished)": [(40.0, 0.85)], "ce (stopped)": [(5.0, 0.70)], "contrastive (finished)": [(12.0, 0.90)]}
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.texts] == ["e1"]
+    assert tune_figure(tune_frame([])) is None
 
 
 def test_tune_view_of_a_run_without_a_tune_is_one_line_exit_2(tmp_path, capsys):
