@@ -82,7 +82,10 @@ def node_ports(ports: Iterator[int], *, head: bool, workers: int = 12) -> list[s
 
 
 def ray_start(temp_dir: str, *flags: str, env: dict[str, str], timeout: int = 300) -> None:
-    """``ray start --temp-dir=temp_dir FLAGS`` (the nodes' own environment ``env``); raises with Ray's output."""
+    """``ray start --temp-dir=temp_dir FLAGS`` (the nodes' own environment ``env``); raises with Ray's output.
+
+    A raylet gets 2 minutes to register (Ray's default, 30 s, is too short on 2 busy cores)."""
+    env = {"RAY_raylet_start_wait_time_s": "120", **env}
     p = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", f"--temp-dir={temp_dir}",
                         "--disable-usage-stats", *flags], capture_output=True, text=True, env=env, timeout=timeout)
     if p.returncode != 0:

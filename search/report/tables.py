@@ -256,6 +256,7 @@ def _method_name(score: str, density: str, params: str, ip: bool) -> str:
 def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = None) -> list[Table]:
     """Per configuration: OOD set × (metrics without ip, metrics with the validation-chosen ip)."""
     results = config_results(df, metric)
+    short = _short_names(df)
     tables = []
     for rank, r in enumerate(results[:top] if top is not None else results, 1):
         plain, ip = _trial_rows(df, r.plain), _trial_rows(df, r.ip)
@@ -266,7 +267,7 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
                 b = ip[(ip["ood_dataset"] == s) & (ip["split"] == split)]
                 if a.empty and b.empty:
                     continue
-                rows.append({"ood_dataset": s, "split": split, **_stats(a), **_stats(b, "_ip")})
+                rows.append({"ood_dataset": short.get(s, s), "split": split, **_stats(a), **_stats(b, "_ip")})
         first = r.plain if r.plain is not None else r.ip
         v: Callable[[pd.Series | None], str] = lambda t: "-" if t is None else f"{t['val']:.4f}"  # noqa: E731
         title = (f"{rank}. {_group_title(r.config)} {_method_title(r.config)} — ID test accuracy "
@@ -276,6 +277,14 @@ def configs_tables(df: pd.DataFrame, metric: str = "auroc", top: int | None = No
         keys = {"rank": rank, **r.config, "eps_ip": None if r.ip is None else float(r.ip["eps"])}
         tables.append(Table(title, pd.DataFrame(rows, columns=cols), keys=keys))
     return tables
+
+
+def _short_names(df: pd.DataFrame) -> dict[str, str]:
+    """Each OOD set's short name (rows' ``ood_name``: a folder's own name, NAME of ``near:NAME=...``)."""
+    if "ood_name" not in df.columns:
+        return {}
+    sets = df[["ood_dataset", "ood_name"]].dropna().drop_duplicates("ood_dataset")
+    return dict(zip(sets["ood_dataset"], sets["ood_name"], strict=True))
 
 
 def _eps_choice(r: ConfigResult) -> str:
@@ -289,6 +298,7 @@ def _eps_choice(r: ConfigResult) -> str:
 
 def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
     """The note's method comparison per model group: method | ε | OOD set | AUROC | AUPRC (test rows)."""
+    short = _short_names(df)
     tables = []
     for g in config_results(df, metric, GROUP_COLUMNS):
         gdf = df
@@ -306,7 +316,7 @@ def methods_tables(df: pd.DataFrame, metric: str = "auroc") -> list[Table]:
                 name = _method_name(m.config["score"], m.config["density"], m.config["density_params"], ip)
                 for s, t in trows[trows["split"] == "test"].groupby("ood_dataset"):
                     st = _stats(t)
-                    rows.append({"method": name, "eps": trial["eps"], "ood_dataset": s,
+                    rows.append({"method": name, "eps": trial["eps"], "ood_dataset": short.get(s, s),
                                  **{k: st[k] for k in ("auroc", "auroc_std", "auprc", "auprc_std")}})
         title = f"{_group_title(g.config)} — test figures, every +ip ε chosen on validation {metric}"
         tables.append(Table(title, pd.DataFrame(rows, columns=["method", "eps", "ood_dataset", "auroc", "auroc_std", "auprc", "auprc_std"]),

@@ -11,6 +11,7 @@ and the ``--resume`` hint in its logs) and a ``--resume`` job finishes it, again
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -86,9 +88,12 @@ class Cluster:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
     def status(self, sid: str) -> str:
-        from ray.job_submission import JobSubmissionClient
-
-        return str(JobSubmissionClient(self.dashboard).get_job_status(sid).value)
+        """The job's status from the job server's REST API, with the cluster's token (this process's own Ray client
+        would use the auth settings Ray read when it was first imported here)."""
+        request = urllib.request.Request(f"{self.dashboard}/api/jobs/{sid}",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
+            return str(json.loads(reply.read())["status"])
 
     def wait(self, sid: str, timeout: float = 1200) -> tuple[str, str]:
         deadline = time.monotonic() + timeout
@@ -120,12 +125,10 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def cluster(s3_server, monkeypatch):
+def cluster(s3_server):
     token = secrets.token_hex(32)
     env = {**os.environ, **s3_server.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # this process talks to the job server too
-        monkeypatch.setenv(k, env[k])
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
     env = marked(env, tmp)
     c = None
@@ -143,6 +146,16 @@ def cluster(s3_server, monkeypatch):
 def test_job_submission_survives_a_killed_raylet_and_resumes_after_job_stop(cluster, s3_bucket):
     run = f"{s3_bucket}/run"
     common = ["--address", "auto", "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--out", run, "-q"]
+
+    # --- a fixed cluster (nodes of `ray start`, no autoscaler): a trial no node can run fails the job in one line
+    t0 = time.monotonic()
+    cluster.submit("too-big", "train", *common, "-D", "4", "--epochs", "1", "--cpus-per-trial", "2")
+    status, logs = cluster.wait("too-big")
+    lines = [ln for ln in logs.splitlines() if ln.strip()]
+    assert status == "FAILED" and lines[-1].startswith("densitune: error: --cpus-per-trial 2: no node has, or can be "
+                                                       "started with, that much for one trial (largest: node "), logs
+    assert lines[-1].endswith(": 1 CPU); ask for less"), lines[-1]  # no node types: nothing else may start
+    print(f"too big a trial refused in a submitted job: {time.monotonic() - t0:.0f} s from submission")
 
     cluster.submit("train", "train", *common, "-D", "4", "8", "--epochs", "2", "--experiment", "n")
     status, logs = cluster.wait("train")

@@ -137,3 +137,38 @@ def test_a_pending_request_shows_its_demand_in_the_progress_line(capsys, caplog)
     p.pending(0, {}, now=301.0)
     assert p._postfix() == "1 running, 0 failed; no result yet"
     p.close()
+
+
+def test_node_types_from_the_autoscalers_gcs_report():
+    """KubeRay's autoscaler reports its node groups to the GCS (Ray's own ClusterConfig message)."""
+    from ray.core.generated.autoscaler_pb2 import ClusterConfig
+
+    from densitune.run.feasibility import group_shapes
+
+    config = ClusterConfig()
+    gpu = config.node_group_configs.add(name="gpu-group", max_count=3)
+    gpu.resources.update({"CPU": 8, "GPU": 1})
+    config.node_group_configs.add(name="off", max_count=0).resources.update({"CPU": 64, "GPU": 8})
+    config.node_group_configs.add(name="any", max_count=-1).resources.update({"CPU": 4})
+    shapes = group_shapes(config)
+    assert shapes is not None and [(s.name, dict(s.resources or {}), s.count) for s in shapes][0] == (
+        "type gpu-group", {"CPU": 8.0, "GPU": 1.0}, 3)
+    assert [s.name for s in shapes] == ["type gpu-group", "type any"] and shapes[1].count > 1000
+    assert group_shapes(ClusterConfig()) is None and group_shapes(None) is None
+
+
+def test_node_types_from_the_bootstrap_config_when_no_monitor_runs_here(tmp_path, monkeypatch, caplog):
+    """No monitor of this cluster on this machine: ``~/ray_bootstrap_config.yaml`` (what ``ray up`` writes on the
+    head) names the types; without it the types are unknown (nothing is refused); a broken one is a warning."""
+    from densitune.run.feasibility import autoscaler_types
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    nowhere = "127.0.0.1:1"  # no monitor runs for a GCS on port 1
+    assert autoscaler_types(nowhere) == (None, "no autoscaler config on this machine")
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((ROOT / "cluster.yaml").read_text())
+    types, where = autoscaler_types(nowhere)
+    assert where == str(bootstrap) and [(s.name, s.count) for s in types or []] == [("type gpu_worker", 4)]
+    bootstrap.write_text("available_node_types: &a [*a]\n")
+    assert autoscaler_types(nowhere) == (None, str(bootstrap))
+    assert "cannot read the autoscaler's config" in caplog.text

@@ -167,8 +167,16 @@ def quiet_ray(verbose: bool) -> None:
                     logger.addHandler(h)
 
 
-#: Seconds trials may wait with none running before the bar is redrawn to say what they wait for.
+#: Seconds trials may wait with none running before the bar is redrawn to say what they wait for
+#: (``DENSITUNE_WAIT_NOTICE_S`` in the environment overrides it).
 STUCK_AFTER_S = 10.0
+
+
+def _wait_notice_s() -> float:
+    try:
+        return float(os.environ.get("DENSITUNE_WAIT_NOTICE_S") or STUCK_AFTER_S)
+    except ValueError:
+        return STUCK_AFTER_S
 
 
 class Progress:
@@ -257,7 +265,7 @@ class Progress:
             self._stuck_since = None
         elif self._stuck_since is None:
             self._stuck_since = now
-        redraw = self._stuck_since is not None and now - self._stuck_since >= STUCK_AFTER_S and not self._stuck_drawn
+        redraw = self._stuck_since is not None and now - self._stuck_since >= _wait_notice_s() and not self._stuck_drawn
         self._stuck_drawn = (self._stuck_drawn or redraw) and self._stuck_since is not None
         if text == self.waiting and not redraw:
             return

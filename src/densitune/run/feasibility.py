@@ -141,6 +141,11 @@ def gcs_types() -> list[NodeShape] | None:
         config = state.get_cluster_config()
     except Exception:  # noqa: BLE001 - a private API: its absence means "not reported"
         return None
+    return group_shapes(config)
+
+
+def group_shapes(config: Any) -> list[NodeShape] | None:
+    """The node groups of a GCS ``ClusterConfig`` (``max_count`` -1: no limit; 0: never started); None without any."""
     if config is None or not config.node_group_configs:
         return None
     return [NodeShape(f"type {g.name}", {str(k): float(v) for k, v in g.resources.items()},
