@@ -117,6 +117,8 @@ ITEMS: dict[str, Item] = {
     "tpe_vs_grid": Item("TPE vs grid (`tpe_vs_grid.py`)", "median gap to the grid's best validation AUROC <= 0.005 "
                                                           "with a third of its trials"),
     "reproducible": Item("`--reproducible` (`reproducible_cost.py`)", "information: its cost on the CPU"),
+    "tune_vs_grid": Item("`tune` vs a 24-network grid (`tune_vs_grid.py`)",
+                         "hard: median gap to the grid's best validation objective <= 0.005, with <= 40 % of its epochs"),
 }
 
 _HARD, _TARGET = "hard", "target"
@@ -162,6 +164,15 @@ FIGURES: dict[str, Figure] = {
     # reproducible_cost.py (information: what the portable kernels cost)
     "reproducible.train_slowdown": Figure("reproducible", "training, pinned / native (medians)", "×", ".2f"),
     "reproducible.bit_identical": Figure("reproducible", "pinned weights bit-identical across AVX-512 / AVX2", "", ""),
+    # tune_vs_grid.py: densitune tune against the exhaustive grid of the same networks (issue 25)
+    "tune_vs_grid.median_gap": Figure("tune_vs_grid", "median gap", "", "+.4f", Gate("<=", 0.005)),
+    "tune_vs_grid.epoch_fraction": Figure("tune_vs_grid", "tune epochs / grid epochs (median)", "", ".0%",
+                                          Gate("<=", 0.40)),
+    "tune_vs_grid.epoch_fraction_all_seeds": Figure("tune_vs_grid", "of the grid's epochs on all its seeds", "", ".0%",
+                                                    glance=False),
+    "tune_vs_grid.grid_seed_std": Figure("tune_vs_grid", "grid's seed-to-seed std", "", ".4f"),
+    "tune_vs_grid.grid_test_auroc": Figure("tune_vs_grid", "test AUROC, grid's choice", "", ".4f"),
+    "tune_vs_grid.tune_test_auroc": Figure("tune_vs_grid", "test AUROC, tune's choice (median)", "", ".4f"),
 }
 
 

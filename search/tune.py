@@ -220,7 +220,13 @@ def run_search(spec: SearchSpec, groups: list[ModelGroup], run: SearchRun, *, re
     grid = tuner.fit()
     raise_fatal(grid, "search", "point")
     check_budget(stopper, max_gpu_hours, "search")
+    raise_failed_trials(grid, "search")
+    return grid
+
+
+def raise_failed_trials(grid: Any, what: str) -> None:
+    """:class:`SearchError` counting the failed trials of Tune's ResultGrid ``grid`` (after their retries) and
+    giving the last line of the first failure; nothing when none failed."""
     errors = [e for i in range(len(grid)) if (e := grid[i].error) is not None]
     if errors:
-        raise SearchError(f"{len(errors)} search trial(s) failed; first: {error_summary(errors[0], last=True)}")
-    return grid
+        raise SearchError(f"{len(errors)} {what} trial(s) failed; first: {error_summary(errors[0], last=True)}")

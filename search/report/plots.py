@@ -65,6 +65,7 @@ from densitune.search.report.tables import (
     short_params,
     trial_objectives,
 )
+from densitune.search.report.tune_view import tune_frame
 
 if TYPE_CHECKING:  # the model and data code is imported only when scores are computed
     from densitune.search.evaluate import Workspace
@@ -412,6 +413,31 @@ def roc_figure(best: BestScores) -> Figure:
 # ---------------------------------------------------------------------------- entry point
 
 
+def tune_figure(tune: pd.DataFrame) -> Figure | None:
+    """``densitune tune``'s validation objective against D (log scale), one marker per loss: filled where the
+    network trained to the last epoch, hollow where the scheduler stopped it (the epochs it reached beside it).
+    ``tune``: :func:`densitune.search.report.tune_view.tune_frame`; None when it is empty."""
+    if tune.empty:
+        return None
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 2.4), layout="constrained")
+        ax = fig.subplots()
+        for i, (loss, rows) in enumerate(tune.groupby("loss", sort=True)):
+            style = line_style(i)
+            for finished, part in rows.groupby(rows["status"] == "finished"):
+                ax.scatter(part["D"], part["objective"], marker=style["marker"], color=style["color"],
+                           facecolors=style["color"] if finished else "none",
+                           label=f"{loss} ({'finished' if finished else 'stopped'})")
+            for _, r in rows[rows["status"] == "stopped"].iterrows():
+                ax.annotate(f"e{int(r['epochs'])}", (r["D"], r["objective"]), textcoords="offset points", xytext=(3, 3),
+                            fontsize="x-small")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("feature dimension D")
+        ax.set_ylabel("validation objective")
+        ax.legend(fontsize="x-small")
+    return fig
+
+
 def _savefig(fig: Figure, fmt: str, f: BinaryIO) -> None:
     fig.savefig(f, dpi=DPI, format=fmt)
 
@@ -482,6 +508,9 @@ def plot_results(
         log.warning("experiment %s has no trials to draw against ε: no %s_vs_eps plot", experiment, metric)
     else:
         paths += _save(fig, out / f"{metric}_vs_eps", formats)
+    tune = tune_figure(tune_frame(read_results(results_dir, stage="tune").to_pylist()))
+    if tune is not None:  # the run holds a densitune tune
+        paths += _save(tune, out / "tune_objective_vs_D", formats)
     if best is not None:
         for ood in best.ood_sets:
             paths += _save(hist_figure(best, ood), out / f"hist_{_safe(ood)}", formats)

@@ -55,7 +55,7 @@ METHOD_NAMES = {("msp", ""): "baseline (msp)", ("ensemble_msp", ""): "ensemble",
 METHOD_ORDER = ["msp", "ensemble_msp", "density", "ensemble_entropy", "entropy", "gradnorm", "diff"]
 VALUES = list(METRICS)
 FORMATS = ("markdown", "csv", "latex", "json")
-VIEWS = ("summary", "all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs", "tune")  # tune: search/report/tune_view.py, its own rows
 #: Order of the OOD groups in the summary (``near`` / ``far`` from the data registry, ``attack`` for adv-* sets).
 GROUP_ORDER = ("near", "far", "unknown", "attack")
 #: The summary's marker of a method whose validation AUROC is below 0.5 (it ranks OOD above ID).

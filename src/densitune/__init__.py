@@ -31,7 +31,7 @@ except PackageNotFoundError:  # a source tree that is not installed
 _API = ("Detector", "FeatureModel", "TorchvisionFeatures", "export_detector", "fit_detector", "load_detector")
 
 #: Training and searching from Python (densitune.app.library), imported on first use.
-_LIBRARY = ("run_search", "run_training")
+_LIBRARY = ("run_search", "run_training", "tune")
 
 __all__ = ["__version__", *_API, *_LIBRARY]
 

@@ -90,7 +90,9 @@ no record yet | not measured | - |
 | scoring memory (`scoring_memory.py`) | grows with the batch, not the data set | no record yet | not measured | - |
 | TPE vs grid (`tpe_vs_grid.py`) | median gap to the grid's best validation AUROC <= 0.005 with a third of its \
 trials | no record yet | not measured | - |
-| `--reproducible` (`reproducible_cost.py`) | information: its cost on the CPU | no record yet | not measured | - |"""
+| `--reproducible` (`reproducible_cost.py`) | information: its cost on the CPU | no record yet | not measured | - |
+| `tune` vs a 24-network grid (`tune_vs_grid.py`) | hard: median gap to the grid's best validation objective <= 0.005, \
+with <= 40 % of its epochs | no record yet | not measured | - |"""
 
 
 def test_glance_turns_known_records_into_the_exact_table_and_is_idempotent(bench_modules):

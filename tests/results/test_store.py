@@ -122,16 +122,16 @@ def test_other_versions_are_named(tmp_path):
     f = tmp_path / "experiment=old" / "search-x.parquet"
     f.parent.mkdir()
     pq.write_table(table.set_column(0, "schema_version", pa.array([2] * table.num_rows, pa.int32())), f)
-    with pytest.raises(ResultsError, match="has results schema v2; this densitune reads v3, v4, v5, v6"):
+    with pytest.raises(ResultsError, match="has results schema v2; this densitune reads v3, v4, v5, v6, v7"):
         read_results(tmp_path)
 
 
 def test_v4_results_read_with_the_v5_columns_null(tmp_path):
-    from densitune.results.store import SCHEMA_V4, V5_COLUMNS, V6_COLUMNS
+    from densitune.results.store import SCHEMA_V4, V5_COLUMNS, V6_COLUMNS, V7_COLUMNS
 
     write_rows(tmp_path, [row(experiment="e", trial_id="new", checkpoints=["/m/a"], ensemble=False)], name="new")
     current = pq.read_table(next(tmp_path.rglob("*.parquet")))
-    old = current.drop_columns([*V5_COLUMNS, *V6_COLUMNS]).set_column(0, "schema_version", pa.array([4], pa.int32())).cast(SCHEMA_V4)
+    old = current.drop_columns([*V5_COLUMNS, *V6_COLUMNS, *V7_COLUMNS]).set_column(0, "schema_version", pa.array([4], pa.int32())).cast(SCHEMA_V4)
     f = tmp_path / "experiment=e" / "search-old.parquet"
     pq.write_table(old, f)
     t = read_results(tmp_path)
@@ -139,7 +139,7 @@ def test_v4_results_read_with_the_v5_columns_null(tmp_path):
     by_version = {r["schema_version"]: r for r in t.to_pylist()}
     assert set(by_version) == {4, SCHEMA_VERSION}
     assert all(by_version[4][c] is None for c in V5_COLUMNS) and by_version[SCHEMA_VERSION]["cpu_capability"]
-    skip = (*V5_COLUMNS, *V6_COLUMNS, "schema_version", "trial_id")
+    skip = (*V5_COLUMNS, *V6_COLUMNS, *V7_COLUMNS, "schema_version", "trial_id")
     assert {k: v for k, v in by_version[4].items() if k not in skip} == \
         {k: v for k, v in by_version[SCHEMA_VERSION].items() if k not in skip}
 
@@ -166,13 +166,13 @@ def test_provenance_fills_every_v4_column():
 def test_v5_results_get_the_set_kind_and_short_name_a_v6_search_records(tmp_path):
     """Schema v6 adds `ood_kind` / `ood_name`; a v5 file's rows get them as a search would record them now:
     the built-in table's kind, a folder's own name (unique) of kind unknown, "attack" for adversarial rows."""
-    from densitune.results.store import SCHEMA_V5, V6_COLUMNS
+    from densitune.results.store import SCHEMA_V5, V6_COLUMNS, V7_COLUMNS
 
     sets = ["digits-rot90", "noise-uniform", "folder:/data/a/scans", "folder:/data/b/scans", "adv-fgsm", None]
     write_rows(tmp_path, [row(trial_id="t", id_dataset="digits", ood_dataset=s) for s in sets], name="t")
     current = pq.read_table(next(tmp_path.rglob("*.parquet")))
     n = current.num_rows
-    old = current.drop_columns(list(V6_COLUMNS)).set_column(0, "schema_version", pa.array([5] * n, pa.int32())).cast(SCHEMA_V5)
+    old = current.drop_columns([*V6_COLUMNS, *V7_COLUMNS]).set_column(0, "schema_version", pa.array([5] * n, pa.int32())).cast(SCHEMA_V5)
     pq.write_table(old, next(tmp_path.rglob("*.parquet")))
     t = read_results(tmp_path)
     assert t.schema.equals(SCHEMA) and set(t.column("schema_version").to_pylist()) == {5}
@@ -180,3 +180,21 @@ def test_v5_results_get_the_set_kind_and_short_name_a_v6_search_records(tmp_path
     assert got == {"digits-rot90": ("near", "digits-rot90"), "noise-uniform": ("far", "noise-uniform"),
                    "folder:/data/a/scans": ("unknown", "scans"), "folder:/data/b/scans": ("unknown", "scans-2"),
                    "adv-fgsm": ("attack", "adv-fgsm"), None: (None, None)}
+
+
+def test_v6_results_read_with_the_v7_tune_columns_null(tmp_path):
+    """Schema v7 adds the tune columns; a v6 file's rows read with them null, every other value unchanged."""
+    from densitune.results.store import SCHEMA_V6, V7_COLUMNS
+
+    write_rows(tmp_path, [row(experiment="e", trial_id="new", checkpoints=["/m/a"], ensemble=False)], name="new")
+    current = pq.read_table(next(tmp_path.rglob("*.parquet")))
+    old = current.drop_columns(list(V7_COLUMNS)).set_column(0, "schema_version", pa.array([6], pa.int32())).cast(SCHEMA_V6)
+    pq.write_table(old, tmp_path / "experiment=e" / "search-old.parquet")
+    t = read_results(tmp_path)
+    assert t.schema.equals(SCHEMA) and t.num_rows == 2
+    by_version = {r["schema_version"]: r for r in t.to_pylist()}
+    assert set(by_version) == {6, SCHEMA_VERSION} == {6, 7}
+    assert all(by_version[6][c] is None for c in V7_COLUMNS)
+    skip = ("schema_version", "trial_id")
+    assert {k: v for k, v in by_version[6].items() if k not in skip} == \
+        {k: v for k, v in by_version[SCHEMA_VERSION].items() if k not in skip}

@@ -33,7 +33,7 @@ from densitune.run.runstore import RunPath, location, tune_storage
 from densitune.run.storage import fatal_storage, storage_failure
 from densitune.trainables.train.checkpoint import read_checkpoint, read_config, save_checkpoint
 from densitune.trainables.train.config import TrainConfig, check_experiment_name
-from densitune.trainables.train.loop import fit
+from densitune.trainables.train.loop import EpochState, fit
 
 log = logging.getLogger(__name__)
 
@@ -132,26 +132,34 @@ def train_trainable(config: dict[str, Any], run: TrainRun, configs: dict[str, di
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     for st in fit(cfg, resume=resume, compile=run.compile):
-        final = st.epoch == cfg.epochs
-        row = result_row(
-            experiment=run.experiment, trial_id=cfg.key, stage="train", protocol="train", network=cfg,
-            started_at=started, provenance=provenance(**st.provenance), split="val", seed=cfg.seed, epoch=st.epoch,
-            train_loss=st.train_loss, id_accuracy=st.val_accuracy, duration_s=time.perf_counter() - t0,
-            checkpoints=[str(run.model_dir(cfg))] if final else None,
-        )
-        log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
-                 st.train_loss, st.val_accuracy, row["duration_s"])
-        ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
-        with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
-            write_rows(run.results_dir, [row], name=epoch_file_name(cfg.key, st.epoch))
-            if final:  # the model store keeps weights only: no optimiser state
-                save_checkpoint(run.model_dir(cfg), **ckpt_args)
-            # After the final model (a crash in between leaves the state one epoch behind,
-            # so a resumed run redoes the last epoch and writes the model).
-            save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
+        ckpt_args = record_epoch(run, cfg, st, started, t0)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(d, optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
             tune.report(st.metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def record_epoch(run: TrainRun, cfg: TrainConfig, st: EpochState, started: datetime, t0: float) -> dict[str, Any]:
+    """Record one finished epoch of ``cfg``: its Parquet row (stage "train"), the final model after the last
+    epoch, and the per-epoch state that ``resume`` continues from. Returns the checkpoint's arguments
+    (``densitune tune`` trains through this too, so a network it trains is one ``densitune train`` would reuse)."""
+    final = st.epoch == cfg.epochs
+    row = result_row(
+        experiment=run.experiment, trial_id=cfg.key, stage="train", protocol="train", network=cfg,
+        started_at=started, provenance=provenance(**st.provenance), split="val", seed=cfg.seed, epoch=st.epoch,
+        train_loss=st.train_loss, id_accuracy=st.val_accuracy, duration_s=time.perf_counter() - t0,
+        checkpoints=[str(run.model_dir(cfg))] if final else None,
+    )
+    log.info("%s epoch %d/%d: train loss %.4f, validation accuracy %.4f (%.1fs)", cfg.key, st.epoch, cfg.epochs,
+             st.train_loss, st.val_accuracy, row["duration_s"])
+    ckpt_args: dict[str, Any] = dict(config=cfg, model=st.model, loss=st.loss, data=st.data, epoch=st.epoch, metrics=st.metrics)
+    with fatal_storage(run.results_dir):  # a failed write is fatal: it stops the whole run (densitune.run.failures)
+        write_rows(run.results_dir, [row], name=epoch_file_name(cfg.key, st.epoch))
+        if final:  # the model store keeps weights only: no optimiser state
+            save_checkpoint(run.model_dir(cfg), **ckpt_args)
+        # After the final model (a crash in between leaves the state one epoch behind,
+        # so a resumed run redoes the last epoch and writes the model).
+        save_checkpoint(run.state_dir(cfg), optimizer=st.optimizer, scheduler=st.scheduler, **ckpt_args)
+    return ckpt_args
 
 
 def epoch_file_name(key: str, epoch: int) -> str:

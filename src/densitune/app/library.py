@@ -13,6 +13,8 @@ from typing import Any
 
 from densitune.app.search import SearchOptions, SearchOutcome, search
 from densitune.app.train import TrainGrid, TrainOptions, TrainOutcome, train
+from densitune.app.tune import TuneOptions, TuneOutcome
+from densitune.app.tune import tune as tune_service
 from densitune.errors import ConfigError
 
 
@@ -52,5 +54,20 @@ def run_search(out: str = "densitune-runs", **settings: Any) -> SearchOutcome:
     """
     options, values = _split(settings, set(SearchOptions.__dataclass_fields__) - {"values"})
     outcome = search(SearchOptions(out=out, values=values, **options))
+    outcome.raise_for_status()
+    return outcome
+
+
+def tune(out: str = "densitune-runs", **settings: Any) -> TuneOutcome:
+    """Tune the networks themselves (D, loss, λ, backbone) into the run ``out``: networks trained on demand,
+    weak ones stopped early, then the full search of the best (``densitune tune``).
+
+    ``settings``: :class:`~densitune.app.tune.TuneOptions` fields (``d_range``, ``dims``, ``losses``, ``lam_range``,
+    ``num_networks``, ``epochs``, ``rung_grid``, ``keep``, ``final_seeds``, ``time_budget``, ``num_cpus``, ...).
+
+    >>> densitune.tune("runs/x", d_range=(2, 64), losses=("ce", "contrastive"), num_networks=8).trials[0]   # doctest: +SKIP
+    """
+    tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    outcome = tune_service(TuneOptions(out=out, **tuples))
     outcome.raise_for_status()
     return outcome

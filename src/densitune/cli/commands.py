@@ -21,7 +21,15 @@ from densitune.app.doctor import doctor
 from densitune.app.maintenance import clean, compact
 from densitune.app.search import search
 from densitune.app.train import train
-from densitune.cli.parser import demo_options, doctor_options, search_options, study_options, train_options
+from densitune.app.tune import tune
+from densitune.cli.parser import (
+    demo_options,
+    doctor_options,
+    search_options,
+    study_options,
+    train_options,
+    tune_options,
+)
 from densitune.errors import ConfigError, DensituneError, ResultsError
 from densitune.results.experiments import ExperimentChoice, choose_experiment
 from densitune.results.sql import referenced_columns
@@ -78,6 +86,16 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return _finish(outcome)
 
 
+def cmd_tune(args: argparse.Namespace, argv: list[str]) -> int:
+
+    outcome = tune(tune_options(args, argv))
+    if outcome.error is None or outcome.trials:
+        if outcome.final is not None and outcome.final.best:
+            print(outcome.final.best)
+        _say(args, outcome.summary)
+    return _finish(outcome)
+
+
 def cmd_search(args: argparse.Namespace, argv: list[str]) -> int:
 
     outcome = search(search_options(args, argv))
@@ -122,6 +140,12 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
+    if args.view == "tune":  # its own rows (stage tune), not the search's
+        from densitune.search.report.tables import render
+        from densitune.search.report.tune_view import tune_tables
+
+        print(render(tune_tables(results_dir_of(args.results)), args.format))
+        return 0
     by = [c.strip() for c in args.by.split(",") if c.strip()] if args.by else None
     table = read_search_rows(results_dir_of(args.results), args.where, by)
     view = args.view or ("all" if args.full or args.top is not None else "summary")
@@ -280,7 +304,7 @@ def cmd_clean(args: argparse.Namespace, argv: list[str]) -> int:
 
 #: The commands by name (a tuple: nothing here changes at run time).
 COMMANDS: tuple[tuple[str, Callable[[argparse.Namespace, list[str]], int]], ...] = (
-    ("train", cmd_train), ("search", cmd_search), ("report", cmd_report), ("best", cmd_best), ("list", cmd_list),
+    ("train", cmd_train), ("tune", cmd_tune), ("search", cmd_search), ("report", cmd_report), ("best", cmd_best), ("list", cmd_list),
     ("plot", cmd_plot), ("query", cmd_query), ("compare", cmd_compare), ("demo", cmd_demo), ("export", cmd_export),
     ("compact", cmd_compact), ("list-models", cmd_list_models), ("clean", cmd_clean), ("run", cmd_run),
     ("doctor", cmd_doctor),

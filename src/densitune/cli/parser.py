@@ -15,6 +15,7 @@ from densitune.app.doctor import DoctorOptions
 from densitune.app.search import SearchOptions
 from densitune.app.studies import StudyOptions
 from densitune.app.train import TrainGrid, TrainOptions
+from densitune.app.tune import TuneOptions
 from densitune.run.console import resume_command
 from densitune.run.resource_flags import check_resource_flags
 from densitune.search.spec import default_text, spec_keys
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 #: which are not imported here: ``densitune --help`` stays fast).
 FORMATS = ("markdown", "csv", "latex", "json")
 METRICS = ("auroc", "auprc", "fpr95")
-VIEWS = ("summary", "all", "methods", "configs")
+VIEWS = ("summary", "all", "methods", "configs", "tune")
 ATTACK_NAMES = ("fgsm", "bim", "pgd")
 PLOT_FORMATS = ("png", "svg", "pdf")
 
@@ -78,9 +79,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbones to train (grid; names: `densitune list`)")
     p.add_argument("-D", "--dim", nargs="+", type=int, default=[16], help="feature dimensions D (grid)")
     p.add_argument("--loss", nargs="+", default=["ce"], help="losses to train with (grid; names: `densitune list`)")
-    p.add_argument("--lam", type=float, default=0.1, help="center-loss weight λ")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (grid)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs per network")
+    _add_network_settings(p, "center-loss weight λ", "training epochs per network")
+
+
+def _add_network_settings(p: argparse.ArgumentParser, lam_help: str, epochs_help: str) -> None:
+    """The training settings every network of a train grid or a tune shares."""
+    p.add_argument("--lam", type=float, default=0.1, help=lam_help)
+    p.add_argument("--epochs", type=int, default=15, help=epochs_help)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--no-spectral", action="store_true", help="train without soft spectral normalisation")
@@ -88,6 +94,46 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, default=None, help="train on a seeded subset of this size (default: the whole training split)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile the training step; auto: only on CUDA for backbones measured to gain (default: %(default)s)")
+
+
+def rung_point(text: str) -> tuple[str, float]:
+    """``DENSITY:EPS`` (e.g. ``gmm_sum:0.005``) of ``--rung-grid``."""
+    name, sep, eps = text.partition(":")
+    try:
+        return name, float(eps) if sep else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DENSITY:EPS (e.g. gmm_sum:0.005)") from None
+
+
+def _add_tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="default", help="the experiment whose networks the tune trains and reuses (train's default too; the final search: NAME-final)")
+    p.add_argument("--dataset", default="digits", help="in-distribution data set")
+    p.add_argument("--backbone", nargs="+", default=["cnn"], help="backbone choices (names: `densitune list`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-D", "--dim", nargs="+", type=int, default=None, help="feature dimension choices D (default: --D-range 2 64)")
+    g.add_argument("--D-range", dest="d_range", nargs=2, type=int, metavar=("LO", "HI"), default=None,
+                   help="feature dimension D: an integer in [LO, HI] on a log scale (default: 2 64)")
+    p.add_argument("--loss", nargs="+", default=["ce"], help="loss choices (names: `densitune list`)")
+    p.add_argument("--lam-range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="center-loss weight λ in [LO, HI] on a log scale, for the center-loss variants only (default: --lam)")
+    _add_network_settings(p, "center-loss weight λ when no --lam-range is given",
+                          "training epochs of a network that is not stopped early")
+    p.add_argument("--num-networks", type=int, default=8, help="outer trials: networks drawn by TPE")
+    p.add_argument("--rung-grid", nargs="+", type=rung_point, default=None, metavar="DENSITY:EPS",
+                   help="the inner points scored on validation at each rung (default: gmm_sum:0)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop the outer search (resumable, exit 2) after this many seconds (default: none)")
+    p.add_argument("--keep", type=int, default=1, help="the top networks given the full search (0: none)")
+    p.add_argument("--final-seeds", type=int, default=1, help="train the winning network config on this many seeds")
+    p.add_argument("--val-ood", nargs="+", default=None, help="validation OOD sets (default: per ID data set)")
+    p.add_argument("--test-ood", nargs="+", default=None, help="test OOD sets of the final search (default: per ID data set)")
+    p.add_argument("--val-agg", default="mean", choices=("mean", "min"), help="several validation OOD sets: their mean or worst")
+    p.add_argument("--metric", default="auroc", choices=METRICS, help="validation metric")
+    p.add_argument("--eval-limit", type=int, default=None, help="cap each evaluation set at this many inputs (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default: 0)")
+    p.add_argument("--density", nargs="+", default=None, help="the final search's densities (default: gmm_sum)")
+    p.add_argument("--score", nargs="+", default=None, help="the final search's scores (default: density)")
+    p.add_argument("--eps-grid", nargs="+", type=float, default=None, help="the final search's ε grid (default: search's)")
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_train_args(p)
 
+    p = sub.add_parser("tune", help="search D, loss and λ by training networks on demand (TPE + ASHA), then search the best")
+    _add_common(p)
+    _add_tune_args(p)
+
     p = sub.add_parser("search", help="search ε, D, density and score with Optuna through Ray Tune")
     _add_common(p)
     _add_search_args(p)
@@ -180,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="every table (--view all) instead of the one-screen summary of methods x OOD sets")
             p.add_argument("--view", default=None, choices=VIEWS,
                            help="summary (methods x OOD sets, AUROC and FPR95), methods (the note's method comparison per "
-                                "model group), configs (ip side by side) or all (default: summary; all with --full or --top)")
+                                "model group), configs (ip side by side), tune (densitune tune's networks: D, loss, λ, rung objectives, "
+                                "where each was stopped) or all (default: summary; all with --full or --top)")
             p.add_argument("--by", default=None, help="comma-separated columns: the best trial per value, e.g. backbone,D (default: none)")
         else:
             p.add_argument("--json", action="store_true", help="print the best config as one JSON object")
@@ -304,12 +355,29 @@ def _run_options(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def train_options(args: argparse.Namespace, argv: list[str]) -> TrainOptions:
 
-    grid = TrainGrid(experiment=args.experiment, dataset=abs_dataset(args.dataset) or args.dataset,
-                     data_root=abs_path(args.data_root), backbones=tuple(args.backbone), dims=tuple(args.dim),
-                     losses=tuple(args.loss), seeds=tuple(args.seeds), lam=args.lam, epochs=args.epochs, lr=args.lr,
-                     batch_size=args.batch_size, spectral=not args.no_spectral, sn_coeff=args.sn_coeff,
-                     train_limit=args.train_limit)
+    grid = _network_grid(args, dims=tuple(args.dim), seeds=tuple(args.seeds))
     return TrainOptions(**_run_options(args, argv), networks=grid, download=args.download, compile=args.compile)
+
+
+def _network_grid(args: argparse.Namespace, **axes: Any) -> TrainGrid:
+    """The :class:`TrainGrid` of the flags (``axes``: the grid's axes a command sets its own way)."""
+    return TrainGrid(experiment=args.experiment, dataset=abs_dataset(args.dataset) or args.dataset,
+                     data_root=abs_path(args.data_root), backbones=tuple(args.backbone), losses=tuple(args.loss),
+                     lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                     spectral=not args.no_spectral, sn_coeff=args.sn_coeff, train_limit=args.train_limit, **axes)
+
+
+def tune_options(args: argparse.Namespace, argv: list[str]) -> TuneOptions:
+
+    final: dict[str, Any] = {k: tuple(v) for k, v in (("densities", args.density), ("scores", args.score), ("eps_grid", args.eps_grid)) if v}
+    sets: dict[str, Any] = {k: tuple(abs_dataset(n) or n for n in v) for k, v in (("val_ood", args.val_ood), ("test_ood", args.test_ood)) if v}
+    d_range = (args.d_range[0], args.d_range[1]) if args.d_range else (None if args.dim else (2, 64))
+    lam_range = (args.lam_range[0], args.lam_range[1]) if args.lam_range else None
+    return TuneOptions(**_run_options(args, argv), **sets, networks=_network_grid(args, dims=tuple(args.dim or ())),
+                       d_range=d_range, lam_range=lam_range, compile=args.compile, num_networks=args.num_networks,
+                       rung_grid=tuple(args.rung_grid or [("gmm_sum", 0.0)]), time_budget=args.time_budget,
+                       keep=args.keep, final_seeds=args.final_seeds, val_agg=args.val_agg, metric=args.metric,
+                       eval_limit=args.eval_limit, seed=args.seed, search_values=final)
 
 
 def search_options(args: argparse.Namespace, argv: list[str]) -> SearchOptions:

@@ -51,10 +51,10 @@ from densitune.run.runstore import RunPath, arrow_file, arrow_files, files_under
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Older schema versions :func:`read_results` still reads (converted to :data:`SCHEMA`: :func:`upgrade_v3`,
-#: :func:`upgrade_v4`, :func:`upgrade_v5`).
-READABLE_VERSIONS = (3, 4, 5, 6)
+#: :func:`upgrade_v4`, :func:`upgrade_v5`, :func:`upgrade_v6`).
+READABLE_VERSIONS = (3, 4, 5, 6, 7)
 
 #: The one declaration of the result columns. Rows of stage "train" (one per epoch)
 #: leave the OOD columns null; rows of stage "search" (one per trial x model seed x
@@ -64,7 +64,7 @@ SCHEMA = pa.schema(
         ("schema_version", pa.int32()),
         ("experiment", pa.string()),
         ("trial_id", pa.string()),
-        ("stage", pa.string()),  # "train" | "search"
+        ("stage", pa.string()),  # "train" | "search" | "tune" (densitune tune: rung evaluations and outer trials)
         ("protocol", pa.string()),  # how hyperparameters were selected, e.g. "val-ood:digits-blend"
         ("backbone", pa.string()),
         ("id_dataset", pa.string()),
@@ -116,6 +116,10 @@ SCHEMA = pa.schema(
         # the OOD set as a person names it (schema v6; densitune.ood_groups.set_labels); ood_dataset keeps the full text
         ("ood_kind", pa.string()),  # near | far | unknown (a set no table or name places) | attack; null: no OOD side
         ("ood_name", pa.string()),  # short name: NAME of near:NAME=folder:PATH, a folder's own name, a registered name
+        # densitune tune (schema v7): "rung" (one validation evaluation of a network at a rung), "stopped" (an
+        # outer trial the scheduler stopped early) or "finished" (one trained to the last epoch); null elsewhere
+        ("tune_status", pa.string()),
+        ("gpu_seconds", pa.float64()),  # tune: GPUs of the trial x its running time (0 on CPUs); null elsewhere
     ]
 )
 
@@ -501,6 +505,8 @@ def _check_file(f: RunPath) -> int:
             raise ResultsError(f"{f} has results schema {found}; this densitune reads {readable}")
         if schema.equals(SCHEMA):
             return SCHEMA_VERSION
+        if schema.equals(SCHEMA_V6) and versions <= {6}:
+            return 6
         if schema.equals(SCHEMA_V5) and versions <= {5}:
             return 5
         if schema.equals(SCHEMA_V4) and versions <= {4}:
@@ -643,7 +649,7 @@ def _read_file(f: RunPath, columns: list[str], stage: str | None) -> tuple[int, 
             if set(table.column("schema_version").to_pylist()) - {SCHEMA_VERSION}:
                 version = _check_file(f)  # raises: another version's rows under the current columns
         else:
-            upgrade = {5: upgrade_v5, 4: upgrade_v4}.get(version, upgrade_v3)
+            upgrade = {6: upgrade_v6, 5: upgrade_v5, 4: upgrade_v4}.get(version, upgrade_v3)
             table = upgrade(pf.read()).select(columns)
     except (pa.ArrowException, OSError) as e:
         raise ResultsError(f"corrupt Parquet file {f}: {error_summary(e)}") from None
@@ -664,10 +670,23 @@ SCHEMA_V3 = pa.schema(
 V5_COLUMNS = ("cpu", "cpu_capability", "onednn_isa", "cuda", "deterministic", "reproducible")
 #: The columns schema v6 added (derived from ``id_dataset`` / ``ood_dataset`` in rows of older files).
 V6_COLUMNS = ("ood_kind", "ood_name")
+#: The columns schema v7 added (densitune tune; null in rows of older files).
+V7_COLUMNS = ("tune_status", "gpu_seconds")
+#: Schema v6 (the OOD set's kind and short name, before the tune columns).
+SCHEMA_V6 = pa.schema([f for f in SCHEMA if f.name not in V7_COLUMNS])
 #: Schema v5 (the kernel columns, before the OOD set's kind and short name).
-SCHEMA_V5 = pa.schema([f for f in SCHEMA if f.name not in V6_COLUMNS])
+SCHEMA_V5 = pa.schema([f for f in SCHEMA_V6 if f.name not in V6_COLUMNS])
 #: Schema v4 (the provenance columns, before the v5 kernel columns).
 SCHEMA_V4 = pa.schema([f for f in SCHEMA_V5 if f.name not in V5_COLUMNS])
+
+
+def upgrade_v6(table: pa.Table) -> pa.Table:
+    """A schema v6 table as :data:`SCHEMA`: the v7 tune columns null (no older run had a tune stage);
+    ``schema_version`` stays 6."""
+    for name in V7_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def upgrade_v5(table: pa.Table) -> pa.Table:
@@ -685,7 +704,7 @@ def upgrade_v5(table: pa.Table) -> pa.Table:
     for n, name in enumerate(V6_COLUMNS):
         if name not in table.column_names:
             table = table.append_column(SCHEMA.field(name), pa.array([None if p is None else p[n] for p in picked], pa.string()))
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    return upgrade_v6(table.select(SCHEMA_V6.names).cast(SCHEMA_V6))
 
 
 def upgrade_v4(table: pa.Table) -> pa.Table:
