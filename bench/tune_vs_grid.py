@@ -86,6 +86,17 @@ def groups(results_dir: str, experiment: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def tune_trials(results_dir: str, experiment: str) -> list[dict[str, Any]]:
+    """Each outer trial of a tune: its network, how it ended, the epochs it reached and its objective at each rung."""
+    rows = read_results(results_dir, experiment=experiment, stage="tune").to_pylist()
+    rungs: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r["tune_status"] == "rung":
+            rungs[r["trial_id"]][r["epoch"]] = r["objective"]
+    return [{"network": json.loads(r["search_params"])["network"], "status": r["tune_status"], "epochs": r["epoch"],
+             "rungs": rungs.get(r["trial_id"], {})} for r in rows if r["tune_status"] != "rung"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=9, help="full epochs of a network (ASHA rungs 1, 3, 9, ...)")
@@ -129,6 +140,7 @@ def main() -> None:
             (name, g), = chosen.items()
             epochs = train_epochs(str(work / f"tune-{seed}" / "results"))
             tunes.append({"seed": seed, "choice": name, **g, "seed_objectives": list(g["seed_objectives"].values()),
+                          "trials": tune_trials(str(work / f"tune-{seed}" / "results"), outcome.experiment),
                           "networks": len(outcome.trials),
                           "stopped": sum(r["tune_status"] == "stopped" for r in outcome.trials),
                           "epochs": epochs, "gap": best["objective"] - g["objective"],
@@ -136,6 +148,9 @@ def main() -> None:
             t = tunes[-1]
             print(f"tune seed {seed}: {t['networks']} networks ({t['stopped']} stopped), {epochs} epochs, "
                   f"{t['seconds']:.0f} s; chose {name}: objective {g['objective']:.4f}, gap {t['gap']:+.4f}")
+            for trial in t["trials"]:
+                rungs = " ".join(f"e{e}={v:.4f}" for e, v in sorted(trial["rungs"].items()))
+                print(f"    {trial['status']:8s} {trial['network']}  {rungs}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     median_gap = statistics.median(t["gap"] for t in tunes)
