@@ -160,9 +160,12 @@ def require_cuda_for_assigned_gpus() -> None:
 def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[dict[str, Any], Any]]:
     """Run ``fn(*args, gpus=<the node's GPUs>)`` once on every alive node (a zero-CPU task pinned to it) and return
     ``(node, result)`` pairs; ``result`` is the exception where the task failed. ``fn``'s module is shipped by value,
-    so a node with another densitune install (or none) runs the driver's code (:mod:`densitune.run.node_probe`)."""
+    so a node with another densitune install (or none) runs the driver's code (:mod:`densitune.run.node_probe`).
+    A node that left while it was asked (an autoscaler scaling an idle worker down: its task is unschedulable, or
+    the node is no longer alive) is left out: it has nothing left to check, and a trial never lands there."""
     import ray
     from ray import cloudpickle
+    from ray.exceptions import TaskUnschedulableError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
@@ -181,7 +184,12 @@ def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[d
             out.append((node, ray.get(ref)))
         except Exception as e:  # noqa: BLE001 - the node's failure is its result
             out.append((node, e))
-    return out
+    alive = {n["NodeID"] for n in alive_nodes()}
+    left = [node for node, result in out if isinstance(result, Exception)
+            and (isinstance(result, TaskUnschedulableError) or node["NodeID"] not in alive)]
+    for node in left:
+        log.info("node %s left the cluster while it was checked; not checked", node.get("NodeManagerAddress"))
+    return [(node, result) for node, result in out if node not in left]
 
 
 def trial_slots(resources: dict[str, float]) -> int:
