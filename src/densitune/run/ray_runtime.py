@@ -162,10 +162,10 @@ def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[d
     ``(node, result)`` pairs; ``result`` is the exception where the task failed. ``fn``'s module is shipped by value,
     so a node with another densitune install (or none) runs the driver's code (:mod:`densitune.run.node_probe`).
     A node that left while it was asked (an autoscaler scaling an idle worker down: its task is unschedulable, or
-    the node is no longer alive) is left out: it has nothing left to check, and a trial never lands there."""
+    the node died or is no longer alive) is left out: it has nothing left to check, and a trial never lands there."""
     import ray
     from ray import cloudpickle
-    from ray.exceptions import TaskUnschedulableError
+    from ray.exceptions import NodeDiedError, TaskUnschedulableError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
@@ -186,7 +186,7 @@ def on_every_node(fn: Any, *args: Any, timeout_s: float = 300.0) -> list[tuple[d
             out.append((node, e))
     alive = {n["NodeID"] for n in alive_nodes()}
     left = [node for node, result in out if isinstance(result, Exception)
-            and (isinstance(result, TaskUnschedulableError) or node["NodeID"] not in alive)]
+            and (isinstance(result, (TaskUnschedulableError, NodeDiedError)) or node["NodeID"] not in alive)]
     for node in left:
         log.info("node %s left the cluster while it was checked; not checked", node.get("NodeManagerAddress"))
     return [(node, result) for node, result in out if node not in left]
