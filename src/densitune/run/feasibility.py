@@ -153,11 +153,16 @@ def group_shapes(config: Any) -> list[NodeShape] | None:
             for g in config.node_group_configs if g.max_count != 0]
 
 
-def _alive_shapes() -> list[NodeShape]:
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's alive nodes, as ``ray.nodes()`` describes them."""
     import ray
 
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _alive_shapes() -> list[NodeShape]:
     return [NodeShape(f"node {n.get('NodeManagerAddress', '?')}", {k: float(v) for k, v in n["Resources"].items()})
-            for n in ray.nodes() if n.get("Alive")]
+            for n in alive_nodes()]
 
 
 def node_shapes() -> tuple[list[NodeShape], str, bool]:

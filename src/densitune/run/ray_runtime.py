@@ -19,7 +19,7 @@ from densitune.run.cleanup import new_session_marker
 from densitune.run.console import Progress, quiet_ray
 from densitune.run.console import progress_callback as _progress_callback
 from densitune.run.failures import FATAL_KEY
-from densitune.run.feasibility import check_feasible, trial_capacity
+from densitune.run.feasibility import alive_nodes, check_feasible, trial_capacity
 from densitune.run.node_probe import FAKE_GPU_ENV  # test-only: fake (declared) GPUs run on the CPU (README)
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, verbose
         log.info("started a local Ray: resources %s", ray.cluster_resources())
     if quiet:  # ray.init sets up its loggers again
         _silence_ray()
-
-
-def alive_nodes() -> list[dict[str, Any]]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def _silence_ray() -> None:
