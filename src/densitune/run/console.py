@@ -312,9 +312,9 @@ def progress_callback(progress: Progress, metric: str):
             self._done(trials, trial, failed=True)
 
         def on_step_end(self, iteration, trials, **info):  # trial statuses are settled between steps
-            progress.observe(sum(t.status == "RUNNING" for t in trials))
-            waiting = [t for t in trials if t.status == "PENDING"]
+            waiting = [t for t in trials if t.status == "PENDING"]  # first: observe() may draw the bar, with both
             progress.pending(len(waiting), dict(waiting[0].placement_group_factory.required_resources) if waiting else {})
+            progress.observe(sum(t.status == "RUNNING" for t in trials))
 
         def on_experiment_end(self, trials, **info):
             progress.close()
